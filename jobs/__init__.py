@@ -1,0 +1,1 @@
+"""Entry points and Spark-side plumbing: config, session, input/output, the batch job."""

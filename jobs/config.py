@@ -1,0 +1,266 @@
+"""The job's configuration: YAML in `conf/`, parsed once into typed objects and validated before Spark.
+
+Every error names the key that is wrong (`endpoint.model_kwargs.api_key: ...`). Secrets never live in
+config: a key that looks like a credential, or a value that looks like a token, is refused; tokens come
+from the environment (`endpoint.token_env`), a Databricks secret scope (`endpoint.token_secret`) or
+databricks-sdk's unified auth (`endpoint.auth: databricks`).
+
+Example::
+
+    cfg = load_config("conf/demo.yml", overrides=["limits.max_concurrency=16"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASKS = ("custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings")
+Task = Literal["custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings"]
+
+# Keys whose literal value would be a credential, anywhere in the file.
+_SECRET_KEY = re.compile(r"(^|_)(token|api_?key|password|passwd|secret|client_secret|authorization|bearer)$", re.I)
+# Allowed key names that carry a *reference* to a secret, never the secret itself.
+_SECRET_REFERENCE_KEYS = {"token_env", "token_secret"}
+# Values that look like credentials whatever their key: Databricks PATs, OpenAI-style keys, bearer headers.
+_SECRET_VALUE = re.compile(r"^(dapi[0-9a-f]{16,}|dkea[0-9a-f]{16,}|sk-[A-Za-z0-9_-]{16,}|Bearer\s+\S{8,})", re.I)
+# `{{secrets/scope/key}}` is how Databricks references a secret without revealing it.
+_SECRET_REF = re.compile(r"^\{\{secrets/[^/}]+/[^/}]+\}\}$")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and says what is expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Strict):
+    scope: str
+    key: str
+
+
+class InputConfig(_Strict):
+    table: str | None = None
+    path: str | None = None
+    query: str | None = None
+    id_col: str = "id"
+    prompt_col: str = "prompt"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputConfig:
+        given = [k for k in ("table", "path", "query") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of table, path or query (got {given or 'none'})")
+        return self
+
+
+class OutputConfig(_Strict):
+    table: str
+
+    @field_validator("table")
+    @classmethod
+    def _table_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_`.-]+", v) or v.count(".") > 2:
+            raise ValueError(f"{v!r} is not a table name (catalog.schema.table, schema.table or table)")
+        return v
+
+
+class EndpointConfig(_Strict):
+    name: str
+    type: Literal["serving", "driver_proxy"] = "serving"
+    task: Task = "custom"
+    # Workspace URL for serving endpoints and the driver proxy; default: databricks-sdk's Config().host.
+    host: str | None = None
+    # Full base URL, overriding what host/name/port would give (a local app, a gateway).
+    url: str | None = None
+    port: int | None = Field(default=None, ge=3000, le=8000)
+    cluster_id: str | None = None
+    auth: Literal["auto", "none", "databricks"] = "auto"
+    token_env: str | None = None
+    token_secret: SecretRef | None = None
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    stop: list[str] = Field(default_factory=list)
+    system_prompt: str | None = None
+    transform_input: str | None = None
+    transform_output: str | None = None
+    # Rows per request: custom models take several `dataframe_records`, embeddings several inputs.
+    batch_size: int | None = Field(default=None, ge=1, le=2048)
+
+    @field_validator("transform_input", "transform_output")
+    @classmethod
+    def _module_function(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError(f"{v!r} must name a function as module:function")
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> EndpointConfig:
+        if self.type == "driver_proxy":
+            if self.port is None and self.url is None:
+                raise ValueError("a driver_proxy endpoint needs `port` (3000-8000) or `url`")
+            if self.task in ("llm/v1/completions", "llm/v1/chat"):
+                raise ValueError("driver_proxy apps take {prompt, stop}: use task custom or llm/v1/embeddings")
+        if self.system_prompt is not None and self.task != "llm/v1/chat":
+            raise ValueError("system_prompt applies to task llm/v1/chat only")
+        if self.batch_size and self.batch_size > 1 and self.task in ("llm/v1/completions", "llm/v1/chat"):
+            raise ValueError(f"task {self.task} answers one prompt per request: batch_size must be 1")
+        if self.batch_size and self.batch_size > 1 and self.type == "driver_proxy" and self.task == "custom":
+            raise ValueError("driver_proxy apps answer one prompt per request: batch_size must be 1")
+        return self
+
+    @property
+    def rows_per_request(self) -> int:
+        if self.batch_size:
+            return self.batch_size
+        return 32 if self.task == "llm/v1/embeddings" else 1
+
+    @property
+    def is_embeddings(self) -> bool:
+        return self.task == "llm/v1/embeddings"
+
+
+class LimitsConfig(_Strict):
+    # The most requests in flight against the endpoint for the whole job, summed over all tasks.
+    max_concurrency: int = Field(default=8, ge=1, le=4096)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=120.0, gt=0)
+    adaptive: bool = True
+    # Cut the in-flight limit when latency exceeds this multiple of the best latency seen.
+    latency_cut_factor: float = Field(default=3.0, gt=1)
+    http_client: Literal["urllib3", "requests"] = "urllib3"
+
+
+class RetryConfig(_Strict):
+    statuses: list[int] = Field(default_factory=lambda: [429, 500, 502, 503, 504])
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    backoff_base_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    # Total time one row may spend across attempts and waits before it becomes an error row.
+    row_budget_s: float = Field(default=600.0, gt=0)
+
+
+class RunConfig(_Strict):
+    chunk_rows: int = Field(default=10_000, ge=1)
+    fail_on_error: bool = False
+    retry_errors: bool = True
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    limit: int | None = Field(default=None, ge=1)
+    # Task slots running at once (cores that run tasks); discovered from the session when unset.
+    task_slots: int | None = Field(default=None, ge=1)
+    dry_run: bool = False
+
+
+class JobConfig(_Strict):
+    input: InputConfig
+    output: OutputConfig
+    endpoint: EndpointConfig
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def request_fingerprint(self) -> str:
+        """A digest of everything that shapes a request except the prompt (resume keys on it)."""
+        e = self.endpoint
+        shaping = {
+            "endpoint": e.name, "type": e.type, "task": e.task, "model_kwargs": e.model_kwargs,
+            "stop": e.stop, "system_prompt": e.system_prompt,
+            "transform_input": e.transform_input, "transform_output": e.transform_output,
+        }
+        blob = json.dumps(shaping, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config for printing: secret references are shown as references."""
+        return self.model_dump(mode="json")
+
+
+def _check_no_secrets(node: Any, path: str = "") -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if (_SECRET_KEY.search(str(key)) and str(key) not in _SECRET_REFERENCE_KEYS
+                    and value not in (None, "") and not (isinstance(value, str) and _SECRET_REF.match(value))):
+                raise ConfigError(
+                    f"{where}: a literal credential is not allowed in config; "
+                    "use endpoint.token_env (an environment variable), endpoint.token_secret "
+                    "(a Databricks secret scope) or endpoint.auth: databricks")
+            _check_no_secrets(value, where)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_no_secrets(value, f"{path}[{i}]")
+    elif isinstance(node, str) and _SECRET_VALUE.match(node.strip()):
+        raise ConfigError(f"{path}: this value looks like a token; secrets never go in config files")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["limits.max_concurrency=16", "run.dry_run=true"]` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. limits.max_concurrency=16")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "missing":
+            msg = "missing required field"
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> JobConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    _check_no_secrets(data)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format(err)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--conf {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        data = merge(data, parse_overrides(overrides))
+    return parse_config(data, source=str(path))

@@ -1,0 +1,146 @@
+"""From endpoint config to an `EngineSpec`: the URL to call and the credentials to call it with.
+
+Runs on the driver. Credentials are resolved with databricks-sdk's `Config` (PAT, OAuth for service
+principals, CLI profiles, notebook context) or from a named environment variable or secret scope, and
+travel to the executors only inside `Secret`s.
+
+Example::
+
+    spec = engine_spec(cfg, spark)     # spark only to read the cluster id for driver-proxy apps
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from jobs.config import ConfigError, EndpointConfig, JobConfig
+from jobs.session import on_databricks
+from udfs.auth import Secret
+from udfs.engine import EngineSpec, RetrySpec, import_function
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def normalize_host(host: str) -> str:
+    """`adb-1.azuredatabricks.net/` -> `https://adb-1.azuredatabricks.net` (a prefix, not lstrip)."""
+    host = host.strip().rstrip("/")
+    if not host.startswith(("http://", "https://")):
+        host = "https://" + host
+    return host
+
+
+def _sdk_config(host: str | None = None) -> Any:
+    from databricks.sdk.config import Config
+
+    try:
+        return Config(host=host) if host else Config()
+    except Exception as exc:  # the SDK says which auth methods it tried; it does not echo secrets
+        raise ConfigError(f"endpoint.auth: could not resolve Databricks credentials: {exc}") from None
+
+
+def workspace_host(e: EndpointConfig) -> str:
+    if e.host:
+        return normalize_host(e.host)
+    host = _sdk_config().host
+    if not host:
+        raise ConfigError("endpoint.host: not set, and databricks-sdk found no host (set DATABRICKS_HOST)")
+    return normalize_host(host)
+
+
+def cluster_id(e: EndpointConfig, spark: Any | None) -> str:
+    if e.cluster_id:
+        return e.cluster_id
+    if spark is not None:
+        cid = spark.conf.get("spark.databricks.clusterUsageTags.clusterId", None)
+        if cid:
+            return cid
+    raise ConfigError("endpoint.cluster_id: not set and not found in the Spark conf "
+                      "(spark.databricks.clusterUsageTags.clusterId)")
+
+
+def endpoint_url(e: EndpointConfig, spark: Any | None = None) -> str:
+    if e.url:
+        return e.url
+    if e.type == "serving":
+        return f"{workspace_host(e)}/serving-endpoints/{e.name}/invocations"
+    if on_databricks() or e.cluster_id or e.host:
+        return f"{workspace_host(e)}/driver-proxy-api/o/0/{cluster_id(e, spark)}/{e.port}/"
+    return f"http://127.0.0.1:{e.port}/"
+
+
+def _secret_from_scope(scope: str, key: str) -> Secret:
+    try:
+        from databricks.sdk import WorkspaceClient
+
+        value = WorkspaceClient().secrets.get_secret(scope=scope, key=key).value
+    except Exception as exc:
+        raise ConfigError(f"endpoint.token_secret: cannot read secret {scope}/{key}: "
+                          f"{type(exc).__name__}") from None
+    return Secret(base64.b64decode(value).decode("utf-8"))
+
+
+def auth_headers(e: EndpointConfig, url: str) -> dict[str, Secret | str]:
+    if e.token_env:
+        value = os.environ.get(e.token_env)
+        if not value:
+            raise ConfigError(f"endpoint.token_env: environment variable {e.token_env} is not set or empty")
+        return {"Authorization": Secret(f"Bearer {value}")}
+    if e.token_secret:
+        token = _secret_from_scope(e.token_secret.scope, e.token_secret.key)
+        return {"Authorization": Secret(f"Bearer {token.reveal()}")}
+    mode = e.auth
+    if mode == "auto":
+        mode = "none" if urlsplit(url).hostname in _LOOPBACK else "databricks"
+    if mode == "none":
+        return {}
+    host = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
+    try:
+        headers = _sdk_config(e.host and normalize_host(e.host) or host).authenticate()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"endpoint.auth: Databricks authentication failed: {type(exc).__name__}") from None
+    return {k: Secret(v) for k, v in headers.items()}
+
+
+def check_transforms(e: EndpointConfig) -> None:
+    """Import the transforms on the driver so a typo fails before any endpoint is called."""
+    for key in ("transform_input", "transform_output"):
+        ref = getattr(e, key)
+        if ref:
+            try:
+                import_function(ref)
+            except ImportError as exc:
+                raise ConfigError(f"endpoint.{key}: {exc}") from None
+
+
+def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
+    e, lim, r = cfg.endpoint, cfg.limits, cfg.retry
+    check_transforms(e)
+    url = endpoint_url(e, spark)
+    return EngineSpec(
+        url=url,
+        task=e.task,
+        endpoint_type=e.type,
+        headers=auth_headers(e, url),
+        model_kwargs=dict(e.model_kwargs),
+        stop=tuple(e.stop),
+        system_prompt=e.system_prompt,
+        transform_input=e.transform_input,
+        transform_output=e.transform_output,
+        rows_per_request=e.rows_per_request,
+        max_concurrency=lim.max_concurrency,
+        requests_per_s=lim.requests_per_minute / 60 if lim.requests_per_minute else None,
+        tokens_per_s=lim.tokens_per_minute / 60 if lim.tokens_per_minute else None,
+        connect_timeout_s=lim.connect_timeout_s,
+        read_timeout_s=lim.read_timeout_s,
+        adaptive=lim.adaptive,
+        latency_cut_factor=lim.latency_cut_factor,
+        http_client=lim.http_client,
+        retry=RetrySpec(statuses=tuple(r.statuses), max_attempts=r.max_attempts,
+                        backoff_base_s=r.backoff_base_s, backoff_max_s=r.backoff_max_s,
+                        row_budget_s=r.row_budget_s),
+    )

@@ -1,0 +1,243 @@
+"""A local stand-in for a real model endpoint, on 127.0.0.1, with a deterministic toy model.
+
+It is NOT a model: it answers like one so that the job, the demo and the tests exercise real HTTP. It
+speaks what the job speaks to:
+- a driver-proxy app: `POST /` with `{"prompt", "stop", ...}` answering a JSON string, and
+  `POST /embeddings` answering a list of floats;
+- Databricks model serving: `POST /serving-endpoints/{name}/invocations` as a custom model
+  (`dataframe_records` / `dataframe_split` / `inputs`), `llm/v1/completions` (`prompt`),
+  `llm/v1/chat` (`messages`) and `llm/v1/embeddings` (`input`).
+
+The toy model answers `Answer to: <prompt>`, cut at the first stop sequence and at `max_tokens`
+words; embeddings are hashed bags of words, L2-normalised, so similar texts have similar vectors.
+Every request is recorded (`received`) and the peak of requests in flight is tracked, for tests.
+
+Example::
+
+    with LocalEndpoint() as ep:          # picks a free port
+        print(ep.url)                    # http://127.0.0.1:54321
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+EMBEDDING_DIM = 16
+
+
+def generate(prompt: str, stop: list[str] | None = None, max_tokens: int | None = None) -> str:
+    text = f"Answer to: {prompt}"
+    for s in stop or []:
+        if s and s in text:
+            text = text[: text.index(s)]
+    if max_tokens is not None:
+        text = " ".join(text.split(" ")[: max(0, int(max_tokens))])
+    return text
+
+
+def embed(text: str, dim: int = EMBEDDING_DIM) -> list[float]:
+    vec = [0.0] * dim
+    for word in re.findall(r"\w+", text.lower()) or [text]:
+        h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
+        vec[h % dim] += 1.0 if (h >> 32) & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [round(v / norm, 6) for v in vec]
+
+
+def _tokens(text: str) -> int:
+    return len(text.split())
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+# A fault hook sees each request and may answer instead of the model: (status, headers, raw body).
+Fault = Callable[[Request], "tuple[int, dict[str, str], bytes] | None"]
+
+
+def answer(path: str, body: Any) -> tuple[int, Any]:
+    """The toy model's answer for a request, as (status, JSON value)."""
+    if not isinstance(body, dict):
+        return 400, {"error_code": "BAD_REQUEST", "message": "body must be a JSON object"}
+    if path.rstrip("/") == "":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            return 400, {"error_code": "BAD_REQUEST", "message": "missing 'prompt'"}
+        return 200, generate(prompt, body.get("stop"), body.get("max_tokens"))
+    if path.rstrip("/") == "/embeddings":
+        return 200, embed(str(body.get("prompt", "")), int(body.get("dimensions", EMBEDDING_DIM)))
+    if not re.fullmatch(r"/serving-endpoints/[^/]+/invocations", path):
+        return 404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"no route {path}"}
+    params = body.get("params") or {}
+    if "dataframe_records" in body or "dataframe_split" in body:
+        records = body.get("dataframe_records")
+        if records is None:
+            split = body["dataframe_split"]
+            records = [dict(zip(split["columns"], row)) for row in split["data"]]
+        missing = [k for k in ("prompt", "stop") if any(k not in r for r in records)]
+        if missing:
+            return 400, {"error_code": "BAD_REQUEST", "message": f"Model is missing inputs {missing}."}
+        return 200, {"predictions": [generate(r["prompt"], r["stop"], params.get("max_tokens")) for r in records]}
+    if "inputs" in body:
+        return 200, {"predictions": [embed(str(t)) for t in body["inputs"]]}
+    if "messages" in body:
+        user = [m.get("content", "") for m in body["messages"] if m.get("role") == "user"]
+        text = generate(user[-1] if user else "", body.get("stop"), body.get("max_tokens"))
+        usage = {"prompt_tokens": sum(_tokens(m.get("content", "")) for m in body["messages"]),
+                 "completion_tokens": _tokens(text)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return 200, {"id": "local", "object": "chat.completion", "model": "local-toy",
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": "stop"}], "usage": usage}
+    if "input" in body:
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        dim = int(body.get("dimensions", EMBEDDING_DIM))
+        data = [{"object": "embedding", "index": i, "embedding": embed(str(t), dim)} for i, t in enumerate(texts)]
+        n = sum(_tokens(str(t)) for t in texts)
+        return 200, {"object": "list", "model": "local-toy", "data": data,
+                     "usage": {"prompt_tokens": n, "total_tokens": n}}
+    if "prompt" in body:
+        text = generate(str(body["prompt"]), body.get("stop"), body.get("max_tokens"))
+        usage = {"prompt_tokens": _tokens(str(body["prompt"])), "completion_tokens": _tokens(text)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return 200, {"id": "local", "object": "text_completion", "model": "local-toy",
+                     "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "usage": usage}
+    return 400, {"error_code": "BAD_REQUEST", "message": f"unrecognised body with keys {sorted(body)}"}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; without TCP_NODELAY, Nagle plus delayed ACK adds 40 ms.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def log_message(self, *args: Any) -> None:  # quiet: the job's log is what matters
+        pass
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._send(200, {}, b'"ok"')
+        else:
+            self._send(404, {}, b'{"message": "not found"}')
+
+    def do_POST(self) -> None:
+        ep = self.server.endpoint
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        req = Request("POST", self.path, dict(self.headers.items()), body)
+        ep._enter(req)
+        try:
+            if ep.latency_s:
+                time.sleep(ep.latency_s)
+            reply = ep.fault(req) if ep.fault else None
+            if reply is None:
+                status, value = answer(self.path, body)
+                reply = (status, {}, json.dumps(value).encode())
+            self._send(*reply)
+        finally:
+            ep._leave()
+
+    def _send(self, status: int, headers: dict[str, str], data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", headers.pop("Content-Type", "application/json"))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+    endpoint: LocalEndpoint
+
+
+class LocalEndpoint:
+    """The stand-in endpoint on 127.0.0.1, in a background thread."""
+
+    def __init__(self, port: int = 0, *, latency_s: float = 0.0, fault: Fault | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.latency_s = latency_s
+        self.fault = fault
+        self.received: list[Request] = []
+        self.inflight = 0
+        self.peak_inflight = 0
+        self._lock = threading.Lock()
+        self._server = _Server((host, port), _Handler)
+        self._server.endpoint = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _enter(self, req: Request) -> None:
+        with self._lock:
+            self.received.append(req)
+            self.inflight += 1
+            self.peak_inflight = max(self.peak_inflight, self.inflight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self.received.clear()
+            self.peak_inflight = self.inflight
+        self.fault = None
+
+    def start(self) -> LocalEndpoint:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="local-endpoint", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> LocalEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the local stand-in endpoint (not a real model).")
+    parser.add_argument("--port", type=int, default=7777)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    ep = LocalEndpoint(args.port, latency_s=args.latency_ms / 1000, host=args.host)
+    print(f"local endpoint (a stand-in, not a model) on http://{args.host}:{ep.port}", flush=True)
+    try:
+        ep._server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

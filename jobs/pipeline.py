@@ -1,0 +1,283 @@
+"""The batch job as DataFrame steps: read prompts, find what is pending, call, merge into Delta.
+
+Each step is `DataFrame -> DataFrame` (or a closure returning one) so the flow reads top to bottom in
+`run_job`. Side effects (the endpoint calls, the Delta commits) happen once per chunk, in
+`_process_chunk`: the chunk's outcomes are checkpointed first, so that the MERGE, which may read its
+source twice, never calls the endpoint twice.
+
+Example::
+
+    summary = run_job(get_spark(), load_config("conf/demo.yml"))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from delta.tables import DeltaTable
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
+
+from jobs.config import ConfigError, InputConfig, JobConfig
+from jobs.endpoint import engine_spec
+from jobs.plan import TaskPlan, plan_tasks, task_slots
+from udfs.engine import EngineSpec
+from udfs.inference import inference_udf, outcome_schema
+
+log = logging.getLogger("batch_inference")
+
+Transform = Callable[[DataFrame], DataFrame]
+
+
+class InputError(ValueError):
+    """The input table is missing, lacks a column, or breaks a rule (duplicate ids)."""
+
+
+class JobFailed(RuntimeError):
+    """`run.fail_on_error` is set and some rows failed (after everything else was written)."""
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output_table: str
+    input_rows: int = 0
+    pending_rows: int = 0
+    chunks: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def errors(self) -> int:
+        return sum(n for s, n in self.by_status.items() if s != "ok")
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+def read_input(spark: SparkSession, cfg: InputConfig) -> DataFrame:
+    """The input as `id`, `prompt`; a missing table or column is an `InputError` naming it."""
+    try:
+        if cfg.table:
+            df, where = spark.read.table(cfg.table), f"input.table {cfg.table}"
+        elif cfg.path:
+            df, where = spark.read.format("delta").load(cfg.path), f"input.path {cfg.path}"
+        else:
+            df, where = spark.sql(cfg.query or ""), "input.query"
+        columns = df.columns
+    except AnalysisException as exc:
+        source = cfg.table or cfg.path or "input.query"
+        raise InputError(f"cannot read input {source}: {_first_line(exc)}") from None
+    for key, col in (("input.id_col", cfg.id_col), ("input.prompt_col", cfg.prompt_col)):
+        if col not in columns:
+            raise InputError(f"{key}: column {col!r} not found in {where} (columns: {columns})")
+    return df.select(F.col(cfg.id_col).alias("id"), F.col(cfg.prompt_col).cast("string").alias("prompt"))
+
+
+def check_unique_ids(df: DataFrame, sample: int = 5) -> None:
+    """Stop before any call if an id repeats: one output row per id would be ambiguous."""
+    dups = (df.groupBy("id").count().where(F.col("count") > 1).orderBy(F.col("count").desc(), "id")
+            .limit(sample).collect())
+    if dups:
+        shown = ", ".join(f"{r['id']!r} (x{r['count']})" for r in dups)
+        raise InputError(f"duplicate ids in the input, e.g. {shown}; ids must be unique")
+
+
+def check_no_null_ids(df: DataFrame) -> None:
+    if df.where(F.col("id").isNull()).limit(1).count():
+        raise InputError("the input has rows with a null id; every row needs an id")
+
+
+# -- shaping requests --------------------------------------------------------------------------------
+
+def with_request_hash(fingerprint: str) -> Transform:
+    """`request_hash`: what is sent (endpoint, parameters, prompt). Resume and de-duplication key on it."""
+    def step(df: DataFrame) -> DataFrame:
+        return df.withColumn(
+            "request_hash",
+            F.sha2(F.concat(F.lit(fingerprint + "\u0000"), F.coalesce(F.col("prompt"), F.lit("\u0001null"))), 256),
+        )
+    return step
+
+
+def with_precheck(max_chars: int) -> Transform:
+    """`precheck`: the reason a row is not sent at all (empty or over-long prompt), else null."""
+    def step(df: DataFrame) -> DataFrame:
+        n = F.length("prompt")
+        return df.withColumn(
+            "precheck",
+            F.when(F.col("prompt").isNull() | (F.length(F.trim("prompt")) == 0), F.lit("empty_prompt"))
+            .when(n > max_chars, F.concat(F.lit("prompt_too_long: "), n.cast("string"),
+                                          F.lit(f" chars > run.max_prompt_chars {max_chars}"))),
+        )
+    return step
+
+
+def without_done(done: DataFrame | None) -> Transform:
+    """Drop rows whose identical request already has a final outcome in the output table."""
+    def step(df: DataFrame) -> DataFrame:
+        if done is None:
+            return df
+        return df.join(done.select("id", "request_hash"), on=["id", "request_hash"], how="left_anti")
+    return step
+
+
+# -- calling -----------------------------------------------------------------------------------------
+
+def with_outcomes(spec: EngineSpec, plan: TaskPlan) -> Transform:
+    """Call the endpoint once per distinct request; every row gets its outcome columns."""
+    embeddings = spec.task == "llm/v1/embeddings"
+    udf = inference_udf(plan.per_task_spec(spec), plan.per_task)
+    fields = [f.name for f in outcome_schema(embeddings).fields]
+
+    def step(df: DataFrame) -> DataFrame:
+        to_call = df.where(F.col("precheck").isNull())
+        answered = (
+            to_call.select("request_hash", "prompt")
+            .repartition(plan.partitions, "request_hash")
+            .dropDuplicates(["request_hash"])
+            .select("request_hash", udf("prompt").alias("o"))
+        )
+        called = to_call.join(answered, on="request_hash", how="inner").select("*", "o.*").drop("o")
+        skipped = df.where(F.col("precheck").isNotNull()).select(
+            "*", *[_not_sent(f) for f in outcome_schema(embeddings).fields])
+        return called.unionByName(skipped.select(*called.columns)).drop("precheck").select(
+            "id", "prompt", *fields, "request_hash")
+    return step
+
+
+def _not_sent(f: T.StructField):
+    if f.name == "status":
+        return F.lit("error").alias("status")
+    if f.name == "error":
+        return F.col("precheck").alias("error")
+    if f.name == "attempts":
+        return F.lit(0).cast("int").alias("attempts")
+    return F.lit(None).cast(f.dataType).alias(f.name)
+
+
+def with_run_columns(endpoint: str, run_id: str, embeddings: bool) -> Transform:
+    def step(df: DataFrame) -> DataFrame:
+        out = df.withColumns({"endpoint": F.lit(endpoint), "run_id": F.lit(run_id),
+                              "completed_at": F.current_timestamp()})
+        return out.withColumnRenamed("prompt", "text") if embeddings else out
+    return step
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+def output_schema(id_type: T.DataType, embeddings: bool) -> T.StructType:
+    fields = [T.StructField("id", id_type), T.StructField("text" if embeddings else "prompt", T.StringType())]
+    fields += outcome_schema(embeddings).fields
+    fields += [T.StructField("request_hash", T.StringType()), T.StructField("endpoint", T.StringType()),
+               T.StructField("run_id", T.StringType()), T.StructField("completed_at", T.TimestampType())]
+    return T.StructType(fields)
+
+
+def ensure_output_table(spark: SparkSession, name: str, schema: T.StructType) -> DeltaTable:
+    if not spark.catalog.tableExists(name):
+        _ensure_schema(spark, name)
+        (DeltaTable.createIfNotExists(spark).tableName(name).addColumns(schema)
+         .comment("batch-inference outcomes: one row per input id").execute())
+    table = DeltaTable.forName(spark, name)
+    have = {f.name: f.dataType for f in table.toDF().schema.fields}
+    wrong = [f"{f.name} ({have.get(f.name, 'missing')} != {f.dataType.simpleString()})"
+             for f in schema.fields if have.get(f.name) != f.dataType]
+    if wrong:
+        raise InputError(f"output.table {name} exists with another schema: {', '.join(map(str, wrong))}")
+    return table
+
+
+def _ensure_schema(spark: SparkSession, name: str) -> None:
+    parts = name.split(".")
+    if len(parts) >= 2:
+        spark.sql(f"CREATE SCHEMA IF NOT EXISTS {'.'.join(parts[:-1])}")
+
+
+def merge_outcomes(table: DeltaTable, outcomes: DataFrame) -> None:
+    """Upsert by id: a retried chunk, or a rerun, never adds a second row for an id."""
+    (table.alias("t").merge(outcomes.alias("s"), "t.id = s.id")
+     .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+
+
+def done_rows(spark: SparkSession, name: str, retry_errors: bool) -> DataFrame:
+    """Rows already final, read at the table's current version so later chunks see a fixed set."""
+    version = DeltaTable.forName(spark, name).history(1).select("version").first()[0]
+    done = spark.read.option("versionAsOf", version).table(name)
+    return done if not retry_errors else done.where(F.col("status") == "ok")
+
+
+# -- the job -----------------------------------------------------------------------------------------
+
+def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -> RunSummary:
+    run_id = run_id or uuid.uuid4().hex
+    started = time.monotonic()
+    e = cfg.endpoint
+    spec = engine_spec(cfg, spark)  # resolves URL and credentials: fails here, before any call
+    embeddings = e.is_embeddings
+    summary = RunSummary(run_id=run_id, output_table=cfg.output.table)
+
+    inputs = read_input(spark, cfg.input)
+    check_no_null_ids(inputs)
+    check_unique_ids(inputs)
+    requests = inputs.transform(with_request_hash(cfg.request_fingerprint())).transform(
+        with_precheck(cfg.run.max_prompt_chars))
+    if cfg.run.limit:
+        requests = requests.orderBy("id").limit(cfg.run.limit)
+
+    table = ensure_output_table(spark, cfg.output.table, output_schema(inputs.schema["id"].dataType, embeddings))
+    pending = requests.transform(without_done(done_rows(spark, cfg.output.table, cfg.run.retry_errors)))
+    summary.input_rows = requests.count()
+    summary.pending_rows = pending.count()
+    n_chunks = max(1, math.ceil(summary.pending_rows / cfg.run.chunk_rows)) if summary.pending_rows else 0
+    summary.chunks = n_chunks
+    plan = plan_tasks(cfg.limits.max_concurrency, task_slots(spark, cfg.run.task_slots))
+    log.info("run %s: %d input rows, %d pending, %d chunk(s) of about %d; %d task(s) x %s in flight -> %s",
+             run_id, summary.input_rows, summary.pending_rows, n_chunks, cfg.run.chunk_rows,
+             plan.partitions, "/".join(map(str, sorted(set(plan.per_task)))), cfg.output.table)
+
+    # Identical requests share a chunk, so each is sent once per run.
+    chunked = pending.withColumn("_chunk", F.pmod(F.xxhash64("request_hash"), F.lit(max(1, n_chunks))))
+    outcomes = with_outcomes(spec, plan)
+    finish = with_run_columns(e.name, run_id, embeddings)
+    for k in range(n_chunks):
+        chunk = chunked.where(F.col("_chunk") == k).drop("_chunk")
+        counts = _process_chunk(table, chunk.transform(outcomes).transform(finish))
+        for status, n in counts.items():
+            summary.by_status[status] = summary.by_status.get(status, 0) + n
+        _log_progress(k + 1, n_chunks, summary, time.monotonic() - started)
+    summary.seconds = time.monotonic() - started
+    log.info("run %s finished in %.1fs: %s", run_id, summary.seconds,
+             ", ".join(f"{s}={n}" for s, n in sorted(summary.by_status.items())) or "nothing to do")
+    if cfg.run.fail_on_error and summary.errors:
+        raise JobFailed(f"{summary.errors} row(s) failed in run {run_id}; see {cfg.output.table} "
+                        "WHERE status != 'ok' (run.fail_on_error is set)")
+    return summary
+
+
+def _process_chunk(table: DeltaTable, outcomes: DataFrame) -> dict[str, int]:
+    # Materialise the outcomes once: the endpoint is called here and only here.
+    materialised = outcomes.localCheckpoint(eager=True)
+    merge_outcomes(table, materialised)
+    return {r["status"]: r["count"] for r in materialised.groupBy("status").count().collect()}
+
+
+def _log_progress(k: int, n: int, s: RunSummary, elapsed: float) -> None:
+    done = sum(s.by_status.values())
+    rate = done / elapsed if elapsed > 0 else 0.0
+    left = s.pending_rows - done
+    eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+    pct = 100.0 * done / s.pending_rows if s.pending_rows else 100.0
+    log.info("chunk %d/%d: %d/%d rows (%.1f%%), %.1f rows/s, ETA %s, errors %d",
+             k, n, done, s.pending_rows, pct, rate, eta, s.errors)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:300]
+
+
+__all__ = ["ConfigError", "InputError", "JobFailed", "RunSummary", "run_job"]

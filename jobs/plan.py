@@ -1,0 +1,76 @@
+"""How a job-wide limit becomes per-task limits.
+
+The arithmetic: with `S` task slots (cores that run tasks at once) and a job-wide `max_concurrency`
+`C`, each chunk runs in `P = min(S, C)` partitions, so all of them run at once and no more. Task `i`
+may keep `C // P` requests in flight, plus one for the first `C % P` tasks: the sum over tasks is
+exactly `C`, and since chunks run one after another, no moment has more than `C` in flight.
+Requests and tokens per minute are split the same way, evenly.
+
+When the slots cannot be read (Spark Connect without `run.task_slots`), we take `P = C` tasks of one
+request each: never above the limit, if slower than it could be.
+
+Example::
+
+    plan = plan_tasks(max_concurrency=64, slots=8)   # 8 partitions of 8 in flight each
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from udfs.engine import EngineSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    partitions: int
+    per_task: tuple[int, ...]
+    slots: int | None
+
+    def per_task_spec(self, spec: EngineSpec) -> EngineSpec:
+        """Split the job-wide rate limits evenly over the tasks."""
+        p = self.partitions
+        return replace(
+            spec,
+            requests_per_s=spec.requests_per_s / p if spec.requests_per_s else None,
+            tokens_per_s=spec.tokens_per_s / p if spec.tokens_per_s else None,
+        )
+
+
+def split_limit(total: int, parts: int) -> tuple[int, ...]:
+    base, extra = divmod(total, parts)
+    return tuple(base + (1 if i < extra else 0) for i in range(parts))
+
+
+def plan_tasks(max_concurrency: int, slots: int | None) -> TaskPlan:
+    if slots is None:
+        return TaskPlan(max_concurrency, (1,) * max_concurrency, None)
+    p = max(1, min(slots, max_concurrency))
+    return TaskPlan(p, split_limit(max_concurrency, p), slots)
+
+
+def task_slots(spark: Any, configured: int | None = None) -> int | None:
+    """Cores running tasks at once, read through `spark.conf` so it works on Spark Connect too."""
+    if configured:
+        return configured
+    master = spark.conf.get("spark.master", None) or ""
+    m = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", master)
+    if m:
+        n = m.group(1)
+        return os.cpu_count() or 1 if n == "*" else int(n or 1)
+    for key in ("spark.default.parallelism",):
+        value = spark.conf.get(key, None)
+        if value and value.isdigit():
+            return int(value)
+    try:  # classic clusters; Spark Connect has no SparkContext
+        return int(spark.sparkContext.defaultParallelism)
+    except Exception:
+        log.warning("cannot read the cluster's task slots; set run.task_slots to use the full "
+                    "max_concurrency with fewer tasks")
+        return None

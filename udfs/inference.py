@@ -1,0 +1,89 @@
+"""The pandas UDF: a column of prompts in, a struct of outcomes out, one row for each row.
+
+The iterator form does its set-up once per task, on the executor: one engine (connection pool, thread
+pool, limiters) sized to this task's share of the job-wide concurrency, picked by partition id.
+
+Example::
+
+    infer = inference_udf(spec, per_task_limits=[4, 4])
+    df.select("id", infer("prompt").alias("r")).select("id", "r.*")
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import pandas as pd
+from pyspark.sql import types as T
+from pyspark.sql.functions import pandas_udf
+
+from udfs.engine import Engine, EngineSpec, Outcome
+
+_COMMON = [
+    T.StructField("status", T.StringType()),
+    T.StructField("error", T.StringType()),
+    T.StructField("http_status", T.IntegerType()),
+    T.StructField("attempts", T.IntegerType()),
+    T.StructField("latency_ms", T.DoubleType()),
+    T.StructField("prompt_tokens", T.LongType()),
+]
+COMPLETION_SCHEMA = T.StructType(
+    [T.StructField("response", T.StringType())] + _COMMON + [T.StructField("completion_tokens", T.LongType())]
+)
+EMBEDDING_SCHEMA = T.StructType(
+    [T.StructField("embedding", T.ArrayType(T.FloatType())), T.StructField("dim", T.IntegerType())] + _COMMON
+)
+
+
+def outcome_schema(embeddings: bool) -> T.StructType:
+    return EMBEDDING_SCHEMA if embeddings else COMPLETION_SCHEMA
+
+
+def outcomes_frame(outcomes: Sequence[Outcome], embeddings: bool) -> pd.DataFrame:
+    """Outcomes as a frame whose dtypes match the declared struct exactly (nullable ints included)."""
+    cols = {
+        "status": pd.Series([o.status for o in outcomes], dtype=object),
+        "error": pd.Series([o.error for o in outcomes], dtype=object),
+        "http_status": pd.array([o.http_status for o in outcomes], dtype="Int32"),
+        "attempts": pd.array([o.attempts for o in outcomes], dtype="Int32"),
+        "latency_ms": pd.array([o.latency_ms for o in outcomes], dtype="Float64"),
+        "prompt_tokens": pd.array([o.prompt_tokens for o in outcomes], dtype="Int64"),
+    }
+    if embeddings:
+        head = {
+            "embedding": pd.Series([o.embedding for o in outcomes], dtype=object),
+            "dim": pd.array([len(o.embedding) if o.embedding is not None else None for o in outcomes],
+                            dtype="Int32"),
+        }
+        return pd.DataFrame({**head, **cols})
+    return pd.DataFrame({
+        "response": pd.Series([o.response for o in outcomes], dtype=object),
+        **cols,
+        "completion_tokens": pd.array([o.completion_tokens for o in outcomes], dtype="Int64"),
+    })
+
+
+def _prompts(s: pd.Series) -> list[str | None]:
+    return [p if isinstance(p, str) else None for p in s.tolist()]
+
+
+def inference_udf(spec: EngineSpec, per_task_limits: Sequence[int]):
+    """A pandas UDF calling the endpoint; task `i` keeps at most `per_task_limits[i]` requests in flight."""
+    limits = list(per_task_limits)
+    embeddings = spec.task == "llm/v1/embeddings"
+
+    def infer(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        pid = ctx.partitionId() if ctx is not None else 0
+        engine = Engine(spec, max_limit=limits[pid % len(limits)])
+        try:
+            for outcomes in engine.map_batches(_prompts(s) for s in batches):
+                yield outcomes_frame(outcomes, embeddings)
+        finally:
+            engine.close()
+
+    udf = pandas_udf(infer, returnType=outcome_schema(embeddings))  # type: ignore[call-overload]
+    # Calling an endpoint is not a pure function: keep the optimizer from duplicating or reordering it.
+    return udf.asNondeterministic()
