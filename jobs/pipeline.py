@@ -2,8 +2,7 @@
 
 Each step is `DataFrame -> DataFrame` (or a closure returning one) so the flow reads top to bottom in
 `run_job`. Side effects (the endpoint calls, the Delta commits) happen once per chunk, in
-`_process_chunk`: the chunk's outcomes are checkpointed first, so that the MERGE, which may read its
-source twice, never calls the endpoint twice.
+`commit_chunk`.
 
 Example::
 
@@ -78,18 +77,15 @@ def read_input(spark: SparkSession, cfg: InputConfig) -> DataFrame:
     return df.select(F.col(cfg.id_col).alias("id"), F.col(cfg.prompt_col).cast("string").alias("prompt"))
 
 
-def check_unique_ids(df: DataFrame, sample: int = 5) -> None:
-    """Stop before any call if an id repeats: one output row per id would be ambiguous."""
-    dups = (df.groupBy("id").count().where(F.col("count") > 1).orderBy(F.col("count").desc(), "id")
-            .limit(sample).collect())
-    if dups:
-        shown = ", ".join(f"{r['id']!r} (x{r['count']})" for r in dups)
+def check_ids(df: DataFrame, sample: int = 5) -> None:
+    """Stop before any call if an id is null or repeats: one output row per id would be ambiguous."""
+    bad = (df.groupBy("id").count().where(F.col("id").isNull() | (F.col("count") > 1))
+           .orderBy(F.col("id").isNull().desc(), F.col("count").desc(), "id").limit(sample).collect())
+    if bad and bad[0]["id"] is None:
+        raise InputError(f"{bad[0]['count']} input row(s) have a null id; every row needs an id")
+    if bad:
+        shown = ", ".join(f"{r['id']!r} (x{r['count']})" for r in bad)
         raise InputError(f"duplicate ids in the input, e.g. {shown}; ids must be unique")
-
-
-def check_no_null_ids(df: DataFrame) -> None:
-    if df.where(F.col("id").isNull()).limit(1).count():
-        raise InputError("the input has rows with a null id; every row needs an id")
 
 
 # -- shaping requests --------------------------------------------------------------------------------
@@ -117,12 +113,22 @@ def with_precheck(max_chars: int) -> Transform:
     return step
 
 
-def without_done(done: DataFrame | None) -> Transform:
-    """Drop rows whose identical request already has a final outcome in the output table."""
+def without_final(prior: DataFrame | None, retry_errors: bool) -> Transform:
+    """Drop rows whose identical request already has a final outcome in the output table.
+
+    Final means `ok`, or any outcome when `retry_errors` is off. A changed request (new prompt or
+    parameters: another `request_hash`) is pending again. `_exists` marks ids the table already
+    holds, which need a MERGE; the others can be appended.
+    """
     def step(df: DataFrame) -> DataFrame:
-        if done is None:
-            return df
-        return df.join(done.select("id", "request_hash"), on=["id", "request_hash"], how="left_anti")
+        if prior is None:
+            return df.withColumn("_exists", F.lit(False))
+        before = prior.select("id", F.col("request_hash").alias("_hash"), F.col("status").alias("_status"))
+        final = (F.col("_hash") == F.col("request_hash")) & ((F.col("_status") == "ok") | F.lit(not retry_errors))
+        return (df.join(before, on="id", how="left")
+                .where(~F.coalesce(final, F.lit(False)))
+                .withColumn("_exists", F.col("_hash").isNotNull())
+                .drop("_hash", "_status"))
     return step
 
 
@@ -146,7 +152,7 @@ def with_outcomes(spec: EngineSpec, plan: TaskPlan) -> Transform:
         skipped = df.where(F.col("precheck").isNotNull()).select(
             "*", *[_not_sent(f) for f in outcome_schema(embeddings).fields])
         return called.unionByName(skipped.select(*called.columns)).drop("precheck").select(
-            "id", "prompt", *fields, "request_hash")
+            "id", "prompt", *fields, "request_hash", *[c for c in ("_exists",) if c in df.columns])
     return step
 
 
@@ -160,11 +166,14 @@ def _not_sent(f: T.StructField):
     return F.lit(None).cast(f.dataType).alias(f.name)
 
 
-def with_run_columns(endpoint: str, run_id: str, embeddings: bool) -> Transform:
+def with_run_columns(endpoint: str, run_id: str, schema: T.StructType) -> Transform:
+    """Stamp endpoint, run and time; the final select fixes the output table's column order."""
     def step(df: DataFrame) -> DataFrame:
         out = df.withColumns({"endpoint": F.lit(endpoint), "run_id": F.lit(run_id),
                               "completed_at": F.current_timestamp()})
-        return out.withColumnRenamed("prompt", "text") if embeddings else out
+        if "text" in schema.fieldNames():
+            out = out.withColumnRenamed("prompt", "text")
+        return out.select(*schema.fieldNames(), *[c for c in ("_exists",) if c in out.columns])
     return step
 
 
@@ -198,17 +207,30 @@ def _ensure_schema(spark: SparkSession, name: str) -> None:
         spark.sql(f"CREATE SCHEMA IF NOT EXISTS {'.'.join(parts[:-1])}")
 
 
-def merge_outcomes(table: DeltaTable, outcomes: DataFrame) -> None:
-    """Upsert by id: a retried chunk, or a rerun, never adds a second row for an id."""
-    (table.alias("t").merge(outcomes.alias("s"), "t.id = s.id")
-     .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+def commit_chunk(table: DeltaTable, name: str, outcomes: DataFrame, run_id: str, chunk: int) -> dict[str, int]:
+    """Land one chunk: append the ids new to the table, MERGE the ones it holds; counts by status.
+
+    The append is idempotent per (run, chunk) through Delta's `txnAppId`/`txnVersion`; the MERGE
+    upserts by id. Either way a retried chunk or a rerun never adds a second row for an id. The
+    outcomes are materialised first: the endpoint is called here, once, and MERGE (which may read
+    its source twice) reads the checkpoint.
+    """
+    materialised = outcomes.localCheckpoint(eager=True)
+    counts = materialised.groupBy("status", "_exists").count().collect()
+    if any(not r["_exists"] for r in counts):
+        (materialised.where(~F.col("_exists")).drop("_exists").write.format("delta").mode("append")
+         .option("txnAppId", run_id).option("txnVersion", chunk).saveAsTable(name))
+    if any(r["_exists"] for r in counts):
+        (table.alias("t").merge(materialised.where(F.col("_exists")).drop("_exists").alias("s"), "t.id = s.id")
+         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+    by_status: dict[str, int] = {}
+    for r in counts:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + r["count"]
+    return by_status
 
 
-def done_rows(spark: SparkSession, name: str, retry_errors: bool) -> DataFrame:
-    """Rows already final, read at the table's current version so later chunks see a fixed set."""
-    version = DeltaTable.forName(spark, name).history(1).select("version").first()[0]
-    done = spark.read.option("versionAsOf", version).table(name)
-    return done if not retry_errors else done.where(F.col("status") == "ok")
+def table_snapshot(spark: SparkSession, name: str) -> DataFrame:
+    return spark.read.table(name)
 
 
 # -- the job -----------------------------------------------------------------------------------------
@@ -222,16 +244,20 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     summary = RunSummary(run_id=run_id, output_table=cfg.output.table)
 
     inputs = read_input(spark, cfg.input)
-    check_no_null_ids(inputs)
-    check_unique_ids(inputs)
+    check_ids(inputs)
     requests = inputs.transform(with_request_hash(cfg.request_fingerprint())).transform(
         with_precheck(cfg.run.max_prompt_chars))
     if cfg.run.limit:
         requests = requests.orderBy("id").limit(cfg.run.limit)
 
-    table = ensure_output_table(spark, cfg.output.table, output_schema(inputs.schema["id"].dataType, embeddings))
-    pending = requests.transform(without_done(done_rows(spark, cfg.output.table, cfg.run.retry_errors)))
+    schema = output_schema(inputs.schema["id"].dataType, embeddings)
+    table = ensure_output_table(spark, cfg.output.table, schema)
     summary.input_rows = requests.count()
+    # Which rows to call is decided once, up front, and kept: every chunk reads this set rather than
+    # re-reading the input and re-joining the output. Identical requests share a chunk (hash of the
+    # request), so each is sent once per run.
+    pending = (requests.transform(without_final(table_snapshot(spark, cfg.output.table), cfg.run.retry_errors))
+               .localCheckpoint(eager=True))
     summary.pending_rows = pending.count()
     n_chunks = max(1, math.ceil(summary.pending_rows / cfg.run.chunk_rows)) if summary.pending_rows else 0
     summary.chunks = n_chunks
@@ -240,13 +266,12 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
              run_id, summary.input_rows, summary.pending_rows, n_chunks, cfg.run.chunk_rows,
              plan.partitions, "/".join(map(str, sorted(set(plan.per_task)))), cfg.output.table)
 
-    # Identical requests share a chunk, so each is sent once per run.
     chunked = pending.withColumn("_chunk", F.pmod(F.xxhash64("request_hash"), F.lit(max(1, n_chunks))))
     outcomes = with_outcomes(spec, plan)
-    finish = with_run_columns(e.name, run_id, embeddings)
+    finish = with_run_columns(e.name, run_id, schema)
     for k in range(n_chunks):
         chunk = chunked.where(F.col("_chunk") == k).drop("_chunk")
-        counts = _process_chunk(table, chunk.transform(outcomes).transform(finish))
+        counts = commit_chunk(table, cfg.output.table, chunk.transform(outcomes).transform(finish), run_id, k)
         for status, n in counts.items():
             summary.by_status[status] = summary.by_status.get(status, 0) + n
         _log_progress(k + 1, n_chunks, summary, time.monotonic() - started)
@@ -257,13 +282,6 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
         raise JobFailed(f"{summary.errors} row(s) failed in run {run_id}; see {cfg.output.table} "
                         "WHERE status != 'ok' (run.fail_on_error is set)")
     return summary
-
-
-def _process_chunk(table: DeltaTable, outcomes: DataFrame) -> dict[str, int]:
-    # Materialise the outcomes once: the endpoint is called here and only here.
-    materialised = outcomes.localCheckpoint(eager=True)
-    merge_outcomes(table, materialised)
-    return {r["status"]: r["count"] for r in materialised.groupBy("status").count().collect()}
 
 
 def _log_progress(k: int, n: int, s: RunSummary, elapsed: float) -> None:

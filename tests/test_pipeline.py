@@ -1,0 +1,246 @@
+"""The job end to end on local Spark: real Delta tables, the local endpoint over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from chispa import assert_df_equality
+
+from jobs.config import ConfigError
+from jobs.local_endpoint import LocalEndpoint
+from jobs.pipeline import InputError, JobFailed, run_job
+from tests.conftest import job_config
+
+OUTCOME_COLS = ["id", "prompt", "response", "status", "error", "http_status", "attempts",
+                "prompt_tokens", "completion_tokens"]
+SCHEMA = ("id long, prompt string, response string, status string, error string, http_status int, "
+          "attempts int, prompt_tokens long, completion_tokens long")
+
+
+def view(spark, rows: list[tuple], schema: str = "id long, prompt string") -> str:
+    """Small inputs are temporary views (a Delta write per test costs seconds); outputs are Delta."""
+    name = f"prompts_{uuid.uuid4().hex[:8]}"
+    spark.createDataFrame(rows, schema).createOrReplaceTempView(name)
+    return name
+
+
+def outcomes(spark, name: str):
+    return spark.table(name).select(*OUTCOME_COLS)
+
+
+def proxy(ep: LocalEndpoint, **extra):
+    return {"name": "local-proxy", "type": "driver_proxy", "url": f"{ep.url}/", **extra}
+
+
+def serving(ep: LocalEndpoint, task: str, **extra):
+    return {"name": "local-serving", "type": "serving", "task": task, "host": ep.url, **extra}
+
+
+def test_driver_proxy_app_rows_land_in_delta_with_kwargs_and_stop_on_the_wire(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "alpha beta"), (2, "stop HERE please"), (3, None), (4, "  ")])
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=proxy(fresh_endpoint, model_kwargs={"max_tokens": 3, "temperature": 0.1},
+                                    stop=["HERE"]))
+    summary = run_job(spark, cfg)
+
+    expected = spark.createDataFrame([
+        (1, "alpha beta", "Answer to: alpha", "ok", None, 200, 1, None, None),
+        (2, "stop HERE please", "Answer to: stop", "ok", None, 200, 1, None, None),
+        (3, None, None, "error", "empty_prompt", None, 0, None, None),
+        (4, "  ", None, "error", "empty_prompt", None, 0, None, None),
+    ], SCHEMA)
+    assert_df_equality(outcomes(spark, table_name), expected, ignore_row_order=True, ignore_nullable=True)
+    bodies = sorted((r.body for r in fresh_endpoint.received), key=lambda b: b["prompt"])
+    assert bodies == [
+        {"prompt": "alpha beta", "stop": ["HERE"], "max_tokens": 3, "temperature": 0.1},
+        {"prompt": "stop HERE please", "stop": ["HERE"], "max_tokens": 3, "temperature": 0.1},
+    ]
+    assert summary.by_status == {"ok": 2, "error": 2}
+
+
+def test_serving_completions_reads_text_and_usage(spark, fresh_endpoint, table_name):
+    src = view(spark, [(10, "one two"), (11, "three")])
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=serving(fresh_endpoint, "llm/v1/completions", model_kwargs={"max_tokens": 16}))
+    run_job(spark, cfg)
+
+    expected = spark.createDataFrame([
+        (10, "one two", "Answer to: one two", "ok", None, 200, 1, 2, 4),
+        (11, "three", "Answer to: three", "ok", None, 200, 1, 1, 3),
+    ], SCHEMA)
+    assert_df_equality(outcomes(spark, table_name), expected, ignore_row_order=True, ignore_nullable=True)
+    assert {r.path for r in fresh_endpoint.received} == {"/serving-endpoints/local-serving/invocations"}
+    assert sorted(r.body["prompt"] for r in fresh_endpoint.received) == ["one two", "three"]
+
+
+def test_serving_chat_sends_messages_with_system_prompt(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "hi there")])
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=serving(fresh_endpoint, "llm/v1/chat", system_prompt="Be brief.",
+                                      model_kwargs={"temperature": 0}, stop=["END"]))
+    run_job(spark, cfg)
+
+    expected = spark.createDataFrame([(1, "hi there", "Answer to: hi there", "ok", None, 200, 1, 4, 4)], SCHEMA)
+    assert_df_equality(outcomes(spark, table_name), expected, ignore_nullable=True)
+    [req] = fresh_endpoint.received
+    assert req.body == {"messages": [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "hi there"}],
+                        "temperature": 0, "stop": ["END"]}
+
+
+def test_custom_model_batches_records_and_always_sends_stop(spark, fresh_endpoint, table_name):
+    src = view(spark, [(i, f"p{i}") for i in range(1, 6)])
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=serving(fresh_endpoint, "custom", batch_size=5), limits={"max_concurrency": 1})
+    run_job(spark, cfg)
+
+    expected = spark.createDataFrame(
+        [(i, f"p{i}", f"Answer to: p{i}", "ok", None, 200, 1, None, None) for i in range(1, 6)], SCHEMA)
+    assert_df_equality(outcomes(spark, table_name), expected, ignore_row_order=True, ignore_nullable=True)
+    [req] = fresh_endpoint.received  # one task, one request carrying all five records
+    assert sorted(req.body["dataframe_records"], key=lambda r: r["prompt"]) == [
+        {"prompt": f"p{i}", "stop": []} for i in range(1, 6)]
+
+
+def test_transforms_are_imported_on_executors_and_reach_the_wire(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "quiet words")])
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=proxy(fresh_endpoint, transform_input="tests.transforms:add_marker",
+                                    transform_output="tests.transforms:shout"))
+    run_job(spark, cfg)
+
+    expected = spark.createDataFrame([(1, "quiet words", "ANSWER TO: QUIET WORDS", "ok", None, 200, 1, None, None)],
+                                     SCHEMA)
+    assert_df_equality(outcomes(spark, table_name), expected, ignore_nullable=True)
+    assert fresh_endpoint.received[0].body == {"prompt": "quiet words", "stop": [], "marker": "from-transform"}
+
+
+def test_server_error_and_malformed_answer_become_error_rows(spark, fresh_endpoint, table_name):
+    def fault(req):
+        if req.body.get("prompt") == "boom":
+            return 500, {}, b'{"error_code": "INTERNAL_ERROR", "message": "model crashed"}'
+        if req.body.get("prompt") == "garbage":
+            return 200, {"Content-Type": "text/html"}, b"<html>proxy login</html>"
+        return None
+
+    fresh_endpoint.fault = fault
+    src = view(spark, [(1, "boom"), (2, "garbage"), (3, "fine")])
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=proxy(fresh_endpoint), retry={"max_attempts": 2})
+    run_job(spark, cfg)
+
+    expected = spark.createDataFrame([
+        (1, "boom", None, "error",
+         "http_500: INTERNAL_ERROR: model crashed (gave up after 2 attempts)", 500, 2, None, None),
+        (2, "garbage", None, "error", "bad_response: answer is not JSON: '<html>proxy login</html>'", 200, 1,
+         None, None),
+        (3, "fine", "Answer to: fine", "ok", None, 200, 1, None, None),
+    ], SCHEMA)
+    actual = spark.table(table_name).selectExpr(
+        *[c if c != "error" else "regexp_replace(error, ', [0-9.]+s\\\\)', ')') AS error" for c in OUTCOME_COLS])
+    assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)
+    assert [r.body["prompt"] for r in fresh_endpoint.received].count("garbage") == 1  # no retry storm
+
+
+def test_output_table_answers_spark_sql_and_has_run_columns(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "a"), (2, "b"), (3, "")])
+    cfg = job_config(input={"table": src}, output={"table": table_name}, endpoint=proxy(fresh_endpoint))
+    summary = run_job(spark, cfg)
+
+    counts = spark.sql(f"SELECT status, count(*) AS n, count(DISTINCT run_id) AS runs, "
+                       f"min(endpoint) AS endpoint, bool_and(completed_at IS NOT NULL) AS stamped "
+                       f"FROM {table_name} GROUP BY status")
+    expected = spark.createDataFrame([("ok", 2, 1, "local-proxy", True), ("error", 1, 1, "local-proxy", True)],
+                                     "status string, n long, runs long, endpoint string, stamped boolean")
+    assert_df_equality(counts, expected, ignore_row_order=True, ignore_nullable=True)
+    assert spark.sql(f"SELECT DISTINCT run_id FROM {table_name}").first()[0] == summary.run_id
+
+
+def test_rerun_skips_finished_rows_and_changed_parameters_make_rows_pending(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "a"), (2, "b")])
+    sections = dict(input={"table": src}, output={"table": table_name})
+    run_job(spark, job_config(**sections, endpoint=proxy(fresh_endpoint)))
+    assert len(fresh_endpoint.received) == 2
+
+    fresh_endpoint.reset()
+    second = run_job(spark, job_config(**sections, endpoint=proxy(fresh_endpoint)))
+    assert (second.pending_rows, len(fresh_endpoint.received)) == (0, 0)
+
+    third = run_job(spark, job_config(**sections, endpoint=proxy(fresh_endpoint, model_kwargs={"max_tokens": 2})))
+    assert (third.pending_rows, len(fresh_endpoint.received)) == (2, 2)
+    expected = spark.createDataFrame([(1, "a", "Answer to:", "ok"), (2, "b", "Answer to:", "ok")],
+                                     "id long, prompt string, response string, status string")
+    assert_df_equality(spark.table(table_name).select("id", "prompt", "response", "status"), expected,
+                       ignore_row_order=True, ignore_nullable=True)
+
+
+def test_identical_prompts_are_sent_once_and_answer_every_id(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "same"), (2, "same"), (3, "other")])
+    cfg = job_config(input={"table": src}, output={"table": table_name}, endpoint=proxy(fresh_endpoint))
+    run_job(spark, cfg)
+
+    assert sorted(r.body["prompt"] for r in fresh_endpoint.received) == ["other", "same"]
+    expected = spark.createDataFrame([(1, "Answer to: same"), (2, "Answer to: same"), (3, "Answer to: other")],
+                                     "id long, response string")
+    assert_df_equality(spark.table(table_name).select("id", "response"), expected, ignore_row_order=True,
+                       ignore_nullable=True)
+
+
+def test_bad_transform_fails_before_any_call(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "a")])
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=proxy(fresh_endpoint, transform_input="tests.transforms:no_such_function"))
+    with pytest.raises(ConfigError, match="endpoint.transform_input: cannot import"):
+        run_job(spark, cfg)
+    assert fresh_endpoint.received == []
+
+
+def test_duplicate_ids_stop_the_job_before_any_call_and_name_them(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "a"), (1, "b"), (2, "c"), (7, "d"), (7, "e"), (7, "f")])
+    cfg = job_config(input={"table": src}, output={"table": table_name}, endpoint=proxy(fresh_endpoint))
+    with pytest.raises(InputError, match=r"duplicate ids in the input, e.g. 7 \(x3\), 1 \(x2\)"):
+        run_job(spark, cfg)
+    assert fresh_endpoint.received == []
+
+
+def test_missing_column_and_missing_table_are_named(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "a")], schema="id long, text string")
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=proxy(fresh_endpoint))
+    with pytest.raises(InputError, match=r"input.prompt_col: column 'prompt' not found .*\['id', 'text'\]"):
+        run_job(spark, cfg)
+    cfg = job_config(input={"table": "test.no_such_table"}, output={"table": table_name}, endpoint=proxy(fresh_endpoint))
+    with pytest.raises(InputError, match="cannot read input test.no_such_table"):
+        run_job(spark, cfg)
+    assert fresh_endpoint.received == []
+
+
+def test_fail_on_error_raises_after_writing_every_row(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "a"), (2, None)])
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=proxy(fresh_endpoint), run={"fail_on_error": True})
+    with pytest.raises(JobFailed, match="1 row"):
+        run_job(spark, cfg)
+    expected = spark.createDataFrame([(1, "ok"), (2, "error")], "id long, status string")
+    assert_df_equality(spark.table(table_name).select("id", "status"), expected, ignore_row_order=True,
+                       ignore_nullable=True)
+
+
+def test_input_from_a_query_and_from_a_delta_path(spark, fresh_endpoint, table_name, tmp_path):
+    path = str(tmp_path / "prompts")
+    spark.createDataFrame([("k1", "from path")], "key string, q string").write.format("delta").save(path)
+    cfg = job_config(input={"path": path, "id_col": "key", "prompt_col": "q"}, output={"table": table_name},
+                     endpoint=proxy(fresh_endpoint))
+    run_job(spark, cfg)
+    cfg = job_config(input={"query": "SELECT 'k2' AS key, 'from query' AS q", "id_col": "key", "prompt_col": "q"},
+                     output={"table": table_name},
+                     endpoint=proxy(fresh_endpoint))
+    run_job(spark, cfg)
+    expected = spark.createDataFrame([("k1", "Answer to: from path"), ("k2", "Answer to: from query")],
+                                     "id string, response string")
+    assert_df_equality(spark.table(table_name).select("id", "response"), expected, ignore_row_order=True,
+                       ignore_nullable=True)
+    assert json.loads(json.dumps(sorted(r.body["prompt"] for r in fresh_endpoint.received))) == [
+        "from path", "from query"]
