@@ -21,8 +21,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TASKS = ("custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings")
-Task = Literal["custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings"]
+from udfs.protocols import is_embeddings_task
+
+TASKS = ("custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings", "custom/embeddings")
+Task = Literal["custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings", "custom/embeddings"]
 
 # Keys whose literal value would be a credential, anywhere in the file.
 _SECRET_KEY = re.compile(r"(^|_)(token|api_?key|password|passwd|secret|client_secret|authorization|bearer)$", re.I)
@@ -93,6 +95,8 @@ class EndpointConfig(_Strict):
     transform_output: str | None = None
     # Rows per request: custom models take several `dataframe_records`, embeddings several inputs.
     batch_size: int | None = Field(default=None, ge=1, le=2048)
+    # Embeddings: the vector length every `ok` row must have; unset, the run's first vectors set it.
+    embedding_dim: int | None = Field(default=None, ge=1, le=65536)
 
     @field_validator("transform_input", "transform_output")
     @classmethod
@@ -106,25 +110,28 @@ class EndpointConfig(_Strict):
         if self.type == "driver_proxy":
             if self.port is None and self.url is None:
                 raise ValueError("a driver_proxy endpoint needs `port` (3000-8000) or `url`")
-            if self.task in ("llm/v1/completions", "llm/v1/chat"):
+            if self.task in ("llm/v1/completions", "llm/v1/chat", "custom/embeddings"):
                 raise ValueError("driver_proxy apps take {prompt, stop}: use task custom or llm/v1/embeddings")
         if self.system_prompt is not None and self.task != "llm/v1/chat":
             raise ValueError("system_prompt applies to task llm/v1/chat only")
         if self.batch_size and self.batch_size > 1 and self.task in ("llm/v1/completions", "llm/v1/chat"):
             raise ValueError(f"task {self.task} answers one prompt per request: batch_size must be 1")
-        if self.batch_size and self.batch_size > 1 and self.type == "driver_proxy" and self.task == "custom":
+        if self.batch_size and self.batch_size > 1 and self.type == "driver_proxy":
             raise ValueError("driver_proxy apps answer one prompt per request: batch_size must be 1")
+        if self.embedding_dim is not None and not self.is_embeddings:
+            raise ValueError(f"embedding_dim applies to embeddings tasks only, not {self.task}")
         return self
 
     @property
     def rows_per_request(self) -> int:
         if self.batch_size:
             return self.batch_size
-        return 32 if self.task == "llm/v1/embeddings" else 1
+        # 32 texts per request unless told: Databricks' own LangChain wrapper sends a fixed 20.
+        return 32 if self.is_embeddings and self.type == "serving" else 1
 
     @property
     def is_embeddings(self) -> bool:
-        return self.task == "llm/v1/embeddings"
+        return is_embeddings_task(self.task)
 
 
 class LimitsConfig(_Strict):

@@ -21,12 +21,14 @@ from typing import Callable
 from delta.tables import DeltaTable
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
+from pyspark.sql.window import Window
 
 from jobs.config import ConfigError, InputConfig, JobConfig
 from jobs.endpoint import engine_spec
 from jobs.plan import TaskPlan, plan_tasks, task_slots
 from udfs.engine import EngineSpec
 from udfs.inference import inference_udf, outcome_schema
+from udfs.protocols import is_embeddings_task
 
 log = logging.getLogger("batch_inference")
 
@@ -136,7 +138,7 @@ def without_final(prior: DataFrame | None, retry_errors: bool) -> Transform:
 
 def with_outcomes(spec: EngineSpec, plan: TaskPlan) -> Transform:
     """Call the endpoint once per distinct request; every row gets its outcome columns."""
-    embeddings = spec.task == "llm/v1/embeddings"
+    embeddings = is_embeddings_task(spec.task)
     udf = inference_udf(plan.per_task_spec(spec), plan.per_task)
     fields = [f.name for f in outcome_schema(embeddings).fields]
 
@@ -164,6 +166,50 @@ def _not_sent(f: T.StructField):
     if f.name == "attempts":
         return F.lit(0).cast("int").alias("attempts")
     return F.lit(None).cast(f.dataType).alias(f.name)
+
+
+def with_dimension_check(expected: int | None, source: str = "endpoint.embedding_dim") -> Transform:
+    """An `ok` vector whose length is not the run's dimension becomes an error row, vector dropped.
+
+    `expected` comes from `source` (the config, or rows this run already wrote); without one, the
+    most common length among the chunk's `ok` rows is the reference (ties: the shorter). That takes
+    windows, not an aggregate joined back: a second read of the outcomes would call the endpoint again.
+    """
+    def step(df: DataFrame) -> DataFrame:
+        ok = F.col("status") == "ok"
+        if expected is not None:
+            ref, why = F.lit(expected), source
+        else:
+            df = df.withColumn("_n", F.count(F.when(ok, 1)).over(Window.partitionBy("dim")))
+            top = F.max(F.when(ok, F.struct("_n", (-F.col("dim")).alias("_neg")))).over(Window.partitionBy())
+            ref, why = -top["_neg"], "the most common length in this chunk"
+        bad = ok & (F.col("dim") != ref)
+        reason = F.concat(F.lit("dimension_mismatch: "), F.col("dim").cast("string"),
+                          F.lit(" values, expected "), ref.cast("string"), F.lit(f" ({why})"))
+        return df.withColumns({
+            "status": F.when(bad, F.lit("error")).otherwise(F.col("status")),
+            "error": F.when(bad, reason).otherwise(F.col("error")),
+            "embedding": F.when(bad, F.lit(None)).otherwise(F.col("embedding")),
+            "dim": F.when(bad, F.lit(None)).otherwise(F.col("dim")),
+        }).drop("_n")
+    return step
+
+
+def dimension_check(spark: SparkSession, table: str, run_id: str, pinned: int | None) -> Transform:
+    """`with_dimension_check` against the pinned dimension, else the one this run's earlier chunks wrote.
+
+    Resolved when a chunk's plan is built, after the previous chunk committed, so every chunk of a
+    run lands vectors of one length.
+    """
+    def step(df: DataFrame) -> DataFrame:
+        if pinned is not None:
+            return df.transform(with_dimension_check(pinned))
+        first = (spark.read.table(table).where((F.col("run_id") == run_id) & (F.col("status") == "ok"))
+                 .select("dim").limit(1).collect())
+        if first:
+            return df.transform(with_dimension_check(first[0]["dim"], "the length this run already wrote"))
+        return df.transform(with_dimension_check(None))
+    return step
 
 
 def with_run_columns(endpoint: str, run_id: str, schema: T.StructType) -> Transform:
@@ -269,9 +315,11 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     chunked = pending.withColumn("_chunk", F.pmod(F.xxhash64("request_hash"), F.lit(max(1, n_chunks))))
     outcomes = with_outcomes(spec, plan)
     finish = with_run_columns(e.name, run_id, schema)
+    dims = dimension_check(spark, cfg.output.table, run_id, e.embedding_dim) if embeddings else _unchanged
     for k in range(n_chunks):
         chunk = chunked.where(F.col("_chunk") == k).drop("_chunk")
-        counts = commit_chunk(table, cfg.output.table, chunk.transform(outcomes).transform(finish), run_id, k)
+        landed = chunk.transform(outcomes).transform(dims).transform(finish)
+        counts = commit_chunk(table, cfg.output.table, landed, run_id, k)
         for status, n in counts.items():
             summary.by_status[status] = summary.by_status.get(status, 0) + n
         _log_progress(k + 1, n_chunks, summary, time.monotonic() - started)
@@ -292,6 +340,10 @@ def _log_progress(k: int, n: int, s: RunSummary, elapsed: float) -> None:
     pct = 100.0 * done / s.pending_rows if s.pending_rows else 100.0
     log.info("chunk %d/%d: %d/%d rows (%.1f%%), %.1f rows/s, ETA %s, errors %d",
              k, n, done, s.pending_rows, pct, rate, eta, s.errors)
+
+
+def _unchanged(df: DataFrame) -> DataFrame:
+    return df
 
 
 def _first_line(exc: Exception) -> str:

@@ -18,6 +18,7 @@ from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
 from udfs.engine import Engine, EngineSpec, Outcome
+from udfs.protocols import is_embeddings_task
 
 _COMMON = [
     T.StructField("status", T.StringType()),
@@ -70,7 +71,7 @@ def _prompts(s: pd.Series) -> list[str | None]:
 def inference_udf(spec: EngineSpec, per_task_limits: Sequence[int]):
     """A pandas UDF calling the endpoint; task `i` keeps at most `per_task_limits[i]` requests in flight."""
     limits = list(per_task_limits)
-    embeddings = spec.task == "llm/v1/embeddings"
+    embeddings = is_embeddings_task(spec.task)
 
     def infer(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         from pyspark import TaskContext

@@ -16,6 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+# Tasks whose rows answer a vector: OpenAI-style `llm/v1/embeddings` (foundation and external models,
+# driver-proxy apps answering a list of floats) and `custom/embeddings` (a pyfunc model's predictions).
+EMBEDDING_TASKS = ("llm/v1/embeddings", "custom/embeddings")
+
+
+def is_embeddings_task(task: str) -> bool:
+    return task in EMBEDDING_TASKS
+
 
 class BadResponse(ValueError):
     """The endpoint answered 2xx but the body is not what the protocol expects."""
@@ -125,7 +133,11 @@ class CustomModel(Protocol):
 
 
 class CustomEmbeddings(CustomModel):
-    """A pyfunc embedding model: `{"predictions": [[...], ...]}`."""
+    """A pyfunc embedding model (task `custom/embeddings`): `{"inputs": [...]}` -> `{"predictions": [[...]]}`.
+
+    `inputs` rather than `dataframe_records`: an embedding model's signature is a bare list of strings,
+    and MLflow's scoring server hands `inputs` to the model as that list.
+    """
 
     embeddings = True
 
@@ -187,7 +199,12 @@ class Chat(Protocol):
 
 
 class Embeddings(Protocol):
-    """`llm/v1/embeddings`: `{input: [...]}` -> `data[i].embedding`, matched by `data[i].index`."""
+    """`llm/v1/embeddings`: `{input: [...]}` -> `data[i].embedding`, matched by `data[i].index`.
+
+    Servers may answer out of order (OpenAI documents `index` for this); without `index` the position
+    in `data` is the input's position. The request's `usage.prompt_tokens` is shared among the inputs
+    by length, so the rows of a request sum to what the endpoint reported.
+    """
 
     max_batch = 2048
     embeddings = True
