@@ -27,7 +27,7 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -63,10 +63,13 @@ class Request:
     path: str
     headers: dict[str, str]
     body: Any
+    arrived: float = field(default_factory=time.monotonic)  # for tests that check waits between retries
 
 
-# A fault hook sees each request and may answer instead of the model: (status, headers, raw body).
-Fault = Callable[[Request], "tuple[int, dict[str, str], bytes] | None"]
+# A fault hook sees each request and may answer instead of the model: (status, headers, raw body),
+# or a callable that takes over the raw connection (a stall, a reset mid-body) and answers itself.
+RawReply = Callable[[BaseHTTPRequestHandler], None]
+Fault = Callable[[Request], "tuple[int, dict[str, str], bytes] | RawReply | None"]
 
 
 def answer(path: str, body: Any) -> tuple[int, Any]:
@@ -147,6 +150,10 @@ class _Handler(BaseHTTPRequestHandler):
             if ep.latency_s:
                 time.sleep(ep.latency_s)
             reply = ep.fault(req) if ep.fault else None
+            if callable(reply):
+                self.close_connection = True  # the raw reply owns the socket; nothing may follow it
+                reply(self)
+                return
             if reply is None:
                 status, value = answer(self.path, body)
                 reply = (status, {}, json.dumps(value).encode())

@@ -5,6 +5,10 @@ drained at each batch boundary), groups rows into requests of `rows_per_request`
 retrying, splits a batch the endpoint rejects, and turns every failure into an error outcome with a
 reason. No Spark here: `udfs.inference` wraps this in a pandas UDF.
 
+Requests run as coroutines in one event loop on a thread of the engine's own, while the caller's
+thread reads input batches and hands back finished ones: C requests in flight cost C small
+coroutines, not C threads fighting for the GIL.
+
 Example::
 
     engine = Engine(EngineSpec(url="http://127.0.0.1:7777/", task="custom", endpoint_type="driver_proxy"))
@@ -14,13 +18,13 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import random
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -65,7 +69,7 @@ class EngineSpec:
     read_timeout_s: float = 120.0
     adaptive: bool = True
     latency_cut_factor: float = 3.0
-    http_client: str = "urllib3"
+    http_client: str = "asyncio"
     retry: RetrySpec = field(default_factory=RetrySpec)
 
     def secrets(self) -> list[Secret]:
@@ -133,26 +137,45 @@ class Engine:
         self.rate = RateLimiter(spec.requests_per_s, spec.tokens_per_s)
         self._retry_after = Retry(total=None, respect_retry_after_header=True, retry_after_max=3600)
         self._secrets = spec.secrets()
-        self._pool = ThreadPoolExecutor(max_workers=self.max_limit, thread_name_prefix="bi-http")
         self.requests_sent = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bi-engine", daemon=True)
+        self._thread.start()
 
     def __repr__(self) -> str:
         return f"Engine(url={self.spec.url!r}, task={self.spec.task!r}, max_limit={self.max_limit})"
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._transport.close()
+        if self._loop.is_closed():
+            return
+        self._run(self._transport.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     # -- one request -------------------------------------------------------------------------------
 
     def call(self, prompts: Sequence[str]) -> list[Outcome]:
         """Send `prompts` as one request (retrying, splitting on rejection); one outcome per prompt."""
-        try:
-            return self._call(prompts)
-        except Exception as exc:  # a bug or a transform that raised: the rows fail, the batch does not
-            return [Outcome.failed(self._clean(f"internal_error: {type(exc).__name__}: {exc}"))] * len(prompts)
+        return self._run(self.acall(prompts))
 
-    def _call(self, prompts: Sequence[str]) -> list[Outcome]:
+    async def acall(self, prompts: Sequence[str]) -> list[Outcome]:
+        try:
+            return await self._call(prompts)
+        except Exception as exc:  # a bug or a transform that raised: the rows fail, the batch does not
+            reason = self._clean(f"internal_error: {type(exc).__name__}: {exc}")
+            return [Outcome.failed(reason) for _ in prompts]
+
+    async def _call(self, prompts: Sequence[str]) -> list[Outcome]:
         try:
             body = self.protocol.build(prompts)
             if self._transform_in is not None:
@@ -161,42 +184,44 @@ class Engine:
         except Exception as exc:
             reason = self._clean(f"transform_input_failed: {type(exc).__name__}: {exc}")
             return [Outcome.failed(reason) for _ in prompts]
-        start = time.monotonic()
+        sent: list[float] = []  # when the first attempt left: queueing before it is not latency
         attempts = 0
         spec = self.spec.retry
         while True:
             attempts += 1
             try:
-                parsed = self._attempt(payload, prompts)
+                parsed = await self._attempt(payload, prompts, sent)
             except _Failure as f:
-                elapsed = time.monotonic() - start
+                elapsed = time.monotonic() - sent[0] if sent else 0.0
                 if f.split and len(prompts) > 1:
                     half = len(prompts) // 2
-                    return self._call(prompts[:half]) + self._call(prompts[half:])
+                    return await self._call(prompts[:half]) + await self._call(prompts[half:])
                 wait = self._backoff(attempts, f.retry_after)
                 if f.retryable and attempts < spec.max_attempts and elapsed + wait <= spec.row_budget_s:
-                    time.sleep(wait)
+                    await asyncio.sleep(wait)  # holds no slot: other rows go meanwhile
                     continue
                 if f.retryable and attempts > 1:
                     f.detail = f"{f.detail} (gave up after {attempts} attempts, {elapsed:.1f}s)".strip()
-                latency = round((time.monotonic() - start) * 1000, 3)
+                latency = round(elapsed * 1000, 3)
                 reason = self._clean(f.reason())
                 return [Outcome.failed(reason, http_status=f.status, attempts=attempts, latency_ms=latency)
                         for _ in prompts]
-            latency = round((time.monotonic() - start) * 1000, 3)
+            latency = round((time.monotonic() - sent[0]) * 1000, 3)
             return [Outcome(response=p.text, embedding=p.embedding, http_status=200, attempts=attempts,
                             latency_ms=latency, prompt_tokens=p.prompt_tokens,
                             completion_tokens=p.completion_tokens) for p in parsed]
 
-    def _attempt(self, payload: bytes, prompts: Sequence[str]) -> list[Parsed]:
-        self.limiter.acquire()
+    async def _attempt(self, payload: bytes, prompts: Sequence[str], sent: list[float]) -> list[Parsed]:
+        await self.limiter.acquire()
         overloaded, latency = False, None
         try:
-            self.rate.acquire()
+            await self.rate.acquire()
             t0 = time.monotonic()
+            if not sent:
+                sent.append(t0)
             self.requests_sent += 1
             try:
-                status, headers, data = self._transport.post(payload)
+                status, headers, data = await self._transport.post(payload)
             except TransportError as exc:
                 raise _Failure(exc.kind, exc.detail, retryable=True) from None
             latency = time.monotonic() - t0
@@ -211,7 +236,7 @@ class Engine:
         try:
             answer = json.loads(data)
         except (ValueError, UnicodeDecodeError):
-            snippet = data[:80].decode("utf-8", "replace").replace("\n", " ")
+            snippet = self._text(data)[:80].replace("\n", " ")
             raise _Failure("bad_response", f"answer is not JSON: {snippet!r}", status=200) from None
         if self._transform_out is not None:
             try:
@@ -232,12 +257,12 @@ class Engine:
 
     def _http_failure(self, status: int, headers: Any, data: bytes, n: int) -> _Failure:
         retry_after = None
-        if headers.get("Retry-After"):
+        if headers.get("retry-after"):
             try:
-                retry_after = self._retry_after.parse_retry_after(headers["Retry-After"])
+                retry_after = self._retry_after.parse_retry_after(headers["retry-after"])
             except InvalidHeader:
                 retry_after = None
-        detail = _error_message(data)
+        detail = _error_message(self._text(data))
         retryable = status in self.spec.retry.statuses
         # A batch refused as a whole (too large, one bad input): split it so only bad rows fail.
         split = n > 1 and status in (400, 413, 422)
@@ -255,54 +280,76 @@ class Engine:
     def _clean(self, text: str) -> str:
         return scrub(text, self._secrets)[:MAX_ERROR_CHARS]
 
+    def _text(self, data: bytes) -> str:
+        """A failed answer's body as text, secrets removed before anything cuts it (a cut token leaks)."""
+        return scrub(data.decode("utf-8", "replace"), self._secrets)
+
     # -- the pipeline ------------------------------------------------------------------------------
 
     def map_batches(self, batches: Iterable[Sequence[str | None]]) -> Iterator[list[Outcome]]:
-        """One list of outcomes per input batch, in order, keeping the pool busy across batches."""
-        cond = threading.Condition()
-        queue: deque[_Batch] = deque()
-        outstanding = [0]  # requests submitted, not finished
-        low_water = 2 * self.max_limit
+        """One list of outcomes per input batch, in order, keeping C requests in flight across batches.
 
-        def finish(b: _Batch, positions: list[int], outcomes: list[Outcome]) -> None:
+        The caller's thread reads input batches and yields finished ones; the event loop's workers take
+        requests from a queue. The caller reads ahead while fewer than `2 * max_limit` requests are
+        outstanding, so the workers never wait for the next input batch to arrive.
+        """
+        cond = threading.Condition()
+        done: deque[_Batch] = deque()
+        outstanding = [0]
+        low_water = 2 * self.max_limit
+        queue: asyncio.Queue[tuple[_Batch, list[int], list[str]] | None] = self._run(_make_queue())
+        # Workers beyond the limit cost nothing while parked; they let a row sleeping before a retry
+        # hold a worker without holding one of the limiter's slots.
+        workers = [asyncio.run_coroutine_threadsafe(self._worker(queue, cond, outstanding, low_water), self._loop)
+                   for _ in range(2 * self.max_limit)]
+
+        def ready() -> Iterator[list[Outcome]]:
+            while True:
+                with cond:
+                    if not done or done[0].remaining:
+                        return
+                    b = done.popleft()
+                yield b.results  # type: ignore[misc]
+
+        try:
+            for prompts in batches:
+                b = _Batch(len(prompts))
+                groups = [(b, positions, texts) for positions, texts in self._group(prompts, b)]
+                with cond:
+                    b.remaining = len(groups)
+                    outstanding[0] += len(groups)
+                    done.append(b)
+                self._loop.call_soon_threadsafe(_put_all, queue, groups)
+                while True:
+                    yield from ready()
+                    with cond:
+                        if outstanding[0] < low_water or (done and not done[0].remaining):
+                            break
+                        cond.wait()
+            while done:
+                with cond:
+                    while done[0].remaining:
+                        cond.wait()
+                yield from ready()
+        finally:
+            self._loop.call_soon_threadsafe(_put_all, queue, [None] * len(workers))
+            for w in workers:
+                w.result()
+
+    async def _worker(self, queue: asyncio.Queue, cond: threading.Condition, outstanding: list[int],
+                      low_water: int) -> None:
+        while (item := await queue.get()) is not None:
+            b, positions, prompts = item
+            outcomes = await self.acall(prompts)
             with cond:
                 for pos, o in zip(positions, outcomes):
                     b.results[pos] = o
                 b.remaining -= 1
                 outstanding[0] -= 1
-                cond.notify()
-
-        def run(b: _Batch, positions: list[int], prompts: list[str]) -> None:
-            finish(b, positions, self.call(prompts))
-
-        def ready() -> Iterator[list[Outcome]]:
-            while True:
-                with cond:
-                    if not queue or queue[0].remaining:
-                        return
-                    b = queue.popleft()
-                yield b.results  # type: ignore[misc]
-
-        for prompts in batches:
-            b = _Batch(len(prompts))
-            groups = list(self._group(prompts, b))
-            with cond:
-                queue.append(b)
-                b.remaining = len(groups)
-                outstanding[0] += len(groups)
-            for positions, texts in groups:
-                self._pool.submit(run, b, positions, texts)
-            while True:
-                yield from ready()
-                with cond:
-                    if outstanding[0] < low_water or (queue and not queue[0].remaining):
-                        break
-                    cond.wait()
-        while queue:
-            with cond:
-                while queue[0].remaining:
-                    cond.wait()
-            yield from ready()
+                # Wake the reader only when it has something to do: a batch to hand back, or room
+                # to read the next one.
+                if b.remaining == 0 or outstanding[0] == low_water - 1:
+                    cond.notify()
 
     def _group(self, prompts: Sequence[str | None], b: _Batch) -> Iterator[tuple[list[int], list[str]]]:
         positions: list[int] = []
@@ -320,6 +367,15 @@ class Engine:
             yield positions, texts
 
 
+async def _make_queue() -> asyncio.Queue:
+    return asyncio.Queue()  # made inside the loop it serves
+
+
+def _put_all(queue: asyncio.Queue, items: list) -> None:
+    for item in items:
+        queue.put_nowait(item)
+
+
 class _Batch:
     __slots__ = ("results", "remaining")
 
@@ -328,9 +384,9 @@ class _Batch:
         self.remaining = 0
 
 
-def _error_message(data: bytes) -> str:
+def _error_message(body_text: str) -> str:
     """The endpoint's own error message when it sends one (`{"message": ...}`), else the body's start."""
-    text = data[:4000].decode("utf-8", "replace")
+    text = body_text[:4000]
     try:
         body = json.loads(text)
     except ValueError:

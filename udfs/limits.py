@@ -1,19 +1,21 @@
 """Flow control for one task: an adaptive in-flight limit and request/token rate limits.
 
-Thread-safe, no I/O. The job gives each task its share of the job-wide limits (see `jobs.plan`), so
-the sum over tasks running at once never exceeds what the config allows.
+Both live in the engine's event loop (one thread, so no locks). The job gives each task its share of
+the job-wide limits (see `jobs.plan`), so the sum over the tasks running at once never exceeds what
+the config allows.
 
 Example::
 
     limiter = AdaptiveLimiter(16)
-    limiter.acquire(); ...; limiter.release(overloaded=False, latency=0.05)
+    await limiter.acquire(); ...; limiter.release(overloaded=False, latency=0.05)
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-import threading
 import time
+from collections import deque
 
 
 class AdaptiveLimiter:
@@ -34,26 +36,31 @@ class AdaptiveLimiter:
         self.inflight = 0
         self.peak = 0
         self.cuts = 0
-        self._cond = threading.Condition()
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._streak = 0
         self._best = math.inf
         self._ewma: float | None = None
         self._samples = 0
         self._last_cut = -math.inf
 
-    def acquire(self) -> None:
-        with self._cond:
-            while self.inflight >= max(1, int(self.limit)):
-                self._cond.wait()
-            self.inflight += 1
-            self.peak = max(self.peak, self.inflight)
+    async def acquire(self) -> None:
+        while self.inflight >= max(1, int(self.limit)):
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
 
     def release(self, *, overloaded: bool = False, latency: float | None = None) -> None:
-        with self._cond:
-            self.inflight -= 1
-            if self.adaptive:
-                self._adapt(overloaded, latency)
-            self._cond.notify_all() if self.limit >= 2 else self._cond.notify()
+        self.inflight -= 1
+        if self.adaptive:
+            self._adapt(overloaded, latency)
+        free = max(1, int(self.limit)) - self.inflight
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
 
     def _adapt(self, overloaded: bool, latency: float | None) -> None:
         slow = False
@@ -82,49 +89,43 @@ class AdaptiveLimiter:
 class RateLimiter:
     """Requests per second and tokens per second for one task; `None` means unlimited.
 
-    Requests are paced by reservation (each caller books the next free slot and sleeps outside the
-    lock), with a burst of one second's worth. Tokens are charged after the answer reports usage, so
-    the bucket may go below zero; new requests then wait until it refills.
+    Requests are paced by reservation (each caller books the next free slot), with a burst of one
+    second's worth. Tokens are charged after the answer reports usage, so the bucket may go below
+    zero; new requests then wait until it refills.
     """
 
     def __init__(self, requests_per_s: float | None = None, tokens_per_s: float | None = None) -> None:
-        self._lock = threading.Lock()
         self._interval = 1.0 / requests_per_s if requests_per_s else 0.0
         self._burst = max(1.0, requests_per_s or 0.0)
-        self._next = time.monotonic()
+        self._next = -math.inf  # the first second's worth may go at once
         self._tps = tokens_per_s
         self._capacity = max(1.0, (tokens_per_s or 0.0) * 10)  # ten seconds of tokens
         self._tokens = self._capacity
         self._stamp = time.monotonic()
 
-    def acquire(self) -> float:
-        """Block until a request may go; returns the seconds waited."""
+    async def acquire(self) -> float:
+        """Wait until a request may go; returns the seconds waited."""
         waited = 0.0
-        if self._tps:
-            while True:
-                with self._lock:
-                    self._refill()
-                    deficit = -self._tokens
-                if deficit < 0:
-                    break
-                pause = (deficit + 1) / self._tps
-                time.sleep(pause)
-                waited += pause
+        while self._tps:
+            self._refill()
+            if self._tokens > 0:
+                break
+            pause = (1 - self._tokens) / self._tps
+            await asyncio.sleep(pause)
+            waited += pause
         if self._interval:
-            with self._lock:
-                now = time.monotonic()
-                slot = max(self._next, now - (self._burst - 1) * self._interval)
-                self._next = slot + self._interval
+            now = time.monotonic()
+            slot = max(self._next, now - (self._burst - 1) * self._interval)
+            self._next = slot + self._interval
             if slot > now:
-                time.sleep(slot - now)
+                await asyncio.sleep(slot - now)
                 waited += slot - now
         return waited
 
     def charge_tokens(self, n: int | None) -> None:
         if self._tps and n:
-            with self._lock:
-                self._refill()
-                self._tokens -= n
+            self._refill()
+            self._tokens -= n
 
     def _refill(self) -> None:
         now = time.monotonic()

@@ -1,24 +1,30 @@
-"""HTTP for one task: a keep-alive connection pool to one endpoint, sized to the task's concurrency.
+"""HTTP for one task: keep-alive connections to one endpoint, as many as the task's concurrency.
 
-Two implementations with one method, `post(body) -> (status, headers, data)`:
-- `Urllib3Transport` (default): urllib3's pool, the transport requests itself runs on, called
-  directly. requests adds per-call work we do not need on a hot path (hooks, cookie jar, a proxy
-  lookup in the environment on every call); at thousands of calls per second on two cores, that is
-  where the time goes (see benchmarks/README.md).
-- `RequestsTransport`: one pooled `requests.Session`, for setups that rely on requests' behaviour
-  (REQUESTS_CA_BUNDLE, .netrc). Select with `limits.http_client: requests`.
+All transports have one coroutine, `post(body) -> (status, headers, data)`, with lower-case header
+names, and raise `TransportError(kind, detail)` with kind `timeout` or `connection_error`.
 
-Errors are raised as `TransportError(kind, detail)` with kind `timeout` or `connection_error`.
+- `AsyncHttpTransport` (default, `limits.http_client: asyncio`): HTTP/1.1 over asyncio streams, in
+  the engine's event loop. Written by hand because at thousands of requests per second on two cores
+  the per-request cost of the thread-per-request clients is what bounds throughput: urllib3 parses
+  headers with `email.parser` and each of C threads must win the GIL back after every socket wait
+  (see benchmarks/README.md). It speaks what a JSON POST needs and no more: Content-Length bodies,
+  chunked answers, keep-alive, TLS through `ssl`'s default context.
+- `ThreadedTransport` over `urllib3` or `requests` (`limits.http_client: urllib3 | requests`), run in
+  a thread pool: for an HTTP(S) proxy from the environment (chosen automatically then), or setups that
+  rely on requests' behaviour (REQUESTS_CA_BUNDLE, .netrc).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+import sys
 import urllib.request
-from typing import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-import urllib3
-from urllib3.exceptions import ConnectTimeoutError, ProtocolError, ReadTimeoutError, TimeoutError
+Answer = "tuple[int, Mapping[str, str], bytes]"
 
 
 class TransportError(Exception):
@@ -28,36 +34,176 @@ class TransportError(Exception):
         self.detail = detail
 
 
-class Urllib3Transport:
+class _Closed(Exception):
+    """The server closed a kept-alive connection before answering: safe to resend on a new one."""
+
+
+if sys.version_info >= (3, 11):
+    def _within(seconds: float):
+        return asyncio.timeout(seconds)
+else:  # pragma: no cover - Databricks runtimes before 15 run Python 3.10
+    class _within:  # a minimal asyncio.timeout for 3.10
+        def __init__(self, seconds: float) -> None:
+            self._seconds = seconds
+
+        async def __aenter__(self) -> None:
+            task = asyncio.current_task()
+            self._handle = asyncio.get_running_loop().call_later(self._seconds, task.cancel)
+
+        async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+            self._handle.cancel()
+            if exc_type is asyncio.CancelledError:
+                raise TimeoutError from None
+            return False
+
+
+class AsyncHttpTransport:
     def __init__(self, url: str, headers: Mapping[str, str], *, pool_size: int,
                  connect_timeout: float, read_timeout: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host_header = parts.netloc.rpartition("@")[2]
+        lines = [f"POST {path} HTTP/1.1", f"Host: {host_header}", "Connection: keep-alive"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+
+    async def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        if self._idle:
+            try:
+                return await self._exchange(self._idle.pop(), body)
+            except _Closed:
+                pass  # a stale keep-alive connection: resend once on a fresh one, as urllib3 does
+        try:
+            return await self._exchange(await self._connect(), body)
+        except _Closed:
+            raise TransportError("connection_error", "the server closed the connection without answering") from None
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            async with _within(self._connect_timeout):
+                return await asyncio.open_connection(self._host, self._port, ssl=self._ssl, limit=1 << 20)
+        except TimeoutError:
+            raise TransportError("timeout", f"connect to {self._host}:{self._port} took over "
+                                            f"{self._connect_timeout:g}s") from None
+        except OSError as exc:
+            raise TransportError("connection_error", f"{type(exc).__name__} connecting to "
+                                                     f"{self._host}:{self._port}") from None
+
+    async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                        body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        reader, writer = conn
+        try:
+            writer.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+            async with _within(self._read_timeout):
+                status, headers, data, keep = await _read_response(reader)
+        except TimeoutError:
+            writer.close()
+            raise TransportError("timeout", f"no answer within read_timeout_s={self._read_timeout:g}") from None
+        except _Closed:
+            writer.close()
+            raise
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            writer.close()
+            raise TransportError("connection_error", f"{type(exc).__name__} while reading the answer") from None
+        if keep and len(self._idle) < self._pool_size:
+            self._idle.append(conn)
+        else:
+            writer.close()
+        return status, headers, data
+
+    async def aclose(self) -> None:
+        while self._idle:
+            self._idle.pop()[1].close()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes, bool]:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise _Closed()
+        version, _, rest = line.partition(b" ")
+        status = int(rest[:3])
+        headers: dict[str, str] = {}
+        while True:
+            h = await reader.readline()
+            if h in (b"\r\n", b"\n"):
+                break
+            if not h:
+                raise asyncio.IncompleteReadError(b"", None)
+            key, _, value = h.decode("latin-1").partition(":")
+            headers[key.strip().lower()] = value.strip()
+        if status >= 200 or status == 101:
+            break  # skip interim 1xx answers
+    keep = version == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        data = await _read_chunked(reader)
+    elif "content-length" in headers:
+        data = await reader.readexactly(int(headers["content-length"]))
+    else:
+        data, keep = await reader.read(), False
+    return status, headers, data, keep
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    parts = []
+    while True:
+        size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(parts)
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+
+
+class Urllib3Client:
+    """A blocking urllib3 pool (requests' own transport), used by `ThreadedTransport`."""
+
+    def __init__(self, url: str, headers: Mapping[str, str], *, pool_size: int,
+                 connect_timeout: float, read_timeout: float) -> None:
+        import urllib3
+
         parts = urlsplit(url)
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._headers = dict(headers)
         self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
-        proxy = _proxy_for(url)
+        proxy = proxy_for(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         if proxy:
-            manager = urllib3.ProxyManager(proxy, num_pools=1, maxsize=pool_size, block=True)
-            self._pool = manager.connection_from_url(origin)
+            self._pool = urllib3.ProxyManager(proxy, num_pools=1, maxsize=pool_size, block=True
+                                              ).connection_from_url(origin)
         else:
             self._pool = urllib3.connection_from_url(origin, maxsize=pool_size, block=True)
 
     def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        from urllib3.exceptions import ConnectTimeoutError, HTTPError, ReadTimeoutError, TimeoutError
+
         try:
             r = self._pool.urlopen("POST", self._path, body=body, headers=self._headers, retries=False,
                                    timeout=self._timeout, preload_content=True, assert_same_host=False)
         except (ReadTimeoutError, ConnectTimeoutError, TimeoutError) as exc:
             raise TransportError("timeout", type(exc).__name__) from None
-        except (ProtocolError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise TransportError("connection_error", _reason(exc)) from None
+        except (HTTPError, OSError) as exc:
+            raise TransportError("connection_error", type(exc).__name__) from None
         return r.status, r.headers, r.data
 
     def close(self) -> None:
         self._pool.close()
 
 
-class RequestsTransport:
+class RequestsClient:
+    """One pooled `requests.Session`, used by `ThreadedTransport`."""
+
     def __init__(self, url: str, headers: Mapping[str, str], *, pool_size: int,
                  connect_timeout: float, read_timeout: float) -> None:
         import requests
@@ -78,7 +224,7 @@ class RequestsTransport:
             r = self._session.post(self._url, data=body, timeout=self._timeout)
         except requests.Timeout as exc:
             raise TransportError("timeout", type(exc).__name__) from None
-        except (requests.ConnectionError, requests.RequestException) as exc:
+        except requests.RequestException as exc:
             raise TransportError("connection_error", type(exc).__name__) from None
         return r.status_code, r.headers, r.content
 
@@ -86,23 +232,33 @@ class RequestsTransport:
         self._session.close()
 
 
-def make_transport(kind: str, url: str, headers: Mapping[str, str], **kw: float | int):
-    cls = {"urllib3": Urllib3Transport, "requests": RequestsTransport}[kind]
-    return cls(url, headers, **kw)
+class ThreadedTransport:
+    """A blocking client run in a thread pool of the task's concurrency, awaited from the event loop."""
+
+    def __init__(self, client: Urllib3Client | RequestsClient, pool_size: int) -> None:
+        self._client = client
+        self._threads = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="bi-http")
+
+    async def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self._client.post, body)
+
+    async def aclose(self) -> None:
+        self._threads.shutdown(wait=False)
+        self._client.close()
 
 
-def _proxy_for(url: str) -> str | None:
+def make_transport(kind: str, url: str, headers: Mapping[str, str], *, pool_size: int,
+                   connect_timeout: float, read_timeout: float) -> AsyncHttpTransport | ThreadedTransport:
+    kw = dict(pool_size=pool_size, connect_timeout=connect_timeout, read_timeout=read_timeout)
+    if kind == "asyncio" and not proxy_for(url):
+        return AsyncHttpTransport(url, headers, **kw)
+    client = RequestsClient(url, headers, **kw) if kind == "requests" else Urllib3Client(url, headers, **kw)
+    return ThreadedTransport(client, pool_size)
+
+
+def proxy_for(url: str) -> str | None:
     """The proxy from HTTP(S)_PROXY for this URL, honouring NO_PROXY, as requests would."""
     host = urlsplit(url).hostname or ""
     if host in ("127.0.0.1", "localhost", "::1") or urllib.request.proxy_bypass(host):
         return None
     return urllib.request.getproxies().get(urlsplit(url).scheme)
-
-
-def _reason(exc: BaseException) -> str:
-    # Keep the class names of the chain (ConnectionResetError, NewConnectionError), not addresses.
-    names = [type(exc).__name__]
-    inner = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else exc.__context__
-    if isinstance(inner, BaseException):
-        names.append(type(inner).__name__)
-    return " / ".join(dict.fromkeys(names))
