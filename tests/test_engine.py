@@ -189,3 +189,14 @@ def test_every_http_client_speaks_the_same_protocol(ep, client):
     assert [(o.status, o.response, o.attempts) for o in out] == [
         ("ok", "Answer to: é ünïcode ✓", 2), ("ok", "Answer to: two", 2)]
     assert {r.body["temperature"] for r in ep.received} == {0}
+
+
+def test_an_abandoned_pipeline_sends_nothing_more(ep):
+    ep.latency_s = 0.02
+    with Engine(proxy_spec(ep, max_concurrency=2)) as engine:
+        results = engine.map_batches([["first"], [f"p{i}" for i in range(200)]])
+        assert [o.response for o in next(results)] == ["Answer to: first"]
+        results.close()  # the consumer stops after one batch (a cancelled task): cleanup runs
+        sent_at_close = len(ep.received)
+        time.sleep(0.2)
+    assert len(ep.received) == sent_at_close < 20, "the other ~200 queued requests were dropped"

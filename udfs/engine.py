@@ -332,7 +332,9 @@ class Engine:
                         cond.wait()
                 yield from ready()
         finally:
-            self._loop.call_soon_threadsafe(_put_all, queue, [None] * len(workers))
+            # On an early stop (the task was cancelled, the consumer failed) queued requests are
+            # dropped, not sent; those already in flight finish.
+            self._loop.call_soon_threadsafe(_drain_then_stop, queue, len(workers))
             for w in workers:
                 w.result()
 
@@ -374,6 +376,12 @@ async def _make_queue() -> asyncio.Queue:
 def _put_all(queue: asyncio.Queue, items: list) -> None:
     for item in items:
         queue.put_nowait(item)
+
+
+def _drain_then_stop(queue: asyncio.Queue, workers: int) -> None:
+    while not queue.empty():
+        queue.get_nowait()
+    _put_all(queue, [None] * workers)
 
 
 class _Batch:
