@@ -1,33 +1,187 @@
 """`batch-inference`: the console script a Databricks job (or a laptop) runs.
 
-`main()` only parses arguments, loads and validates the config (before Spark starts), builds the
-session and calls `jobs.pipeline.run_job`.
+`main()` only parses arguments, loads and validates the config (before Spark starts), prints it,
+builds the session and calls `jobs.pipeline.run_job`. It takes both forms a `python_wheel_task`
+passes:
+
+- `parameters`, a list passed as is: `--conf conf/x.yml --set limits.max_concurrency=16 --limit 100`;
+- `named_parameters`, a map passed as `--key=value`: `--conf=conf/x.yml --limits.max_concurrency=16`,
+  followed by every job parameter, which Databricks pushes down to such tasks (`--limit=100`).
+
+Config layers, later wins: the `--conf` file; config keys (`--set key=value`, then `--section.key=value`);
+the job parameters `--limit` (-> `run.limit`) and `--dry-run` (-> `run.dry_run`), whose empty value
+leaves the layers below alone.
+
+The help path imports only the standard library, so `batch-inference --help` works wherever the
+wheel is installed, Spark or not.
 
 Example::
 
-    batch-inference --conf conf/demo.yml --set limits.max_concurrency=16
+    batch-inference --conf conf/demo.yml --set limits.max_concurrency=16 --limit 10
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import re
 import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
-from jobs.config import ConfigError, JobConfig, load_config
+if TYPE_CHECKING:
+    from jobs.config import JobConfig
 
 log = logging.getLogger("batch_inference")
 
+# The job parameters this entry point reads, as Databricks names them, and the config key each sets.
+JOB_PARAMETERS = {"limit": "run.limit", "dry_run": "run.dry_run"}
+# What Databricks allows in a job parameter's name: only such a name can be a pushed-down parameter.
+_JOB_PARAMETER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+class ArgumentsError(ValueError):
+    """Arguments the entry point cannot use: the message names each one and says what it accepts."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse would print usage and exit; main() reports it like every other bad input.
+        raise ArgumentsError(message)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="batch-inference",
-                                description="Call a model endpoint for every row of a prompts table; "
-                                            "land the outcomes in a Delta table.")
+    p = _Parser(prog="batch-inference", allow_abbrev=False,  # `--lim=5` must not pass for `--limit`
+                description="Call a model endpoint for every row of a prompts table; "
+                            "land the outcomes in a Delta table.",
+                epilog="Any config key can also be set as --section.key=VALUE (e.g. "
+                       "--limits.max_concurrency=16), the form Databricks' named_parameters take. "
+                       "Other --name=value job parameters Databricks pushes down are ignored with a "
+                       "warning; near-misses of the options above are errors.")
     p.add_argument("--conf", required=True, help="YAML config, e.g. conf/demo.yml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (dotted), e.g. --set limits.max_concurrency=16; repeatable")
+    p.add_argument("--limit", metavar="ROWS",
+                   help="job parameter: process at most ROWS pending rows (run.limit); empty: no change")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", nargs="?", const="true", metavar="BOOL",
+                   help="job parameter: validate and plan without calling the endpoint (run.dry_run)")
     return p
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What the arguments ask for: the config file, the overrides in the order they apply."""
+
+    conf: str
+    overrides: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def _job_parameter_overrides(limit: str | None, dry_run: str | None) -> list[str]:
+    out = []
+    if limit is not None and limit.strip():
+        if not limit.strip().isdigit() or int(limit) < 1:
+            raise ArgumentsError(f"--limit={limit}: expected a positive whole number of rows (run.limit), "
+                                 "or empty for no limit")
+        out.append(f"{JOB_PARAMETERS['limit']}={int(limit)}")
+    if dry_run is not None and dry_run.strip():
+        flag = dry_run.strip().lower()
+        if flag not in _TRUE | _FALSE:
+            raise ArgumentsError(f"--dry_run={dry_run}: expected true or false (run.dry_run)")
+        out.append(f"{JOB_PARAMETERS['dry_run']}={'true' if flag in _TRUE else 'false'}")
+    return out
+
+
+def _near_miss(name: str, known: list[str]) -> str | None:
+    close = difflib.get_close_matches(name.replace("-", "_"), known, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _classify(rest: list[str], sections: list[str]) -> tuple[list[str], list[str]]:
+    """Split what argparse did not know into config keys and ignorable job parameters; else fail.
+
+    Ignoring is safe only for the shape Databricks pushes down (`--name=value`, a legal job parameter
+    name) when the name is not a near-miss of ours: `--limt=5` silently ignored would run every row.
+    """
+    options = ["conf", "set", *JOB_PARAMETERS]
+    overrides, ignored, errors = [], [], []
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        i += 1
+        name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        section = name.split(".", 1)[0]
+        if "." in name and section in sections:
+            if not eq:  # the list form: `--limits.max_concurrency 16`
+                if i >= len(rest) or rest[i].startswith("--"):
+                    errors.append(f"{token}: expects a value (--{name}=VALUE)")
+                    continue
+                value, i = rest[i], i + 1
+            overrides.append(f"{name}={value}")
+            continue
+        if not name or not _JOB_PARAMETER_NAME.fullmatch(name) or not eq:
+            errors.append(f"{token}: not an option of batch-inference")
+            continue
+        hint = _near_miss(section, sections) if "." in name else _near_miss(name, options + sections)
+        if hint:
+            shown = f"--{hint}.KEY=VALUE" if hint in sections else f"--{hint.replace('_', '-')}"
+            errors.append(f"--{name}: unknown; did you mean {shown}?")
+        else:
+            ignored.append(name)
+    if errors:
+        raise ArgumentsError("unknown arguments: " + "; ".join(errors)
+                             + " (options: --conf, --set, --limit, --dry-run, "
+                             + f"--<{'|'.join(sections)}>.KEY=VALUE)")
+    return overrides, ignored
+
+
+def parse_args(argv: list[str] | None = None) -> Invocation:
+    """The arguments as Databricks or a shell passes them -> an `Invocation` (or `ArgumentsError`)."""
+    args, rest = build_parser().parse_known_args(argv)
+    from jobs.config import JobConfig  # after parsing, so `--help` needs nothing but the stdlib
+
+    sections = list(JobConfig.model_fields)
+    keys, ignored = _classify(rest, sections)
+    return Invocation(conf=args.conf,
+                      overrides=[*args.overrides, *keys, *_job_parameter_overrides(args.limit, args.dry_run)],
+                      ignored=ignored)
+
+
+def _redact_url(value: str) -> str:
+    """A URL's password and query values can carry credentials the config's key checks cannot see."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return value
+    if parts.scheme not in ("http", "https") or not (parts.password or parts.query):
+        return value
+    netloc = parts.netloc if not parts.password else parts.netloc.replace(f":{parts.password}@", ":****@")
+    pairs = (q.partition("=") for q in parts.query.split("&"))
+    query = "&".join(f"{k}=****" if sep else k for k, sep, _ in pairs)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: redact(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v) for v in node]
+    return _redact_url(node) if isinstance(node, str) else node
+
+
+def effective_config_text(cfg: JobConfig, inv: Invocation) -> str:
+    """What this run will do, for the top of the job's output. Secrets are never in it: config
+    refuses literal credentials, tokens come by reference (env var, secret scope), URLs are redacted."""
+    head = f"effective config: --conf {inv.conf}"
+    if inv.overrides:
+        head += ", overridden: " + ", ".join(o.split("=", 1)[0] for o in inv.overrides)
+    if inv.ignored:
+        head += "; ignored job parameters: " + ", ".join(inv.ignored)
+    return head + "\n" + json.dumps(redact(cfg.redacted()), indent=2, sort_keys=True)
 
 
 def setup_logging() -> None:
@@ -37,23 +191,32 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def load(argv: list[str] | None = None) -> JobConfig:
-    args = build_parser().parse_args(argv)
-    return load_config(args.conf, args.overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
+def execute(argv: list[str] | None = None) -> int:
+    """Run the job; the exit code: 0 done, 1 rows failed under `run.fail_on_error`, 2 bad input."""
     setup_logging()
     try:
-        cfg = load(argv)
+        inv = parse_args(argv)  # `--help` exits in here, having imported only the stdlib
+    except ArgumentsError as exc:
+        log.error("bad arguments: %s", exc)
+        return 2
+    from jobs.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(inv.conf, inv.overrides)
     except ConfigError as exc:
         log.error("bad config: %s", exc)
         return 2
-    log.info("effective config: %s", json.dumps(cfg.redacted(), sort_keys=True))
+    for name in inv.ignored:
+        log.warning("ignoring job parameter --%s: batch-inference does not use it", name)
+    print(effective_config_text(cfg, inv), flush=True)
 
-    from jobs.pipeline import InputError, JobFailed, run_job
-    from jobs.session import get_spark
-
+    try:
+        from jobs.pipeline import InputError, JobFailed, run_job
+        from jobs.session import get_spark
+    except ImportError as exc:  # the wheel leaves Spark to the Databricks runtime
+        log.error("%s: off Databricks, install the local extra: pip install 'spark-batch-inference[local]'",
+                  exc)
+        return 2
     try:
         summary = run_job(get_spark(), cfg)
     except (ConfigError, InputError) as exc:
@@ -68,5 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The console script. A failure raises `SystemExit`: Databricks' wheel runner calls this function
+    and ignores what it returns, so only an exception marks the task failed."""
+    code = execute(argv)
+    if code:
+        raise SystemExit(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
