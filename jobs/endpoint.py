@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import os
 from typing import Any
 from urllib.parse import urlsplit
@@ -71,15 +70,32 @@ def endpoint_url(e: EndpointConfig, spark: Any | None = None) -> str:
     return f"http://127.0.0.1:{e.port}/"
 
 
+def _dbutils() -> Any:
+    """The runtime's own dbutils on Databricks; elsewhere databricks-sdk's REST stand-in.
+
+    Databricks serves secret values through dbutils (its secrets-get API is documented as refusing
+    ordinary callers outside it), so on a cluster or serverless the runtime's dbutils is the one to
+    use. Off Databricks, `WorkspaceClient().dbutils` sends the same request with unified auth, which
+    the workspace may refuse.
+    """
+    if on_databricks():
+        from databricks.sdk.runtime import dbutils
+
+        return dbutils
+    from databricks.sdk import WorkspaceClient
+
+    return WorkspaceClient().dbutils
+
+
 def _secret_from_scope(scope: str, key: str) -> Secret:
     try:
-        from databricks.sdk import WorkspaceClient
-
-        value = WorkspaceClient().secrets.get_secret(scope=scope, key=key).value
-    except Exception as exc:
+        value = _dbutils().secrets.get(scope=scope, key=key)
+    except Exception as exc:  # the type only: an error message could quote what it read
         raise ConfigError(f"endpoint.token_secret: cannot read secret {scope}/{key}: "
                           f"{type(exc).__name__}") from None
-    return Secret(base64.b64decode(value).decode("utf-8"))
+    if not value:
+        raise ConfigError(f"endpoint.token_secret: secret {scope}/{key} is empty")
+    return Secret(value)
 
 
 def auth_headers(e: EndpointConfig, url: str) -> dict[str, Secret | str]:
