@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -232,9 +233,7 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         (src / name).write_bytes((ROOT / name).read_bytes())
     for pkg in ("jobs", "udfs"):
-        for f in (ROOT / pkg).glob("*.py"):
-            (src / pkg).mkdir(exist_ok=True)
-            (src / pkg / f.name).write_bytes(f.read_bytes())
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     artifact, = load_bundle()["artifacts"].values()
     command = artifact["build"].split()
     assert command[:3] == ["python", "-m", "build"], "the test runs the bundle's build command"
