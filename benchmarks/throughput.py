@@ -1,0 +1,169 @@
+"""Throughput of the real job against an endpoint with a fixed latency, versus the bound C / L.
+
+Starts benchmarks/server.py (aiohttp, asyncio, its own process) with latency L, writes N prompts to a
+Delta table, and runs the real job (jobs.pipeline.run_job on local Spark) once per max_concurrency C.
+For each run it prints:
+
+- calls rows/s: N / (first request arrival -> last answer, as the server saw it): the calling phase,
+  which is what C / L bounds;
+- job rows/s: N / the job's whole wall time (input checks, planning, checkpoint, Delta commit);
+- the ratio of calls rows/s to C / L, p50/p99 latency as the client saw it (the table's latency_ms),
+  and the peak of requests in flight as the server counted them (must never exceed C).
+
+In the same process it runs the naive baseline most users write (a pandas UDF calling
+`requests.post` row after row) and prints our speed-up over it. The last line is machine-readable.
+
+    python benchmarks/throughput.py [--rows 20000] [--latency-ms 50] [--concurrency 8,32,64,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd  # module-level: pandas_udf resolves the type hints in this module's globals
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, latency_ms: float) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "server.py"), "--port",
+                                      str(self.port), "--latency-ms", str(latency_ms)])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.stats()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("benchmark server did not start")
+
+    def _call(self, method: str, path: str) -> dict:
+        req = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def stats(self) -> dict:
+        return self._call("GET", "/stats")
+
+    def reset(self) -> None:
+        self._call("POST", "/reset")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def run_ours(spark, server: Server, table: str, rows: int, c: int, http_client: str) -> dict:
+    from jobs.config import parse_config
+    from jobs.pipeline import run_job
+
+    out = f"bench.out_c{c}_{http_client}"
+    spark.sql(f"DROP TABLE IF EXISTS {out}")
+    cfg = parse_config({
+        "input": {"table": table},
+        "output": {"table": out},
+        "endpoint": {"name": "bench", "type": "driver_proxy", "url": server.url + "/"},
+        "limits": {"max_concurrency": c, "http_client": http_client},
+        "run": {"chunk_rows": rows},
+    })
+    server.reset()
+    t0 = time.monotonic()
+    summary = run_job(spark, cfg)
+    wall = time.monotonic() - t0
+    s = server.stats()
+    lat = spark.sql(f"SELECT percentile(latency_ms, array(0.5, 0.99)) AS p, count_if(status = 'ok') AS ok "
+                    f"FROM {out}").first()
+    span = s["last"] - s["first"]
+    return {"c": c, "calls_rps": rows / span, "job_rps": rows / wall, "p50": lat["p"][0], "p99": lat["p"][1],
+            "peak": s["peak_inflight"], "ok": lat["ok"], "requests": s["requests"], "errors": summary.errors}
+
+
+def run_naive(spark, server: Server, table: str, rows: int) -> dict:
+    import requests
+    from pyspark.sql.functions import pandas_udf
+
+    url = server.url + "/"
+
+    @pandas_udf("string")
+    def naive(prompts: pd.Series) -> pd.Series:
+        return prompts.map(lambda p: requests.post(url, json={"prompt": p, "stop": []}, timeout=60).json())
+
+    df = spark.table(table).orderBy("id").limit(rows).repartition(2)
+    server.reset()
+    t0 = time.monotonic()
+    n = df.select(naive("prompt").alias("r")).where("r IS NOT NULL").count()
+    wall = time.monotonic() - t0
+    s = server.stats()
+    return {"calls_rps": n / (s["last"] - s["first"]), "job_rps": n / wall, "rows": n}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--latency-ms", type=float, default=50.0)
+    p.add_argument("--concurrency", default="8,32,64,128")
+    p.add_argument("--naive-rows", type=int, default=600)
+    p.add_argument("--http-client", default="urllib3", choices=["urllib3", "requests"])
+    p.add_argument("--master", default="local[2]")
+    args = p.parse_args()
+    os.environ.setdefault("BI_JARS_DIR", str(ROOT / ".cache" / "jars"))
+
+    from jobs.session import get_spark
+
+    server = Server(args.latency_ms)
+    spark = get_spark("benchmark", master=args.master, warehouse=tempfile.mkdtemp(prefix="bench-wh-"))
+    spark.sql("CREATE SCHEMA IF NOT EXISTS bench")
+    table = "bench.prompts"
+    (spark.range(args.rows).selectExpr("id", "concat('prompt number ', id) AS prompt")
+     .write.format("delta").mode("overwrite").saveAsTable(table))
+    latency = args.latency_ms / 1000
+    try:
+        naive = run_naive(spark, server, table, args.naive_rows)
+        results = [run_ours(spark, server, table, args.rows, int(c), args.http_client)
+                   for c in args.concurrency.split(",")]
+    finally:
+        server.stop()
+
+    print(f"\nmachine: {os.cpu_count()} cores, Spark {args.master}; server: aiohttp (asyncio) in its own "
+          f"process; L = {args.latency_ms:.0f} ms; N = {args.rows} rows; client: {args.http_client}")
+    print(f"{'C':>5} {'bound C/L':>10} {'calls rows/s':>13} {'ratio':>6} {'job rows/s':>11} "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'peak':>5} {'ok':>7}")
+    for r in results:
+        bound = r["c"] / latency
+        r["ratio"] = r["calls_rps"] / bound
+        print(f"{r['c']:>5} {bound:>10.0f} {r['calls_rps']:>13.0f} {r['ratio']:>6.2f} {r['job_rps']:>11.0f} "
+              f"{r['p50']:>7.1f} {r['p99']:>7.1f} {r['peak']:>5} {r['ok']:>7}")
+    print(f"naive per-row requests.post UDF over {naive['rows']} rows: {naive['calls_rps']:.1f} rows/s "
+          f"(job {naive['job_rps']:.1f} rows/s)")
+    by_c = {r["c"]: r for r in results}
+    best = max(results, key=lambda r: r["calls_rps"])
+    speedup = best["calls_rps"] / naive["calls_rps"]
+    print(f"speed-up over naive (best C = {best['c']}): {speedup:.0f}x")
+    peak_ok = all(r["peak"] <= r["c"] for r in results)
+    fields = [f"efficiency_c64={by_c[64]['ratio']:.3f}" if 64 in by_c else None,
+              f"efficiency_c128={by_c[128]['ratio']:.3f}" if 128 in by_c else None,
+              f"speedup_vs_naive={speedup:.1f}", f"peak_inflight_ok={str(peak_ok).lower()}"]
+    print("summary: " + " ".join(f for f in fields if f))
+
+
+if __name__ == "__main__":
+    main()
