@@ -46,9 +46,18 @@ class Secret:
 
 
 def scrub(text: str, secrets: Iterable[Secret | None]) -> str:
+    """`text` without any secret's value, nor the bare credential of a `Bearer <token>` header value.
+
+    Endpoints that quote a rejected token usually quote the token alone, not the header line.
+    """
     for s in secrets:
-        if s is not None and len(s.reveal()) >= 4:
-            text = text.replace(s.reveal(), "****")
+        if s is None:
+            continue
+        value = s.reveal()
+        scheme, _, credential = value.partition(" ")
+        for form in (value, credential.strip() if scheme.isalpha() else ""):
+            if len(form) >= 4:
+                text = text.replace(form, "****")
     return text
 
 

@@ -1,0 +1,141 @@
+"""Faults on command for the local endpoint: a script of replies per prompt, every request timed.
+
+`FaultPlan` is a `LocalEndpoint.fault` hook. Each prompt may have a script: the reply to its first,
+second, ... request (`None` lets the toy model answer), and an `always` reply once the script is
+used up. Replies are built by the helpers below; `stall` and `reset_mid_body` take over the raw
+socket, which is the only way to produce a read timeout or a connection reset halfway through a body.
+
+Example::
+
+    plan = FaultPlan({"flaky": [server_error(503)]}, always={"broken": malformed_json()})
+    with LocalEndpoint(fault=plan) as ep:
+        ...                                   # "flaky" fails once then answers; "broken" never does
+    plan.count("flaky")                      # 2
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Callable, Union
+
+from jobs.local_endpoint import Request
+
+Reply = Union[tuple[int, dict[str, str], bytes], Callable[[BaseHTTPRequestHandler], None], "FromRequest", None]
+
+HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>"
+             b"<body><h1>Bad Gateway</h1><p>The upstream server is unavailable.</p></body></html>")
+
+
+def prompts_of(body: Any) -> list[str]:
+    """The prompts a request carries, whatever the protocol (driver proxy, completions, custom model)."""
+    if not isinstance(body, dict):
+        return []
+    if isinstance(body.get("prompt"), str):
+        return [body["prompt"]]
+    if isinstance(body.get("dataframe_records"), list):
+        return [r.get("prompt") for r in body["dataframe_records"] if isinstance(r, dict)]
+    if isinstance(body.get("input"), list):
+        return [str(t) for t in body["input"]]
+    return []
+
+
+@dataclass(frozen=True)
+class FromRequest:
+    """A reply made from the request itself (an error that quotes the request's headers)."""
+
+    make: Callable[[Request], Reply]
+
+
+@dataclass
+class FaultPlan:
+    scripts: dict[str, list[Reply]] = field(default_factory=dict)
+    always: dict[str, Reply] = field(default_factory=dict)
+    # A whole-request rule, for batched requests: replies instead of the scripts when it returns one.
+    rule: Callable[[list[str]], Reply] | None = None
+    # (monotonic time, prompts of the request), one entry per request received.
+    log: list[tuple[float, tuple[str, ...]]] = field(default_factory=list)
+    _seen: Counter[tuple[str, ...]] = field(default_factory=Counter, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __call__(self, req: Request) -> Reply:
+        prompts = prompts_of(req.body)
+        with self._lock:
+            n = self._seen[tuple(prompts)]
+            self._seen[tuple(prompts)] += 1
+            self.log.append((time.monotonic(), tuple(prompts)))
+        reply = self.rule(prompts) if self.rule is not None else None
+        if reply is None and len(prompts) == 1:
+            script = self.scripts.get(prompts[0], [])
+            reply = script[n] if n < len(script) else self.always.get(prompts[0])
+        return reply.make(req) if isinstance(reply, FromRequest) else reply
+
+    def clear(self) -> None:
+        """No more faults: every request gets the model's answer (the log is kept)."""
+        self.scripts, self.always, self.rule = {}, {}, None
+
+    def count(self, prompt: str) -> int:
+        """Requests that carried `prompt`, alone or in a batch."""
+        return sum(1 for _, p in self.log if prompt in p)
+
+    def counts(self) -> Counter[str]:
+        return Counter(p for _, ps in self.log for p in ps)
+
+    def times(self, prompt: str) -> list[float]:
+        return [t for t, p in self.log if prompt in p]
+
+
+# -- replies -------------------------------------------------------------------------------------------
+
+def json_error(status: int, message: str, code: str = "ERROR", headers: dict[str, str] | None = None) -> Reply:
+    """An error the way Databricks serving writes one: `{"error_code", "message"}`."""
+    return status, dict(headers or {}), json.dumps({"error_code": code, "message": message}).encode()
+
+
+def server_error(status: int) -> Reply:
+    return json_error(status, f"transient failure {status}", code="TEMPORARILY_UNAVAILABLE")
+
+
+def throttled(retry_after: str) -> Reply:
+    return json_error(429, "rate limit exceeded", code="REQUEST_LIMIT_EXCEEDED", headers={"Retry-After": retry_after})
+
+
+def malformed_json() -> Reply:
+    return 200, {}, b'{"choices": [{"text": '
+
+
+def json_answer(value: Any) -> Reply:
+    return 200, {}, json.dumps(value).encode()
+
+
+def html_page(status: int) -> Reply:
+    return status, {"Content-Type": "text/html; charset=utf-8"}, HTML_PAGE
+
+
+def stall(seconds: float) -> Reply:
+    """Say nothing for `seconds` (longer than the client's read timeout), then hang up."""
+    def reply(handler: BaseHTTPRequestHandler) -> None:
+        time.sleep(seconds)
+    return reply
+
+
+def reset_mid_body() -> Reply:
+    """Send the status line, headers and part of the body, then reset the connection (TCP RST)."""
+    def reply(handler: BaseHTTPRequestHandler) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+        try:
+            handler.wfile.write(head + b'"Answer to: half of a bo')
+            handler.wfile.flush()
+            time.sleep(0.05)  # let the client read the headers and start on the body
+            # SO_LINGER with a zero timeout turns close() into a reset instead of an orderly FIN.
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            handler.connection.close()
+        except OSError:
+            pass
+    return reply
