@@ -17,6 +17,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,7 +32,8 @@ _SECRET_KEY = re.compile(r"(^|_)(token|api_?key|password|passwd|secret|client_se
 # Allowed key names that carry a *reference* to a secret, never the secret itself.
 _SECRET_REFERENCE_KEYS = {"token_env", "token_secret"}
 # Values that look like credentials whatever their key: Databricks PATs, OpenAI-style keys, bearer headers.
-_SECRET_VALUE = re.compile(r"^(dapi[0-9a-f]{16,}|dkea[0-9a-f]{16,}|sk-[A-Za-z0-9_-]{16,}|Bearer\s+\S{8,})", re.I)
+# Keys are matched anywhere in a value (`https://token:dapi...@host`), a bearer header at its start only.
+_SECRET_VALUE = re.compile(r"\b(dapi[0-9a-f]{16,}|dkea[0-9a-f]{16,}|sk-[A-Za-z0-9_-]{16,})|^Bearer\s+\S{8,}", re.I)
 # `{{secrets/scope/key}}` is how Databricks references a secret without revealing it.
 _SECRET_REF = re.compile(r"^\{\{secrets/[^/}]+/[^/}]+\}\}$")
 
@@ -205,8 +207,28 @@ def _check_no_secrets(node: Any, path: str = "") -> None:
     elif isinstance(node, list):
         for i, value in enumerate(node):
             _check_no_secrets(value, f"{path}[{i}]")
-    elif isinstance(node, str) and _SECRET_VALUE.match(node.strip()):
+    elif isinstance(node, str) and _SECRET_VALUE.search(node.strip()):
         raise ConfigError(f"{path}: this value looks like a token; secrets never go in config files")
+    elif isinstance(node, str) and _url_credential(node):
+        raise ConfigError(f"{path}: this URL carries a credential ({_url_credential(node)}); secrets never go "
+                          "in config files: use endpoint.token_env or endpoint.token_secret")
+
+
+def _url_credential(value: str) -> str | None:
+    """What makes a URL a credential: a password (`https://user:pw@host`) or a query key like `api_key`."""
+    if not re.match(r"https?://", value.strip(), re.I):
+        return None
+    try:
+        parts = urlsplit(value.strip())
+        password = parts.password
+    except ValueError:
+        return None
+    if password:
+        return "a password"
+    for key, _, val in (q.partition("=") for q in parts.query.split("&")):
+        if val and _SECRET_KEY.search(unquote(key)) and not _SECRET_REF.match(unquote(val)):
+            return f"query parameter {unquote(key)}"
+    return None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
