@@ -1,8 +1,9 @@
 """`make demo`: the whole path on this machine, with the local stand-in endpoint.
 
-Seeds `demo.prompts` from `data/prompts.jsonl`, starts the local endpoint (a driver-proxy-style app on
-127.0.0.1; not a real model), runs the batch job with `conf/demo.yml`, and prints where the results
-are and how to query them.
+Seeds `demo.prompts` from `data/prompts.jsonl`, starts the local endpoint (on 127.0.0.1; not a real
+model), runs the batch job twice, once per config: `conf/demo.yml` (completions from a driver-proxy
+style app into `demo.completions`) and `conf/demo_embeddings.yml` (`llm/v1/embeddings` from a
+serving-style endpoint into `demo.embeddings`), and prints where the results are and how to query them.
 """
 
 from __future__ import annotations
@@ -11,11 +12,23 @@ import socket
 import sys
 from pathlib import Path
 
-from jobs.config import load_config
+from jobs.config import JobConfig, load_config
 from jobs.local_endpoint import LocalEndpoint
 from jobs.run import setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Cosine similarity in plain Spark SQL: the nearest other prompt to each of the first three.
+NEAREST = """
+WITH pairs AS (
+  SELECT a.id, b.id AS other, b.text AS other_text,
+         aggregate(zip_with(a.embedding, b.embedding, (x, y) -> x * y), 0D, (s, v) -> s + v)
+         / sqrt(aggregate(a.embedding, 0D, (s, v) -> s + v * v))
+         / sqrt(aggregate(b.embedding, 0D, (s, v) -> s + v * v)) AS cosine
+  FROM {t} a JOIN {t} b ON a.id < 4 AND a.id != b.id AND a.status = 'ok' AND b.status = 'ok')
+SELECT id, max_by(other, cosine) AS nearest, round(max(cosine), 3) AS cosine,
+       max_by(other_text, cosine) AS text
+FROM pairs GROUP BY id ORDER BY id"""
 
 
 def _free_port(preferred: int) -> int:
@@ -35,30 +48,44 @@ def seed_prompts(spark, table: str, source: Path) -> None:
     df.write.format("delta").mode("overwrite").saveAsTable(table)
 
 
+def configs(port: int, argv: list[str]) -> list[JobConfig]:
+    """Both demo configs, pointed at the local endpoint on `port`; `argv` overrides apply to both."""
+    return [load_config(ROOT / "conf" / "demo.yml", [f"endpoint.port={port}", *argv]),
+            load_config(ROOT / "conf" / "demo_embeddings.yml",
+                        [f"endpoint.host=http://127.0.0.1:{port}", *argv])]
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from jobs.pipeline import run_job
     from jobs.session import get_spark
 
-    conf = ROOT / "conf" / "demo.yml"
-    base = load_config(conf)
-    port = _free_port(base.endpoint.port or 7777)
-    cfg = load_config(conf, [f"endpoint.port={port}", *(argv or [])])
+    port = _free_port(load_config(ROOT / "conf" / "demo.yml").endpoint.port or 7777)
+    completions, embeddings = configs(port, list(argv or []))
     spark = get_spark("batch-inference-demo")
-    seed_prompts(spark, cfg.input.table or "demo.prompts", ROOT / "data" / "prompts.jsonl")
+    seed_prompts(spark, completions.input.table or "demo.prompts", ROOT / "data" / "prompts.jsonl")
     with LocalEndpoint(port) as endpoint:
-        summary = run_job(spark, cfg)
-    out = cfg.output.table
-    location = spark.sql(f"DESCRIBE DETAIL {out}").first()["location"]
+        summaries = [run_job(spark, cfg) for cfg in (completions, embeddings)]
     print()
-    print(f"Local endpoint on {endpoint.url} served {len(endpoint.received)} requests (a stand-in, not a model).")
-    print(f"Run {summary.run_id}: {summary.by_status} in {summary.seconds:.1f}s")
-    print(f"Results: Delta table {out} at {location}")
-    print("Query it:")
-    query = (f"SELECT id, prompt, response, status, latency_ms FROM {out} ORDER BY id LIMIT 5")
+    print(f"Local endpoint on {endpoint.url} served {len(endpoint.received)} requests "
+          "(a stand-in, not a model).")
+    for cfg, summary in zip((completions, embeddings), summaries):
+        out = cfg.output.table
+        location = spark.sql(f"DESCRIBE DETAIL {out}").first()["location"]
+        print(f"Run {summary.run_id}: {summary.by_status} in {summary.seconds:.1f}s")
+        print(f"Results: Delta table {out} at {location}")
+    out = completions.output.table
+    query = f"SELECT id, prompt, response, status, latency_ms FROM {out} ORDER BY id LIMIT 5"
+    print("Query them:")
     print(f'  spark.sql("{query}").show(truncate=False)')
     spark.sql(query).show(truncate=60)
-    return 0 if summary.errors == 0 else 1
+    query = (f"SELECT id, text, dim, slice(embedding, 1, 4) AS head, status "
+             f"FROM {embeddings.output.table} ORDER BY id")
+    print(f'  spark.sql("{query}").show(5)')
+    spark.sql(query).show(5, truncate=48)
+    print("  nearest prompts by cosine similarity, in Spark SQL (see jobs/demo.py NEAREST):")
+    spark.sql(NEAREST.format(t=embeddings.output.table)).show(truncate=48)
+    return 0 if all(s.errors == 0 for s in summaries) else 1
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         raise SpecError(f"--spec {path}: no such file")
     try:
         spec = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:  # the usual cause: an unquoted {{secrets/...}}, which YAML reads as a mapping
+    except yaml.YAMLError as exc:  # usually an unquoted {{secrets/...}}, which YAML reads as a mapping
         raise SpecError(f"{path}: not valid YAML (quote \"{{{{secrets/<scope>/<key>}}}}\" references): "
                         f"{exc}") from None
     check_spec(spec, str(path))
@@ -116,7 +116,8 @@ def _check_entity(entity: Any, where: str) -> None:
         if not isinstance(model.get(key), str) or not model[key]:
             raise SpecError(f"{where}.external_model.{key}: missing")
     if model["provider"] not in _PROVIDERS:
-        raise SpecError(f"{where}.external_model.provider: {model['provider']!r} is not one of {sorted(_PROVIDERS)}")
+        raise SpecError(f"{where}.external_model.provider: {model['provider']!r} is not one of "
+                        f"{sorted(_PROVIDERS)}")
 
 
 def check_no_literal_keys(node: Any, path: str = "") -> None:
@@ -126,8 +127,9 @@ def check_no_literal_keys(node: Any, path: str = "") -> None:
             where = f"{path}.{key}" if path else str(key)
             credential = bool(_CREDENTIAL_KEY.search(str(key))) or (path.endswith("_auth") and key == "value")
             if str(key).endswith("_plaintext") and value not in (None, ""):
-                raise SpecError(f"{where}: plaintext credentials are refused; store the key in a secret scope and "
-                                f"use {str(key)[: -len('_plaintext')]}: \"{{{{secrets/<scope>/<key>}}}}\"")
+                raise SpecError(f"{where}: plaintext credentials are refused; store the key in a secret "
+                                f"scope and use {str(key)[: -len('_plaintext')]}: "
+                                "\"{{secrets/<scope>/<key>}}\"")
             if credential and isinstance(value, str) and value and not _SECRET_REF.match(value):
                 raise SpecError(f"{where}: a literal credential is refused; write a secret reference "
                                 "\"{{secrets/<scope>/<key>}}\" instead")
@@ -242,7 +244,8 @@ def ensure_endpoint(client: Any, spec: dict[str, Any], *, timeout_s: float = 120
         stale = [k for k in ("tags", "ai_gateway", "route_optimized") if k in spec
                  and differences(spec[k], existing.get(k), k)]
         if stale:
-            log.warning("endpoint %s: %s differ from the spec; this tool sets them at creation only", name, stale)
+            log.warning("endpoint %s: %s differ from the spec; this tool sets them at creation only",
+                        name, stale)
     if not dry_run:
         changed = outcome.action != "unchanged"
         ready = wait_until(client, name, _ready(changed, name), what="ready", **waits)
@@ -255,10 +258,12 @@ def ensure_endpoint(client: Any, spec: dict[str, Any], *, timeout_s: float = 120
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="batch-inference-endpoint",
-                                description="Create or update a serving endpoint from a YAML spec (idempotent).")
+                                description="Create or update a serving endpoint from a YAML spec "
+                                            "(idempotent).")
     p.add_argument("--spec", required=True, help="YAML spec, e.g. conf/endpoint_openai_embeddings.yml")
     p.add_argument("--target", default="databricks", help="MLflow deployment target (databricks[://profile])")
-    p.add_argument("--timeout-s", type=float, default=1200.0, help="how long to wait for READY (default 1200)")
+    p.add_argument("--timeout-s", type=float, default=1200.0,
+                   help="how long to wait for READY (default 1200)")
     p.add_argument("--poll-s", type=float, default=10.0, help="seconds between state checks (default 10)")
     p.add_argument("--dry-run", action="store_true", help="report what would change; send nothing")
     return p
@@ -273,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         log.error("bad spec: %s", exc)
         return 2
-    from mlflow.deployments import get_deploy_client
-
+    try:
+        from mlflow.deployments import get_deploy_client
+    except ImportError:  # not a wheel requirement: Databricks runtimes bring MLflow, laptops may not
+        log.error("batch-inference-endpoint needs MLflow's deployment client: pip install mlflow-skinny")
+        return 2
     try:
         outcome = ensure_endpoint(get_deploy_client(args.target), spec, timeout_s=args.timeout_s,
                                   poll_s=args.poll_s, dry_run=args.dry_run)

@@ -68,18 +68,20 @@ def test_embedding_tasks_select_batching(endpoint, expected):
 @pytest.mark.parametrize("endpoint, message", [
     ({"task": "llm/v1/chat", "embedding_dim": 8}, r"embedding_dim applies to embeddings tasks only"),
     ({"task": "llm/v1/embeddings", "embedding_dim": 0}, r"endpoint.embedding_dim: Input should be greater"),
-    ({"type": "driver_proxy", "port": 7777, "task": "custom/embeddings"}, r"use task custom or llm/v1/embeddings"),
+    ({"type": "driver_proxy", "port": 7777, "task": "custom/embeddings"},
+     r"use task custom or llm/v1/embeddings"),
     ({"type": "driver_proxy", "port": 7777, "task": "llm/v1/embeddings", "batch_size": 8},
      r"driver_proxy apps answer one prompt per request"),
 ])
 def test_embedding_settings_that_cannot_work_are_refused(endpoint, message):
     with pytest.raises(ConfigError, match=message):
-        parse_config({"input": {"table": "t"}, "output": {"table": "o"}, "endpoint": {"name": "e", **endpoint}})
+        parse_config({"input": {"table": "t"}, "output": {"table": "o"},
+                      "endpoint": {"name": "e", **endpoint}})
 
 
 # -- the dimension check -----------------------------------------------------------------------------
 
-def test_dimension_check_uses_pinned_then_run_then_chunk_majority(spark, table_name):
+def test_dimension_check_uses_pinned_then_run_then_chunk_majority(spark):
     schema = "id long, embedding array<float>, dim int, status string, error string"
     chunk = spark.createDataFrame([
         (1, [1.0, 0.0], 2, "ok", None),
@@ -91,7 +93,8 @@ def test_dimension_check_uses_pinned_then_run_then_chunk_majority(spark, table_n
     assert_df_equality(majority, spark.createDataFrame([
         (1, [1.0, 0.0], 2, "ok", None),
         (2, [0.0, 1.0], 2, "ok", None),
-        (3, None, None, "error", "dimension_mismatch: 3 values, expected 2 (the most common length in this chunk)"),
+        (3, None, None, "error",
+         "dimension_mismatch: 3 values, expected 2 (the most common length in this chunk)"),
         (4, None, None, "error", "http_500: boom"),
     ], schema), ignore_row_order=True, ignore_nullable=True)
 
@@ -102,12 +105,14 @@ def test_dimension_check_uses_pinned_then_run_then_chunk_majority(spark, table_n
         (3, "ok", None), (4, "error", "http_500: boom")]
 
     # A later chunk of the same run follows what the run already wrote, even against its own majority.
-    spark.sql("CREATE SCHEMA IF NOT EXISTS test")
-    spark.createDataFrame([(9, "ok", 3, "run-a"), (8, "ok", 2, "run-b")], "id long, status string, dim int, run_id string"
-                          ).write.format("delta").saveAsTable(table_name)
-    later = chunk.transform(dimension_check(spark, table_name, "run-a", pinned=None))
-    assert sorted((r.id, r.status) for r in later.collect()) == [(1, "error"), (2, "error"), (3, "ok"), (4, "error")]
-    assert later.where("id = 1").first().error == "dimension_mismatch: 2 values, expected 3 (the length this run already wrote)"
+    written = f"written_{uuid.uuid4().hex[:8]}"  # the output table, as far as run_id, status and dim go
+    spark.createDataFrame([(9, "ok", 3, "run-a"), (8, "ok", 2, "run-b")],
+                          "id long, status string, dim int, run_id string").createOrReplaceTempView(written)
+    later = chunk.transform(dimension_check(spark, written, "run-a", pinned=None)).collect()
+    assert sorted((r.id, r.status, r.error) for r in later)[:2] == [
+        (1, "error", "dimension_mismatch: 2 values, expected 3 (the length this run already wrote)"),
+        (2, "error", "dimension_mismatch: 2 values, expected 3 (the length this run already wrote)")]
+    assert sorted((r.id, r.status) for r in later)[2:] == [(3, "ok"), (4, "error")]
 
 
 # -- the job end to end ------------------------------------------------------------------------------
@@ -128,7 +133,8 @@ def test_vectors_land_by_index_in_few_requests_and_answer_cosine_in_sql(spark, f
     fresh_endpoint.fault = reversed_by_index
     src = view(spark, [(1, "cat"), (2, "kitten"), (3, "car"), (4, "dog"), (5, "truck"), (6, "")])
     cfg = job_config(input={"table": src}, output={"table": table_name},
-                     endpoint=serving(fresh_endpoint, batch_size=2, model_kwargs={"encoding_format": "float"}),
+                     endpoint=serving(fresh_endpoint, batch_size=2,
+                                      model_kwargs={"encoding_format": "float"}),
                      limits={"max_concurrency": 1})
     summary = run_job(spark, cfg)
 
@@ -147,10 +153,10 @@ def test_vectors_land_by_index_in_few_requests_and_answer_cosine_in_sql(spark, f
     assert len(bodies) == 3 and all(len(b["input"]) <= 2 and b["encoding_format"] == "float" for b in bodies)
     assert sorted(t for b in bodies for t in b["input"]) == ["car", "cat", "dog", "kitten", "truck"]
     assert [(f.name, f.dataType.simpleString()) for f in spark.table(table_name).schema.fields] == [
-        ("id", "bigint"), ("text", "string"), ("embedding", "array<float>"), ("dim", "int"), ("status", "string"),
-        ("error", "string"), ("http_status", "int"), ("attempts", "int"), ("latency_ms", "double"),
-        ("prompt_tokens", "bigint"), ("request_hash", "string"), ("endpoint", "string"), ("run_id", "string"),
-        ("completed_at", "timestamp")]
+        ("id", "bigint"), ("text", "string"), ("embedding", "array<float>"), ("dim", "int"),
+        ("status", "string"), ("error", "string"), ("http_status", "int"), ("attempts", "int"),
+        ("latency_ms", "double"), ("prompt_tokens", "bigint"), ("request_hash", "string"),
+        ("endpoint", "string"), ("run_id", "string"), ("completed_at", "timestamp")]
     assert summary.by_status == {"ok": 5, "error": 1}
 
     cosine = spark.sql(f"""
@@ -164,9 +170,11 @@ def test_vectors_land_by_index_in_few_requests_and_answer_cosine_in_sql(spark, f
                        ignore_row_order=True, ignore_nullable=True)
 
 
-def test_one_bad_input_fails_alone_and_a_wrong_length_vector_is_an_error_row(spark, fresh_endpoint, table_name):
+def test_one_bad_input_fails_alone_and_a_wrong_length_vector_is_an_error_row(spark, fresh_endpoint,
+                                                                             table_name):
     seen: list[tuple[list[str], int]] = []
-    vectors = {"alpha": [1.0, 0.0, 0.0], "beta": [0.0, 1.0, 0.0], "gamma": [0.0, 0.0, 1.0], "short": [1.0, 1.0]}
+    vectors = {"alpha": [1.0, 0.0, 0.0], "beta": [0.0, 1.0, 0.0], "gamma": [0.0, 0.0, 1.0],
+               "short": [1.0, 1.0]}
 
     def fault(req: Request):
         texts = req.body["input"]
@@ -195,7 +203,8 @@ def test_one_bad_input_fails_alone_and_a_wrong_length_vector_is_an_error_row(spa
     # The batch of five was refused, split until the bad input stood alone; every good text was
     # answered exactly once.
     assert len(seen[0][0]) == 5 and seen[0][1] == 400
-    assert sorted(t for texts, status in seen if status == 200 for t in texts) == ["alpha", "beta", "gamma", "short"]
+    answered = sorted(t for texts, status in seen if status == 200 for t in texts)
+    assert answered == ["alpha", "beta", "gamma", "short"]
     assert [texts for texts, status in seen if status == 400 and len(texts) == 1] == [["BAD"]]
 
 
@@ -203,7 +212,8 @@ def test_pyfunc_predictions_and_driver_proxy_lists_land_as_vectors(spark, fresh_
     def fault(req: Request):
         if req.path == "/embeddings":  # a driver-proxy app: one prompt in, a list of floats out
             return reply({"one": [0.25, 0.75], "two": [0.5, 0.5]}[req.body["prompt"]])
-        return reply({"predictions": [{"one": [1.0, 0.0, 0.0], "two": [0.0, 1.0]}[t] for t in req.body["inputs"]]})
+        pyfunc = {"one": [1.0, 0.0, 0.0], "two": [0.0, 1.0]}
+        return reply({"predictions": [pyfunc[t] for t in req.body["inputs"]]})
 
     fresh_endpoint.fault = fault
     src = view(spark, [(1, "one"), (2, "two")])

@@ -72,7 +72,8 @@ class ServingAPI:
                                             "_polls": self.rollout_polls}
             return 200, self.view(body["name"], poll=False)
         if m and m.group(1) not in self.endpoints:
-            return 404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"Endpoint {m.group(1)} not found"}
+            return 404, {"error_code": "RESOURCE_DOES_NOT_EXIST",
+                         "message": f"Endpoint {m.group(1)} not found"}
         if method == "GET" and m and not m.group(2):
             return 200, self.view(m.group(1), poll=True)
         if method == "PUT" and m and m.group(2):
@@ -147,7 +148,8 @@ def test_creates_once_then_leaves_alone_then_updates_only_the_config(api, capsys
         ("GET", "/api/2.0/serving-endpoints/openai-embeddings", None)])
 
     rc, out = run(capsys, "--spec", spec)
-    assert (rc, out["action"], out["state"]) == (0, "created", {"ready": "READY", "config_update": "NOT_UPDATING"})
+    assert (rc, out["action"], out["state"]) == (
+        0, "created", {"ready": "READY", "config_update": "NOT_UPDATING"})
     assert api.writes() == [("POST", "/api/2.0/serving-endpoints/", {
         "name": "openai-embeddings",
         "config": {"served_entities": [EMBEDDINGS_ENTITY]},
@@ -193,7 +195,8 @@ def test_a_served_entity_spec_is_created_and_compared_through_server_defaults(ap
 ])
 def test_a_literal_key_is_refused_before_any_request(api, capsys, caplog, tmp_path, openai_config, key):
     spec = {"name": "leaky", "config": {"served_entities": [{"external_model": {
-        "name": "gpt-4o-mini", "provider": "openai", "task": "llm/v1/chat", "openai_config": openai_config}}]}}
+        "name": "gpt-4o-mini", "provider": "openai", "task": "llm/v1/chat",
+        "openai_config": openai_config}}]}}
     (tmp_path / "leaky.yml").write_text(yaml.safe_dump(spec))
     rc, out = run(capsys, "--spec", str(tmp_path / "leaky.yml"))
     assert (rc, out, api.calls) == (2, None, [])
@@ -203,9 +206,11 @@ def test_a_literal_key_is_refused_before_any_request(api, capsys, caplog, tmp_pa
 
 def test_an_endpoint_that_never_gets_ready_times_out_with_its_state(monkeypatch, capsys, caplog, api):
     api.never_ready = True
-    rc = main(["--spec", str(ROOT / "conf" / "endpoint_openai_chat.yml"), "--poll-s", "0.05", "--timeout-s", "0.3"])
+    rc = main(["--spec", str(ROOT / "conf" / "endpoint_openai_chat.yml"), "--poll-s", "0.05",
+               "--timeout-s", "0.3"])
     assert rc == 1
-    assert "endpoint my-chat: not ready after 0.3s (ready=NOT_READY, config_update=IN_PROGRESS)" in caplog.text
+    assert ("endpoint my-chat: not ready after 0.3s (ready=NOT_READY, config_update=IN_PROGRESS)"
+            in caplog.text)
     assert [c[0] for c in api.writes()] == ["POST"]
 
 
@@ -226,7 +231,8 @@ def test_every_shipped_spec_is_valid(path):
                                                                       "provider": "opnai"}}]}},
      r"external_model.provider: 'opnai' is not one of"),
     ({"name": "x", "config": {"served_entities": [{"entity_name": "m", "environment_vars": {
-        "HF_TOKEN": "hf_abcdefghijklmnop"}}]}}, r"environment_vars.HF_TOKEN: a literal credential is refused"),
+        "HF_TOKEN": "hf_abcdefghijklmnop"}}]}},
+     r"environment_vars.HF_TOKEN: a literal credential is refused"),
 ])
 def test_bad_specs_name_the_key(spec, message):
     with pytest.raises(SpecError, match=message):
@@ -236,8 +242,9 @@ def test_bad_specs_name_the_key(spec, message):
 def test_differences_ignore_server_fields_and_entity_order_but_not_values():
     actual = {"served_entities": [{"name": "b", "workload_size": "Small", "state": {}},
                                   {"name": "a", "scale_to_zero_enabled": "true", "entity_version": 2}]}
-    assert differences({"served_entities": [{"name": "a", "scale_to_zero_enabled": True, "entity_version": "2"},
-                                            {"name": "b", "workload_size": "Small"}]}, actual) == []
+    same = {"served_entities": [{"name": "a", "scale_to_zero_enabled": True, "entity_version": "2"},
+                                {"name": "b", "workload_size": "Small"}]}
+    assert differences(same, actual) == []
     assert differences({"served_entities": [{"name": "a", "entity_version": 3}, {"name": "b"}]}, actual) == [
         "config.served_entities[0].entity_version"]
     assert differences({"served_entities": [{"name": "a"}]}, actual) == ["config.served_entities"]
