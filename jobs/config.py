@@ -68,13 +68,21 @@ class InputConfig(_Strict):
 
 class OutputConfig(_Strict):
     table: str
+    # One row per run (counts, latency, tokens, cost): `jobs.observe`. Unset: no runs table.
+    runs_table: str | None = None
 
-    @field_validator("table")
+    @field_validator("table", "runs_table")
     @classmethod
-    def _table_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_`.-]+", v) or v.count(".") > 2:
+    def _table_name(cls, v: str | None) -> str | None:
+        if v is not None and (not re.fullmatch(r"[A-Za-z0-9_`.-]+", v) or v.count(".") > 2):
             raise ValueError(f"{v!r} is not a table name (catalog.schema.table, schema.table or table)")
         return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> OutputConfig:
+        if self.runs_table is not None and self.runs_table == self.table:
+            raise ValueError("runs_table must be another table than table")
+        return self
 
 
 class EndpointConfig(_Strict):
@@ -99,6 +107,9 @@ class EndpointConfig(_Strict):
     batch_size: int | None = Field(default=None, ge=1, le=2048)
     # Embeddings: the vector length every `ok` row must have; unset, the run's first vectors set it.
     embedding_dim: int | None = Field(default=None, ge=1, le=65536)
+    # Prices for the cost estimate (runs table, MLflow, dry run), in your currency; unset: no estimate.
+    price_per_1k_prompt_tokens: float | None = Field(default=None, ge=0)
+    price_per_1k_completion_tokens: float | None = Field(default=None, ge=0)
 
     @field_validator("transform_input", "transform_output")
     @classmethod
@@ -169,6 +180,17 @@ class RunConfig(_Strict):
     dry_run: bool = False
 
 
+class MlflowConfig(_Strict):
+    """MLflow tracking of each run (params, summary metrics, plots). Off unless `enabled`."""
+
+    enabled: bool = False
+    # Default: $MLFLOW_TRACKING_URI, else the workspace on Databricks, else
+    # `sqlite:///<working dir>/mlruns/mlflow.db` (artifacts in mlruns/artifacts).
+    tracking_uri: str | None = None
+    # Default: `batch-inference` locally, `/Users/<you>/batch-inference` on Databricks.
+    experiment: str | None = None
+
+
 class JobConfig(_Strict):
     input: InputConfig
     output: OutputConfig
@@ -176,6 +198,12 @@ class JobConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    def config_hash(self) -> str:
+        """A digest of the whole effective config, so runs made with the same settings group together."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def request_fingerprint(self) -> str:
         """A digest of everything that shapes a request except the prompt (resume keys on it)."""

@@ -16,7 +16,8 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable
 
 from delta.tables import DeltaTable
 from pyspark.errors import AnalysisException
@@ -25,10 +26,15 @@ from pyspark.sql.window import Window
 
 from jobs.config import ConfigError, InputConfig, JobConfig
 from jobs.endpoint import engine_spec
+from jobs.observe import Progress, finish_run
 from jobs.plan import TaskPlan, plan_tasks, task_slots
 from udfs.engine import EngineSpec
 from udfs.inference import inference_udf, outcome_schema
 from udfs.protocols import is_embeddings_task
+
+if TYPE_CHECKING:
+    from jobs.dryrun import DryRunReport
+    from jobs.observe import RunStats
 
 log = logging.getLogger("batch_inference")
 
@@ -52,6 +58,10 @@ class RunSummary:
     chunks: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # Latency, tokens, cost: set when output.runs_table or mlflow.enabled asks for them.
+    stats: RunStats | None = None
+    # A dry run's checks and estimates (run.dry_run); nothing else ran.
+    dry_run: DryRunReport | None = None
 
     @property
     def errors(self) -> int:
@@ -283,7 +293,11 @@ def table_snapshot(spark: SparkSession, name: str) -> DataFrame:
 
 def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -> RunSummary:
     run_id = run_id or uuid.uuid4().hex
-    started = time.monotonic()
+    if cfg.run.dry_run:  # before anything is created: checks, counts, one probe request, no write
+        from jobs.dryrun import dry_run
+
+        return dry_run(spark, cfg, run_id=run_id)
+    started, started_at = time.monotonic(), datetime.now(timezone.utc)
     e = cfg.endpoint
     spec = engine_spec(cfg, spark)  # resolves URL and credentials: fails here, before any call
     embeddings = e.is_embeddings
@@ -316,30 +330,23 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     outcomes = with_outcomes(spec, plan)
     finish = with_run_columns(e.name, run_id, schema)
     dims = dimension_check(spark, cfg.output.table, run_id, e.embedding_dim) if embeddings else _unchanged
+    progress = Progress(summary.pending_rows, n_chunks)
     for k in range(n_chunks):
         chunk = chunked.where(F.col("_chunk") == k).drop("_chunk")
         landed = chunk.transform(outcomes).transform(dims).transform(finish)
         counts = commit_chunk(table, cfg.output.table, landed, run_id, k)
         for status, n in counts.items():
             summary.by_status[status] = summary.by_status.get(status, 0) + n
-        _log_progress(k + 1, n_chunks, summary, time.monotonic() - started)
+        progress.chunk_done(counts)
+    progress.close()
     summary.seconds = time.monotonic() - started
     log.info("run %s finished in %.1fs: %s", run_id, summary.seconds,
              ", ".join(f"{s}={n}" for s, n in sorted(summary.by_status.items())) or "nothing to do")
+    summary.stats = finish_run(spark, cfg, summary, progress.timeline, started_at)
     if cfg.run.fail_on_error and summary.errors:
         raise JobFailed(f"{summary.errors} row(s) failed in run {run_id}; see {cfg.output.table} "
                         "WHERE status != 'ok' (run.fail_on_error is set)")
     return summary
-
-
-def _log_progress(k: int, n: int, s: RunSummary, elapsed: float) -> None:
-    done = sum(s.by_status.values())
-    rate = done / elapsed if elapsed > 0 else 0.0
-    left = s.pending_rows - done
-    eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-    pct = 100.0 * done / s.pending_rows if s.pending_rows else 100.0
-    log.info("chunk %d/%d: %d/%d rows (%.1f%%), %.1f rows/s, ETA %s, errors %d",
-             k, n, done, s.pending_rows, pct, rate, eta, s.errors)
 
 
 def _unchanged(df: DataFrame) -> DataFrame:

@@ -1,0 +1,191 @@
+"""MLflow tracking of a run: its parameters, its summary as metrics, and two plots as PNG artifacts.
+
+Locally the tracking store is SQLite under the working directory (`mlruns/mlflow.db`, artifacts in
+`mlruns/artifacts`); on Databricks, the workspace. MLflow is imported lazily: the wheel does not
+depend on it (Databricks runtimes bring their own), and without it logging is skipped with a warning.
+
+Example::
+
+    mlflow_run_id = log_to_mlflow(spark, cfg, record, stats, progress.timeline)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+from jobs.config import JobConfig
+from jobs.observe import JOB_KEYS, ChunkTiming, RunStats, chunk_rates
+from jobs.session import on_databricks
+
+log = logging.getLogger("batch_inference")
+
+
+def tracking_uri(cfg: JobConfig) -> str:
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if on_databricks():
+        return "databricks"
+    return f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """A local SQLite store keeps its artifacts beside it, not in MLflow's default `./mlruns`."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        folder.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+        return (folder / "artifacts").resolve().as_uri()
+    return None
+
+
+def _experiment(spark: SparkSession, cfg: JobConfig) -> str:
+    if cfg.mlflow.experiment:
+        return cfg.mlflow.experiment
+    if on_databricks():  # workspace experiments are paths; a job has no notebook experiment to default to
+        return f"/Users/{spark.sql('SELECT current_user()').first()[0]}/batch-inference"
+    return "batch-inference"
+
+
+def mlflow_params(cfg: JobConfig) -> dict[str, str]:
+    """What shaped the run. Never credentials: not even the names of the variables or scopes holding them,
+    nor the URL, whose query could carry one."""
+    e, lim, r = cfg.endpoint, cfg.limits, cfg.retry
+    params: dict[str, Any] = {
+        "endpoint": e.name, "endpoint_type": e.type, "task": e.task, "rows_per_request": e.rows_per_request,
+        "max_concurrency": lim.max_concurrency, "requests_per_minute": lim.requests_per_minute,
+        "tokens_per_minute": lim.tokens_per_minute, "adaptive": lim.adaptive, "http_client": lim.http_client,
+        "read_timeout_s": lim.read_timeout_s, "max_attempts": r.max_attempts,
+        "chunk_rows": cfg.run.chunk_rows, "limit": cfg.run.limit, "retry_errors": cfg.run.retry_errors,
+        "input": cfg.input.table or cfg.input.path or "(query)", "output_table": cfg.output.table,
+        "config_hash": cfg.config_hash(),
+        **{f"model_kwargs.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in e.model_kwargs.items()},
+    }
+    return {k: str(v)[:500] for k, v in params.items() if v is not None}
+
+
+def log_to_mlflow(spark: SparkSession, cfg: JobConfig, record: dict[str, Any], stats: RunStats,
+                  timeline: list[ChunkTiming]) -> str | None:
+    """Params, the summary as metrics, and the two plots; returns MLflow's run id (None if skipped)."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        log.warning("mlflow.enabled is set but mlflow is not installed here: skipping MLflow logging "
+                    "(pip install mlflow, or use a Databricks ML runtime)")
+        return None
+    uri = tracking_uri(cfg)
+    artifacts = _artifact_root(uri)
+    client = MlflowClient(tracking_uri=uri)  # a client of its own: the process's MLflow state is left alone
+    name = _experiment(spark, cfg)
+    found = client.get_experiment_by_name(name)
+    exp_id = found.experiment_id if found else client.create_experiment(name, artifact_location=artifacts)
+    run = client.create_run(exp_id, run_name=f"{cfg.endpoint.name}-{record['run_id'][:8]}",
+                            tags={"batch_inference.run_id": record["run_id"]})
+    mid = run.info.run_id
+    try:
+        _log_run(client, mid, cfg, record, stats, timeline)
+    except BaseException:
+        client.set_terminated(mid, "FAILED")  # not left RUNNING forever in the UI
+        raise
+    client.set_terminated(mid, "FINISHED")
+    log.info("MLflow: run %s in experiment %s (%s)", mid, name, uri)
+    return mid
+
+
+def _log_run(client: Any, mid: str, cfg: JobConfig, record: dict[str, Any], stats: RunStats,
+             timeline: list[ChunkTiming]) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in _metric_values(record).items()]
+    metrics += [Metric("chunk_rows_per_s", rate, now, c.chunk)
+                for c, rate in zip(timeline, chunk_rates(timeline))]
+    tags = [RunTag(f"databricks.{k}", v) for k, v in record.items() if k in JOB_KEYS and v]
+    params = [Param(k, v) for k, v in mlflow_params(cfg).items()]
+    client.log_batch(mid, metrics=metrics[:1000], params=params[:100], tags=tags)
+    for i in range(1000, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+        client.log_batch(mid, metrics=metrics[i:i + 1000])
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in save_plots(stats, timeline, Path(tmp)):
+            client.log_artifact(mid, str(path))
+        summary = Path(tmp) / "run_summary.json"
+        summary.write_text(json.dumps(record, default=str, indent=2))
+        client.log_artifact(mid, str(summary))
+
+
+def _metric_values(record: dict[str, Any]) -> dict[str, float]:
+    out = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    # Reasons are codes (`http_429`, `timeout`); anything else MLflow refuses in a name becomes `_`.
+    for reason, n in record["errors_by_reason"].items():
+        out["errors." + re.sub(r"[^\w.\- /]", "_", reason)] = n
+    return out
+
+
+# -- plots -------------------------------------------------------------------------------------------
+
+def save_plots(stats: RunStats, timeline: list[ChunkTiming], folder: Path) -> list[Path]:
+    """`latency_histogram.png` and `throughput.png` in `folder`; none if matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    except ImportError:
+        log.warning("matplotlib is not installed: the run's plots are skipped")
+        return []
+    latency, throughput = folder / "latency_histogram.png", folder / "throughput.png"
+    fig = Figure(figsize=(6, 3.6), dpi=110)
+    _draw_latency(fig.add_subplot(), stats)
+    fig.tight_layout()
+    fig.savefig(latency)
+    fig = Figure(figsize=(6, 3.6), dpi=110)
+    _draw_throughput(fig.add_subplot(), timeline)
+    fig.tight_layout()
+    fig.savefig(throughput)
+    return [latency, throughput]
+
+
+def _draw_latency(ax: Any, stats: RunStats) -> None:
+    bins = sorted(stats.latency_histogram)
+    if bins:
+        centres = [x for x, _ in bins]
+        # histogram_numeric gives bin centres; a bar spans halfway to each neighbour.
+        edges = ([centres[0] - (centres[1] - centres[0]) / 2 if len(centres) > 1 else centres[0] * 0.9]
+                 + [(a + b) / 2 for a, b in zip(centres, centres[1:])]
+                 + [centres[-1] + (centres[-1] - centres[-2]) / 2 if len(centres) > 1 else centres[0] * 1.1])
+        lefts = [max(0.0, e) for e in edges[:-1]]
+        ax.bar(lefts, [y for _, y in bins], width=[b - a for a, b in zip(lefts, edges[1:])], align="edge",
+               color="#4c78a8", edgecolor="white")
+    for q, value, style in (("p50", stats.latency_p50_ms, "-"), ("p95", stats.latency_p95_ms, "--"),
+                            ("p99", stats.latency_p99_ms, ":")):
+        if value is not None:
+            ax.axvline(value, color="#e45756", linestyle=style, label=f"{q} {value:,.0f} ms")
+    ax.set_title(f"Latency per request ({stats.distinct_requests:,} requests)")
+    ax.set_xlabel("latency (ms), retries included")
+    ax.set_ylabel("requests")
+    if stats.latency_p50_ms is not None:
+        ax.legend(loc="upper right")
+
+
+def _draw_throughput(ax: Any, timeline: list[ChunkTiming]) -> None:
+    if timeline:
+        t = [0.0] + [c.seconds for c in timeline]
+        rates = chunk_rates(timeline)
+        ax.stairs(rates, t, color="#4c78a8", label="rows/s per chunk", linewidth=2)
+        done = 0
+        average = []
+        for c in timeline:
+            done += c.rows
+            average.append(done / c.seconds if c.seconds > 0 else 0.0)
+        ax.plot(t[1:], average, "o--", color="#f58518", label="rows/s since start")
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="lower right")
+    ax.set_title(f"Throughput ({len(timeline)} chunks)")
+    ax.set_xlabel("seconds since the first chunk started")
+    ax.set_ylabel("rows / s")
