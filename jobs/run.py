@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", metavar="ROWS",
                    help="job parameter: process at most ROWS pending rows (run.limit); empty: no change")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", nargs="?", const="true", metavar="BOOL",
-                   help="job parameter: validate and plan without calling the endpoint (run.dry_run)")
+                   help="job parameter: check config, input and endpoint (one probe request), count pending "
+                        "rows, estimate tokens and cost; write nothing (run.dry_run)")
     return p
 
 

@@ -1,0 +1,248 @@
+"""`run.dry_run` (`--dry-run`): check a config against the real input and endpoint before paying for a run.
+
+It validates the config, resolves the endpoint (URL, credentials) and the input, counts the rows and
+the pending rows (reading the output table if it exists, never creating or writing it), estimates
+prompt tokens and cost, and sends exactly one probe request, without retries. Nothing else is called:
+no table is written, no MLflow run is logged. Unless every check passes it raises `DryRunFailed` (the
+entry point's exit code 1) after logging them all.
+
+Example::
+
+    batch-inference --conf conf/demo.yml --dry-run
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit
+
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
+
+from jobs.config import ConfigError, JobConfig
+from jobs.endpoint import engine_spec
+from jobs.observe import estimate_cost
+from jobs.pipeline import (InputError, JobFailed, RunSummary, check_ids, output_schema, read_input,
+                           with_precheck, with_request_hash, without_final)
+from jobs.tracking import tracking_uri
+from udfs.engine import Engine, EngineSpec, Outcome
+
+log = logging.getLogger("batch_inference")
+
+# Sent when no pending row has a prompt to send (nothing pending, or the input could not be read).
+FALLBACK_PROMPT = "ping"
+
+
+class DryRunFailed(JobFailed):
+    """A dry run found a problem; the log lists every check."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class DryRunReport:
+    checks: list[Check] = field(default_factory=list)
+    input_rows: int | None = None
+    pending_rows: int | None = None
+    # Distinct requests a run would send: identical prompts go once; empty or over-long ones never.
+    requests: int | None = None
+    prompt_chars: int | None = None
+    probe: Outcome | None = None
+    probe_prompt_chars: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    token_basis: str = ""
+    cost: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def add(self, name: str, ok: bool, detail: str) -> bool:
+        self.checks.append(Check(name, ok, detail))
+        return ok
+
+
+def dry_run(spark: SparkSession, cfg: JobConfig, *, run_id: str) -> RunSummary:
+    """Run every check, log each, and return what a run would do; `DryRunFailed` if any check fails."""
+    started = time.monotonic()
+    report = check(spark, cfg)
+    for c in report.checks:
+        (log.info if c.ok else log.error)("dry run: %s %s: %s", "ok  " if c.ok else "FAIL", c.name, c.detail)
+    pending = report.pending_rows or 0
+    summary = RunSummary(run_id=run_id, output_table=cfg.output.table, input_rows=report.input_rows or 0,
+                         pending_rows=pending, chunks=math.ceil(pending / cfg.run.chunk_rows),
+                         seconds=time.monotonic() - started, dry_run=report)
+    if not report.ok:
+        failed = [c.name for c in report.checks if not c.ok]
+        raise DryRunFailed(f"dry run: {len(failed)} check(s) failed ({', '.join(failed)}); "
+                           "nothing was written")
+    log.info("dry run: every check passed; nothing was written")
+    return summary
+
+
+def check(spark: SparkSession, cfg: JobConfig) -> DryRunReport:
+    r = DryRunReport()
+    r.add("config", True, f"valid (config hash {cfg.config_hash()})")
+    spec = _endpoint(r, spark, cfg)
+    requests = _input(r, spark, cfg)
+    prior = _output(r, spark, cfg, requests)
+    pending = requests.transform(without_final(prior, cfg.run.retry_errors)) if requests is not None else None
+    if pending is not None:
+        _count(r, pending, cfg)
+    if spec is not None:
+        _probe(r, spec, cfg, _first_prompt(pending))
+    _estimate(r, cfg)
+    return r
+
+
+def _endpoint(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> EngineSpec | None:
+    try:
+        spec = engine_spec(cfg, spark)
+    except ConfigError as exc:
+        r.add("endpoint", False, str(exc))
+        return None
+    auth = "with credentials" if spec.headers else "without credentials"
+    r.add("endpoint", True, f"{cfg.endpoint.task} at {_shown(spec.url)}, {auth}")
+    return spec
+
+
+def _shown(url: str) -> str:
+    """Scheme, host and path: a query string or user info could carry a credential."""
+    p = urlsplit(url)
+    return f"{p.scheme}://{p.hostname}{f':{p.port}' if p.port else ''}{p.path}"
+
+
+def _input(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> DataFrame | None:
+    try:
+        inputs = read_input(spark, cfg.input)
+        check_ids(inputs)
+        requests = inputs.transform(with_request_hash(cfg.request_fingerprint())).transform(
+            with_precheck(cfg.run.max_prompt_chars))
+        if cfg.run.limit:
+            requests = requests.orderBy("id").limit(cfg.run.limit)
+        r.input_rows = requests.count()
+    except (InputError, AnalysisException) as exc:
+        r.add("input", False, str(exc).strip().splitlines()[0][:300])
+        return None
+    source = cfg.input.table or cfg.input.path or "input.query"
+    limit = f" (run.limit {cfg.run.limit})" if cfg.run.limit else ""
+    r.add("input", True, f"{source}: {r.input_rows} rows{limit}")
+    return requests
+
+
+def _output(r: DryRunReport, spark: SparkSession, cfg: JobConfig,
+            requests: DataFrame | None) -> DataFrame | None:
+    """The existing output table, read only, if its schema fits; a run would create a missing one."""
+    name = cfg.output.table
+    runs = cfg.output.runs_table
+    then = (f"; runs recorded in {runs}" if runs else "") + (
+        f"; MLflow at {tracking_uri(cfg)}" if cfg.mlflow.enabled else "")
+    try:
+        exists = spark.catalog.tableExists(name)
+    except AnalysisException as exc:
+        r.add("output", False, f"output.table {name}: {str(exc).strip().splitlines()[0][:300]}")
+        return None
+    if not exists:
+        r.add("output", True, f"{name} does not exist yet; a run creates it{then}")
+        return None
+    prior = spark.read.table(name)
+    if requests is not None:
+        want = output_schema(requests.schema["id"].dataType, cfg.endpoint.is_embeddings)
+        wrong = _schema_problems(prior.schema, want)
+        if wrong:
+            r.add("output", False, f"{name} exists with another schema: {', '.join(wrong)}")
+            return None
+    r.add("output", True, f"{name} exists; rows it holds as final are skipped{then}")
+    return prior
+
+
+def _schema_problems(have: T.StructType, want: T.StructType) -> list[str]:
+    types = {f.name: f.dataType for f in have.fields}
+    return [f"{f.name} ({types[f.name].simpleString() if f.name in types else 'missing'} != "
+            f"{f.dataType.simpleString()})" for f in want.fields if types.get(f.name) != f.dataType]
+
+
+def _count(r: DryRunReport, pending: DataFrame, cfg: JobConfig) -> None:
+    # Per request first: identical prompts are sent once, and their characters count once.
+    per_request = pending.groupBy("request_hash").agg(
+        F.count("*").alias("n"), F.max(F.col("precheck").isNull()).alias("sent"),
+        F.max(F.length("prompt")).alias("chars"))
+    row = per_request.agg(
+        F.sum("n").alias("pending"), F.count(F.when(F.col("sent"), 1)).alias("requests"),
+        F.sum(F.when(F.col("sent"), F.col("chars"))).alias("chars"),
+        F.sum(F.when(~F.col("sent"), F.col("n"))).alias("not_sent")).first()
+    r.pending_rows, r.requests, r.prompt_chars = row["pending"] or 0, row["requests"] or 0, row["chars"] or 0
+    done = (r.input_rows or 0) - r.pending_rows
+    r.add("pending", True,
+          f"{r.pending_rows} of {r.input_rows} rows pending ({done} already final in the output table); "
+          f"{r.requests} distinct requests to send, {r.prompt_chars} prompt characters; "
+          f"{row['not_sent'] or 0} rows fail the prechecks (empty, or over run.max_prompt_chars) "
+          "and are not sent")
+
+
+def _first_prompt(pending: DataFrame | None) -> str | None:
+    if pending is None:
+        return None
+    first = pending.where(F.col("precheck").isNull()).select("prompt").limit(1).collect()
+    return first[0]["prompt"] if first else None
+
+
+def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None) -> None:
+    """One request, one attempt: a dry run must not retry its way into a rate limit or a bill."""
+    text = prompt if prompt is not None else FALLBACK_PROMPT
+    one = replace(spec, rows_per_request=1, max_concurrency=1, requests_per_s=None, tokens_per_s=None,
+                  retry=replace(spec.retry, max_attempts=1))
+    try:
+        with Engine(one, max_limit=1) as engine:
+            [outcome] = engine.call([text])
+    except Exception as exc:  # the engine turns request failures into outcomes; this is set-up failing
+        r.add("probe", False, f"could not call the endpoint: {type(exc).__name__}")
+        return
+    r.probe, r.probe_prompt_chars = outcome, len(text)
+    took = f"{outcome.latency_ms:.0f} ms" if outcome.latency_ms is not None else "no answer"
+    which = "the first pending prompt" if prompt is not None else f"{FALLBACK_PROMPT!r} (no pending prompt)"
+    if outcome.status != "ok":
+        r.add("probe", False, f"{which}: {outcome.error} (HTTP {outcome.http_status}, {took})")
+        return
+    shape = (f"a vector of {len(outcome.embedding)} floats" if outcome.embedding is not None
+             else f"text of {len(outcome.response or '')} characters")
+    usage = (f"usage {outcome.prompt_tokens} prompt + {outcome.completion_tokens or 0} completion tokens"
+             if outcome.prompt_tokens is not None else "no usage reported")
+    dim = cfg.endpoint.embedding_dim
+    if dim is not None and outcome.embedding is not None and len(outcome.embedding) != dim:
+        r.add("probe", False, f"{which}: endpoint.embedding_dim is {dim}, the endpoint answered {shape}")
+        return
+    r.add("probe", True, f"{which}: HTTP {outcome.http_status} in {took}, {shape}, {usage}")
+
+
+def _estimate(r: DryRunReport, cfg: JobConfig) -> None:
+    """Prompt tokens at the probe's reported tokens per character, else characters / 4; completion tokens
+    as if every answer were as long as the probe's; cost at the configured prices."""
+    if r.requests is None or r.prompt_chars is None:
+        return
+    p = r.probe if r.probe is not None and r.probe.status == "ok" else None
+    if p is not None and p.prompt_tokens and r.probe_prompt_chars:
+        r.prompt_tokens = math.ceil(r.prompt_chars * p.prompt_tokens / r.probe_prompt_chars)
+        r.token_basis = f"at the probe's {p.prompt_tokens} tokens for {r.probe_prompt_chars} characters"
+    else:
+        r.prompt_tokens, r.token_basis = math.ceil(r.prompt_chars / 4), "characters / 4"
+    per_answer = 0 if p is None or p.response is None else (
+        p.completion_tokens if p.completion_tokens is not None else math.ceil(len(p.response) / 4))
+    r.completion_tokens = per_answer * r.requests
+    r.cost = estimate_cost(cfg.endpoint, r.prompt_tokens, r.completion_tokens)
+    cost = (f"estimated cost {r.cost:.4f}" if r.cost is not None
+            else "no cost: set endpoint.price_per_1k_prompt_tokens / price_per_1k_completion_tokens")
+    answers = f" + ~{r.completion_tokens} completion tokens (answers as long as the probe's)" if p else ""
+    r.add("estimate", True, f"~{r.prompt_tokens} prompt tokens ({r.token_basis}){answers}; {cost}")
+
+
+__all__ = ["Check", "DryRunFailed", "DryRunReport", "check", "dry_run"]

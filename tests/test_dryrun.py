@@ -1,0 +1,74 @@
+"""`--dry-run`: real input, real output table, one probe request to a real loopback endpoint, no write."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import yaml
+
+from jobs.pipeline import run_job
+from jobs.run import execute
+from tests.conftest import job_config
+
+
+def view(spark, rows: list[tuple]) -> str:
+    name = f"prompts_{uuid.uuid4().hex[:8]}"
+    spark.createDataFrame(rows, "id long, prompt string").createOrReplaceTempView(name)
+    return name
+
+
+def serving(ep, **extra):
+    return {"name": "local-serving", "type": "serving", "task": "llm/v1/completions", "host": ep.url, **extra}
+
+
+def last_version(spark, table: str) -> int:
+    return spark.sql(f"DESCRIBE HISTORY {table}").agg({"version": "max"}).first()[0]
+
+
+def test_dry_run_counts_pending_rows_probes_once_and_writes_nothing(spark, fresh_endpoint, table_name, tmp_path):
+    first = view(spark, [(1, "one two"), (2, "three")])
+    run_job(spark, job_config(input={"table": first}, output={"table": table_name},
+                              endpoint=serving(fresh_endpoint)))
+    version = last_version(spark, table_name)
+    fresh_endpoint.reset()
+
+    grown = view(spark, [(1, "one two"), (2, "three"), (3, "four five six"), (4, "")])
+    runs_table, db = f"{table_name}_runs", tmp_path / "mlflow.db"
+    cfg = job_config(input={"table": grown}, output={"table": table_name, "runs_table": runs_table},
+                     endpoint=serving(fresh_endpoint, price_per_1k_prompt_tokens=1.0,
+                                      price_per_1k_completion_tokens=2.0),
+                     run={"dry_run": True}, mlflow={"enabled": True, "tracking_uri": f"sqlite:///{db}"})
+    summary = run_job(spark, cfg)
+
+    [probe] = fresh_endpoint.received
+    assert probe.body["prompt"] == "four five six"  # the one pending prompt that would be sent
+    report = summary.dry_run
+    assert [(c.name, c.ok) for c in report.checks] == [
+        ("config", True), ("endpoint", True), ("input", True), ("output", True), ("pending", True),
+        ("probe", True), ("estimate", True)]
+    # Rows 3 and 4 are pending; only row 3 is sent (row 4 is empty). The probe reported 3 tokens for
+    # 13 characters, and an answer of 5 tokens: 3 prompt + 5 completion tokens at 1.0 and 2.0 per 1k.
+    assert (summary.input_rows, summary.pending_rows, report.requests, report.prompt_chars) == (4, 2, 1, 13)
+    assert (report.prompt_tokens, report.completion_tokens, report.cost) == (3, 5, 0.013)
+    assert report.probe.latency_ms > 0 and summary.by_status == {}
+    assert last_version(spark, table_name) == version
+    assert not spark.catalog.tableExists(runs_table) and not db.exists()
+
+
+def test_a_failing_dry_run_exits_1_after_one_attempt_and_names_every_failed_check(
+        spark, fresh_endpoint, table_name, tmp_path, caplog):
+    fresh_endpoint.fault = lambda req: (503, {}, b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}')
+    conf = tmp_path / "dry.yml"
+    conf.write_text(yaml.safe_dump({
+        "input": {"table": "test.no_such_prompts"}, "output": {"table": table_name},
+        "endpoint": serving(fresh_endpoint), "retry": {"max_attempts": 5, "backoff_base_s": 0.01}}))
+
+    assert execute(["--conf", str(Path(conf)), "--dry-run"]) == 1
+
+    [probe] = fresh_endpoint.received  # 503 is retryable, but a dry run sends one request
+    assert probe.body["prompt"] == "ping"  # no input to take a prompt from
+    failed = [r.getMessage() for r in caplog.records if "dry run: FAIL" in r.getMessage()]
+    assert [m.split(":")[1].strip() for m in failed] == ["FAIL input", "FAIL probe"]
+    assert "cannot read input test.no_such_prompts" in failed[0] and "http_503" in failed[1]
+    assert not spark.catalog.tableExists(table_name)
