@@ -36,6 +36,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/embeddings.py
 
 clean:
 	rm -rf spark-warehouse mlruns .pytest_cache
