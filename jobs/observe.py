@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any, Callable
@@ -49,8 +50,6 @@ class Progress:
 
     def __init__(self, total_rows: int, total_chunks: int, *, stream: IO[str] | None = None,
                  clock: Callable[[], float] | None = None) -> None:
-        import time
-
         self.total_rows, self.total_chunks = total_rows, total_chunks
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock or time.monotonic
@@ -130,6 +129,7 @@ class RunStats:
     rows_ok: int = 0
     rows_error: int = 0
     errors_by_reason: dict[str, int] = field(default_factory=dict)
+    # Requests sent (identical prompts once; rows stopped by a precheck are not sent).
     distinct_requests: int = 0
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
@@ -138,7 +138,7 @@ class RunStats:
     completion_tokens: int = 0
     # Answered requests without reported usage, whose tokens are estimated as characters / 4.
     estimated_token_requests: int = 0
-    # (bin centre in ms, requests): Spark's histogram_numeric, for the latency plot.
+    # (centroid in ms, requests): Spark's histogram_numeric, 64 uneven bins, for the latency plot.
     latency_histogram: list[tuple[float, float]] = field(default_factory=list)
 
     @property
@@ -165,6 +165,7 @@ def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) ->
         F.max("status").alias("status"),
         F.max(F.when(~ok, F.substring_index("error", ":", 1))).alias("reason"),
         F.max("latency_ms").alias("latency_ms"),
+        F.max("attempts").alias("attempts"),
         F.max(F.when(ok, F.coalesce("prompt_tokens", _chars_to_tokens(F.length(text))))
               .otherwise(F.col("prompt_tokens"))).alias("pt"),
         F.max(completion).alias("ct"),
@@ -173,10 +174,10 @@ def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) ->
     levels = per_request.rollup("status", "reason").agg(
         F.grouping_id().alias("level"),
         F.sum("n").alias("rows"),
-        F.count("*").alias("requests"),
+        F.count(F.when(F.col("attempts") > 0, 1)).alias("requests"),  # sent: not stopped by a precheck
         F.percentile_approx("latency_ms", [0.5, 0.95, 0.99]).alias("p"),
         F.sum("pt").alias("pt"), F.sum("ct").alias("ct"), F.sum("estimated").alias("estimated"),
-        F.histogram_numeric("latency_ms", F.lit(24)).alias("hist"),
+        F.histogram_numeric("latency_ms", F.lit(64)).alias("hist"),
     ).collect()
     stats = RunStats()
     for r in levels:
@@ -211,7 +212,7 @@ def estimate_cost(e: EndpointConfig, prompt_tokens: float, completion_tokens: fl
 # Through spark.conf, never sparkContext (absent under Spark Connect); a job cluster's name is
 # `job-<job id>-run-<task run id>`, which covers clusters where the job keys are not in the conf.
 JOB_KEYS = {"job_id": "spark.databricks.job.id", "job_run_id": "spark.databricks.job.parentRunId",
-             "task_run_id": "spark.databricks.job.runId", "task_key": "spark.databricks.job.taskKey"}
+            "task_run_id": "spark.databricks.job.runId", "task_key": "spark.databricks.job.taskKey"}
 _JOB_CLUSTER = re.compile(r"^job-(\d+)-run-(\d+)")
 
 

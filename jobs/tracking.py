@@ -151,17 +151,17 @@ def save_plots(stats: RunStats, timeline: list[ChunkTiming], folder: Path) -> li
     return [latency, throughput]
 
 
-def _draw_latency(ax: Any, stats: RunStats) -> None:
-    bins = sorted(stats.latency_histogram)
-    if bins:
-        centres = [x for x, _ in bins]
-        # histogram_numeric gives bin centres; a bar spans halfway to each neighbour.
-        edges = ([centres[0] - (centres[1] - centres[0]) / 2 if len(centres) > 1 else centres[0] * 0.9]
-                 + [(a + b) / 2 for a, b in zip(centres, centres[1:])]
-                 + [centres[-1] + (centres[-1] - centres[-2]) / 2 if len(centres) > 1 else centres[0] * 1.1])
-        lefts = [max(0.0, e) for e in edges[:-1]]
-        ax.bar(lefts, [y for _, y in bins], width=[b - a for a, b in zip(lefts, edges[1:])], align="edge",
-               color="#4c78a8", edgecolor="white")
+def _draw_latency(ax: Any, stats: RunStats, bins: int = 30) -> None:
+    # histogram_numeric gives uneven bins (centroids with counts); their counts are re-binned into
+    # even ones, or a wide sparse bin would look as tall as a narrow busy one.
+    top = max((x for x, _ in stats.latency_histogram), default=0.0)
+    if top > 0:
+        width = top / (bins - 0.5)
+        counts = [0.0] * bins
+        for x, n in stats.latency_histogram:
+            counts[min(bins - 1, int(x / width))] += n
+        ax.bar([i * width for i in range(bins)], counts, width=width, align="edge", color="#4c78a8",
+               edgecolor="white")
     for q, value, style in (("p50", stats.latency_p50_ms, "-"), ("p95", stats.latency_p95_ms, "--"),
                             ("p99", stats.latency_p99_ms, ":")):
         if value is not None:
@@ -177,7 +177,7 @@ def _draw_throughput(ax: Any, timeline: list[ChunkTiming]) -> None:
     if timeline:
         t = [0.0] + [c.seconds for c in timeline]
         rates = chunk_rates(timeline)
-        ax.stairs(rates, t, color="#4c78a8", label="rows/s per chunk", linewidth=2)
+        ax.stairs(rates, t, baseline=None, color="#4c78a8", label="rows/s per chunk", linewidth=2)
         done = 0
         average = []
         for c in timeline:

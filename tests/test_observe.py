@@ -87,7 +87,7 @@ def test_a_run_reports_each_chunk_and_records_itself_in_the_runs_table_and_mlflo
     runs = spark.table(runs_table)
     expected = spark.createDataFrame(
         [(summary.run_id, cfg.config_hash(), "local-serving", src, table_name, 5, 5, 2, 5, 4, 1,
-          {"empty_prompt": 1}, 4, 6, 12, 18, 0, 0.03, None, None)],
+          {"empty_prompt": 1}, 3, 6, 12, 18, 0, 0.03, None, None)],
         "run_id string, config_hash string, endpoint string, input string, output_table string, input_rows long, "
         "pending_rows long, chunks int, rows long, rows_ok long, rows_error long, errors_by_reason map<string,long>, "
         "distinct_requests long, prompt_tokens long, completion_tokens long, total_tokens long, "
