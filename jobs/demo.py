@@ -85,7 +85,25 @@ def main(argv: list[str] | None = None) -> int:
     spark.sql(query).show(5, truncate=48)
     print("  nearest prompts by cosine similarity, in Spark SQL (see jobs/demo.py NEAREST):")
     spark.sql(NEAREST.format(t=embeddings.output.table)).show(truncate=48)
+    show_runs(spark, completions)
     return 0 if all(s.errors == 0 for s in summaries) else 1
+
+
+def show_runs(spark, cfg: JobConfig) -> None:
+    """Where each run's summary went: the runs table (one row per run) and MLflow."""
+    runs = cfg.output.runs_table
+    if runs and spark.catalog.tableExists(runs):
+        location = spark.sql(f"DESCRIBE DETAIL {runs}").first()["location"]
+        print(f"Runs: Delta table {runs} at {location}, one row per run (README: Watching a run)")
+        query = (f"SELECT endpoint, rows, rows_error, latency_p95_ms, rows_per_s, total_tokens, estimated_cost "
+                 f"FROM {runs} ORDER BY started_at DESC LIMIT 4")
+        print(f'  spark.sql("{query}").show()')
+        spark.sql(query).show(truncate=False)
+    if cfg.mlflow.enabled:
+        from jobs.tracking import tracking_uri
+
+        print(f"MLflow runs, with a latency histogram and a throughput plot each: {tracking_uri(cfg)}")
+        print("  browse them: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
 
 
 if __name__ == "__main__":
