@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import yaml
 from chispa import assert_df_equality
-from pyspark.sql import functions as F
+from pyspark.sql import functions as F, types as T
 
 from jobs.local_endpoint import LocalEndpoint
-from jobs.pipeline import run_job
+from jobs.pipeline import commit_chunk, ensure_output_table, output_schema, run_job
 from jobs.session import register_local_tables
 from tests.conftest import ROOT, job_config
 from tests.faults import (FaultPlan, html_page, json_answer, json_error, malformed_json, reset_mid_body,
@@ -219,6 +219,25 @@ def test_400_in_a_batched_request_is_split_until_only_the_bad_row_fails():
         ("error", None, "http_400: BAD_REQUEST: input 'bad' is not valid", 400), ("ok", "Answer to: c", None, 200)]
     # Halves until the bad row stands alone; a 400 is never retried as such.
     assert [p for _, p in plan.log] == [("a", "b", "bad", "c"), ("a", "b"), ("bad", "c"), ("bad",), ("c",)]
+
+
+def test_a_retried_chunk_commit_adds_no_second_row(spark, table_name):
+    """The same chunk of the same run committed twice (a retried write) lands its rows once.
+
+    New ids are appended with Delta's `txnAppId` (the run) and `txnVersion` (the chunk), so Delta
+    skips a second write of them; ids the table holds are merged on id, idempotent as such (the rerun
+    test above goes through that path).
+    """
+    schema = output_schema(T.LongType(), embeddings=False)
+    table = ensure_output_table(spark, table_name, schema)
+    with_flag = T.StructType([*schema.fields, T.StructField("_exists", T.BooleanType())])
+    rows = [{"id": 1, "prompt": "a", "response": "A", "status": "ok", "run_id": "r1", "_exists": False},
+            {"id": 2, "prompt": "b", "error": "http_503", "status": "error", "run_id": "r1", "_exists": False}]
+    chunk = spark.createDataFrame([tuple(r.get(f.name) for f in with_flag.fields) for r in rows], with_flag)
+    assert [commit_chunk(table, table_name, chunk, "r1", 0) for _ in range(2)] == [{"ok": 1, "error": 1}] * 2
+    expected = spark.createDataFrame([(1, "A", "ok"), (2, None, "error")], "id long, response string, status string")
+    assert_df_equality(spark.table(table_name).select("id", "response", "status"), expected, ignore_row_order=True,
+                       ignore_nullable=True)
 
 
 # -- secrets in config --------------------------------------------------------------------------------
