@@ -119,7 +119,7 @@ def test_the_effective_config_is_printed_with_credentials_redacted(tmp_path):
     conf = tmp_path / "c.yml"
     conf.write_text("input: {table: main.raw.prompts}\noutput: {table: main.gold.out}\n"
                     "endpoint: {name: gw, type: serving, task: llm/v1/chat, token_env: BI_ENDPOINT_TOKEN,\n"
-                    "  url: 'https://svc:hunter22@gw.example.com/v1/chat?api-key=s3cr3tvalue&region=eu'}\n")
+                    "  url: 'https://gw.example.com/v1/chat?sig=s3cr3tvalue&region=eu'}\n")
     cfg, inv = config_of([f"--conf={conf}", "--limits.max_concurrency=3", "--limit=9",
                           "--run_date=2026-01-31"])
     text = effective_config_text(cfg, inv)
@@ -127,9 +127,11 @@ def test_the_effective_config_is_printed_with_credentials_redacted(tmp_path):
     head, body = text.split("\n", 1)
     assert head == (f"effective config: --conf {conf}, overridden: limits.max_concurrency, run.limit; "
                     "ignored job parameters: run_date")
-    assert '"url": "https://svc:****@gw.example.com/v1/chat?api-key=****&region=****"' in body
+    # A password or an api_key in a URL is refused by the config itself (tests/test_faults.py); query
+    # values with innocent names (a signed URL's `sig`) are still masked in what is printed.
+    assert '"url": "https://gw.example.com/v1/chat?sig=****&region=****"' in body
     assert '"token_env": "BI_ENDPOINT_TOKEN"' in body and '"max_concurrency": 3' in body
-    assert "hunter22" not in text and "s3cr3tvalue" not in text
+    assert "s3cr3tvalue" not in text
 
 
 def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, table_name, monkeypatch,
