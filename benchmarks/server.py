@@ -29,6 +29,7 @@ class Stats:
         self.peak = 0
         self.first: float | None = None
         self.last: float | None = None
+        self.done: list[float] = []  # answer times, for the throughput-over-time series
 
 
 def make_app(latency_s: float) -> web.Application:
@@ -48,10 +49,16 @@ def make_app(latency_s: float) -> web.Application:
         finally:
             stats.inflight -= 1
             stats.last = time.time()
+            stats.done.append(stats.last)
 
     async def get_stats(request: web.Request) -> web.Response:
+        series = []
+        if stats.first is not None:  # answers per 0.5 s since the first request
+            series = [0] * (int((stats.last - stats.first) / 0.5) + 1)
+            for t in stats.done:
+                series[int((t - stats.first) / 0.5)] += 1
         return web.json_response({"requests": stats.requests, "peak_inflight": stats.peak,
-                                  "first": stats.first, "last": stats.last})
+                                  "first": stats.first, "last": stats.last, "series": series})
 
     async def reset(request: web.Request) -> web.Response:
         stats.reset()

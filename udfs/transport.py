@@ -75,6 +75,12 @@ class AsyncHttpTransport:
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        # Read timeouts by one watchdog, not a timer per request: at thousands of requests per second
+        # the timer heap costs more than the HTTP parsing. A deadline may fire up to `_tick` late.
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._tick = min(0.1, read_timeout / 10)
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
         if self._idle:
@@ -101,50 +107,73 @@ class AsyncHttpTransport:
     async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                         body: bytes) -> tuple[int, Mapping[str, str], bytes]:
         reader, writer = conn
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = loop.time() + self._read_timeout
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._tick, self._expire)
         try:
             writer.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
             await writer.drain()
-            async with _within(self._read_timeout):
-                status, headers, data, keep = await _read_response(reader)
-        except TimeoutError:
+            status, headers, data, keep = await _read_response(reader)
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            self._expired.discard(task)
+            if hasattr(task, "uncancel"):
+                task.uncancel()
             writer.close()
             raise TransportError("timeout", f"no answer within read_timeout_s={self._read_timeout:g}") from None
         except _Closed:
             writer.close()
             raise
-        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             writer.close()
             raise TransportError("connection_error", f"{type(exc).__name__} while reading the answer") from None
+        finally:
+            self._deadlines.pop(task, None)
         if keep and len(self._idle) < self._pool_size:
             self._idle.append(conn)
         else:
             writer.close()
         return status, headers, data
 
+    def _expire(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for task, deadline in list(self._deadlines.items()):
+            if deadline <= now and task not in self._expired:
+                self._expired.add(task)
+                task.cancel()
+        self._watchdog = (asyncio.get_running_loop().call_later(self._tick, self._expire)
+                          if self._deadlines else None)
+
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         while self._idle:
             self._idle.pop()[1].close()
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes, bool]:
     while True:
-        line = await reader.readline()
-        if not line:
-            raise _Closed()
-        version, _, rest = line.partition(b" ")
+        # The whole head in one read: a readline per header costs more than the rest of the request.
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise _Closed() from None
+            raise
+        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+        version, _, rest = status_line.partition(" ")
         status = int(rest[:3])
         headers: dict[str, str] = {}
-        while True:
-            h = await reader.readline()
-            if h in (b"\r\n", b"\n"):
-                break
-            if not h:
-                raise asyncio.IncompleteReadError(b"", None)
-            key, _, value = h.decode("latin-1").partition(":")
+        for line in lines:
+            key, _, value = line.partition(":")
             headers[key.strip().lower()] = value.strip()
         if status >= 200 or status == 101:
             break  # skip interim 1xx answers
-    keep = version == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
     if "chunked" in headers.get("transfer-encoding", "").lower():
         data = await _read_chunked(reader)
     elif "content-length" in headers:
