@@ -31,6 +31,7 @@ def test_the_bundle_passes_named_parameters_then_its_job_parameters():
         f"--conf={ROOT}/conf/databricks_completions.yml",
         "--input.table=main.dev_user.prompts",
         "--output.table=main.dev_user.completions",
+        "--output.runs_table=main.dev_user.batch_inference_runs",
         "--endpoint.name=databricks-meta-llama-3-3-70b-instruct",
         "--limits.max_concurrency=8",
         "--limit=100",
@@ -50,6 +51,7 @@ def test_each_task_of_the_dev_target_parses_into_its_config(variant, name, outpu
     assert (cfg.input.table, cfg.output.table, cfg.endpoint.name, cfg.limits.max_concurrency,
             cfg.run.limit, cfg.run.dry_run, inv.ignored) == (
         "main.dev_user.prompts", output, endpoint, 8, 100, False, [])
+    assert (cfg.output.runs_table, cfg.mlflow.enabled) == ("main.dev_user.batch_inference_runs", True)
     token = (cfg.endpoint.token_env, cfg.endpoint.token_secret and cfg.endpoint.token_secret.model_dump())
     assert token == (("BI_ENDPOINT_TOKEN", None) if variant is None
                      else (None, {"scope": "batch-inference", "key": "endpoint-token"}))
@@ -135,7 +137,7 @@ def test_the_effective_config_is_printed_with_credentials_redacted(tmp_path):
 
 
 def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, table_name, monkeypatch,
-                                                        capsys):
+                                                        capsys, tmp_path):
     """The dev completions task's own arguments, pointed at local stand-ins by later --key=value
     parameters, with the job parameter `limit` set at run time and the token in the variable the job
     cluster fills from the secret scope."""
@@ -145,10 +147,11 @@ def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, t
     monkeypatch.setenv("BI_ENDPOINT_TOKEN", "tok-from-secret-scope-123")
     job, task = dev_task("completions")
     named = task_argv(job, task, {"limit": "2", "run_date": "2026-01-31"})
-    local = [f"--input.table={src}", f"--output.table={table_name}", f"--endpoint.host={fresh_endpoint.url}",
+    local = [f"--input.table={src}", f"--output.table={table_name}", f"--output.runs_table={table_name}_runs",
+             f"--mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"--endpoint.host={fresh_endpoint.url}",
              "--run.task_slots=2", "--retry.backoff_base_s=0.01"]
     # The stand-ins come after the bundle's own named parameters, so they win.
-    argv = named[:5] + local + named[5:]
+    argv = named[:6] + local + named[6:]
 
     assert execute(argv) == 0
 
@@ -159,6 +162,9 @@ def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, t
                        ignore_row_order=True, ignore_nullable=True)
     assert {r.path for r in fresh_endpoint.received} == {
         "/serving-endpoints/databricks-meta-llama-3-3-70b-instruct/invocations"}
+    runs = spark.table(f"{table_name}_runs").select("output_table", "rows_ok", "rows_error")
+    assert [tuple(r) for r in runs.collect()] == [(table_name, 2, 0)]
+    assert (tmp_path / "mlflow.db").exists()
     sent = {r.headers.get("Authorization") for r in fresh_endpoint.received}
     assert sent == {"Bearer tok-from-secret-scope-123"}
     out = capsys.readouterr()
