@@ -25,8 +25,7 @@ from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 from jobs.config import ConfigError, JobConfig
 from jobs.endpoint import engine_spec
 from jobs.observe import estimate_cost
-from jobs.pipeline import (InputError, JobFailed, RunSummary, check_ids, output_schema, read_input,
-                           with_precheck, with_request_hash, without_final)
+from jobs.pipeline import InputError, JobFailed, RunSummary, output_schema, read_requests, without_final
 from jobs.tracking import tracking_uri
 from udfs.engine import Engine, EngineSpec, Outcome
 
@@ -123,12 +122,7 @@ def _shown(url: str) -> str:
 
 def _input(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> DataFrame | None:
     try:
-        inputs = read_input(spark, cfg.input)
-        check_ids(inputs)
-        requests = inputs.transform(with_request_hash(cfg.request_fingerprint())).transform(
-            with_precheck(cfg.run.max_prompt_chars))
-        if cfg.run.limit:
-            requests = requests.orderBy("id").limit(cfg.run.limit)
+        _, requests = read_requests(spark, cfg)
         r.input_rows = requests.count()
     except (InputError, AnalysisException) as exc:
         r.add("input", False, str(exc).strip().splitlines()[0][:300])

@@ -125,6 +125,17 @@ def with_precheck(max_chars: int) -> Transform:
     return step
 
 
+def read_requests(spark: SparkSession, cfg: JobConfig) -> tuple[DataFrame, DataFrame]:
+    """The input, checked, and the rows to consider: hashed, prechecked, cut to `run.limit`."""
+    inputs = read_input(spark, cfg.input)
+    check_ids(inputs)
+    requests = inputs.transform(with_request_hash(cfg.request_fingerprint())).transform(
+        with_precheck(cfg.run.max_prompt_chars))
+    if cfg.run.limit:
+        requests = requests.orderBy("id").limit(cfg.run.limit)
+    return inputs, requests
+
+
 def without_final(prior: DataFrame | None, retry_errors: bool) -> Transform:
     """Drop rows whose identical request already has a final outcome in the output table.
 
@@ -303,13 +314,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     embeddings = e.is_embeddings
     summary = RunSummary(run_id=run_id, output_table=cfg.output.table)
 
-    inputs = read_input(spark, cfg.input)
-    check_ids(inputs)
-    requests = inputs.transform(with_request_hash(cfg.request_fingerprint())).transform(
-        with_precheck(cfg.run.max_prompt_chars))
-    if cfg.run.limit:
-        requests = requests.orderBy("id").limit(cfg.run.limit)
-
+    inputs, requests = read_requests(spark, cfg)
     schema = output_schema(inputs.schema["id"].dataType, embeddings)
     table = ensure_output_table(spark, cfg.output.table, schema)
     summary.input_rows = requests.count()
