@@ -175,6 +175,10 @@ class Engine:
             reason = self._clean(f"internal_error: {type(exc).__name__}: {exc}")
             return [Outcome.failed(reason) for _ in prompts]
 
+    # The retry loop is ours; urllib3's `Retry` only parses Retry-After here (seconds or HTTP date).
+    # Its own loop cannot do what a batch job needs: it sleeps while holding the connection and the
+    # in-flight slot, its jitter is added, not "full", it has no per-row time budget, it cannot split a
+    # batch the endpoint refuses, and it would hide the 429s that AIMD must see.
     async def _call(self, prompts: Sequence[str]) -> list[Outcome]:
         try:
             body = self.protocol.build(prompts)
