@@ -161,7 +161,8 @@ def with_outcomes(spec: EngineSpec, plan: TaskPlan) -> Transform:
     """Call the endpoint once per distinct request; every row gets its outcome columns."""
     embeddings = is_embeddings_task(spec.task)
     udf = inference_udf(plan.per_task_spec(spec), plan.per_task)
-    fields = [f.name for f in outcome_schema(embeddings).fields]
+    outcome_fields = outcome_schema(embeddings).fields
+    fields = [f.name for f in outcome_fields]
 
     def step(df: DataFrame) -> DataFrame:
         to_call = df.where(F.col("precheck").isNull())
@@ -173,7 +174,7 @@ def with_outcomes(spec: EngineSpec, plan: TaskPlan) -> Transform:
         )
         called = to_call.join(answered, on="request_hash", how="inner").select("*", "o.*").drop("o")
         skipped = df.where(F.col("precheck").isNotNull()).select(
-            "*", *[_not_sent(f) for f in outcome_schema(embeddings).fields])
+            "*", *[_not_sent(f) for f in outcome_fields])
         return called.unionByName(skipped.select(*called.columns)).drop("precheck").select(
             "id", "prompt", *fields, "request_hash", *[c for c in ("_exists",) if c in df.columns])
     return step
@@ -296,10 +297,6 @@ def commit_chunk(table: DeltaTable, name: str, outcomes: DataFrame, run_id: str,
     return by_status
 
 
-def table_snapshot(spark: SparkSession, name: str) -> DataFrame:
-    return spark.read.table(name)
-
-
 # -- the job -----------------------------------------------------------------------------------------
 
 def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -> RunSummary:
@@ -321,7 +318,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     # Which rows to call is decided once, up front, and kept: every chunk reads this set rather than
     # re-reading the input and re-joining the output. Identical requests share a chunk (hash of the
     # request), so each is sent once per run.
-    pending = (requests.transform(without_final(table_snapshot(spark, cfg.output.table), cfg.run.retry_errors))
+    pending = (requests.transform(without_final(spark.read.table(cfg.output.table), cfg.run.retry_errors))
                .localCheckpoint(eager=True))
     summary.pending_rows = pending.count()
     n_chunks = max(1, math.ceil(summary.pending_rows / cfg.run.chunk_rows)) if summary.pending_rows else 0

@@ -137,7 +137,6 @@ class Engine:
         self.rate = RateLimiter(spec.requests_per_s, spec.tokens_per_s)
         self._retry_after = Retry(total=None, respect_retry_after_header=True, retry_after_max=3600)
         self._secrets = spec.secrets()
-        self.requests_sent = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bi-engine", daemon=True)
         self._thread.start()
@@ -223,7 +222,6 @@ class Engine:
             t0 = time.monotonic()
             if not sent:
                 sent.append(t0)
-            self.requests_sent += 1
             try:
                 status, headers, data = await self._transport.post(payload)
             except TransportError as exc:

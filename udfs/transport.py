@@ -24,8 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-Answer = "tuple[int, Mapping[str, str], bytes]"
-
 
 class TransportError(Exception):
     def __init__(self, kind: str, detail: str) -> None:
