@@ -9,6 +9,11 @@ Requests run as coroutines in one event loop on a thread of the engine's own, wh
 thread reads input batches and hands back finished ones: C requests in flight cost C small
 coroutines, not C threads fighting for the GIL.
 
+One exception to "never an exception": a fatal transport error (an untrusted TLS certificate, a
+header that cannot be sent; `udfs.transport.FATAL_KINDS`) is a configuration error that would fail
+every row alike, so `map_batches` stops at the first one and raises it (the Spark task fails with its
+message), and a header refused before anything is sent makes the constructor raise.
+
 Example::
 
     engine = Engine(EngineSpec(url="http://127.0.0.1:7777/", task="custom", endpoint_type="driver_proxy"))
@@ -137,6 +142,8 @@ class Engine:
         self.rate = RateLimiter(spec.requests_per_s, spec.tokens_per_s)
         self._retry_after = Retry(total=None, respect_retry_after_header=True, retry_after_max=3600)
         self._secrets = spec.secrets()
+        # The first fatal transport error met: the pipeline sends nothing more and raises it.
+        self.fatal: TransportError | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bi-engine", daemon=True)
         self._thread.start()
@@ -215,6 +222,8 @@ class Engine:
                             completion_tokens=p.completion_tokens) for p in parsed]
 
     async def _attempt(self, payload: bytes, prompts: Sequence[str], sent: list[float]) -> list[Parsed]:
+        if self.fatal is not None:  # a row back from a backoff sleep: the task is failing, send nothing
+            raise _Failure(self.fatal.kind, self.fatal.detail)
         await self.limiter.acquire()
         overloaded, latency = False, None
         try:
@@ -225,7 +234,9 @@ class Engine:
             try:
                 status, headers, data = await self._transport.post(payload)
             except TransportError as exc:
-                raise _Failure(exc.kind, exc.detail, retryable=True) from None
+                if exc.fatal:
+                    self.fatal = self.fatal or exc
+                raise _Failure(exc.kind, exc.detail, retryable=not exc.fatal) from None
             latency = time.monotonic() - t0
             if 200 <= status < 300:
                 return self._parse(data, prompts)
@@ -308,6 +319,8 @@ class Engine:
         def ready() -> Iterator[list[Outcome]]:
             while True:
                 with cond:
+                    if self.fatal is not None:
+                        raise self.fatal
                     if not done or done[0].remaining:
                         return
                     b = done.popleft()
@@ -315,6 +328,8 @@ class Engine:
 
         try:
             for prompts in batches:
+                if self.fatal is not None:
+                    raise self.fatal
                 b = _Batch(len(prompts))
                 groups = [(b, positions, texts) for positions, texts in self._group(prompts, b)]
                 with cond:
@@ -325,12 +340,12 @@ class Engine:
                 while True:
                     yield from ready()
                     with cond:
-                        if outstanding[0] < low_water or (done and not done[0].remaining):
+                        if outstanding[0] < low_water or (done and not done[0].remaining) or self.fatal:
                             break
                         cond.wait()
             while done:
                 with cond:
-                    while done[0].remaining:
+                    while done[0].remaining and not self.fatal:
                         cond.wait()
                 yield from ready()
         finally:
@@ -344,7 +359,10 @@ class Engine:
                       low_water: int) -> None:
         while (item := await queue.get()) is not None:
             b, positions, prompts = item
-            outcomes = await self.acall(prompts)
+            if self.fatal is not None:  # the task is failing: send nothing more
+                outcomes = [Outcome.failed(self.fatal.kind) for _ in prompts]
+            else:
+                outcomes = await self.acall(prompts)
             with cond:
                 for pos, o in zip(positions, outcomes):
                     b.results[pos] = o
@@ -352,7 +370,7 @@ class Engine:
                 outstanding[0] -= 1
                 # Wake the reader only when it has something to do: a batch to hand back, or room
                 # to read the next one.
-                if b.remaining == 0 or outstanding[0] == low_water - 1:
+                if b.remaining == 0 or outstanding[0] == low_water - 1 or self.fatal is not None:
                     cond.notify()
 
     def _group(self, prompts: Sequence[str | None], b: _Batch) -> Iterator[tuple[list[int], list[str]]]:
