@@ -157,7 +157,7 @@ class LimitsConfig(_Strict):
     adaptive: bool = True
     # Cut the in-flight limit when latency exceeds this multiple of the best latency seen.
     latency_cut_factor: float = Field(default=3.0, gt=1)
-    http_client: Literal["asyncio", "urllib3", "requests"] = "asyncio"
+    http_client: Literal["asyncio", "aiohttp", "urllib3", "requests"] = "asyncio"
 
 
 class RetryConfig(_Strict):
