@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 from pyspark.sql.window import Window
 
 from jobs.config import ConfigError, InputConfig, JobConfig
-from jobs.endpoint import engine_spec
+from jobs.endpoint import engine_spec, preflight
 from jobs.observe import Progress, finish_run
 from jobs.plan import TaskPlan, plan_tasks, task_slots
 from udfs.engine import EngineSpec
@@ -308,6 +308,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
     e = cfg.endpoint
     spec = engine_spec(cfg, spark)  # resolves URL and credentials: fails here, before any call
+    preflight(spec)  # an untrusted TLS certificate stops the run here, not in every task
     embeddings = e.is_embeddings
     summary = RunSummary(run_id=run_id, output_table=cfg.output.table)
 
