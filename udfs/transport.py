@@ -452,14 +452,219 @@ class ThreadedTransport:
         self._client.close()
 
 
-# -- the lean client (under measurement, issue #11) ------------------------------------------------
+# -- our own client: connection management over httptools ------------------------------------------
 
-class _Closed(Exception):
-    """The server closed a kept-alive connection before answering: safe to resend on a new one."""
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection. httptools (llhttp) parses what arrives; this class only hands the
+    answer to the exchange waiting for it, and knows whether the connection may be used again."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        import httptools
+
+        self._loop = loop
+        self._parser = httptools.HttpResponseParser(self)
+        self._parse_error = httptools.HttpParserError
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.last_read = 0.0
+        self._waiter: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._head: dict[str, str] | None = None
+        self._answered = False  # a byte of the answer arrived
+        self._status = 0
+        self._keep = False
+
+    def begin(self) -> asyncio.Future[tuple[int, dict[str, str], bytes]]:
+        self._waiter = self._loop.create_future()
+        self._answered, self._head = False, None
+        self.last_read = self._loop.time()
+        return self._waiter
+
+    def reusable(self) -> bool:
+        """Only an answer that ended cleanly, with the whole request written, leaves the connection
+        in a known state (an early 413 arrives while the body is still going out)."""
+        t = self.transport
+        return (not self.closed and t is not None and not t.is_closing() and t.get_write_buffer_size() == 0
+                and self._keep)
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.last_read = self._loop.time()
+        if self._waiter is None or self._waiter.done():
+            self.close()  # bytes nobody asked for: the connection is in an unknown state
+            return
+        self._answered = True
+        try:
+            self._parser.feed_data(data)
+        except self._parse_error:
+            self._fail("the answer is not valid HTTP")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is None or self._waiter.done():
+            return
+        if self._head is not None and "content-length" not in self._head and "chunked" not in self._head.get(
+                "transfer-encoding", "").lower():
+            self._keep = False  # a body that ends with the connection (HTTP/1.0 style): this is its end
+            self._waiter.set_result((self._status, self._head, b"".join(self._body)))
+        elif self._answered:
+            self._fail("the answer was cut off")
+        else:
+            self._fail("the server closed the connection without answering")
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._fields, self._body, self._head = [], [], None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        if self._head is None:  # later fields are trailers: the head is what the answer said first
+            self._head = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._fields}
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._status < 200 and self._status != 101:
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        self._keep = self._parser.should_keep_alive()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result((self._status, self._head or {}, b"".join(self._body)))
+
+    def _fail(self, detail: str) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(TransportError("connection_error", detail))
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class AsyncHttpTransport:
+    """HTTP/1.1 over asyncio in the engine's loop, `limits.http_client: asyncio`: our own connection
+    management (a pool of `_Conn`, one request per connection at a time), httptools for parsing.
+
+    Cheaper per request than aiohttp (no per-request objects beyond a future, the request head built
+    once, timeouts by one watchdog instead of timers per request); benchmarks/README.md measures it.
+    Through a proxy it hands over to aiohttp, which tunnels.
+    """
+
+    def __init__(self, url: str, headers: Mapping[str, str], *, pool_size: int,
+                 connect_timeout: float, read_timeout: float) -> None:
+        check_headers(headers)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {parts.scheme}://{parts.hostname}")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._where = f"{self._host}:{self._port}"
+        self._ssl = ssl_context() if parts.scheme == "https" else None
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        lines = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}", "Connection: keep-alive"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]  # checked above: no CR or LF can split them
+        self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+        self._idle: list[_Conn] = []
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._whole = connect_timeout + read_timeout
+        # Timeouts by one watchdog, not timers per request: at thousands of requests per second the
+        # timer heap costs more than the parsing. A deadline may fire up to `_tick` late.
+        self._inflight: dict[asyncio.Task[Any], tuple[_Conn, float]] = {}
+        self._expired: dict[asyncio.Task[Any], TransportError] = {}
+        self._tick = min(0.1, read_timeout / 10)
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncHttpTransport({self._where})"
+
+    def _take(self, now: float) -> _Conn | None:
+        """An idle connection known to be alive; closed or expired ones are dropped, never tried."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        try:
+            async with _within(self._connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Conn(loop), self._host, self._port, ssl=self._ssl)
+        except TimeoutError:
+            raise TransportError("timeout", f"connect to {self._where} took over {self._connect_timeout:g}s") from None
+        except OSError as exc:
+            raise tls_problem(exc) or TransportError("connection_error",
+                                                     f"{_os_name(exc)} connecting to {self._where}") from None
+        return conn
+
+    async def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        start = loop.time()
+        conn = self._take(start) or await self._connect()
+        answer = conn.begin()
+        self._inflight[task] = (conn, start + self._whole)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._tick, self._expire)
+        try:
+            assert conn.transport is not None
+            conn.transport.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
+            status, headers, data = await answer
+        except asyncio.CancelledError:
+            conn.close()
+            expired = self._expired.pop(task, None)
+            if expired is None:
+                raise
+            if hasattr(task, "uncancel"):
+                task.uncancel()
+            raise expired from None
+        finally:
+            self._inflight.pop(task, None)
+        if conn.reusable() and len(self._idle) < self._pool_size:
+            conn.idle_since = loop.time()
+            self._idle.append(conn)
+        else:
+            conn.close()
+        return status, headers, data
+
+    def _expire(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for task, (conn, deadline) in list(self._inflight.items()):
+            if task in self._expired:
+                continue
+            if now >= deadline:
+                self._expired[task] = TransportError(
+                    "timeout", f"answer not complete within connect_timeout_s + read_timeout_s = {self._whole:g}s")
+            elif now - conn.last_read >= self._read_timeout:
+                self._expired[task] = TransportError("timeout", f"no answer within read_timeout_s={self._read_timeout:g}")
+            else:
+                continue
+            task.cancel()
+        self._watchdog = (asyncio.get_running_loop().call_later(self._tick, self._expire)
+                          if self._inflight else None)
+
+    async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        while self._idle:
+            self._idle.pop().close()
 
 
 if sys.version_info >= (3, 11):
-    def _within(seconds: float):
+    def _within(seconds: float) -> Any:
         return asyncio.timeout(seconds)
 else:  # pragma: no cover - Databricks runtimes before 15 run Python 3.10
     class _within:  # a minimal asyncio.timeout for 3.10
@@ -468,6 +673,7 @@ else:  # pragma: no cover - Databricks runtimes before 15 run Python 3.10
 
         async def __aenter__(self) -> None:
             task = asyncio.current_task()
+            assert task is not None
             self._handle = asyncio.get_running_loop().call_later(self._seconds, task.cancel)
 
         async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
@@ -475,142 +681,6 @@ else:  # pragma: no cover - Databricks runtimes before 15 run Python 3.10
             if exc_type is asyncio.CancelledError:
                 raise TimeoutError from None
             return False
-
-
-class AsyncHttpTransport:
-    def __init__(self, url: str, headers: Mapping[str, str], *, pool_size: int,
-                 connect_timeout: float, read_timeout: float) -> None:
-        check_headers(headers)
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl = ssl_context() if parts.scheme == "https" else None
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host_header = parts.netloc.rpartition("@")[2]
-        lines = [f"POST {path} HTTP/1.1", f"Host: {host_header}", "Connection: keep-alive"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self._pool_size = pool_size
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._deadlines: dict[asyncio.Task[Any], float] = {}
-        self._expired: set[asyncio.Task[Any]] = set()
-        self._tick = min(0.1, read_timeout / 10)
-        self._watchdog: asyncio.TimerHandle | None = None
-
-    async def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        if self._idle:
-            try:
-                return await self._exchange(self._idle.pop(), body)
-            except _Closed:
-                pass
-        try:
-            return await self._exchange(await self._connect(), body)
-        except _Closed:
-            raise TransportError("connection_error", "the server closed the connection without answering") from None
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        try:
-            async with _within(self._connect_timeout):
-                return await asyncio.open_connection(self._host, self._port, ssl=self._ssl, limit=1 << 20)
-        except TimeoutError:
-            raise TransportError("timeout", f"connect to {self._host}:{self._port} took over "
-                                            f"{self._connect_timeout:g}s") from None
-        except OSError as exc:
-            raise tls_problem(exc) or TransportError("connection_error", f"{type(exc).__name__} connecting to "
-                                                                         f"{self._host}:{self._port}") from None
-
-    async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                        body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        reader, writer = conn
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        self._deadlines[task] = loop.time() + self._read_timeout
-        if self._watchdog is None:
-            self._watchdog = loop.call_later(self._tick, self._expire)
-        try:
-            writer.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
-            await writer.drain()
-            status, headers, data, keep = await _read_response(reader)
-        except asyncio.CancelledError:
-            if task not in self._expired:
-                raise
-            self._expired.discard(task)
-            if hasattr(task, "uncancel"):
-                task.uncancel()
-            writer.close()
-            raise TransportError("timeout", f"no answer within read_timeout_s={self._read_timeout:g}") from None
-        except _Closed:
-            writer.close()
-            raise
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-            writer.close()
-            raise TransportError("connection_error", f"{type(exc).__name__} while reading the answer") from None
-        finally:
-            self._deadlines.pop(task, None)
-        if keep and len(self._idle) < self._pool_size:
-            self._idle.append(conn)
-        else:
-            writer.close()
-        return status, headers, data
-
-    def _expire(self) -> None:
-        now = asyncio.get_running_loop().time()
-        for task, deadline in list(self._deadlines.items()):
-            if deadline <= now and task not in self._expired:
-                self._expired.add(task)
-                task.cancel()
-        self._watchdog = (asyncio.get_running_loop().call_later(self._tick, self._expire)
-                          if self._deadlines else None)
-
-    async def aclose(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        while self._idle:
-            self._idle.pop()[1].close()
-
-
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes, bool]:
-    while True:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                raise _Closed() from None
-            raise
-        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-        version, _, rest = status_line.partition(" ")
-        status = int(rest[:3])
-        headers: dict[str, str] = {}
-        for line in lines:
-            key, _, value = line.partition(":")
-            headers[key.strip().lower()] = value.strip()
-        if status >= 200 or status == 101:
-            break
-    keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        data = await _read_chunked(reader)
-    elif "content-length" in headers:
-        data = await reader.readexactly(int(headers["content-length"]))
-    else:
-        data, keep = await reader.read(), False
-    return status, headers, data, keep
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    parts = []
-    while True:
-        size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-        if size == 0:
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass
-            return b"".join(parts)
-        parts.append(await reader.readexactly(size))
-        await reader.readexactly(2)
 
 
 # -- choosing ------------------------------------------------------------------------------------
@@ -628,7 +698,7 @@ def make_transport(kind: str, url: str, headers: Mapping[str, str], *, pool_size
     if kind == "asyncio" and not proxy_for(url):
         return AsyncHttpTransport(url, headers, **kw)
     if kind == "asyncio":
-        kind = "urllib3"
+        return AiohttpTransport(url, headers, **kw)
     if kind not in ("urllib3", "requests"):
         raise ValueError(f"unknown http client {kind!r}; expected one of {', '.join(CLIENTS)}")
     client = RequestsClient(url, headers, **kw) if kind == "requests" else Urllib3Client(url, headers, **kw)
