@@ -11,10 +11,15 @@ For each run it prints:
   without ramp-up and tail), p50/p99 latency as the client saw it (the table's latency_ms), and the
   peak of requests in flight as the server counted them (must never exceed C).
 
+With several `--http-client` values it runs each C once per client, alternating (and reversing the
+order every other `--round`), so clients are compared in the same run, under the same load.
+
 In the same process it runs the naive baseline most users write (a pandas UDF calling
-`requests.post` row after row) and prints our speed-up over it. The last line is machine-readable.
+`requests.post` row after row) and prints our speed-up over it. The last line is machine-readable:
+the worst round's ratio per client at C = 64 and 128 (the first client's without a suffix).
 
     python benchmarks/throughput.py [--rows 20000] [--latency-ms 50] [--concurrency 8,32,64,128]
+                                    [--http-client asyncio,aiohttp,urllib3,requests] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -139,7 +144,8 @@ def main() -> None:
     p.add_argument("--concurrency", default="8,32,64,128")
     p.add_argument("--naive-rows", type=int, default=600)
     p.add_argument("--http-client", default=DEFAULT_CLIENT,
-                   help=f"comma-separated limits.http_client values, run alternately (default {DEFAULT_CLIENT})")
+                   help="comma-separated limits.http_client values, run alternately "
+                        f"(default {DEFAULT_CLIENT})")
     p.add_argument("--rounds", type=int, default=1, help="repeat every (C, client) run this many times")
     p.add_argument("--master", default="local[2]")
     args = p.parse_args()
@@ -168,14 +174,17 @@ def main() -> None:
         server.stop()
 
     load = os.getloadavg()
-    print(f"\nmachine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end; "
+    print(f"\nmachine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          "at the end; "
           f"Spark {args.master}; server: aiohttp (asyncio) in its own process; L = {args.latency_ms:.0f} ms; "
           f"N = {args.rows} rows; clients: {', '.join(clients)}; rounds: {args.rounds}")
-    print(f"{'round':>5} {'client':>8} {'C':>5} {'bound C/L':>10} {'calls rows/s':>13} {'ratio':>6} {'steady':>7} "
+    print(f"{'round':>5} {'client':>8} {'C':>5} {'bound C/L':>10} {'calls rows/s':>13} {'ratio':>6} "
+          f"{'steady':>7} "
           f"{'job rows/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'peak':>5} {'ok':>7}")
     for r in sorted(results, key=lambda r: (r["round"], r["c"], clients.index(r["client"]))):
         bound = r["c"] / latency
-        print(f"{r['round']:>5} {r['client']:>8} {r['c']:>5} {bound:>10.0f} {r['calls_rps']:>13.0f} {r['ratio']:>6.2f} "
+        print(f"{r['round']:>5} {r['client']:>8} {r['c']:>5} {bound:>10.0f} {r['calls_rps']:>13.0f} "
+              f"{r['ratio']:>6.2f} "
               f"{r['steady_rps'] / bound:>7.2f} {r['job_rps']:>11.0f} "
               f"{r['p50']:>7.1f} {r['p99']:>7.1f} {r['peak']:>5} {r['ok']:>7}")
     print(f"naive per-row requests.post UDF over {naive['rows']} rows: {naive['calls_rps']:.1f} rows/s "

@@ -139,8 +139,9 @@ class UvicornServer(_Counts):
         if self.max_body is not None and length > self.max_body:
             with self.lock:
                 self.refused += 1
-            await _asgi_send(send, 413, json.dumps({"error_code": "BAD_REQUEST", "message":
-                                                    f"request of {length} bytes over {self.max_body}"}).encode())
+            refusal = {"error_code": "BAD_REQUEST",
+                       "message": f"request of {length} bytes over {self.max_body}"}
+            await _asgi_send(send, 413, json.dumps(refusal).encode())
             return
         raw, more = b"", True
         while more:
@@ -156,8 +157,8 @@ class UvicornServer(_Counts):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, http="h11", interface="asgi3", lifespan="off", log_level="warning", access_log=False,
-                                timeout_keep_alive=self.timeout_keep_alive)
+        config = uvicorn.Config(self.app, http="h11", interface="asgi3", lifespan="off", log_level="warning",
+                                access_log=False, timeout_keep_alive=self.timeout_keep_alive)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
@@ -174,7 +175,8 @@ class UvicornServer(_Counts):
 
 async def _asgi_send(send: Callable, status: int, data: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -278,11 +280,13 @@ def chunked_answer(trailers: list[tuple[str, str]] | None = None) -> Script:
     def script(conn: socket.socket, req: RawRequest) -> bool:
         status, data = _model(req.target, req.body or b"")
         parts = [data[i:i + 7] for i in range(0, len(data), 7)]
-        out = b"".join(b"%x%s\r\n%s\r\n" % (len(p), b";ext=1" if i == 1 else b"", p) for i, p in enumerate(parts))
+        out = b"".join(b"%x%s\r\n%s\r\n" % (len(p), b";ext=1" if i == 1 else b"", p)
+                       for i, p in enumerate(parts))
+        fields = [("Transfer-Encoding", "chunked")]
+        if trailers:
+            fields.append(("Trailer", ", ".join(k for k, _ in trailers)))
         tail = b"".join(f"{k}: {v}\r\n".encode() for k, v in trailers or [])
-        conn.sendall(_head(status, [("Transfer-Encoding", "chunked")] + ([("Trailer", ", ".join(k for k, _ in trailers))]
-                                                                        if trailers else []))
-                     + out + b"0\r\n" + tail + b"\r\n")
+        conn.sendall(_head(status, fields) + out + b"0\r\n" + tail + b"\r\n")
         return True
     return script
 
@@ -355,7 +359,8 @@ def early_refusal(max_body: int) -> tuple[Callable[[RawRequest], bool], Script]:
 
 def _head(status: int, fields: list[tuple[str, str]]) -> bytes:
     reason = {200: "OK", 204: "No Content", 304: "Not Modified", 413: "Payload Too Large"}.get(status, "X")
-    lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json"] + [f"{k}: {v}" for k, v in fields]
+    lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json"]
+    lines += [f"{k}: {v}" for k, v in fields]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 

@@ -42,8 +42,8 @@ def test_a_token_with_a_trailing_newline_is_refused_naming_its_variable(monkeypa
     with pytest.raises(ConfigError) as err:
         engine_spec(cfg)
     assert str(err.value).startswith(
-        "endpoint.token_env (environment variable BI_TEST_TOKEN): the value of header 'Authorization' contains "
-        "a line break")
+        "endpoint.token_env (environment variable BI_TEST_TOKEN): the value of header 'Authorization' "
+        "contains a line break")
     assert "SECRET" not in str(err.value)
 
 
@@ -55,8 +55,8 @@ def test_preflight_refuses_an_untrusted_certificate_without_sending_a_request(ca
         with pytest.raises(ConfigError) as err:
             preflight(EngineSpec(url=f"{srv.url}/serving-endpoints/m/invocations"))
         assert srv.requests == 0
-    assert str(err.value).startswith(f"endpoint https://127.0.0.1:{srv.port}: the server's TLS certificate is "
-                                     "not trusted (")
+    assert str(err.value).startswith(f"endpoint https://127.0.0.1:{srv.port}: the server's TLS "
+                                     "certificate is not trusted (")
     assert "REQUESTS_CA_BUNDLE" in str(err.value) and "SSL_CERT_FILE" in str(err.value)
 
 
@@ -101,7 +101,8 @@ def test_preflight_only_logs_an_endpoint_it_cannot_reach(caplog):
 
 def tls_job(spark, srv: AioServer, table_name: str, rows: int = 40, host: str = "127.0.0.1"):
     name = f"prompts_{uuid.uuid4().hex[:8]}"
-    spark.createDataFrame([(i, f"p{i}") for i in range(rows)], "id long, prompt string").createOrReplaceTempView(name)
+    df = spark.createDataFrame([(i, f"p{i}") for i in range(rows)], "id long, prompt string")
+    df.createOrReplaceTempView(name)
     return {"input": {"table": name}, "output": {"table": table_name},
             "endpoint": {"name": "tls", "type": "driver_proxy", "url": f"https://{host}:{srv.port}/"},
             "retry": {"max_attempts": 6, "backoff_base_s": 0.5}, "run": {"chunk_rows": 1000, "task_slots": 2}}
@@ -129,7 +130,8 @@ def test_a_task_that_meets_an_untrusted_certificate_fails_fast_with_its_message(
         with pytest.raises(Exception) as err:
             run_job(spark, job_config(**sections))
         reason = fatal_in(err.value)
-        assert reason is not None and reason.startswith("tls_error: the server's TLS certificate is not trusted")
+        assert reason is not None
+        assert reason.startswith("tls_error: the server's TLS certificate is not trusted")
         # Retried, 40 rows x 6 attempts; stopped at the first, at most the 8 first attempts in flight.
         assert 1 <= len(hellos) <= 8, f"{len(hellos)} handshakes"
 

@@ -9,18 +9,30 @@ the requests the server saw.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.http_servers import (PROXY_HOST, AioServer, ForwardProxy, RawServer, UvicornServer, chunked_answer,
-                                close_without_answer, closing_answer, drip, early_refusal, no_content, ok_answer,
-                                reset_mid_body, throwaway_ca)
+from tests.http_servers import (
+    PROXY_HOST,
+    AioServer,
+    ForwardProxy,
+    RawServer,
+    UvicornServer,
+    chunked_answer,
+    close_without_answer,
+    closing_answer,
+    drip,
+    early_refusal,
+    no_content,
+    ok_answer,
+    reset_mid_body,
+    throwaway_ca,
+)
 from udfs.auth import Secret
 from udfs.engine import Engine, EngineSpec, RetrySpec
 from udfs.transport import TransportError
 
-CLIENTS = ["aiohttp", "urllib3", "requests", "asyncio"]
+CLIENTS = ["asyncio", "aiohttp", "urllib3", "requests"]
 FAST_RETRY = RetrySpec(backoff_base_s=0.01, backoff_max_s=0.05, max_attempts=3)
 ENV_TLS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
 ENV_PROXY = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
@@ -87,7 +99,8 @@ def test_keep_alive_reuses_connections(client, server):
 
 
 @pytest.mark.parametrize("server", [lambda: AioServer(keepalive_timeout=0.3),
-                                    lambda: UvicornServer(timeout_keep_alive=0.3)], ids=["aiohttp-server", "uvicorn"])
+                                    lambda: UvicornServer(timeout_keep_alive=0.3)],
+                         ids=["aiohttp-server", "uvicorn"])
 def test_idle_connections_closed_by_the_server_are_not_an_error(client, server):
     with server() as srv:
         out = call_each(spec(srv.url + "/", client, max_concurrency=2), ["a", "b", "c"], pause_s=0.8)
@@ -105,11 +118,13 @@ def test_connection_close_answers(client):
 
 # -- what an answer may look like --------------------------------------------------------------------
 
-@pytest.mark.parametrize("trailers", [None, [("X-Checksum", "abc"), ("X-Tokens", "7")]], ids=["plain", "trailers"])
+@pytest.mark.parametrize("trailers", [None, [("X-Checksum", "abc"), ("X-Tokens", "7")]],
+                         ids=["plain", "trailers"])
 def test_chunked_answers(client, trailers):
     with RawServer(chunked_answer(trailers)) as srv:
         out = call_each(spec(srv.url + "/", client, max_concurrency=1), ["a long enough prompt", "b"])
-        assert summary(out) == [("ok", "Answer to: a long enough prompt", None, 1), ("ok", "Answer to: b", None, 1)]
+        assert summary(out) == [("ok", "Answer to: a long enough prompt", None, 1),
+                                ("ok", "Answer to: b", None, 1)]
         assert len(srv.connections) == 1, "the connection is reused after the last chunk and trailers"
 
 
@@ -176,8 +191,9 @@ def test_a_413_sent_before_the_body_is_read_splits_the_batch(client, where):
 def test_a_body_dripped_past_the_read_timeout_is_a_timeout(client):
     with RawServer(drip(every_s=0.1)) as srv:  # an answer of ~20 bytes: 2 s of dripping per attempt
         t0 = time.monotonic()
-        [o] = call_each(spec(srv.url + "/", client, max_concurrency=1, connect_timeout_s=0.3, read_timeout_s=0.5,
-                             retry=RetrySpec(backoff_base_s=0.01, max_attempts=2)), ["drip"])
+        [o] = call_each(spec(srv.url + "/", client, max_concurrency=1, connect_timeout_s=0.3,
+                             read_timeout_s=0.5, retry=RetrySpec(backoff_base_s=0.01, max_attempts=2)),
+                        ["drip"])
         took = time.monotonic() - t0
     assert (o.status, o.attempts) == ("error", 2)
     assert o.error.startswith("timeout: answer not complete within connect_timeout_s + read_timeout_s = 0.8s")
@@ -228,7 +244,8 @@ def test_tls_with_a_ca_bundle_from_the_environment(client, ca, var, monkeypatch)
 def test_an_untrusted_certificate_stops_at_once(client, ca):
     _, server_ctx = ca
     with AioServer(tls=server_ctx) as srv:
-        s = spec(srv.url + "/", client, max_concurrency=2, retry=RetrySpec(backoff_base_s=0.5, max_attempts=6))
+        s = spec(srv.url + "/", client, max_concurrency=2,
+                 retry=RetrySpec(backoff_base_s=0.5, max_attempts=6))
         t0 = time.monotonic()
         with Engine(s) as engine:
             [o] = engine.call(["one"])
@@ -268,3 +285,13 @@ def test_a_header_with_a_line_break_is_refused_before_sending(client):
     assert err.value.kind == "invalid_header" and err.value.fatal
     assert "'Authorization' contains a line break" in str(err.value)
     assert "SECRET" not in str(err.value)
+
+
+def test_a_ca_bundle_that_cannot_be_read_is_refused_before_connecting(client, tmp_path, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    with pytest.raises(TransportError) as err:
+        Engine(spec("https://127.0.0.1:9/", client))
+    assert err.value.kind == "tls_error" and err.value.fatal
+    missing = tmp_path / "missing.pem"
+    assert str(err.value) == (f"tls_error: REQUESTS_CA_BUNDLE={missing}: cannot load CA bundle "
+                              "(FileNotFoundError)")
