@@ -19,7 +19,7 @@ In the same process it runs the naive baseline most users write (a pandas UDF ca
 the worst round's ratio per client at C = 64 and 128 (the first client's without a suffix).
 
     python benchmarks/throughput.py [--rows 20000] [--latency-ms 50] [--concurrency 8,32,64,128]
-                                    [--http-client asyncio,aiohttp,urllib3,requests] [--rounds 2]
+                                    [--http-client aiohttp,urllib3,requests] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import pandas as pd  # module-level: pandas_udf resolves the type hints in this 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_CLIENT = "asyncio"
+DEFAULT_CLIENT = "aiohttp"
 
 
 def free_port() -> int:

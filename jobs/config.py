@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -157,7 +158,18 @@ class LimitsConfig(_Strict):
     adaptive: bool = True
     # Cut the in-flight limit when latency exceeds this multiple of the best latency seen.
     latency_cut_factor: float = Field(default=3.0, gt=1)
-    http_client: Literal["asyncio", "aiohttp", "urllib3", "requests"] = "asyncio"
+    # The engine's HTTP client (udfs/transport.py). `asyncio`, the name of a client of our own that
+    # aiohttp replaced (benchmarks/README.md), still parses so that existing configs keep working.
+    http_client: Literal["aiohttp", "urllib3", "requests", "asyncio"] = "aiohttp"
+
+    @field_validator("http_client")
+    @classmethod
+    def _deprecated_client(cls, v: str) -> str:
+        if v == "asyncio":
+            logging.getLogger("batch_inference").warning(
+                "limits.http_client: asyncio is deprecated and now means aiohttp; set limits.http_client: aiohttp")
+            return "aiohttp"
+        return v
 
 
 class RetryConfig(_Strict):

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from jobs.config import parse_config
 from tests.http_servers import (
     PROXY_HOST,
     AioServer,
@@ -30,9 +31,9 @@ from tests.http_servers import (
 )
 from udfs.auth import Secret
 from udfs.engine import Engine, EngineSpec, RetrySpec
-from udfs.transport import TransportError
+from udfs.transport import AiohttpTransport, TransportError, make_transport
 
-CLIENTS = ["asyncio", "aiohttp", "urllib3", "requests"]
+CLIENTS = ["aiohttp", "urllib3", "requests"]
 FAST_RETRY = RetrySpec(backoff_base_s=0.01, backoff_max_s=0.05, max_attempts=3)
 ENV_TLS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
 ENV_PROXY = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
@@ -295,3 +296,16 @@ def test_a_ca_bundle_that_cannot_be_read_is_refused_before_connecting(client, tm
     missing = tmp_path / "missing.pem"
     assert str(err.value) == (f"tls_error: REQUESTS_CA_BUNDLE={missing}: cannot load CA bundle "
                               "(FileNotFoundError)")
+
+
+def test_asyncio_is_a_deprecated_name_for_aiohttp(caplog):
+    """`asyncio` named a client of our own that aiohttp replaced: old configs still run, on aiohttp."""
+    data = {"input": {"table": "t"}, "output": {"table": "o"}, "endpoint": {"name": "e"},
+            "limits": {"http_client": "asyncio"}}
+    with caplog.at_level("WARNING", logger="batch_inference"):
+        cfg = parse_config(data)
+    assert cfg.limits.http_client == "aiohttp"
+    assert "limits.http_client: asyncio is deprecated and now means aiohttp" in caplog.text
+    transport = make_transport("asyncio", "http://127.0.0.1:9/", {}, pool_size=1, connect_timeout=1,
+                               read_timeout=1)
+    assert isinstance(transport, AiohttpTransport)

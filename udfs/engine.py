@@ -74,7 +74,7 @@ class EngineSpec:
     read_timeout_s: float = 120.0
     adaptive: bool = True
     latency_cut_factor: float = 3.0
-    http_client: str = "asyncio"
+    http_client: str = "aiohttp"
     retry: RetrySpec = field(default_factory=RetrySpec)
 
     def secrets(self) -> list[Secret]:

@@ -7,15 +7,12 @@ request the same way, so the engine stops at the first one instead of retrying e
 
 Which library does what:
 
-- `AsyncHttpTransport` (`limits.http_client: asyncio`, the default): asyncio's transports and TLS;
-  httptools (llhttp, the parser Node.js and uvicorn rely on) reads every answer: status line,
-  headers, Content-Length and chunked bodies, trailers, 1xx, answers that have no body. Our code is
-  connection management only: a pool of keep-alive connections sized to the task's share, idle ones
-  closed after `KEEPALIVE_S`, the request head built once, timeouts by one watchdog. It spends about
-  a third of aiohttp's CPU per request, which is what bounds throughput on a busy executor
-  (benchmarks/README.md). Through a proxy it hands over to aiohttp, which tunnels.
-- `AiohttpTransport` (`aiohttp`): aiohttp's client in the engine's event loop; its connector pools
-  the connections, its own llhttp-based parser reads the answers.
+- `AiohttpTransport` (`limits.http_client: aiohttp`, the default; `asyncio` is a deprecated alias):
+  aiohttp's client in the engine's event loop. Its connector pools the keep-alive connections (sized
+  to the task's share, idle ones closed after `KEEPALIVE_S`, ones the server closed dropped before
+  reuse); its C parser, built on llhttp (the parser Node.js uses), reads status lines, headers,
+  chunked bodies, trailers, 1xx and answers that have no body; it writes the body while it reads the
+  answer, so a 413 sent before the body is read is seen; it tunnels through proxies.
 - `ThreadedTransport` over `urllib3` or `requests` (`urllib3 | requests`): a blocking client on a
   thread pool of the task's share; `http.client` parses, urllib3 pools. `http.client` skips only
   100 Continue among interim answers: after a 102 or 103 the row fails, saying so.
@@ -24,6 +21,9 @@ Which library does what:
   certifi), the proxy from the environment resolved once (`proxy_for`), header values checked for line
   breaks before anything is sent, one bound per attempt, no redirects (a POST turned into a GET is
   never an answer), and each library's exceptions mapped to the kinds above.
+
+No HTTP client of our own: one written here (hand-parsed, then rebuilt over httptools) was measured
+against aiohttp and did not earn its keep (benchmarks/README.md).
 
 Nothing here sends a request twice. A request that may have reached the server is the engine's to
 retry, as a counted attempt with backoff, within the row's budget. A client only picks another
@@ -41,7 +41,6 @@ import http.client
 import os
 import re
 import ssl
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -225,233 +224,6 @@ def tls_probe(url: str, timeout: float) -> None:
         conn.close()
 
 
-# -- asyncio: our connection management over httptools --------------------------------------------
-
-class _Conn(asyncio.Protocol):
-    """One keep-alive connection. httptools (llhttp) parses what arrives; this class only hands the
-    answer to the exchange waiting for it, and knows whether the connection may be used again."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        import httptools
-
-        self._loop = loop
-        self._parser = httptools.HttpResponseParser(self)
-        self._parse_error = httptools.HttpParserError
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.idle_since = 0.0
-        self.last_read = 0.0
-        self._waiter: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
-        self._fields: list[tuple[bytes, bytes]] = []
-        self._body: list[bytes] = []
-        self._head: dict[str, str] | None = None
-        self._answered = False  # a byte of the answer arrived
-        self._status = 0
-        self._keep = False
-
-    def begin(self) -> asyncio.Future[tuple[int, dict[str, str], bytes]]:
-        self._waiter = self._loop.create_future()
-        self._answered, self._head = False, None
-        self.last_read = self._loop.time()
-        return self._waiter
-
-    def reusable(self) -> bool:
-        """Only an answer that ended cleanly, with the whole request written, leaves the connection
-        in a known state (an early 413 arrives while the body is still going out)."""
-        t = self.transport
-        return (not self.closed and t is not None and not t.is_closing() and t.get_write_buffer_size() == 0
-                and self._keep)
-
-    # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.last_read = self._loop.time()
-        if self._waiter is None or self._waiter.done():
-            self.close()  # bytes nobody asked for: the connection is in an unknown state
-            return
-        self._answered = True
-        try:
-            self._parser.feed_data(data)
-        except self._parse_error:
-            self._fail("the answer is not valid HTTP")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self._waiter is None or self._waiter.done():
-            return
-        if self._head is not None and "content-length" not in self._head and "chunked" not in self._head.get(
-                "transfer-encoding", "").lower():
-            self._keep = False  # a body that ends with the connection (HTTP/1.0 style): this is its end
-            self._waiter.set_result((self._status, self._head, b"".join(self._body)))
-        elif self._answered:
-            self._fail("the answer was cut off")
-        else:
-            self._fail(DROPPED)
-
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self._fields, self._body, self._head = [], [], None
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self._status = self._parser.get_status_code()
-        if self._head is None:  # later fields are trailers: the head is what the answer said first
-            self._head = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._fields}
-
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        if 100 <= self._status < 200 and self._status != 101:
-            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-        self._keep = self._parser.should_keep_alive()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result((self._status, self._head or {}, b"".join(self._body)))
-
-    def _fail(self, detail: str) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(TransportError("connection_error", detail))
-        self.close()
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-
-
-class AsyncHttpTransport:
-    """HTTP/1.1 over asyncio in the engine's loop: a pool of `_Conn`, one request per connection at
-    a time. Per request it makes one future and one write; the rest is httptools."""
-
-    def __init__(self, url: str, headers: Mapping[str, str], *, pool_size: int,
-                 connect_timeout: float, read_timeout: float) -> None:
-        check_headers(headers)
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {parts.scheme}://{parts.hostname}")
-        self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._where = f"{self._host}:{self._port}"
-        self._ssl = ssl_context() if parts.scheme == "https" else None
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = parts.netloc.rpartition("@")[2]
-        lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Connection: keep-alive"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]  # checked above: no CR or LF can split them
-        self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
-        self._idle: list[_Conn] = []
-        self._pool_size = pool_size
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._whole = connect_timeout + read_timeout
-        # Timeouts by one watchdog, not timers per request: at thousands of requests per second the
-        # timer heap costs more than the parsing. A deadline may fire up to `_tick` late.
-        self._inflight: dict[asyncio.Task[Any], tuple[_Conn, float]] = {}
-        self._expired: dict[asyncio.Task[Any], TransportError] = {}
-        self._tick = min(0.1, read_timeout / 10)
-        self._watchdog: asyncio.TimerHandle | None = None
-
-    def __repr__(self) -> str:
-        return f"AsyncHttpTransport({self._where})"
-
-    def _take(self, now: float) -> _Conn | None:
-        """An idle connection known to be alive; closed or expired ones are dropped, never tried."""
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
-                return conn
-            conn.close()
-        return None
-
-    async def _connect(self) -> _Conn:
-        loop = asyncio.get_running_loop()
-        try:
-            async with _within(self._connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Conn(loop), self._host, self._port,
-                                                       ssl=self._ssl)
-        except TimeoutError:
-            raise _slow_connect(self._where, self._connect_timeout) from None
-        except OSError as exc:
-            raise tls_problem(exc) or TransportError("connection_error",
-                                                     f"{_os_name(exc)} connecting to {self._where}") from None
-        return conn
-
-    async def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        start = loop.time()
-        conn = self._take(start) or await self._connect()
-        answer = conn.begin()
-        self._inflight[task] = (conn, start + self._whole)
-        if self._watchdog is None:
-            self._watchdog = loop.call_later(self._tick, self._expire)
-        try:
-            assert conn.transport is not None
-            conn.transport.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
-            status, headers, data = await answer
-        except asyncio.CancelledError:
-            conn.close()
-            expired = self._expired.pop(task, None)
-            if expired is None:
-                raise
-            if hasattr(task, "uncancel"):
-                task.uncancel()
-            raise expired from None
-        finally:
-            self._inflight.pop(task, None)
-        if conn.reusable() and len(self._idle) < self._pool_size:
-            conn.idle_since = loop.time()
-            self._idle.append(conn)
-        else:
-            conn.close()
-        return status, headers, data
-
-    def _expire(self) -> None:
-        now = asyncio.get_running_loop().time()
-        for task, (conn, deadline) in list(self._inflight.items()):
-            if task in self._expired:
-                continue
-            if now >= deadline:
-                self._expired[task] = _too_long(self._whole)
-            elif now - conn.last_read >= self._read_timeout:
-                self._expired[task] = _silent(self._read_timeout)
-            else:
-                continue
-            task.cancel()
-        self._watchdog = (asyncio.get_running_loop().call_later(self._tick, self._expire)
-                          if self._inflight else None)
-
-    async def aclose(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        while self._idle:
-            self._idle.pop().close()
-
-
-if sys.version_info >= (3, 11):
-    def _within(seconds: float) -> Any:
-        return asyncio.timeout(seconds)
-else:  # pragma: no cover - Databricks runtimes before 15 run Python 3.10
-    class _within:  # a minimal asyncio.timeout for 3.10
-        def __init__(self, seconds: float) -> None:
-            self._seconds = seconds
-
-        async def __aenter__(self) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._handle = asyncio.get_running_loop().call_later(self._seconds, task.cancel)
-
-        async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-            self._handle.cancel()
-            if exc_type is asyncio.CancelledError:
-                raise TimeoutError from None
-            return False
-
-
 # -- aiohttp -----------------------------------------------------------------------------------
 
 class AiohttpTransport:
@@ -561,7 +333,7 @@ def _finish(resp: Any, deadline: float, whole: float) -> bytes:
             # wire, and the next request on this connection would read it as its own.
             raise TransportError("connection_error",
                                  f"the server sent an interim answer ({resp.status}) that this client "
-                                 "cannot skip; use limits.http_client: asyncio or aiohttp")
+                                 "cannot skip; use limits.http_client: aiohttp")
         data = _read_within(resp, deadline, whole)
     except BaseException:
         resp.close()  # a half-read connection cannot carry another request
@@ -707,7 +479,7 @@ class ThreadedTransport:
 
 # -- choosing ------------------------------------------------------------------------------------
 
-CLIENTS = ("asyncio", "aiohttp", "urllib3", "requests")
+CLIENTS = ("aiohttp", "urllib3", "requests")
 
 
 def make_transport(kind: str, url: str, headers: Mapping[str, str], *, pool_size: int,
@@ -715,11 +487,7 @@ def make_transport(kind: str, url: str, headers: Mapping[str, str], *, pool_size
     """The transport for `limits.http_client`; raises a fatal `TransportError` for a bad header or
     CA bundle, before any connection is made."""
     kw = dict(pool_size=pool_size, connect_timeout=connect_timeout, read_timeout=read_timeout)
-    if kind == "aiohttp":
-        return AiohttpTransport(url, headers, **kw)
-    if kind == "asyncio" and not proxy_for(url):
-        return AsyncHttpTransport(url, headers, **kw)
-    if kind == "asyncio":
+    if kind in ("aiohttp", "asyncio"):  # asyncio: the deleted client's name, kept for old configs
         return AiohttpTransport(url, headers, **kw)
     if kind not in ("urllib3", "requests"):
         raise ValueError(f"unknown http client {kind!r}; expected one of {', '.join(CLIENTS)}")
