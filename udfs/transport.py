@@ -55,6 +55,14 @@ KEEPALIVE_S = 3.0
 CA_HINT = "set REQUESTS_CA_BUNDLE (or SSL_CERT_FILE) to a CA bundle that includes its issuer"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110 token)
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")        # control characters but HTAB
+# OpenSSL's reasons for a handshake that can never succeed as configured (plain HTTP on an https port,
+# no protocol or cipher in common). Other TLS errors (a record garbled in transit, an alert from an
+# overloaded middlebox) stay retryable: the row's attempts bound them.
+_TLS_CONFIG_REASONS = frozenset({
+    "WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE",
+    "TLSV1_ALERT_PROTOCOL_VERSION", "SSLV3_ALERT_HANDSHAKE_FAILURE", "TLSV1_UNRECOGNIZED_NAME",
+    "TLSV1_ALERT_UNKNOWN_CA", "TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE",
+})
 
 
 class TransportError(Exception):
@@ -146,7 +154,7 @@ def tls_problem(exc: BaseException) -> TransportError | None:
 
     An untrusted or mismatched certificate, or a handshake that cannot agree (plain HTTP on an
     https URL), fails the same way every time. A handshake cut short (EOF, reset) can be load, and
-    stays a retried `connection_error`.
+    stays a retried `connection_error`, as does any TLS error not known to be configuration.
     """
     for e in _causes(exc):
         if isinstance(e, ssl.SSLCertVerificationError):
@@ -156,11 +164,10 @@ def tls_problem(exc: BaseException) -> TransportError | None:
         if isinstance(e, ssl.CertificateError):
             return TransportError("tls_error",
                                   f"the server's TLS certificate does not match the host; {CA_HINT}")
-        if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
-            return None
-        if isinstance(e, ssl.SSLError):
-            return TransportError("tls_error", f"TLS handshake failed ({e.reason or type(e).__name__}); "
-                                               "is the URL's scheme right (https on a plain HTTP port)?")
+        if isinstance(e, ssl.SSLError) and e.reason in _TLS_CONFIG_REASONS:
+            return TransportError("tls_error", f"TLS handshake failed ({e.reason}); is the URL's "
+                                               "scheme right (https on a plain HTTP port), and the "
+                                               "server's TLS set-up?")
     return None
 
 
@@ -442,7 +449,7 @@ class RequestsClient:
 
 def _threaded_error(exc: BaseException, where: str, connect: float, read: float) -> TransportError:
     """urllib3's and requests' exceptions as a `TransportError`, by what they wrap."""
-    from urllib3.exceptions import ConnectTimeoutError, ProtocolError, ProxyError, ReadTimeoutError
+    from urllib3.exceptions import ConnectTimeoutError, ProxyError, ReadTimeoutError
 
     tls = tls_problem(exc)
     if tls is not None:
@@ -456,9 +463,8 @@ def _threaded_error(exc: BaseException, where: str, connect: float, read: float)
         return TransportError("connection_error", f"{_os_name(exc)} through the proxy to {where}")
     if any(isinstance(e, http.client.RemoteDisconnected) for e in causes):
         return TransportError("connection_error", DROPPED)
-    if any(isinstance(e, (http.client.IncompleteRead, ProtocolError)) for e in causes):
-        if any(type(e).__name__ in ("IncompleteRead", "InvalidChunkLength") for e in causes):
-            return TransportError("connection_error", "the answer was cut off")
+    if any(type(e).__name__ in ("IncompleteRead", "InvalidChunkLength") for e in causes):
+        return TransportError("connection_error", "the answer was cut off")
     return TransportError("connection_error", f"{_os_name(exc)} while exchanging with {where}")
 
 
