@@ -25,7 +25,8 @@ from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 from jobs.config import ConfigError, JobConfig
 from jobs.endpoint import engine_spec
 from jobs.observe import estimate_cost
-from jobs.pipeline import InputError, JobFailed, RunSummary, output_schema, read_requests, without_final
+from jobs.pipeline import (InputError, JobFailed, RunSummary, output_schema, read_requests, with_limit,
+                           without_final)
 from jobs.tracking import tracking_uri
 from udfs.engine import Engine, EngineSpec, Outcome
 
@@ -94,9 +95,11 @@ def check(spark: SparkSession, cfg: JobConfig) -> DryRunReport:
     spec = _endpoint(r, spark, cfg)
     requests = _input(r, spark, cfg)
     prior = _output(r, spark, cfg, requests)
-    pending = requests.transform(without_final(prior, cfg.run.retry_errors)) if requests is not None else None
-    if pending is not None:
-        _count(r, pending, cfg)
+    pending = None
+    if requests is not None:
+        unlimited = requests.transform(without_final(prior, cfg.run.retry_errors))
+        pending = unlimited.transform(with_limit(cfg.run.limit))
+        _count(r, pending, unlimited if cfg.run.limit else None)
     if spec is not None:
         _probe(r, spec, cfg, _first_prompt(pending))
     _estimate(r, cfg)
@@ -165,7 +168,8 @@ def _schema_problems(have: T.StructType, want: T.StructType) -> list[str]:
             f"{f.dataType.simpleString()})" for f in want.fields if types.get(f.name) != f.dataType]
 
 
-def _count(r: DryRunReport, pending: DataFrame, cfg: JobConfig) -> None:
+def _count(r: DryRunReport, pending: DataFrame, unlimited: DataFrame | None) -> None:
+    """`pending` is what this run would take; `unlimited` every pending row, when `run.limit` cuts it."""
     # Per request first: identical prompts are sent once, and their characters count once.
     per_request = pending.groupBy("request_hash").agg(
         F.count("*").alias("n"), F.max(F.col("precheck").isNull()).alias("sent"),
@@ -175,9 +179,11 @@ def _count(r: DryRunReport, pending: DataFrame, cfg: JobConfig) -> None:
         F.sum(F.when(F.col("sent"), F.col("chars"))).alias("chars"),
         F.sum(F.when(~F.col("sent"), F.col("n"))).alias("not_sent")).first()
     r.pending_rows, r.requests, r.prompt_chars = row["pending"] or 0, row["requests"] or 0, row["chars"] or 0
-    done = (r.input_rows or 0) - r.pending_rows
+    all_pending = unlimited.count() if unlimited is not None else r.pending_rows
+    done = (r.input_rows or 0) - all_pending
+    cut = f", this run takes the first {r.pending_rows} by id (run.limit)" if unlimited is not None else ""
     r.add("pending", True,
-          f"{r.pending_rows} of {r.input_rows} rows pending ({done} already final in the output table); "
+          f"{all_pending} of {r.input_rows} rows pending ({done} already final in the output table){cut}; "
           f"{r.requests} distinct requests to send, {r.prompt_chars} prompt characters; "
           f"{row['not_sent'] or 0} rows fail the prechecks (empty, or over run.max_prompt_chars) "
           "and are not sent")

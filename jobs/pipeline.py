@@ -30,6 +30,7 @@ from jobs.observe import Progress, finish_run
 from jobs.plan import TaskPlan, plan_tasks, task_slots
 from udfs.engine import EngineSpec
 from udfs.inference import inference_udf, outcome_schema
+from udfs.prompts import BLANK_REGEX
 from udfs.protocols import is_embeddings_task
 
 if TYPE_CHECKING:
@@ -113,12 +114,15 @@ def with_request_hash(fingerprint: str) -> Transform:
 
 
 def with_precheck(max_chars: int) -> Transform:
-    """`precheck`: the reason a row is not sent at all (empty or over-long prompt), else null."""
+    """`precheck`: the reason a row is not sent at all (blank or over-long prompt), else null.
+
+    Blank is `udfs.prompts`' rule (any Unicode whitespace), the one the engine applies too.
+    """
     def step(df: DataFrame) -> DataFrame:
         n = F.length("prompt")
         return df.withColumn(
             "precheck",
-            F.when(F.col("prompt").isNull() | (F.length(F.trim("prompt")) == 0), F.lit("empty_prompt"))
+            F.when(F.col("prompt").isNull() | F.col("prompt").rlike(BLANK_REGEX), F.lit("empty_prompt"))
             .when(n > max_chars, F.concat(F.lit("prompt_too_long: "), n.cast("string"),
                                           F.lit(f" chars > run.max_prompt_chars {max_chars}"))),
         )
@@ -126,14 +130,24 @@ def with_precheck(max_chars: int) -> Transform:
 
 
 def read_requests(spark: SparkSession, cfg: JobConfig) -> tuple[DataFrame, DataFrame]:
-    """The input, checked, and the rows to consider: hashed, prechecked, cut to `run.limit`."""
+    """The input, checked, and every row as a request: hashed and prechecked (no `run.limit` yet)."""
     inputs = read_input(spark, cfg.input)
     check_ids(inputs)
     requests = inputs.transform(with_request_hash(cfg.request_fingerprint())).transform(
         with_precheck(cfg.run.max_prompt_chars))
-    if cfg.run.limit:
-        requests = requests.orderBy("id").limit(cfg.run.limit)
     return inputs, requests
+
+
+def with_limit(limit: int | None) -> Transform:
+    """At most `limit` rows, the lowest ids first.
+
+    Applied to *pending* rows, after the final ones are removed: a limit taken before that would pick
+    the same first ids on every run, find them done, and send nothing. In id order, consecutive runs
+    with the same limit walk through the whole table.
+    """
+    def step(df: DataFrame) -> DataFrame:
+        return df.orderBy("id").limit(limit) if limit else df
+    return step
 
 
 def without_final(prior: DataFrame | None, retry_errors: bool) -> Transform:
@@ -319,6 +333,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     # re-reading the input and re-joining the output. Identical requests share a chunk (hash of the
     # request), so each is sent once per run.
     pending = (requests.transform(without_final(spark.read.table(cfg.output.table), cfg.run.retry_errors))
+               .transform(with_limit(cfg.run.limit))
                .localCheckpoint(eager=True))
     summary.pending_rows = pending.count()
     n_chunks = max(1, math.ceil(summary.pending_rows / cfg.run.chunk_rows)) if summary.pending_rows else 0

@@ -72,3 +72,17 @@ def test_a_failing_dry_run_exits_1_after_one_attempt_and_names_every_failed_chec
     assert [m.split(":")[1].strip() for m in failed] == ["FAIL input", "FAIL probe"]
     assert "cannot read input test.no_such_prompts" in failed[0] and "http_503" in failed[1]
     assert not spark.catalog.tableExists(table_name)
+
+
+def test_dry_run_with_a_limit_counts_the_pending_rows_a_run_would_take(spark, fresh_endpoint, table_name, caplog):
+    src = view(spark, [(i, f"p{i}") for i in range(1, 8)])
+    run_job(spark, job_config(input={"table": src}, output={"table": table_name},
+                              endpoint=serving(fresh_endpoint), run={"limit": 3}))  # ids 1-3 done
+    fresh_endpoint.reset()
+    with caplog.at_level("INFO", logger="batch_inference"):
+        summary = run_job(spark, job_config(input={"table": src}, output={"table": table_name},
+                                            endpoint=serving(fresh_endpoint), run={"limit": 3, "dry_run": True}))
+    assert (summary.input_rows, summary.pending_rows, summary.dry_run.requests) == (7, 3, 3)
+    [probe] = fresh_endpoint.received
+    assert probe.body["prompt"] == "p4"  # the lowest pending id, not the first id of the table
+    assert "4 of 7 rows pending (3 already final in the output table), this run takes the first 3" in caplog.text

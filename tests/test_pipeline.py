@@ -39,7 +39,8 @@ def serving(ep: LocalEndpoint, task: str, **extra):
 
 
 def test_driver_proxy_app_rows_land_in_delta_with_kwargs_and_stop_on_the_wire(spark, fresh_endpoint, table_name):
-    src = view(spark, [(1, "alpha beta"), (2, "stop HERE please"), (3, None), (4, "  ")])
+    src = view(spark, [(1, "alpha beta"), (2, "stop HERE please"), (3, None), (4, "  "), (5, "\t\n \r\n"),
+                       (6, "\u3000\u2028")])
     cfg = job_config(input={"table": src}, output={"table": table_name},
                      endpoint=proxy(fresh_endpoint, model_kwargs={"max_tokens": 3, "temperature": 0.1},
                                     stop=["HERE"]))
@@ -50,6 +51,8 @@ def test_driver_proxy_app_rows_land_in_delta_with_kwargs_and_stop_on_the_wire(sp
         (2, "stop HERE please", "Answer to: stop", "ok", None, 200, 1, None, None),
         (3, None, None, "error", "empty_prompt", None, 0, None, None),
         (4, "  ", None, "error", "empty_prompt", None, 0, None, None),
+        (5, "\t\n \r\n", None, "error", "empty_prompt", None, 0, None, None),  # blank: any whitespace
+        (6, "\u3000\u2028", None, "error", "empty_prompt", None, 0, None, None),
     ], SCHEMA)
     assert_df_equality(outcomes(spark, table_name), expected, ignore_row_order=True, ignore_nullable=True)
     bodies = sorted((r.body for r in fresh_endpoint.received), key=lambda b: b["prompt"])
@@ -57,7 +60,7 @@ def test_driver_proxy_app_rows_land_in_delta_with_kwargs_and_stop_on_the_wire(sp
         {"prompt": "alpha beta", "stop": ["HERE"], "max_tokens": 3, "temperature": 0.1},
         {"prompt": "stop HERE please", "stop": ["HERE"], "max_tokens": 3, "temperature": 0.1},
     ]
-    assert summary.by_status == {"ok": 2, "error": 2}
+    assert summary.by_status == {"ok": 2, "error": 4}
 
 
 def test_serving_completions_reads_text_and_usage(spark, fresh_endpoint, table_name):
@@ -244,3 +247,21 @@ def test_input_from_a_query_and_from_a_delta_path(spark, fresh_endpoint, table_n
                        ignore_nullable=True)
     assert json.loads(json.dumps(sorted(r.body["prompt"] for r in fresh_endpoint.received))) == [
         "from path", "from query"]
+
+
+def test_limit_takes_pending_rows_so_consecutive_runs_walk_the_whole_table(spark, fresh_endpoint, table_name):
+    """README: `--limit ROWS` processes at most ROWS *pending* rows; three runs of 10 cover 25 rows."""
+    src = view(spark, [(i, f"prompt {i}") for i in range(25)])
+    cfg = job_config(input={"table": src}, output={"table": table_name}, endpoint=proxy(fresh_endpoint),
+                     run={"limit": 10, "chunk_rows": 1000, "task_slots": 2})
+    sent = []
+    for _ in range(4):
+        fresh_endpoint.reset()
+        run_job(spark, cfg)
+        sent.append({r.body["prompt"] for r in fresh_endpoint.received})
+    assert [len(s) for s in sent] == [10, 10, 5, 0]
+    assert set().union(*sent) == {f"prompt {i}" for i in range(25)}  # distinct prompts, none twice
+    assert sent[0] == {f"prompt {i}" for i in range(10)}  # lowest ids first: a stable order
+    expected = spark.createDataFrame([(i, "ok") for i in range(25)], "id long, status string")
+    assert_df_equality(spark.table(table_name).select("id", "status"), expected, ignore_row_order=True,
+                       ignore_nullable=True)

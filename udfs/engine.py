@@ -33,6 +33,7 @@ from urllib3.util.retry import Retry
 
 from udfs.auth import Secret, scrub
 from udfs.limits import AdaptiveLimiter, RateLimiter
+from udfs.prompts import is_blank
 from udfs.protocols import BadResponse, Parsed, Protocol, make_protocol
 from udfs.transport import TransportError, make_transport
 
@@ -114,8 +115,9 @@ class _Failure(Exception):
         self.kind, self.detail, self.status = kind, detail, status
         self.retryable, self.retry_after, self.split = retryable, retry_after, split
 
-    def reason(self) -> str:
-        return f"{self.kind}: {self.detail}" if self.detail else self.kind
+    def reason(self, note: str = "") -> str:
+        # With no detail, a note reads `timeout: (gave up ...)`, as with one: `code: detail (note)`.
+        return f"{self.kind}: {self.detail}" if self.detail else (f"{self.kind}:" if note else self.kind)
 
 
 class Engine:
@@ -203,10 +205,9 @@ class Engine:
                 if f.retryable and attempts < spec.max_attempts and elapsed + wait <= spec.row_budget_s:
                     await asyncio.sleep(wait)  # holds no slot: other rows go meanwhile
                     continue
-                if f.retryable and attempts > 1:
-                    f.detail = f"{f.detail} (gave up after {attempts} attempts, {elapsed:.1f}s)".strip()
+                gave_up = f"(gave up after {attempts} attempts, {elapsed:.1f}s)" if f.retryable and attempts > 1 else ""
                 latency = round(elapsed * 1000, 3)
-                reason = self._clean(f.reason())
+                reason = self._clean(f.reason(), gave_up)
                 return [Outcome.failed(reason, http_status=f.status, attempts=attempts, latency_ms=latency)
                         for _ in prompts]
             latency = round((time.monotonic() - sent[0]) * 1000, 3)
@@ -279,12 +280,18 @@ class Engine:
             return retry_after + random.uniform(0, max(0.05, min(spec.backoff_base_s, ceiling)))
         return random.uniform(0, ceiling)  # "full jitter"
 
-    def _clean(self, text: str) -> str:
-        return scrub(text, self._secrets)[:MAX_ERROR_CHARS]
+    def _clean(self, text: str, suffix: str = "") -> str:
+        """Secrets out, then the cut, then `suffix`: the endpoint's message is cut, never our own note."""
+        if not suffix:
+            return scrub(text, self._secrets)[:MAX_ERROR_CHARS]
+        room = MAX_ERROR_CHARS - len(suffix) - 1
+        return f"{scrub(text, self._secrets)[:room]} {suffix}"
 
     def _text(self, data: bytes) -> str:
-        """A failed answer's body as text, secrets removed before anything cuts it (a cut token leaks)."""
-        return scrub(data.decode("utf-8", "replace"), self._secrets)
+        """A failed answer's start as text, secrets removed. Only the first 16 KiB: messages are read from
+        the first 4,000 characters, and a run of a secret cut at the edge is still scrubbed if it is
+        8 characters or more (shorter is not a secret's worth)."""
+        return scrub(data[:16384].decode("utf-8", "replace"), self._secrets)
 
     # -- the pipeline ------------------------------------------------------------------------------
 
@@ -359,7 +366,7 @@ class Engine:
         positions: list[int] = []
         texts: list[str] = []
         for i, p in enumerate(prompts):
-            if p is None or p == "":
+            if is_blank(p):
                 b.results[i] = Outcome.failed("empty_prompt")
                 continue
             positions.append(i)
