@@ -119,6 +119,18 @@ class EndpointConfig(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _one_credential(self) -> EndpointConfig:
+        """A token source and an `auth` mode that says otherwise: refuse, rather than guess which wins."""
+        sources = [k for k in ("token_env", "token_secret") if getattr(self, k)]
+        if len(sources) > 1:
+            raise ValueError("endpoint.token_env and endpoint.token_secret: give at most one, not both")
+        if sources and self.auth != "auto":
+            raise ValueError(f"endpoint.auth: {self.auth} contradicts endpoint.{sources[0]}: the token would be "
+                             f"{'sent anyway' if self.auth == 'none' else 'used instead of databricks-sdk auth'}; "
+                             f"remove endpoint.{sources[0]}, or leave endpoint.auth unset (auto)")
+        return self
+
+    @model_validator(mode="after")
     def _coherent(self) -> EndpointConfig:
         if self.type == "driver_proxy":
             if self.port is None and self.url is None:
@@ -296,7 +308,10 @@ def _format(err: ValidationError) -> str:
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         if e["type"] == "missing":
             msg = "missing required field"
-        lines.append(f"{where}: {msg}")
+        if e["type"] == "value_error":
+            msg = str(e.get("ctx", {}).get("error", msg))
+        # A validator that names its keys in full (`endpoint.auth: ...`) needs no prefix.
+        lines.append(msg if msg.startswith(f"{where}.") else f"{where}: {msg}")
     return "; ".join(lines)
 
 

@@ -54,9 +54,26 @@ def test_a_literal_token_is_refused_and_never_echoed(data, key):
 
 
 def test_secret_references_are_allowed():
-    cfg = parse_config(with_("endpoint", token_env="MY_TOKEN", token_secret={"scope": "s", "key": "k"},
-                             model_kwargs={"api_key": "{{secrets/llm/openai}}"}))
+    cfg = parse_config(with_("endpoint", token_env="MY_TOKEN", model_kwargs={"api_key": "{{secrets/llm/openai}}"}))
     assert cfg.endpoint.token_env == "MY_TOKEN"
+    cfg = parse_config(with_("endpoint", token_secret={"scope": "s", "key": "k"}))
+    assert (cfg.endpoint.token_secret.scope, cfg.endpoint.token_secret.key) == ("s", "k")
+
+
+@pytest.mark.parametrize("endpoint, message", [
+    ({"auth": "none", "token_env": "MY_TOKEN"},
+     r"^config: endpoint.auth: none contradicts endpoint.token_env: the token would be sent anyway"),
+    ({"auth": "none", "token_secret": {"scope": "s", "key": "k"}},
+     r"^config: endpoint.auth: none contradicts endpoint.token_secret"),
+    ({"auth": "databricks", "token_env": "MY_TOKEN"},
+     r"^config: endpoint.auth: databricks contradicts endpoint.token_env"),
+    ({"token_env": "MY_TOKEN", "token_secret": {"scope": "s", "key": "k"}},
+     r"^config: endpoint.token_env and endpoint.token_secret: give at most one"),
+])
+def test_contradictory_credentials_are_refused_naming_both_keys(endpoint, message):
+    """`auth: none` with a token used to send the token anyway, silently: now it never gets that far."""
+    with pytest.raises(ConfigError, match=message):
+        parse_config(with_("endpoint", **endpoint))
 
 
 def test_overrides_are_typed_and_dotted(tmp_path):
