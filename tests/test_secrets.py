@@ -88,6 +88,42 @@ def test_scrub_removes_the_header_value_and_the_bare_credential():
     assert scrub("nothing here", [header]) == "nothing here"
 
 
+@pytest.mark.parametrize("part", ["prefix", "suffix", "middle"])
+def test_scrub_removes_any_run_of_eight_characters_of_the_token(part):
+    """An endpoint that quotes only part of a token (`dapi` and 11 more characters) still leaks it."""
+    run = {"prefix": TOKEN[:15], "suffix": TOKEN[-9:], "middle": TOKEN[12:20]}[part]
+    assert len(run) >= 8
+    text = f"token {run} rejected"
+    assert scrub(text, [Secret(f"Bearer {TOKEN}")]) == "token **** rejected"
+    assert scrub(text, [Secret(TOKEN)]) == "token **** rejected"
+    # Seven characters are not a secret's worth: ordinary words must survive.
+    assert scrub(f"token {TOKEN[:7]} rejected", [Secret(TOKEN)]) == f"token {TOKEN[:7]} rejected"
+
+
+def partial_echo(part: slice) -> FromRequest:
+    """A 401 quoting only a piece of the bearer token the request carried."""
+    def reply(req):
+        token = req.headers.get("Authorization", "").split()[-1]
+        return json_error(401, f"invalid token {token[part]}... for this workspace", code="UNAUTHENTICATED")
+    return FromRequest(reply)
+
+
+@pytest.mark.parametrize("part", [slice(0, 15), slice(-11, None), slice(5, 20)], ids=["prefix", "suffix", "middle"])
+def test_an_endpoint_echoing_part_of_the_token_leaves_none_of_it_in_the_row(part):
+    plan = FaultPlan(always={"partial": partial_echo(part)})
+    with LocalEndpoint(fault=plan) as ep:
+        engine = Engine(EngineSpec(url=f"{ep.url}/", endpoint_type="driver_proxy",
+                                   headers={"Authorization": Secret(f"Bearer {TOKEN}")},
+                                   retry=RetrySpec(max_attempts=1)))
+        try:
+            [outcome] = engine.call(["partial"])
+        finally:
+            engine.close()
+        assert ep.received[-1].headers["Authorization"] == f"Bearer {TOKEN}"  # not vacuous
+    assert outcome.error == "http_401: UNAUTHENTICATED: invalid token ****... for this workspace"
+    assert not any(TOKEN[i:i + 8] in outcome.error for i in range(len(TOKEN) - 7))
+
+
 # -- the endpoint's own errors -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
