@@ -23,6 +23,8 @@ from jobs.delta_jars import fetch, jars_dir
 
 log = logging.getLogger(__name__)
 
+LOOPBACK = "127.0.0.1"
+
 
 def on_databricks() -> bool:
     return "DATABRICKS_RUNTIME_VERSION" in os.environ
@@ -30,6 +32,9 @@ def on_databricks() -> bool:
 
 def _local_builder(master: str, warehouse: Path, app_name: str) -> SparkSession.Builder:
     jars = fetch(jars_dir())
+    # Local Spark listens and talks on loopback only: without this it picks the machine's network
+    # address ("using 192.0.2.2 instead") and opens its driver and block manager ports there.
+    os.environ.setdefault("SPARK_LOCAL_IP", LOOPBACK)
     # Python workers must run the interpreter that has pandas and pyarrow (this one).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -40,6 +45,8 @@ def _local_builder(master: str, warehouse: Path, app_name: str) -> SparkSession.
         .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
         .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
         .config("spark.sql.warehouse.dir", str(warehouse))
+        .config("spark.driver.bindAddress", LOOPBACK)
+        .config("spark.driver.host", LOOPBACK)
         .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
