@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import random
 import re
 import sys
 import time
@@ -278,15 +279,40 @@ def run_record(cfg: JobConfig, summary: Any, stats: RunStats, started_at: dateti
     }
 
 
-def append_run(spark: SparkSession, table: str, record: dict[str, Any]) -> None:
-    """One row per run, appended; `txnAppId` makes a retried append of the same run a no-op."""
+def append_run(spark: SparkSession, table: str, record: dict[str, Any], *, attempts: int = 5,
+               pause_s: float = 0.5) -> None:
+    """One row per run, appended; `txnAppId` makes a retried append of the same run a no-op.
+
+    Two tasks of one job (completions and embeddings) may record their first runs at the same moment.
+    Writers racing to create a Delta table conflict (`ProtocolChangedException`: "creating the table
+    ahead of time will avoid this conflict"), so the table is created first, on its own, and the
+    create-then-append is retried after a jittered pause: the loser of a race then finds the table
+    and appends, which Delta lets concurrent writers do.
+    """
+    row = tuple(record[f.name] for f in RUNS_SCHEMA.fields)
+    for attempt in range(1, attempts + 1):
+        try:
+            ensure_schema(spark, table)
+            columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in RUNS_SCHEMA.fields)
+            spark.sql(f"CREATE TABLE IF NOT EXISTS {table} ({columns}) USING DELTA "
+                      "COMMENT 'batch-inference: one row per run'")
+            (spark.createDataFrame([row], RUNS_SCHEMA).write.format("delta").mode("append")
+             .option("mergeSchema", "true").option("txnAppId", f"runs-{record['run_id']}")
+             .option("txnVersion", 0).saveAsTable(table))
+            return
+        except Exception as exc:
+            if attempt == attempts:
+                raise
+            log.info("runs table %s: attempt %d raced another writer (%s); retrying", table, attempt,
+                     _brief(exc))
+            time.sleep(random.uniform(0.5, 1.5) * pause_s * attempt)
+
+
+def ensure_schema(spark: SparkSession, table: str) -> None:
+    """`CREATE SCHEMA IF NOT EXISTS` for the schema part of `catalog.schema.table` / `schema.table`."""
     parts = table.split(".")
     if len(parts) >= 2:
         spark.sql(f"CREATE SCHEMA IF NOT EXISTS {'.'.join(parts[:-1])}")
-    row = tuple(record[f.name] for f in RUNS_SCHEMA.fields)
-    (spark.createDataFrame([row], RUNS_SCHEMA).write.format("delta").mode("append")
-     .option("mergeSchema", "true").option("txnAppId", f"runs-{record['run_id']}").option("txnVersion", 0)
-     .saveAsTable(table))
 
 
 # -- the end of a run --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from chispa import assert_df_equality
 
 from jobs.config import ConfigError
-from jobs.observe import ChunkTiming, Progress, RunStats, databricks_ids
+from jobs.observe import RUNS_SCHEMA, ChunkTiming, Progress, RunStats, append_run, databricks_ids
 from jobs.pipeline import run_job
 from jobs.tracking import log_to_mlflow
 from tests.conftest import job_config
@@ -160,3 +161,29 @@ def test_databricks_job_ids_come_from_the_spark_conf(spark):
 def test_observability_settings_are_checked_and_named(section, values, message):
     with pytest.raises(ConfigError, match=message):
         job_config(**{section: values})
+
+
+def test_two_tasks_recording_their_first_runs_at_once_both_land(spark):
+    """The bundle's two tasks may create the runs table at the same moment: Delta then refuses one of
+    the two creating writers (`ProtocolChangedException`); that run must still be recorded."""
+    table = f"test.runs_{uuid.uuid4().hex[:8]}"
+    records = [{**{f.name: None for f in RUNS_SCHEMA.fields}, "run_id": f"run-{i}", "endpoint": f"e{i}",
+                "errors_by_reason": {}} for i in range(2)]
+    start, failures = threading.Barrier(2), []
+
+    def record(r):
+        start.wait()
+        try:
+            append_run(spark, table, r, pause_s=0.05)
+        except Exception as exc:  # pragma: no cover - reported by the assertion below
+            failures.append(exc)
+
+    writers = [threading.Thread(target=record, args=(r,)) for r in records]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert failures == []
+    expected = spark.createDataFrame([("run-0", "e0"), ("run-1", "e1")], "run_id string, endpoint string")
+    assert_df_equality(spark.table(table).select("run_id", "endpoint"), expected, ignore_row_order=True,
+                       ignore_nullable=True)
