@@ -87,6 +87,35 @@ def test_targets_follow_the_template_shape():
     assert {p["level"] for p in prod["permissions"]} <= {"CAN_VIEW", "CAN_RUN", "CAN_MANAGE"}
     artifact, = b["artifacts"].values()
     assert (artifact["type"], artifact["path"]) == ("whl", ".")
+    # Each deploy installs the wheel it just built, not a 0.1.0 a cluster already has.
+    assert artifact["dynamic_version"] is True
+
+
+def _upstream(task: dict, by_key: dict[str, dict]) -> set[str]:
+    """Every task `task` waits for, directly or through others."""
+    seen: set[str] = set()
+    todo = [d["task_key"] for d in task.get("depends_on", [])]
+    while todo:
+        key = todo.pop()
+        if key not in seen:
+            seen.add(key)
+            todo += [d["task_key"] for d in by_key[key].get("depends_on", [])]
+    return seen
+
+
+def test_tasks_sharing_a_job_cluster_never_run_at_once():
+    """Each task plans its partitions over every task slot of the cluster: two at once would each ask
+    for all of them, and neither would reach its max_concurrency."""
+    for name, job in jobs(load_bundle()).items():
+        by_key = {t["task_key"]: t for t in job["tasks"]}
+        on_cluster = [t for t in job["tasks"] if "job_cluster_key" in t]
+        for i, a in enumerate(on_cluster):
+            for b in on_cluster[i + 1:]:
+                if a["job_cluster_key"] == b["job_cluster_key"]:
+                    ordered = a["task_key"] in _upstream(b, by_key) or b["task_key"] in _upstream(a, by_key)
+                    assert ordered, f"{name}: {a['task_key']} and {b['task_key']} may run at once"
+        # A failed first task must not cost the second one its run.
+        assert all(t.get("run_if") == "ALL_DONE" for t in on_cluster if t.get("depends_on"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
