@@ -24,12 +24,12 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 
 # The Delta Lake jars come from Maven Central once; the marker makes later runs offline.
 jars: $(VENV)/.installed
-	$(BIN)/python -m jobs.delta_jars
+	$(BIN)/python -m jobs.local.delta_jars
 
 install: $(VENV)/.installed jars
 
 demo: install
-	$(BIN)/python -m jobs.demo
+	$(BIN)/python -m jobs.local.demo
 
 test: install
 	$(BIN)/python -m pytest -q

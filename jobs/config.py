@@ -17,26 +17,15 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jobs import secret_rules
 from udfs.protocols import is_embeddings_task
 
 TASKS = ("custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings", "custom/embeddings")
 Task = Literal["custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings", "custom/embeddings"]
-
-# Keys whose literal value would be a credential, anywhere in the file.
-_SECRET_KEY = re.compile(r"(^|_)(token|api_?key|password|passwd|secret|client_secret|authorization|bearer)$", re.I)
-# Allowed key names that carry a *reference* to a secret, never the secret itself.
-_SECRET_REFERENCE_KEYS = {"token_env", "token_secret"}
-# Values that look like credentials whatever their key: Databricks PATs, OpenAI-style keys, bearer headers.
-# Keys are matched anywhere in a value (`https://token:dapi...@host`), a bearer header at its start only.
-_SECRET_VALUE = re.compile(r"\b(dapi[0-9a-f]{16,}|dkea[0-9a-f]{16,}|sk-[A-Za-z0-9_-]{16,})|^Bearer\s+\S{8,}", re.I)
-# `{{secrets/scope/key}}` is how Databricks references a secret without revealing it.
-_SECRET_REF = re.compile(r"^\{\{secrets/[^/}]+/[^/}]+\}\}$")
-
 
 class ConfigError(ValueError):
     """A bad configuration: the message names the key and says what is expected."""
@@ -233,42 +222,22 @@ class JobConfig(_Strict):
         return self.model_dump(mode="json")
 
 
-def _check_no_secrets(node: Any, path: str = "") -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            where = f"{path}.{key}" if path else str(key)
-            if (_SECRET_KEY.search(str(key)) and str(key) not in _SECRET_REFERENCE_KEYS
-                    and value not in (None, "") and not (isinstance(value, str) and _SECRET_REF.match(value))):
-                raise ConfigError(
-                    f"{where}: a literal credential is not allowed in config; "
-                    "use endpoint.token_env (an environment variable), endpoint.token_secret "
-                    "(a Databricks secret scope) or endpoint.auth: databricks")
-            _check_no_secrets(value, where)
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            _check_no_secrets(value, f"{path}[{i}]")
-    elif isinstance(node, str) and _SECRET_VALUE.search(node.strip()):
-        raise ConfigError(f"{path}: this value looks like a token; secrets never go in config files")
-    elif isinstance(node, str) and _url_credential(node):
-        raise ConfigError(f"{path}: this URL carries a credential ({_url_credential(node)}); secrets never go "
-                          "in config files: use endpoint.token_env or endpoint.token_secret")
+_ADVICE = {
+    secret_rules.LITERAL_CREDENTIAL: "a literal credential is not allowed in config; use endpoint.token_env (an "
+                                     "environment variable), endpoint.token_secret (a Databricks secret scope) "
+                                     "or endpoint.auth: databricks",
+    secret_rules.PLAINTEXT_FIELD: "a plaintext credential is not allowed in config; use endpoint.token_env or "
+                                  "endpoint.token_secret",
+    secret_rules.TOKEN_SHAPED: "this value looks like a token; secrets never go in config files",
+    secret_rules.URL_CREDENTIAL: "this URL carries a credential ({detail}); secrets never go in config files: "
+                                 "use endpoint.token_env or endpoint.token_secret",
+}
 
 
-def _url_credential(value: str) -> str | None:
-    """What makes a URL a credential: a password (`https://user:pw@host`) or a query key like `api_key`."""
-    if not re.match(r"https?://", value.strip(), re.I):
-        return None
-    try:
-        parts = urlsplit(value.strip())
-        password = parts.password
-    except ValueError:
-        return None
-    if password:
-        return "a password"
-    for key, _, val in (q.partition("=") for q in parts.query.split("&")):
-        if val and _SECRET_KEY.search(unquote(key)) and not _SECRET_REF.match(unquote(val)):
-            return f"query parameter {unquote(key)}"
-    return None
+def check_no_secrets(data: Any) -> None:
+    """The first secret in a config document, as a `ConfigError` naming its key (never its value)."""
+    for finding in secret_rules.find_secrets(data):
+        raise ConfigError(f"{finding.path}: {_ADVICE[finding.kind].format(detail=finding.detail)}")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -318,7 +287,7 @@ def _format(err: ValidationError) -> str:
 def parse_config(data: dict[str, Any], source: str = "config") -> JobConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    _check_no_secrets(data)
+    check_no_secrets(data)
     try:
         return JobConfig.model_validate(data)
     except ValidationError as err:

@@ -16,19 +16,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
-from urllib.parse import urlsplit
+from dataclasses import replace
 
 from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
+from pyspark.sql import DataFrame, SparkSession, functions as F
 
+from jobs.commit import output_schema
 from jobs.config import ConfigError, JobConfig
-from jobs.endpoint import engine_spec
-from jobs.observe import estimate_cost
-from jobs.pipeline import (InputError, JobFailed, RunSummary, output_schema, read_requests, with_limit,
-                           without_final)
-from jobs.tracking import tracking_uri
-from udfs.engine import Engine, EngineSpec, Outcome
+from jobs.errors import InputError, JobFailed, first_line
+from jobs.observe.stats import estimate_cost
+from jobs.observe.tracking import tracking_uri
+from jobs.read import read_requests, with_limit, without_final
+from jobs.resolve import engine_spec
+from jobs.secret_rules import redact_url
+from jobs.summary import DryRunReport, RunSummary
+from jobs.tables import schema_problems
+from udfs.engine import Engine, EngineSpec
 
 log = logging.getLogger("batch_inference")
 
@@ -38,37 +41,6 @@ FALLBACK_PROMPT = "ping"
 
 class DryRunFailed(JobFailed):
     """A dry run found a problem; the log lists every check."""
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
-class DryRunReport:
-    checks: list[Check] = field(default_factory=list)
-    input_rows: int | None = None
-    pending_rows: int | None = None
-    # Distinct requests a run would send: identical prompts go once; empty or over-long ones never.
-    requests: int | None = None
-    prompt_chars: int | None = None
-    probe: Outcome | None = None
-    probe_prompt_chars: int | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    token_basis: str = ""
-    cost: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    def add(self, name: str, ok: bool, detail: str) -> bool:
-        self.checks.append(Check(name, ok, detail))
-        return ok
 
 
 def dry_run(spark: SparkSession, cfg: JobConfig, *, run_id: str) -> RunSummary:
@@ -113,14 +85,8 @@ def _endpoint(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> EngineSpe
         r.add("endpoint", False, str(exc))
         return None
     auth = "with credentials" if spec.headers else "without credentials"
-    r.add("endpoint", True, f"{cfg.endpoint.task} at {_shown(spec.url)}, {auth}")
+    r.add("endpoint", True, f"{cfg.endpoint.task} at {redact_url(spec.url)}, {auth}")
     return spec
-
-
-def _shown(url: str) -> str:
-    """Scheme, host and path: a query string or user info could carry a credential."""
-    p = urlsplit(url)
-    return f"{p.scheme}://{p.hostname}{f':{p.port}' if p.port else ''}{p.path}"
 
 
 def _input(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> DataFrame | None:
@@ -128,7 +94,7 @@ def _input(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> DataFrame | 
         _, requests = read_requests(spark, cfg)
         r.input_rows = requests.count()
     except (InputError, AnalysisException) as exc:
-        r.add("input", False, str(exc).strip().splitlines()[0][:300])
+        r.add("input", False, first_line(exc))
         return None
     source = cfg.input.table or cfg.input.path or "input.query"
     limit = f" (run.limit {cfg.run.limit})" if cfg.run.limit else ""
@@ -146,7 +112,7 @@ def _output(r: DryRunReport, spark: SparkSession, cfg: JobConfig,
     try:
         exists = spark.catalog.tableExists(name)
     except AnalysisException as exc:
-        r.add("output", False, f"output.table {name}: {str(exc).strip().splitlines()[0][:300]}")
+        r.add("output", False, f"output.table {name}: {first_line(exc)}")
         return None
     if not exists:
         r.add("output", True, f"{name} does not exist yet; a run creates it{then}")
@@ -154,18 +120,12 @@ def _output(r: DryRunReport, spark: SparkSession, cfg: JobConfig,
     prior = spark.read.table(name)
     if requests is not None:
         want = output_schema(requests.schema["id"].dataType, cfg.endpoint.is_embeddings)
-        wrong = _schema_problems(prior.schema, want)
+        wrong = schema_problems(prior.schema, want)
         if wrong:
             r.add("output", False, f"{name} exists with another schema: {', '.join(wrong)}")
             return None
     r.add("output", True, f"{name} exists; rows it holds as final are skipped{then}")
     return prior
-
-
-def _schema_problems(have: T.StructType, want: T.StructType) -> list[str]:
-    types = {f.name: f.dataType for f in have.fields}
-    return [f"{f.name} ({types[f.name].simpleString() if f.name in types else 'missing'} != "
-            f"{f.dataType.simpleString()})" for f in want.fields if types.get(f.name) != f.dataType]
 
 
 def _count(r: DryRunReport, pending: DataFrame, unlimited: DataFrame | None) -> None:
@@ -245,4 +205,4 @@ def _estimate(r: DryRunReport, cfg: JobConfig) -> None:
     r.add("estimate", True, f"~{r.prompt_tokens} prompt tokens ({r.token_basis}){answers}; {cost}")
 
 
-__all__ = ["Check", "DryRunFailed", "DryRunReport", "check", "dry_run"]
+__all__ = ["DryRunFailed", "check", "dry_run"]

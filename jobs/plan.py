@@ -24,7 +24,7 @@ from typing import Any
 
 from udfs.engine import EngineSpec
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("batch_inference")
 
 
 @dataclass(frozen=True)

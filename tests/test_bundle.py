@@ -23,7 +23,8 @@ import regex
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 
-from jobs.config import _SECRET_KEY, _SECRET_REF, _SECRET_VALUE, load_config
+from jobs.config import load_config
+from jobs.secret_rules import find_secrets
 from tests.bundle import (ROOT, SCHEMA, SERVERLESS, bundle_files, jobs, load_bundle, references, resolved,
                           variable_values)
 
@@ -187,32 +188,20 @@ def _bundle_texts() -> dict[Path, str]:
     return {p: p.read_text() for p in sorted(paths)}
 
 
-def _secret_literals(node, where=""):
-    """Values under credential-like keys that are not `{{secrets/scope/key}}` or `${...}` references,
-    and values anywhere that look like tokens."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            here = f"{where}.{key}" if where else str(key)
-            last = str(key).rsplit(".", 1)[-1]
-            if (_SECRET_KEY.search(last) and isinstance(value, str) and value
-                    and not _SECRET_REF.match(value) and not value.startswith("${")):
-                yield here
-            yield from _secret_literals(value, here)
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _secret_literals(value, f"{where}[{i}]")
-    elif isinstance(node, str) and _SECRET_VALUE.match(node.strip()):
-        yield where
+def _secret_literals(node) -> list[str]:
+    """Where the bundle holds a secret, by the config's own rule; `${...}` references count as
+    references, since the CLI fills them in from variables."""
+    return [f.path for f in find_secrets(node, is_reference=lambda value: value.startswith("${"))]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("target", TARGETS)
 def test_no_secret_literal_anywhere_in_the_bundle(variant, target):
     # Resolved, so that `{{secrets/${var.secret_scope}/...}}` is checked as the reference it becomes.
-    assert list(_secret_literals(resolved(load_bundle(include=VARIANTS[variant]), target))) == []
+    assert _secret_literals(resolved(load_bundle(include=VARIANTS[variant]), target)) == []
     for path, text in _bundle_texts().items():
         if path.parent.name == "conf":
-            assert list(_secret_literals(yaml.safe_load(text))) == [], path
+            assert _secret_literals(yaml.safe_load(text)) == [], path
         # Comments too: a token pasted into a comment is still committed.
         assert not TOKEN_TEXT.search(text), path
 
@@ -238,7 +227,7 @@ def test_the_secret_check_sees_a_literal():
     job = {"spark_env_vars": {"BI_ENDPOINT_TOKEN": "abc123", "OK_TOKEN": "{{secrets/s/k}}"},
            "named_parameters": {"endpoint.api_key": "xyz", "endpoint.token_secret.scope": "llm"},
            "note": "dapi0123456789abcdef0123"}
-    assert list(_secret_literals(job)) == [
+    assert _secret_literals(job) == [
         "spark_env_vars.BI_ENDPOINT_TOKEN", "named_parameters.endpoint.api_key", "note"]
     assert TOKEN_TEXT.search("# pasted: dapi0123456789abcdef0123")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from jobs.pipeline import run_job
-from jobs.run import execute
+from jobs.cli.run import execute
 from tests.conftest import job_config
 
 

@@ -26,8 +26,9 @@ import yaml
 from chispa import assert_df_equality
 from pyspark.sql import functions as F, types as T
 
-from jobs.local_endpoint import LocalEndpoint
-from jobs.pipeline import commit_chunk, ensure_output_table, output_schema, run_job
+from jobs.local.stand_in import LocalEndpoint
+from jobs.commit import commit_chunk, ensure_output_table, output_schema
+from jobs.pipeline import run_job
 from jobs.session import register_local_tables
 from tests.conftest import ROOT, job_config
 from tests.faults import (FaultPlan, html_page, json_answer, json_error, malformed_json, reset_mid_body,
@@ -247,7 +248,7 @@ PAT = "dapi0123456789abcdef0123456789abcdef"
 
 def exit_code(argv: list[str]) -> int:
     """The console script's exit status, whether it returns it or raises `SystemExit` with it."""
-    from jobs.run import main
+    from jobs.cli.run import main
 
     try:
         return main(argv)
@@ -292,7 +293,7 @@ def start_job(argv: list[str], warehouse: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "BI_WAREHOUSE_DIR": str(warehouse), "BI_SPARK_MASTER": "local[2]",
            "BI_DRIVER_MEMORY": "1g", "BI_RESUME_TOKEN": TOKEN,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-m", "jobs.run", *argv], cwd=ROOT, env=env,
+    return subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-m", "jobs.cli.run", *argv], cwd=ROOT, env=env,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

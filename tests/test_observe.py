@@ -13,9 +13,11 @@ import pytest
 from chispa import assert_df_equality
 
 from jobs.config import ConfigError
-from jobs.observe import RUNS_SCHEMA, ChunkTiming, Progress, RunStats, append_run, databricks_ids
+from jobs.observe.progress import ChunkTiming, Progress
+from jobs.observe.runs_table import RUNS_SCHEMA, append_run, databricks_ids
+from jobs.observe.stats import RunStats
 from jobs.pipeline import run_job
-from jobs.tracking import log_to_mlflow
+from jobs.observe.tracking import log_to_mlflow
 from tests.conftest import job_config
 
 SECRET = "s3cr3t-token-value-0042"

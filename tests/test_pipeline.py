@@ -9,8 +9,9 @@ import pytest
 from chispa import assert_df_equality
 
 from jobs.config import ConfigError
-from jobs.local_endpoint import LocalEndpoint
-from jobs.pipeline import InputError, JobFailed, run_job
+from jobs.local.stand_in import LocalEndpoint
+from jobs.errors import InputError, JobFailed
+from jobs.pipeline import run_job
 from tests.conftest import job_config
 
 OUTCOME_COLS = ["id", "prompt", "response", "status", "error", "http_status", "attempts",

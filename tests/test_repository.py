@@ -16,8 +16,8 @@ OUTSIDE = re.compile(rf"\.\./{SIBLING}|parents?(\[\d\])?\s*/\s*[\"']{SIBLING}[\"
 def tracked_files() -> list[str]:
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    return [p for p in out.splitlines() if p.endswith((".py", ".yml", ".yaml", ".toml", ".cfg", ".sh"))
-            or p in ("Makefile", ".ci/run")]
+    return [p for p in out.splitlines() if (ROOT / p).is_file() and (
+        p.endswith((".py", ".yml", ".yaml", ".toml", ".cfg", ".sh")) or p in ("Makefile", ".ci/run"))]
 
 
 def test_nothing_reads_files_from_outside_the_repository():

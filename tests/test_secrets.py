@@ -19,9 +19,10 @@ import yaml
 from pyspark.sql import functions as F
 
 from jobs.config import parse_config
-from jobs.endpoint import auth_headers, engine_spec
-from jobs.local_endpoint import LocalEndpoint
-from jobs.pipeline import read_input, with_outcomes, with_precheck, with_request_hash
+from jobs.resolve import auth_headers, engine_spec
+from jobs.local.stand_in import LocalEndpoint
+from jobs.call import with_outcomes
+from jobs.read import read_input, with_precheck, with_request_hash
 from jobs.plan import plan_tasks
 from tests.conftest import job_config
 from tests.faults import FaultPlan, FromRequest, json_error
@@ -164,7 +165,7 @@ def test_errors_quoting_the_token_are_scrubbed_before_they_are_cut_to_the_bound(
 
 def test_a_whole_run_with_a_token_never_shows_it(spark, tmp_path, monkeypatch, caplog, capsys):
     """Logs of a whole `batch-inference` run, its error rows, its Delta log and its Spark plan."""
-    from jobs.run import main
+    from jobs.cli.run import main
 
     monkeypatch.setenv("BI_TEST_TOKEN", TOKEN)
     src = f"secret_prompts_{uuid.uuid4().hex[:8]}"

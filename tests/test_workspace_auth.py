@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from jobs.config import ConfigError, EndpointConfig
-from jobs.endpoint import auth_headers
+from jobs.resolve import auth_headers
 
 SECRETS = {("batch-inference", "endpoint-token"): "tok-from-scope-42"}
 

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from jobs.config import JobConfig, load_config
-from jobs.local_endpoint import LocalEndpoint
-from jobs.run import setup_logging
+from jobs.cli.run import setup_logging
+from jobs.local.stand_in import LocalEndpoint
+from jobs.tables import ensure_schema
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Cosine similarity in plain Spark SQL: the nearest other prompt to each of the first three.
 NEAREST = """
@@ -43,7 +44,7 @@ def _free_port(preferred: int) -> int:
 
 
 def seed_prompts(spark, table: str, source: Path) -> None:
-    spark.sql(f"CREATE SCHEMA IF NOT EXISTS {table.rsplit('.', 1)[0]}")
+    ensure_schema(spark, table)
     df = spark.read.schema("id LONG, prompt STRING").json(str(source))
     df.write.format("delta").mode("overwrite").saveAsTable(table)
 
@@ -100,7 +101,7 @@ def show_runs(spark, cfg: JobConfig) -> None:
         print(f'  spark.sql("{query}").show()')
         spark.sql(query).show(truncate=False)
     if cfg.mlflow.enabled:
-        from jobs.tracking import tracking_uri
+        from jobs.observe.tracking import tracking_uri
 
         print(f"MLflow runs, with a latency histogram and a throughput plot each: {tracking_uri(cfg)}")
         print("  browse them: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")

@@ -1,4 +1,4 @@
-"""From endpoint config to an `EngineSpec`: the URL to call and the credentials to call it with.
+"""Resolving the endpoint: from endpoint config to an `EngineSpec`, the URL to call and its credentials.
 
 Runs on the driver. Credentials are resolved with databricks-sdk's `Config` (PAT, OAuth for service
 principals, CLI profiles, notebook context) or from a named environment variable or secret scope, and
@@ -17,10 +17,9 @@ from urllib.parse import urlsplit
 
 from jobs.config import ConfigError, EndpointConfig, JobConfig
 from jobs.session import on_databricks
-from udfs.auth import Secret
+from udfs.auth import Secret, bearer
 from udfs.engine import EngineSpec, RetrySpec, import_function
-
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+from udfs.loopback import is_loopback
 
 
 def normalize_host(host: str) -> str:
@@ -103,13 +102,12 @@ def auth_headers(e: EndpointConfig, url: str) -> dict[str, Secret | str]:
         value = os.environ.get(e.token_env)
         if not value:
             raise ConfigError(f"endpoint.token_env: environment variable {e.token_env} is not set or empty")
-        return {"Authorization": Secret(f"Bearer {value}")}
+        return bearer(Secret(value))
     if e.token_secret:
-        token = _secret_from_scope(e.token_secret.scope, e.token_secret.key)
-        return {"Authorization": Secret(f"Bearer {token.reveal()}")}
+        return bearer(_secret_from_scope(e.token_secret.scope, e.token_secret.key))
     mode = e.auth
     if mode == "auto":
-        mode = "none" if urlsplit(url).hostname in _LOOPBACK else "databricks"
+        mode = "none" if is_loopback(url) else "databricks"
     if mode == "none":
         return {}
     host = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
