@@ -16,9 +16,10 @@ from pyspark.sql.window import Window
 
 from jobs.plan import TaskPlan
 from jobs.read import Transform
+from udfs import reasons
 from udfs.inference import inference_udf, outcome_schema
 from udfs.protocols import is_embeddings_task
-from udfs.engine import EngineSpec
+from udfs.spec import EngineSpec
 
 
 def with_outcomes(spec: EngineSpec, plan: TaskPlan) -> Transform:
@@ -70,7 +71,7 @@ def with_dimension_check(expected: int | None, source: str = "endpoint.embedding
             top = F.max(F.when(ok, F.struct("_n", (-F.col("dim")).alias("_neg")))).over(Window.partitionBy())
             ref, why = -top["_neg"], "the most common length in this chunk"
         bad = ok & (F.col("dim") != ref)
-        reason = F.concat(F.lit("dimension_mismatch: "), F.col("dim").cast("string"),
+        reason = F.concat(F.lit(f"{reasons.DIMENSION_MISMATCH}: "), F.col("dim").cast("string"),
                           F.lit(" values, expected "), ref.cast("string"), F.lit(f" ({why})"))
         return df.withColumns({
             "status": F.when(bad, F.lit("error")).otherwise(F.col("status")),

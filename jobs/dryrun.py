@@ -31,7 +31,8 @@ from jobs.resolve import engine_spec
 from jobs.secret_rules import redact_url
 from jobs.summary import DryRunReport, RunSummary
 from jobs.tables import schema_problems
-from udfs.engine import Engine, EngineSpec
+from udfs.engine import Engine
+from udfs.spec import EngineSpec
 
 log = logging.getLogger("batch_inference")
 

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from udfs.engine import EngineSpec
+from udfs.spec import EngineSpec
 
 log = logging.getLogger("batch_inference")
 

@@ -20,6 +20,7 @@ from pyspark.sql import DataFrame, SparkSession, functions as F
 
 from jobs.config import InputConfig, JobConfig
 from jobs.errors import InputError, first_line
+from udfs import reasons
 from udfs.prompts import BLANK_REGEX
 
 Transform = Callable[[DataFrame], DataFrame]
@@ -74,8 +75,8 @@ def with_precheck(max_chars: int) -> Transform:
         n = F.length("prompt")
         return df.withColumn(
             "precheck",
-            F.when(F.col("prompt").isNull() | F.col("prompt").rlike(BLANK_REGEX), F.lit("empty_prompt"))
-            .when(n > max_chars, F.concat(F.lit("prompt_too_long: "), n.cast("string"),
+            F.when(F.col("prompt").isNull() | F.col("prompt").rlike(BLANK_REGEX), F.lit(reasons.EMPTY_PROMPT))
+            .when(n > max_chars, F.concat(F.lit(f"{reasons.PROMPT_TOO_LONG}: "), n.cast("string"),
                                           F.lit(f" chars > run.max_prompt_chars {max_chars}"))),
         )
     return step

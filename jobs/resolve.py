@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 from jobs.config import ConfigError, EndpointConfig, JobConfig
 from jobs.session import on_databricks
 from udfs.auth import Secret, bearer
-from udfs.engine import EngineSpec, RetrySpec, import_function
+from udfs.spec import EngineSpec, RetrySpec
+from udfs.transforms import import_function
 from udfs.loopback import is_loopback
 
 

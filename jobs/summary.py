@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jobs.observe.stats import RunStats
-from udfs.engine import Outcome
+from udfs.outcome import Outcome
 
 
 @dataclass

@@ -11,7 +11,8 @@ from collections import defaultdict
 import pytest
 
 from jobs.local.stand_in import LocalEndpoint
-from udfs.engine import Engine, EngineSpec, RetrySpec
+from udfs.engine import Engine
+from udfs.spec import EngineSpec, RetrySpec
 
 FAST_RETRY = RetrySpec(backoff_base_s=0.01, backoff_max_s=0.05, max_attempts=100)
 

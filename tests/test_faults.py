@@ -33,7 +33,8 @@ from jobs.session import register_local_tables
 from tests.conftest import ROOT, job_config
 from tests.faults import (FaultPlan, html_page, json_answer, json_error, malformed_json, reset_mid_body,
                           server_error, stall, throttled)
-from udfs.engine import Engine, EngineSpec, RetrySpec
+from udfs.engine import Engine
+from udfs.spec import EngineSpec, RetrySpec
 
 COLS = "id long, prompt string, response string, status string, error string, http_status int, attempts int"
 READ_TIMEOUT_S = 2.0  # generous: on a loaded machine a healthy answer must never time out

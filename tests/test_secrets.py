@@ -27,7 +27,9 @@ from jobs.plan import plan_tasks
 from tests.conftest import job_config
 from tests.faults import FaultPlan, FromRequest, json_error
 from udfs.auth import Secret, bearer, scrub
-from udfs.engine import MAX_ERROR_CHARS, Engine, EngineSpec, RetrySpec
+from udfs.engine import Engine
+from udfs.outcome import MAX_ERROR_CHARS
+from udfs.spec import EngineSpec, RetrySpec
 from udfs.inference import inference_udf
 
 # Not hex, so no run id, hash or address in a log can contain a piece of it by chance.

@@ -17,8 +17,10 @@ import pandas as pd
 from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
-from udfs.engine import Engine, EngineSpec, Outcome
+from udfs.engine import Engine
+from udfs.outcome import Outcome
 from udfs.protocols import is_embeddings_task
+from udfs.spec import EngineSpec
 
 _COMMON = [
     T.StructField("status", T.StringType()),

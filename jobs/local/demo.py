@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
              f"FROM {embeddings.output.table} ORDER BY id")
     print(f'  spark.sql("{query}").show(5)')
     spark.sql(query).show(5, truncate=48)
-    print("  nearest prompts by cosine similarity, in Spark SQL (see jobs/demo.py NEAREST):")
+    print("  nearest prompts by cosine similarity, in Spark SQL (see jobs/local/demo.py NEAREST):")
     spark.sql(NEAREST.format(t=embeddings.output.table)).show(truncate=48)
     show_runs(spark, completions)
     return 0 if all(s.errors == 0 for s in summaries) else 1
