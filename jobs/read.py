@@ -57,12 +57,15 @@ def check_ids(df: DataFrame, sample: int = 5) -> None:
 
 
 def with_request_hash(fingerprint: str) -> Transform:
-    """`request_hash`: what is sent (endpoint, parameters, prompt). Resume and de-duplication key on it."""
+    """`request_hash`: what is sent (endpoint, parameters, prompt). Resume and de-duplication key on it.
+
+    A prompt is hashed after `fingerprint` and a NUL; a null prompt after `fingerprint` and \x01, so
+    that no text (not even "\x01null") can share a null's hash.
+    """
     def step(df: DataFrame) -> DataFrame:
-        return df.withColumn(
-            "request_hash",
-            F.sha2(F.concat(F.lit(fingerprint + "\u0000"), F.coalesce(F.col("prompt"), F.lit("\u0001null"))), 256),
-        )
+        text = F.sha2(F.concat(F.lit(fingerprint + "\u0000"), F.col("prompt")), 256)
+        null = F.sha2(F.lit(fingerprint + "\u0001null"), 256)
+        return df.withColumn("request_hash", F.when(F.col("prompt").isNull(), null).otherwise(text))
     return step
 
 

@@ -266,3 +266,13 @@ def test_limit_takes_pending_rows_so_consecutive_runs_walk_the_whole_table(spark
     expected = spark.createDataFrame([(i, "ok") for i in range(25)], "id long, status string")
     assert_df_equality(spark.table(table_name).select("id", "status"), expected, ignore_row_order=True,
                        ignore_nullable=True)
+
+
+def test_null_ids_stop_the_job_before_any_call(spark, fresh_endpoint, table_name):
+    """README: duplicate or null ids stop the job before any call, naming them."""
+    src = view(spark, [(1, "a"), (None, "b")])
+    cfg = job_config(input={"table": src}, output={"table": table_name}, endpoint=proxy(fresh_endpoint))
+    with pytest.raises(InputError, match=r"1 input row\(s\) have a null id"):
+        run_job(spark, cfg)
+    assert fresh_endpoint.received == []
+    assert not spark.catalog.tableExists(table_name)
