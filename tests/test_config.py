@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import yaml
 
 from jobs.config import ConfigError, load_config, parse_config, parse_overrides
+from tests.conftest import job_config
 
 VALID = {
     "input": {"table": "main.raw.prompts"},
@@ -114,3 +118,28 @@ def test_shipped_job_configs_parse():
     assert len(paths) >= 2
     for path in paths:
         load_config(path)
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("output", {"table": "a.b", "runs_table": "a.b"}, r"output: .*runs_table must be another table"),
+    ("output", {"table": "a.b", "runs_table": "a b"}, r"output.runs_table: .*not a table name"),
+    ("endpoint", {"price_per_1k_prompt_tokens": -1}, r"endpoint.price_per_1k_prompt_tokens: .*greater than"),
+    ("mlflow", {"enable": True}, r"mlflow.enable: unknown key"),
+])
+def test_observability_settings_are_checked_and_named(section, values, message):
+    with pytest.raises(ConfigError, match=message):
+        job_config(**{section: values})
+
+
+def test_config_hash_is_a_digest_of_the_effective_settings(tmp_path):
+    """Runs with the same settings group together in the runs table, however the file was written."""
+    a = tmp_path / "a.yml"
+    a.write_text(yaml.safe_dump(VALID, sort_keys=True))
+    b = tmp_path / "b.yml"
+    b.write_text(yaml.safe_dump({k: VALID[k] for k in reversed(VALID)}, sort_keys=False))
+    first, second = load_config(a).config_hash(), load_config(b).config_hash()
+    assert re.fullmatch(r"[0-9a-f]{16}", first) and first == second
+    # Defaults written out are the same settings; a changed setting is another digest.
+    assert load_config(a, ["limits.max_concurrency=8"]).config_hash() == first
+    assert load_config(a, ["limits.max_concurrency=9"]).config_hash() != first
+    assert load_config(a, ["run.chunk_rows=5"]).config_hash() != first
