@@ -88,3 +88,27 @@ def test_latency_ms_counts_the_whole_row_retries_and_waits_included(ep):
         [o] = engine.call(["x"])
     assert (o.status, o.attempts) == ("ok", 2)
     assert o.latency_ms >= 1000
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_an_overload_answer_halves_the_task_s_in_flight_limit(ep, status):
+    """README: a 429/503 halves the in-flight limit (AIMD); other errors do not."""
+    first: set[str] = set()
+
+    def fault(req):
+        if req.body["prompt"] not in first:
+            first.add(req.body["prompt"])
+            return status, {}, b'{"message": "overloaded"}'
+        return None
+
+    ep.fault = fault
+    with Engine(spec(ep, max_concurrency=8, retry=RetrySpec(backoff_base_s=0.01))) as engine:
+        [o] = engine.call(["x"])
+        assert (o.status, engine.limiter.limit, engine.limiter.cuts) == ("ok", 4, 1)
+
+
+def test_a_server_error_is_retried_without_cutting_the_limit(ep):
+    ep.fault = lambda req: (500, {}, b'{"message": "bug"}') if len(ep.received) == 1 else None
+    with Engine(spec(ep, max_concurrency=8, retry=RetrySpec(backoff_base_s=0.01))) as engine:
+        [o] = engine.call(["x"])
+        assert (o.status, o.attempts, engine.limiter.limit) == ("ok", 2, 8)
