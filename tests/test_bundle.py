@@ -272,7 +272,7 @@ def test_the_wheel_leaves_spark_to_the_databricks_runtime(wheel):
     unconditional = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
                      for r in requires if "extra ==" not in r}
     assert unconditional & {"pyspark", "delta-spark", "mlflow"} == set(), requires
-    assert {"pydantic", "pyyaml", "databricks-sdk"} <= unconditional
+    assert {"pydantic", "pyyaml", "databricks-sdk", "jsonschema"} <= unconditional
     assert packages == {"jobs", "udfs"}
 
 
