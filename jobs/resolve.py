@@ -136,6 +136,7 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
     e, lim, r = cfg.endpoint, cfg.limits, cfg.retry
     check_transforms(e)
     url = endpoint_url(e, spark)
+    rf = e.response_format
     return EngineSpec(
         url=url,
         task=e.task,
@@ -157,5 +158,9 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         http_client=lim.http_client,
         retry=RetrySpec(statuses=tuple(r.statuses), max_attempts=r.max_attempts,
                         backoff_base_s=r.backoff_base_s, backoff_max_s=r.backoff_max_s,
-                        row_budget_s=r.row_budget_s),
+                        row_budget_s=r.row_budget_s, invalid_output_attempts=r.invalid_output_attempts),
+        response_schema=None if rf is None else rf.json_schema,
+        response_format_name="response" if rf is None else rf.name,
+        response_format_strict=True if rf is None else rf.strict,
+        response_format_at=None if rf is None else rf.send_at,
     )
