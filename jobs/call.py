@@ -1,8 +1,9 @@
 """Calling: every pending row gets its outcome columns from the endpoint, through the pandas UDF.
 
 Identical requests are sent once (one `request_hash`, one call) and their answer is joined back to
-every row that asked; rows a precheck stopped get their error without a call. For embeddings, a
-vector whose length is not the run's becomes an error row.
+every row that asked; rows a precheck stopped get their error without a call. Kept input columns ride
+along. With structured output, each valid answer's canonical JSON becomes the typed `parsed` column.
+For embeddings, a vector whose length is not the run's becomes an error row.
 
 Example::
 
@@ -15,19 +16,31 @@ from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 from pyspark.sql.window import Window
 
 from jobs.plan import TaskPlan
-from jobs.read import Transform
+from jobs.read import Transform, column
+from jobs.structured import parsed_column, response_type
 from udfs import reasons
-from udfs.inference import inference_udf, outcome_schema
+from udfs.inference import PARSED_JSON, inference_udf, outcome_schema
 from udfs.protocols import is_embeddings_task
 from udfs.spec import EngineSpec
 
 
-def with_outcomes(spec: EngineSpec, plan: TaskPlan) -> Transform:
-    """Call the endpoint once per distinct request; every row gets its outcome columns."""
+# The request columns `jobs.read` makes; any other input column is a kept one, carried to the output.
+_REQUEST_COLUMNS = ("id", "prompt", "request_hash", "precheck", "_exists")
+
+
+def with_outcomes(spec: EngineSpec, plan: TaskPlan, parsed_type: T.DataType | None = None) -> Transform:
+    """Call the endpoint once per distinct request; every row gets its outcome columns.
+
+    With a response schema, `parsed` is read with `parsed_type` (the output table's type of it, which
+    may hold fields of earlier schemas), by default the schema's own.
+    """
     embeddings = is_embeddings_task(spec.task)
+    structured = spec.response_schema is not None
+    if structured and parsed_type is None:
+        parsed_type = response_type(spec.response_schema or {})
     udf = inference_udf(plan.per_task_spec(spec), plan.per_task)
-    outcome_fields = outcome_schema(embeddings).fields
-    fields = [f.name for f in outcome_fields]
+    outcome_fields = outcome_schema(embeddings, structured).fields
+    fields = [f.name for f in outcome_fields if f.name != PARSED_JSON] + (["parsed"] if structured else [])
 
     def step(df: DataFrame) -> DataFrame:
         to_call = df.where(F.col("precheck").isNull())
@@ -40,8 +53,12 @@ def with_outcomes(spec: EngineSpec, plan: TaskPlan) -> Transform:
         called = to_call.join(answered, on="request_hash", how="inner").select("*", "o.*").drop("o")
         skipped = df.where(F.col("precheck").isNotNull()).select(
             "*", *[_not_sent(f) for f in outcome_fields])
-        return called.unionByName(skipped.select(*called.columns)).drop("precheck").select(
-            "id", "prompt", *fields, "request_hash", *[c for c in ("_exists",) if c in df.columns])
+        out = called.unionByName(skipped.select(*called.columns)).drop("precheck")
+        if structured and parsed_type is not None:
+            out = out.withColumn("parsed", parsed_column(F.col(PARSED_JSON), parsed_type))
+        carried = [c for c in df.columns if c not in _REQUEST_COLUMNS]
+        return out.select("id", *[column(c) for c in carried], "prompt", *fields, "request_hash",
+                          *[c for c in ("_exists",) if c in df.columns])
     return step
 
 

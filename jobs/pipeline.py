@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pyspark.sql import DataFrame, SparkSession, functions as F
 
 from jobs.call import dimension_check, with_outcomes
-from jobs.commit import commit_chunk, ensure_output_table, output_schema, with_run_columns
+from jobs.commit import commit_chunk, ensure_output_table, table_schema, with_run_columns
 from jobs.config import JobConfig
 from jobs.dryrun import dry_run
 from jobs.errors import JobFailed
@@ -46,8 +46,8 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     summary = RunSummary(run_id=run_id, output_table=cfg.output.table)
 
     inputs, requests = read_requests(spark, cfg)
-    schema = output_schema(inputs.schema["id"].dataType, embeddings)
-    table = ensure_output_table(spark, cfg.output.table, schema)
+    table = ensure_output_table(spark, cfg.output.table, table_schema(cfg, inputs.schema))
+    schema = table.toDF().schema  # what chunks land: the table's columns, with any an earlier config added
     summary.input_rows = requests.count()
     # Which rows to call is decided once, up front, and kept: every chunk reads this set rather than
     # re-reading the input and re-joining the output. Identical requests share a chunk (hash of the
@@ -64,7 +64,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
              plan.partitions, "/".join(map(str, sorted(set(plan.per_task)))), cfg.output.table)
 
     chunked = pending.withColumn("_chunk", F.pmod(F.xxhash64("request_hash"), F.lit(max(1, n_chunks))))
-    outcomes = with_outcomes(spec, plan)
+    outcomes = with_outcomes(spec, plan, schema["parsed"].dataType if e.response_format else None)
     finish = with_run_columns(e.name, run_id, schema)
     dims = dimension_check(spark, cfg.output.table, run_id, e.embedding_dim) if embeddings else _unchanged
     progress = Progress(summary.pending_rows, n_chunks)
