@@ -1,4 +1,5 @@
-"""One request's life against a real server on 127.0.0.1: budgets, splitting, latency with retries.
+"""One request's life against a real server on 127.0.0.1: budgets, splitting, latency with retries,
+and with structured output each answer checked and asked for again.
 
 Each test is a promise of the README's "Speed and limits" and "Failure and resume" sections, with the
 README's numbers.
@@ -6,14 +7,18 @@ README's numbers.
 
 from __future__ import annotations
 
+import json
+import threading
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
 import pytest
 
-from jobs.local.stand_in import LocalEndpoint
+from jobs.local.stand_in import LocalEndpoint, fit
+from tests.test_structured import REVIEW
 from udfs.engine import Engine
 from udfs.spec import EngineSpec, RetrySpec
+from udfs.structured import wire_format
 
 
 @pytest.fixture
@@ -112,3 +117,78 @@ def test_a_server_error_is_retried_without_cutting_the_limit(ep):
     with Engine(spec(ep, max_concurrency=8, retry=RetrySpec(backoff_base_s=0.01))) as engine:
         [o] = engine.call(["x"])
         assert (o.status, o.attempts, engine.limiter.limit) == ("ok", 2, 8)
+
+
+# -- structured output: answers checked, asked again ------------------------------------------------------
+
+def chat_spec(ep: LocalEndpoint, **kw) -> EngineSpec:
+    kw.setdefault("retry", RetrySpec(backoff_base_s=0.01, backoff_max_s=0.05))
+    return EngineSpec(url=f"{ep.url}/serving-endpoints/c/invocations", task="llm/v1/chat", response_schema=REVIEW,
+                      **kw)
+
+
+def chat_answer(content: str) -> tuple[int, dict[str, str], bytes]:
+    body = {"choices": [{"message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7}}
+    return 200, {}, json.dumps(body).encode()
+
+
+def flaky(bad: str, times: int = 1):
+    """A fault: each prompt's first `times` answers are `bad`; later ones come from the model."""
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def fault(req):
+        prompt = req.body["messages"][-1]["content"]
+        with lock:
+            seen[prompt] = seen.get(prompt, 0) + 1
+            n = seen[prompt]
+        return chat_answer(bad) if n <= times else None
+    return fault
+
+
+def test_one_re_ask_fixes_a_flaky_answer_and_both_attempts_are_counted():
+    with LocalEndpoint(fault=flaky("not json at all")) as ep, Engine(chat_spec(ep)) as engine:
+        [o] = engine.call(["I love it, no refund needed."])
+    # Both answers were paid for: the bad one's usage (5 + 7) plus the model's (6 words in, its words out).
+    assert (o.status, o.error, o.attempts, o.prompt_tokens, o.completion_tokens) == (
+        "ok", None, 2, 5 + 6, 7 + len(o.response.split()))
+    assert json.loads(o.parsed_json) == json.loads(o.response) == fit(REVIEW, "I love it, no refund needed.")
+    assert [r.body["response_format"] for r in ep.received] == [wire_format(REVIEW)] * 2
+
+
+def test_an_answer_still_invalid_after_the_re_asks_keeps_its_raw_text():
+    bad = '{"sentiment": "ecstatic", "refund_requested": false}'
+    with LocalEndpoint(fault=flaky(bad, times=5)) as ep:
+        with Engine(chat_spec(ep)) as engine:
+            [o] = engine.call(["so good"])
+        assert (o.status, o.response, o.attempts, o.http_status, o.parsed_json, o.prompt_tokens) == (
+            "error", bad, 2, 200, None, 10)
+        assert o.error == "invalid_output: $.sentiment: 'ecstatic' is not one of ['positive', 'negative', 'neutral']"
+        assert len(ep.received) == 2  # one answer, one re-ask (retry.invalid_output_attempts: 1)
+
+        ep.received.clear()
+        with Engine(chat_spec(ep, retry=RetrySpec(invalid_output_attempts=0))) as engine:
+            [o] = engine.call(["so good"])
+        assert (o.status, o.attempts, len(ep.received)) == ("error", 1, 1)
+
+
+def test_in_a_batch_only_the_invalid_rows_are_asked_again():
+    calls = []
+
+    def fault(req):
+        records = req.body["dataframe_records"]
+        calls.append([r["prompt"] for r in records])
+        if len(calls) == 1:  # the first request: "b" answers garbage, the others fit
+            return 200, {}, json.dumps({"predictions": [
+                "garbage" if r["prompt"] == "b" else json.dumps(fit(REVIEW, r["prompt"])) for r in records]}).encode()
+        return None
+
+    with LocalEndpoint(fault=fault) as ep:
+        spec = EngineSpec(url=f"{ep.url}/serving-endpoints/m/invocations", task="custom", rows_per_request=3,
+                          response_schema=REVIEW, response_format_at="params.response_format")
+        with Engine(spec) as engine:
+            out = engine.call(["a", "b", "c"])
+    assert [(o.status, o.attempts) for o in out] == [("ok", 1), ("ok", 2), ("ok", 1)]
+    assert calls == [["a", "b", "c"], ["b"]]
+    assert ep.received[0].body["params"] == {"response_format": wire_format(REVIEW)}

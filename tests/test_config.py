@@ -7,8 +7,10 @@ import re
 
 import pytest
 import yaml
+from pyspark.sql import types as T
 
-from jobs.config import ConfigError, load_config, parse_config, parse_overrides
+from jobs.commit import output_schema
+from jobs.config import RESERVED_COLUMNS, ConfigError, load_config, parse_config, parse_overrides
 from tests.conftest import job_config
 
 VALID = {
@@ -227,3 +229,8 @@ def test_template_and_kept_column_errors_name_the_key(input_, message):
 def test_template_fields_are_read_once_in_order():
     cfg = parse_config(with_("input", template="{b} and {a}, {b} again {{not a field}}"))
     assert cfg.input.template_fields == ["b", "a"]
+
+
+def test_reserved_names_are_the_output_tables_columns_and_the_jobs_own():
+    names = {n for e in (False, True) for n in output_schema(T.LongType(), e).fieldNames()}
+    assert RESERVED_COLUMNS == names | {"parsed", "precheck"}

@@ -1,13 +1,17 @@
-"""Reading: ids checked, requests hashed, final rows set aside, the limit taken on what is pending."""
+"""Reading: prompts rendered, ids checked, requests hashed, final rows set aside, the limit taken on what
+is pending."""
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
+from jobs.config import InputConfig
 from jobs.errors import InputError
-from jobs.read import check_ids, with_limit, with_request_hash, without_final
+from jobs.read import check_ids, read_input, with_limit, with_precheck, with_request_hash, without_final
 
 
 def test_null_ids_stop_the_run_and_say_how_many(spark):
@@ -63,3 +67,23 @@ def test_the_limit_takes_the_lowest_ids(spark):
     assert [r["id"] for r in df.transform(with_limit(3)).orderBy("id").collect()] == [1, 3, 5]
     assert df.transform(with_limit(None)).count() == 5
     assert df.transform(with_limit(3)).agg(F.max("id")).first()[0] == 5
+
+
+def test_a_template_renders_from_several_columns_beside_the_kept_ones(spark):
+    name = f"reviews_{uuid.uuid4().hex[:8]}"
+    spark.createDataFrame([(1, "Kettle", "It leaks.", 2, "FR"), (2, None, "Nice.", 5, "DE"), (3, "Mug", None, None, "IT")],
+                          "id long, product string, body string, stars int, country string").createOrReplaceTempView(name)
+    errors = InputConfig(table=name, template="{product} ({stars}/5): {body} {{x}}", keep_columns=["country"])
+    out = read_input(spark, errors).transform(with_precheck(100)).select("id", "country", "prompt", "precheck")
+    expected = spark.createDataFrame([
+        (1, "FR", "Kettle (2/5): It leaks. {x}", None),
+        (2, "DE", None, "null_field: product is null"),
+        (3, "IT", None, "null_field: stars, body are null"),
+    ], "id long, country string, prompt string, precheck string")
+    assert_df_equality(out, expected, ignore_row_order=True, ignore_nullable=True)
+
+    empty = errors.model_copy(update={"null_fields": "empty"})
+    out = read_input(spark, empty).transform(with_precheck(100)).select("id", "prompt", "precheck")
+    expected = spark.createDataFrame([(1, "Kettle (2/5): It leaks. {x}", None), (2, " (5/5): Nice. {x}", None),
+                                      (3, "Mug (/5):  {x}", None)], "id long, prompt string, precheck string")
+    assert_df_equality(out, expected, ignore_row_order=True, ignore_nullable=True)

@@ -1,20 +1,14 @@
-"""Structured output without Spark jobs: schema -> Spark type, answers checked, the re-ask, table growth."""
+"""Structured output's schemas: JSON Schema -> Spark type (jobs/structured.py), what is refused, and
+answers checked against a schema (udfs/structured.py). Pure: no Spark job, no HTTP."""
 
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 from pyspark.sql import types as T
 
-from jobs.commit import output_schema
-from jobs.config import RESERVED_COLUMNS
-from jobs.local.stand_in import LocalEndpoint, fit
 from jobs.structured import response_type
-from jobs.tables import ddl, schema_changes
-from udfs.engine import Engine
-from udfs.spec import EngineSpec, RetrySpec
 from udfs.structured import AnswerChecker, InvalidOutput, UnsupportedSchema, check_schema, wire_format
 
 S, L, D, B = T.StringType(), T.LongType(), T.DoubleType(), T.BooleanType()
@@ -159,107 +153,3 @@ def test_canonical_json_fits_the_column_types_exactly():
 def test_wire_format_is_the_documented_response_format():
     assert wire_format(REVIEW, "review", strict=True) == {
         "type": "json_schema", "json_schema": {"name": "review", "schema": REVIEW, "strict": True}}
-
-
-def test_the_stand_in_answers_json_that_fits_the_schema_deterministically():
-    prompt = "Classify this review of Kettle Pro: I want a refund, it leaks. Is it negative?"
-    schema = {**REVIEW, "properties": {**REVIEW["properties"], "words": {"type": "integer", "maximum": 10},
-                                      "names": {"type": "array", "items": {"type": "string"}}}}
-    value = fit(schema, prompt)
-    assert value == fit(schema, prompt)
-    assert value["sentiment"] == "negative" and value["refund_requested"] is True  # word found; ends with "?"
-    assert (value["words"], value["names"]) == (10, ["Kettle", "Pro"])
-    AnswerChecker(schema).check(json.dumps(value))
-
-
-def test_reserved_names_are_the_output_tables_columns_and_the_jobs_own():
-    names = set(output_schema(L, False).fieldNames()) | set(output_schema(L, True).fieldNames())
-    assert RESERVED_COLUMNS == names | {"parsed", "precheck"}
-
-
-def test_an_existing_table_may_grow_parsed_fields_but_not_change_their_types():
-    have = T.StructType([T.StructField("id", L), T.StructField("status", S),
-                         T.StructField("parsed", struct(("a", S), ("items", T.ArrayType(struct(("x", L))))))])
-    want = T.StructType([T.StructField("id", L), T.StructField("status", S), T.StructField("product", S),
-                         T.StructField("parsed", struct(("a", S), ("b-c", L),
-                                                        ("items", T.ArrayType(struct(("x", L), ("y", B))))))])
-    assert schema_changes(have, want, ["parsed", "product"]) == (
-        ["`product` STRING", "`parsed`.`b-c` BIGINT", "`parsed`.`items`.`element`.`y` BOOLEAN"], [])
-    changed = T.StructType([T.StructField("id", S), T.StructField("parsed", struct(("a", L)))])
-    assert schema_changes(have, changed, ["parsed"]) == ([], ["id (bigint != string)", "parsed.a (string != bigint)"])
-    assert ddl(struct(("a b", T.MapType(S, L)))) == "STRUCT<`a b`: MAP<STRING, BIGINT>>"
-
-
-# -- the engine: answers checked, asked again ------------------------------------------------------
-
-def chat_spec(ep: LocalEndpoint, **kw) -> EngineSpec:
-    kw.setdefault("retry", RetrySpec(backoff_base_s=0.01, backoff_max_s=0.05))
-    return EngineSpec(url=f"{ep.url}/serving-endpoints/c/invocations", task="llm/v1/chat", response_schema=REVIEW,
-                      **kw)
-
-
-def chat_answer(content: str) -> tuple[int, dict[str, str], bytes]:
-    body = {"choices": [{"message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 7}}
-    return 200, {}, json.dumps(body).encode()
-
-
-def flaky(bad: str, times: int = 1):
-    """A fault: each prompt's first `times` answers are `bad`; later ones come from the model."""
-    seen: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def fault(req):
-        prompt = req.body["messages"][-1]["content"]
-        with lock:
-            seen[prompt] = seen.get(prompt, 0) + 1
-            n = seen[prompt]
-        return chat_answer(bad) if n <= times else None
-    return fault
-
-
-def test_one_re_ask_fixes_a_flaky_answer_and_both_attempts_are_counted():
-    with LocalEndpoint(fault=flaky("not json at all")) as ep, Engine(chat_spec(ep)) as engine:
-        [o] = engine.call(["I love it, no refund needed."])
-    # Both answers were paid for: the bad one's usage (5 + 7) plus the model's (6 words in, its words out).
-    assert (o.status, o.error, o.attempts, o.prompt_tokens, o.completion_tokens) == (
-        "ok", None, 2, 5 + 6, 7 + len(o.response.split()))
-    assert json.loads(o.parsed_json) == json.loads(o.response) == fit(REVIEW, "I love it, no refund needed.")
-    assert [r.body["response_format"] for r in ep.received] == [wire_format(REVIEW)] * 2
-
-
-def test_an_answer_still_invalid_after_the_re_asks_keeps_its_raw_text():
-    bad = '{"sentiment": "ecstatic", "refund_requested": false}'
-    with LocalEndpoint(fault=flaky(bad, times=5)) as ep:
-        with Engine(chat_spec(ep)) as engine:
-            [o] = engine.call(["so good"])
-        assert (o.status, o.response, o.attempts, o.http_status, o.parsed_json, o.prompt_tokens) == (
-            "error", bad, 2, 200, None, 10)
-        assert o.error == "invalid_output: $.sentiment: 'ecstatic' is not one of ['positive', 'negative', 'neutral']"
-        assert len(ep.received) == 2  # one answer, one re-ask (retry.invalid_output_attempts: 1)
-
-        ep.received.clear()
-        with Engine(chat_spec(ep, retry=RetrySpec(invalid_output_attempts=0))) as engine:
-            [o] = engine.call(["so good"])
-        assert (o.status, o.attempts, len(ep.received)) == ("error", 1, 1)
-
-
-def test_in_a_batch_only_the_invalid_rows_are_asked_again():
-    calls = []
-
-    def fault(req):
-        records = req.body["dataframe_records"]
-        calls.append([r["prompt"] for r in records])
-        if len(calls) == 1:  # the first request: "b" answers garbage, the others fit
-            return 200, {}, json.dumps({"predictions": [
-                "garbage" if r["prompt"] == "b" else json.dumps(fit(REVIEW, r["prompt"])) for r in records]}).encode()
-        return None
-
-    with LocalEndpoint(fault=fault) as ep:
-        spec = EngineSpec(url=f"{ep.url}/serving-endpoints/m/invocations", task="custom", rows_per_request=3,
-                          response_schema=REVIEW, response_format_at="params.response_format")
-        with Engine(spec) as engine:
-            out = engine.call(["a", "b", "c"])
-    assert [(o.status, o.attempts) for o in out] == [("ok", 1), ("ok", 2), ("ok", 1)]
-    assert calls == [["a", "b", "c"], ["b"]]
-    assert ep.received[0].body["params"] == {"response_format": wire_format(REVIEW)}
