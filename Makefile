@@ -12,7 +12,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 export BI_JARS_DIR := $(abspath .cache/jars)
 
-.PHONY: install jars demo test bench clean
+.PHONY: install jars demo test test-random bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,15 +24,19 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 
 # The Delta Lake jars come from Maven Central once; the marker makes later runs offline.
 jars: $(VENV)/.installed
-	$(BIN)/python -m jobs.delta_jars
+	$(BIN)/python -m jobs.local.delta_jars
 
 install: $(VENV)/.installed jars
 
 demo: install
-	$(BIN)/python -m jobs.demo
+	$(BIN)/python -m jobs.local.demo
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The suite in a random order: the seed is printed; add --randomly-seed=<seed> to replay one order.
+test-random: install
+	$(BIN)/python -m pytest -q -p randomly
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py

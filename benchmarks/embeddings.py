@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--master", default="local[2]")
     args = p.parse_args()
 
-    from jobs.local_endpoint import LocalEndpoint
+    from jobs.local.stand_in import LocalEndpoint
     from jobs.session import get_spark
 
     spark = get_spark("benchmark-embeddings", master=args.master,

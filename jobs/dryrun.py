@@ -16,18 +16,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
-from urllib.parse import urlsplit
+from dataclasses import replace
 
 from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
+from pyspark.sql import DataFrame, SparkSession, functions as F
 
+from jobs.commit import growable_columns, table_schema
 from jobs.config import ConfigError, JobConfig
-from jobs.endpoint import engine_spec
-from jobs.observe import estimate_cost
-from jobs.pipeline import InputError, JobFailed, RunSummary, output_schema, read_requests, without_final
-from jobs.tracking import tracking_uri
-from udfs.engine import Engine, EngineSpec, Outcome
+from jobs.errors import InputError, JobFailed, first_line
+from jobs.observe.stats import estimate_cost
+from jobs.observe.tracking import tracking_uri
+from jobs.read import read_requests, with_limit, without_final
+from jobs.resolve import engine_spec
+from jobs.secret_rules import redact_url
+from jobs.summary import DryRunReport, RunSummary
+from jobs.tables import schema_changes
+from udfs.engine import Engine
+from udfs.spec import EngineSpec
 
 log = logging.getLogger("batch_inference")
 
@@ -37,37 +42,6 @@ FALLBACK_PROMPT = "ping"
 
 class DryRunFailed(JobFailed):
     """A dry run found a problem; the log lists every check."""
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
-class DryRunReport:
-    checks: list[Check] = field(default_factory=list)
-    input_rows: int | None = None
-    pending_rows: int | None = None
-    # Distinct requests a run would send: identical prompts go once; empty or over-long ones never.
-    requests: int | None = None
-    prompt_chars: int | None = None
-    probe: Outcome | None = None
-    probe_prompt_chars: int | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    token_basis: str = ""
-    cost: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    def add(self, name: str, ok: bool, detail: str) -> bool:
-        self.checks.append(Check(name, ok, detail))
-        return ok
 
 
 def dry_run(spark: SparkSession, cfg: JobConfig, *, run_id: str) -> RunSummary:
@@ -94,9 +68,11 @@ def check(spark: SparkSession, cfg: JobConfig) -> DryRunReport:
     spec = _endpoint(r, spark, cfg)
     requests = _input(r, spark, cfg)
     prior = _output(r, spark, cfg, requests)
-    pending = requests.transform(without_final(prior, cfg.run.retry_errors)) if requests is not None else None
-    if pending is not None:
-        _count(r, pending, cfg)
+    pending = None
+    if requests is not None:
+        unlimited = requests.transform(without_final(prior, cfg.run.retry_errors))
+        pending = unlimited.transform(with_limit(cfg.run.limit))
+        _count(r, pending, unlimited if cfg.run.limit else None)
     if spec is not None:
         _probe(r, spec, cfg, _first_prompt(pending))
     _estimate(r, cfg)
@@ -110,14 +86,8 @@ def _endpoint(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> EngineSpe
         r.add("endpoint", False, str(exc))
         return None
     auth = "with credentials" if spec.headers else "without credentials"
-    r.add("endpoint", True, f"{cfg.endpoint.task} at {_shown(spec.url)}, {auth}")
+    r.add("endpoint", True, f"{cfg.endpoint.task} at {redact_url(spec.url)}, {auth}")
     return spec
-
-
-def _shown(url: str) -> str:
-    """Scheme, host and path: a query string or user info could carry a credential."""
-    p = urlsplit(url)
-    return f"{p.scheme}://{p.hostname}{f':{p.port}' if p.port else ''}{p.path}"
 
 
 def _input(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> DataFrame | None:
@@ -125,7 +95,7 @@ def _input(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> DataFrame | 
         _, requests = read_requests(spark, cfg)
         r.input_rows = requests.count()
     except (InputError, AnalysisException) as exc:
-        r.add("input", False, str(exc).strip().splitlines()[0][:300])
+        r.add("input", False, first_line(exc))
         return None
     source = cfg.input.table or cfg.input.path or "input.query"
     limit = f" (run.limit {cfg.run.limit})" if cfg.run.limit else ""
@@ -143,29 +113,26 @@ def _output(r: DryRunReport, spark: SparkSession, cfg: JobConfig,
     try:
         exists = spark.catalog.tableExists(name)
     except AnalysisException as exc:
-        r.add("output", False, f"output.table {name}: {str(exc).strip().splitlines()[0][:300]}")
+        r.add("output", False, f"output.table {name}: {first_line(exc)}")
         return None
     if not exists:
         r.add("output", True, f"{name} does not exist yet; a run creates it{then}")
         return None
     prior = spark.read.table(name)
+    grows = ""
     if requests is not None:
-        want = output_schema(requests.schema["id"].dataType, cfg.endpoint.is_embeddings)
-        wrong = _schema_problems(prior.schema, want)
+        want = table_schema(cfg, requests.schema)
+        adds, wrong = schema_changes(prior.schema, want, growable_columns(want, cfg.endpoint.is_embeddings))
         if wrong:
             r.add("output", False, f"{name} exists with another schema: {', '.join(wrong)}")
             return None
-    r.add("output", True, f"{name} exists; rows it holds as final are skipped{then}")
+        grows = f"; a run adds columns {', '.join(a.split(' ', 1)[0] for a in adds)}" if adds else ""
+    r.add("output", True, f"{name} exists; rows it holds as final are skipped{grows}{then}")
     return prior
 
 
-def _schema_problems(have: T.StructType, want: T.StructType) -> list[str]:
-    types = {f.name: f.dataType for f in have.fields}
-    return [f"{f.name} ({types[f.name].simpleString() if f.name in types else 'missing'} != "
-            f"{f.dataType.simpleString()})" for f in want.fields if types.get(f.name) != f.dataType]
-
-
-def _count(r: DryRunReport, pending: DataFrame, cfg: JobConfig) -> None:
+def _count(r: DryRunReport, pending: DataFrame, unlimited: DataFrame | None) -> None:
+    """`pending` is what this run would take; `unlimited` every pending row, when `run.limit` cuts it."""
     # Per request first: identical prompts are sent once, and their characters count once.
     per_request = pending.groupBy("request_hash").agg(
         F.count("*").alias("n"), F.max(F.col("precheck").isNull()).alias("sent"),
@@ -175,9 +142,11 @@ def _count(r: DryRunReport, pending: DataFrame, cfg: JobConfig) -> None:
         F.sum(F.when(F.col("sent"), F.col("chars"))).alias("chars"),
         F.sum(F.when(~F.col("sent"), F.col("n"))).alias("not_sent")).first()
     r.pending_rows, r.requests, r.prompt_chars = row["pending"] or 0, row["requests"] or 0, row["chars"] or 0
-    done = (r.input_rows or 0) - r.pending_rows
+    all_pending = unlimited.count() if unlimited is not None else r.pending_rows
+    done = (r.input_rows or 0) - all_pending
+    cut = f", this run takes the first {r.pending_rows} by id (run.limit)" if unlimited is not None else ""
     r.add("pending", True,
-          f"{r.pending_rows} of {r.input_rows} rows pending ({done} already final in the output table); "
+          f"{all_pending} of {r.input_rows} rows pending ({done} already final in the output table){cut}; "
           f"{r.requests} distinct requests to send, {r.prompt_chars} prompt characters; "
           f"{row['not_sent'] or 0} rows fail the prechecks (empty, or over run.max_prompt_chars) "
           "and are not sent")
@@ -194,7 +163,7 @@ def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None
     """One request, one attempt: a dry run must not retry its way into a rate limit or a bill."""
     text = prompt if prompt is not None else FALLBACK_PROMPT
     one = replace(spec, rows_per_request=1, max_concurrency=1, requests_per_s=None, tokens_per_s=None,
-                  retry=replace(spec.retry, max_attempts=1))
+                  retry=replace(spec.retry, max_attempts=1, invalid_output_attempts=0))
     try:
         with Engine(one, max_limit=1) as engine:
             [outcome] = engine.call([text])
@@ -208,7 +177,8 @@ def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None
         r.add("probe", False, f"{which}: {outcome.error} (HTTP {outcome.http_status}, {took})")
         return
     shape = (f"a vector of {len(outcome.embedding)} floats" if outcome.embedding is not None
-             else f"text of {len(outcome.response or '')} characters")
+             else f"JSON of {len(outcome.response or '')} characters that fits endpoint.response_format"
+             if spec.response_schema is not None else f"text of {len(outcome.response or '')} characters")
     usage = (f"usage {outcome.prompt_tokens} prompt + {outcome.completion_tokens or 0} completion tokens"
              if outcome.prompt_tokens is not None else "no usage reported")
     dim = cfg.endpoint.embedding_dim
@@ -239,4 +209,4 @@ def _estimate(r: DryRunReport, cfg: JobConfig) -> None:
     r.add("estimate", True, f"~{r.prompt_tokens} prompt tokens ({r.token_basis}){answers}; {cost}")
 
 
-__all__ = ["Check", "DryRunFailed", "DryRunReport", "check", "dry_run"]
+__all__ = ["DryRunFailed", "check", "dry_run"]

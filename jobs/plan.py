@@ -22,9 +22,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from udfs.engine import EngineSpec
+from udfs.spec import EngineSpec
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("batch_inference")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT.parent / "shared" / "databricks-bundle-schema" / "jsonschema.json"
+# Vendored from the Databricks CLI (tests/assets/databricks-bundle-schema/README.md says which commit).
+SCHEMA = ROOT / "tests" / "assets" / "databricks-bundle-schema" / "jsonschema.json"
 # The serverless job is an alternative to the included one (same job key): it is checked on its own.
 SERVERLESS = ["resources/serverless/*.yml"]
 

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pytest
 
 from jobs.config import JobConfig, parse_config
-from jobs.local_endpoint import LocalEndpoint
+from jobs.local.stand_in import LocalEndpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Union
 
-from jobs.local_endpoint import Request
+from jobs.local.stand_in import Request
 
 Reply = Union[tuple[int, dict[str, str], bytes], Callable[[BaseHTTPRequestHandler], None], "FromRequest", None]
 

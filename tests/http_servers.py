@@ -31,10 +31,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from jobs.local_endpoint import answer
+from jobs.local.stand_in import answer
 from tests.faults import prompts_of
 
 PROXY_HOST = "endpoint.test"  # resolvable only through ForwardProxy: proof that the proxy was used
+# What the machine may set that these servers' tests must control: CA bundles and proxies.
+ENV_TLS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+ENV_PROXY = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+             "no_proxy")
 
 
 class _Counts:

@@ -8,6 +8,7 @@ from a fresh virtual environment.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,7 +24,8 @@ import regex
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 
-from jobs.config import _SECRET_KEY, _SECRET_REF, _SECRET_VALUE, load_config
+from jobs.config import load_config
+from jobs.secret_rules import find_secrets
 from tests.bundle import (ROOT, SCHEMA, SERVERLESS, bundle_files, jobs, load_bundle, references, resolved,
                           variable_values)
 
@@ -87,6 +89,35 @@ def test_targets_follow_the_template_shape():
     assert {p["level"] for p in prod["permissions"]} <= {"CAN_VIEW", "CAN_RUN", "CAN_MANAGE"}
     artifact, = b["artifacts"].values()
     assert (artifact["type"], artifact["path"]) == ("whl", ".")
+    # Each deploy installs the wheel it just built, not a 0.1.0 a cluster already has.
+    assert artifact["dynamic_version"] is True
+
+
+def _upstream(task: dict, by_key: dict[str, dict]) -> set[str]:
+    """Every task `task` waits for, directly or through others."""
+    seen: set[str] = set()
+    todo = [d["task_key"] for d in task.get("depends_on", [])]
+    while todo:
+        key = todo.pop()
+        if key not in seen:
+            seen.add(key)
+            todo += [d["task_key"] for d in by_key[key].get("depends_on", [])]
+    return seen
+
+
+def test_tasks_sharing_a_job_cluster_never_run_at_once():
+    """Each task plans its partitions over every task slot of the cluster: two at once would each ask
+    for all of them, and neither would reach its max_concurrency."""
+    for name, job in jobs(load_bundle()).items():
+        by_key = {t["task_key"]: t for t in job["tasks"]}
+        on_cluster = [t for t in job["tasks"] if "job_cluster_key" in t]
+        for i, a in enumerate(on_cluster):
+            for b in on_cluster[i + 1:]:
+                if a["job_cluster_key"] == b["job_cluster_key"]:
+                    ordered = a["task_key"] in _upstream(b, by_key) or b["task_key"] in _upstream(a, by_key)
+                    assert ordered, f"{name}: {a['task_key']} and {b['task_key']} may run at once"
+        # A failed first task must not cost the second one its run.
+        assert all(t.get("run_if") == "ALL_DONE" for t in on_cluster if t.get("depends_on"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -158,32 +189,20 @@ def _bundle_texts() -> dict[Path, str]:
     return {p: p.read_text() for p in sorted(paths)}
 
 
-def _secret_literals(node, where=""):
-    """Values under credential-like keys that are not `{{secrets/scope/key}}` or `${...}` references,
-    and values anywhere that look like tokens."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            here = f"{where}.{key}" if where else str(key)
-            last = str(key).rsplit(".", 1)[-1]
-            if (_SECRET_KEY.search(last) and isinstance(value, str) and value
-                    and not _SECRET_REF.match(value) and not value.startswith("${")):
-                yield here
-            yield from _secret_literals(value, here)
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _secret_literals(value, f"{where}[{i}]")
-    elif isinstance(node, str) and _SECRET_VALUE.match(node.strip()):
-        yield where
+def _secret_literals(node) -> list[str]:
+    """Where the bundle holds a secret, by the config's own rule; `${...}` references count as
+    references, since the CLI fills them in from variables."""
+    return [f.path for f in find_secrets(node, is_reference=lambda value: value.startswith("${"))]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("target", TARGETS)
 def test_no_secret_literal_anywhere_in_the_bundle(variant, target):
     # Resolved, so that `{{secrets/${var.secret_scope}/...}}` is checked as the reference it becomes.
-    assert list(_secret_literals(resolved(load_bundle(include=VARIANTS[variant]), target))) == []
+    assert _secret_literals(resolved(load_bundle(include=VARIANTS[variant]), target)) == []
     for path, text in _bundle_texts().items():
         if path.parent.name == "conf":
-            assert list(_secret_literals(yaml.safe_load(text))) == [], path
+            assert _secret_literals(yaml.safe_load(text)) == [], path
         # Comments too: a token pasted into a comment is still committed.
         assert not TOKEN_TEXT.search(text), path
 
@@ -209,7 +228,7 @@ def test_the_secret_check_sees_a_literal():
     job = {"spark_env_vars": {"BI_ENDPOINT_TOKEN": "abc123", "OK_TOKEN": "{{secrets/s/k}}"},
            "named_parameters": {"endpoint.api_key": "xyz", "endpoint.token_secret.scope": "llm"},
            "note": "dapi0123456789abcdef0123"}
-    assert list(_secret_literals(job)) == [
+    assert _secret_literals(job) == [
         "spark_env_vars.BI_ENDPOINT_TOKEN", "named_parameters.endpoint.api_key", "note"]
     assert TOKEN_TEXT.search("# pasted: dapi0123456789abcdef0123")
 
@@ -253,7 +272,7 @@ def test_the_wheel_leaves_spark_to_the_databricks_runtime(wheel):
     unconditional = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
                      for r in requires if "extra ==" not in r}
     assert unconditional & {"pyspark", "delta-spark", "mlflow"} == set(), requires
-    assert {"pydantic", "pyyaml", "databricks-sdk"} <= unconditional
+    assert {"pydantic", "pyyaml", "databricks-sdk", "jsonschema"} <= unconditional
     assert packages == {"jobs", "udfs"}
 
 
@@ -268,14 +287,17 @@ def test_the_console_script_runs_help_from_a_fresh_venv(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
+    # Without the session fixture's PYTHONPATH (the checkout): through it pip would find this package's
+    # own metadata, say "already satisfied" and install nothing.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
-                           "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
+                           "--no-index", str(wheel)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     for script in {t["python_wheel_task"]["entry_point"]
                    for j in jobs(load_bundle()).values() for t in j["tasks"]}:
         out = subprocess.run([str(venv / "bin" / script), "--help"], capture_output=True, text=True,
-                             timeout=60, cwd=tmp_path)
+                             timeout=60, cwd=tmp_path, env=env)
         assert out.returncode == 0, out.stderr
         assert "--conf" in out.stdout and "--limit" in out.stdout and "--dry-run" in out.stdout
-    no_spark = subprocess.run([str(py), "-c", "import pyspark"], capture_output=True, timeout=60)
+    no_spark = subprocess.run([str(py), "-c", "import pyspark"], capture_output=True, timeout=60, env=env)
     assert no_spark.returncode != 0, "the fresh venv should not see pyspark"

@@ -9,8 +9,9 @@ import pytest
 from chispa import assert_df_equality
 
 from jobs.config import ConfigError, parse_config
-from jobs.local_endpoint import LocalEndpoint, Request
-from jobs.pipeline import dimension_check, run_job, with_dimension_check
+from jobs.local.stand_in import LocalEndpoint, Request
+from jobs.call import dimension_check, with_dimension_check
+from jobs.pipeline import run_job
 from tests.conftest import job_config
 from udfs.protocols import BadResponse, Parsed, make_protocol
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from collections import defaultdict
 
 import pytest
 
-from jobs.local_endpoint import LocalEndpoint
-from udfs.engine import Engine, EngineSpec, RetrySpec
+from jobs.local.stand_in import LocalEndpoint
+from udfs.engine import Engine
+from udfs.spec import EngineSpec, RetrySpec
 
 FAST_RETRY = RetrySpec(backoff_base_s=0.01, backoff_max_s=0.05, max_attempts=100)
 
@@ -200,3 +203,22 @@ def test_an_abandoned_pipeline_sends_nothing_more(ep):
         sent_at_close = len(ep.received)
         time.sleep(0.2)
     assert len(ep.received) == sent_at_close < 20, "the other ~200 queued requests were dropped"
+
+
+def test_blank_prompts_of_any_whitespace_are_never_sent(ep):
+    with Engine(proxy_spec(ep)) as engine:
+        [out] = list(engine.map_batches([["\t\n \r\n", "\u3000", "\u2028\u00a0", "real"]]))
+    assert [(o.status, o.error) for o in out] == [("error", "empty_prompt")] * 3 + [("ok", None)]
+    assert [r.body["prompt"] for r in ep.received] == ["real"]
+
+
+def test_a_long_error_keeps_its_gave_up_note_within_500_characters(ep):
+    """README: the endpoint's message is cut to 500 characters; the `(gave up after N attempts, Ts)`
+    note that says why the row stopped must survive the cut."""
+    ep.fault = lambda req: (500, {}, json.dumps({"error_code": "INTERNAL_ERROR", "message": "m" * 2000}).encode())
+    with Engine(proxy_spec(ep, retry=RetrySpec(backoff_base_s=0.01, max_attempts=2))) as engine:
+        [o] = engine.call(["x"])
+    assert (o.status, o.attempts, o.http_status) == ("error", 2, 500)
+    assert len(o.error) <= 500
+    assert o.error.startswith("http_500: INTERNAL_ERROR: mmmm")
+    assert re.search(r"m \(gave up after 2 attempts, \d+\.\ds\)$", o.error), o.error

@@ -26,13 +26,15 @@ import yaml
 from chispa import assert_df_equality
 from pyspark.sql import functions as F, types as T
 
-from jobs.local_endpoint import LocalEndpoint
-from jobs.pipeline import commit_chunk, ensure_output_table, output_schema, run_job
+from jobs.local.stand_in import LocalEndpoint
+from jobs.commit import commit_chunk, ensure_output_table, output_schema
+from jobs.pipeline import run_job
 from jobs.session import register_local_tables
 from tests.conftest import ROOT, job_config
 from tests.faults import (FaultPlan, html_page, json_answer, json_error, malformed_json, reset_mid_body,
                           server_error, stall, throttled)
-from udfs.engine import Engine, EngineSpec, RetrySpec
+from udfs.engine import Engine
+from udfs.spec import EngineSpec, RetrySpec
 
 COLS = "id long, prompt string, response string, status string, error string, http_status int, attempts int"
 READ_TIMEOUT_S = 2.0  # generous: on a loaded machine a healthy answer must never time out
@@ -119,9 +121,11 @@ def matrix(spark):
             run={"max_prompt_chars": 60, "task_slots": 2},
         )
         summary = run_job(spark, job_config(**sections))
-        # The table as this run left it (the rerun test changes it), read once for all the tests.
+        # The table and the requests as this run left them, frozen: the rerun test adds to both, and
+        # the tests must pass in any order.
         landed = outcomes(spark, table).localCheckpoint(eager=True)
-        yield {"table": table, "landed": landed, "plan": plan, "summary": summary, "sections": sections}
+        yield {"table": table, "landed": landed, "plan": FaultPlan(log=list(plan.log)), "live_plan": plan,
+               "summary": summary, "sections": sections}
 
 
 def assert_rows(spark, matrix, *faults: str) -> None:
@@ -183,7 +187,7 @@ def test_empty_and_overlong_prompts_are_error_rows_never_sent(spark, matrix):
 
 
 def test_rerun_sends_only_error_rows_and_only_when_retry_errors(spark, matrix):
-    plan, sections, table = matrix["plan"], matrix["sections"], matrix["table"]
+    plan, sections, table = matrix["live_plan"], matrix["sections"], matrix["table"]
     plan.clear()
     before = len(plan.log)
     kept = run_job(spark, job_config(**{**sections, "run": {**sections["run"], "retry_errors": False}}))
@@ -247,7 +251,7 @@ PAT = "dapi0123456789abcdef0123456789abcdef"
 
 def exit_code(argv: list[str]) -> int:
     """The console script's exit status, whether it returns it or raises `SystemExit` with it."""
-    from jobs.run import main
+    from jobs.cli.run import main
 
     try:
         return main(argv)
@@ -292,7 +296,7 @@ def start_job(argv: list[str], warehouse: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "BI_WAREHOUSE_DIR": str(warehouse), "BI_SPARK_MASTER": "local[2]",
            "BI_DRIVER_MEMORY": "1g", "BI_RESUME_TOKEN": TOKEN,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-m", "jobs.run", *argv], cwd=ROOT, env=env,
+    return subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-m", "jobs.cli.run", *argv], cwd=ROOT, env=env,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

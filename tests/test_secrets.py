@@ -19,18 +19,21 @@ import yaml
 from pyspark.sql import functions as F
 
 from jobs.config import parse_config
-from jobs.endpoint import auth_headers, engine_spec
-from jobs.local_endpoint import LocalEndpoint
-from jobs.pipeline import read_input, with_outcomes, with_precheck, with_request_hash
+from jobs.resolve import auth_headers, engine_spec
+from jobs.local.stand_in import LocalEndpoint
+from jobs.call import with_outcomes
+from jobs.read import read_input, with_precheck, with_request_hash
 from jobs.plan import plan_tasks
 from tests.conftest import job_config
 from tests.faults import FaultPlan, FromRequest, json_error
-from udfs.auth import Secret, bearer, scrub
-from udfs.engine import MAX_ERROR_CHARS, Engine, EngineSpec, RetrySpec
+from udfs.auth import Secret, bearer
+from udfs.engine import Engine
+from udfs.spec import EngineSpec, RetrySpec
 from udfs.inference import inference_udf
 
 # Not hex, so no run id, hash or address in a log can contain a piece of it by chance.
 TOKEN = "dapi-TEST-Zq7w-SECRET-kx9R-v4lue-0042"
+ERROR_CAP = 500  # README: an error message is cut to 500 characters
 
 
 def pieces(token: str = TOKEN, size: int = 10) -> list[str]:
@@ -81,11 +84,28 @@ def test_repr_str_and_format_of_every_object_holding_the_token_hide_it(monkeypat
     assert pickle.loads(pickle.dumps(spec)).headers == spec.headers
 
 
-def test_scrub_removes_the_header_value_and_the_bare_credential():
-    header = Secret(f"Bearer {TOKEN}")
-    text = f"got 'Bearer {TOKEN}' and then just {TOKEN}, twice: {TOKEN}"
-    assert scrub(text, [header, None]) == "got '****' and then just ****, twice: ****"
-    assert scrub("nothing here", [header]) == "nothing here"
+def partial_echo(part: slice) -> FromRequest:
+    """A 401 quoting only a piece of the bearer token the request carried."""
+    def reply(req):
+        token = req.headers.get("Authorization", "").split()[-1]
+        return json_error(401, f"invalid token {token[part]}... for this workspace", code="UNAUTHENTICATED")
+    return FromRequest(reply)
+
+
+@pytest.mark.parametrize("part", [slice(0, 15), slice(-11, None), slice(5, 20)], ids=["prefix", "suffix", "middle"])
+def test_an_endpoint_echoing_part_of_the_token_leaves_none_of_it_in_the_row(part):
+    plan = FaultPlan(always={"partial": partial_echo(part)})
+    with LocalEndpoint(fault=plan) as ep:
+        engine = Engine(EngineSpec(url=f"{ep.url}/", endpoint_type="driver_proxy",
+                                   headers={"Authorization": Secret(f"Bearer {TOKEN}")},
+                                   retry=RetrySpec(max_attempts=1)))
+        try:
+            [outcome] = engine.call(["partial"])
+        finally:
+            engine.close()
+        assert ep.received[-1].headers["Authorization"] == f"Bearer {TOKEN}"  # not vacuous
+    assert outcome.error == "http_401: UNAUTHENTICATED: invalid token ****... for this workspace"
+    assert not any(TOKEN[i:i + 8] in outcome.error for i in range(len(TOKEN) - 7))
 
 
 # -- the endpoint's own errors -------------------------------------------------------------------------
@@ -94,9 +114,9 @@ def test_scrub_removes_the_header_value_and_the_bare_credential():
 def echo_server():
     plan = FaultPlan(always={
         "echo": echoing(401),
-        # The token straddles a cut (at MAX_ERROR_CHARS; at the 4000 characters read of a long body):
+        # The token straddles a cut (at ERROR_CAP; at the 4000 characters read of a long body):
         # cutting before scrubbing would keep the token's first characters.
-        "long": echoing(403, filler=MAX_ERROR_CHARS - 70),
+        "long": echoing(403, filler=ERROR_CAP - 70),
         "huge": (500, {"Content-Type": "text/plain"}, b" " * 3973 + f"Bearer {TOKEN} ".encode() + b"z" * 20_000),
         "not-json": (200, {}, ("<p>" + "y" * 60 + TOKEN + "</p>").encode()),
     })
@@ -106,8 +126,8 @@ def echo_server():
 
 @pytest.mark.parametrize("prompt, reason", [
     ("echo", "http_401: PERMISSION_DENIED: refused header '****'; token **** expired"),
-    ("long", ("http_403: PERMISSION_DENIED: " + "x" * (MAX_ERROR_CHARS - 70)
-              + "refused header '****'; token **** expired")[:MAX_ERROR_CHARS]),
+    ("long", ("http_403: PERMISSION_DENIED: " + "x" * (ERROR_CAP - 70)
+              + "refused header '****'; token **** expired")[:ERROR_CAP]),
     ("huge", "http_500: **** " + "z" * 22),
     ("not-json", "bad_response: answer is not JSON: '<p>" + "y" * 60 + "****</p>'"),
 ], ids=["echoed", "cut-at-bound", "cut-at-read", "not-json"])
@@ -120,7 +140,7 @@ def test_errors_quoting_the_token_are_scrubbed_before_they_are_cut_to_the_bound(
     finally:
         engine.close()
     assert (outcome.status, outcome.error) == ("error", reason)
-    assert len(outcome.error) <= MAX_ERROR_CHARS
+    assert len(outcome.error) <= ERROR_CAP
     assert echo_server.received[-1].headers["Authorization"] == f"Bearer {TOKEN}"
 
 
@@ -128,7 +148,7 @@ def test_errors_quoting_the_token_are_scrubbed_before_they_are_cut_to_the_bound(
 
 def test_a_whole_run_with_a_token_never_shows_it(spark, tmp_path, monkeypatch, caplog, capsys):
     """Logs of a whole `batch-inference` run, its error rows, its Delta log and its Spark plan."""
-    from jobs.run import main
+    from jobs.cli.run import main
 
     monkeypatch.setenv("BI_TEST_TOKEN", TOKEN)
     src = f"secret_prompts_{uuid.uuid4().hex[:8]}"

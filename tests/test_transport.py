@@ -14,6 +14,8 @@ import pytest
 
 from jobs.config import parse_config
 from tests.http_servers import (
+    ENV_PROXY,
+    ENV_TLS,
     PROXY_HOST,
     AioServer,
     ForwardProxy,
@@ -30,14 +32,12 @@ from tests.http_servers import (
     throwaway_ca,
 )
 from udfs.auth import Secret
-from udfs.engine import Engine, EngineSpec, RetrySpec
+from udfs.engine import Engine
+from udfs.spec import EngineSpec, RetrySpec
 from udfs.transport import AiohttpTransport, TransportError, make_transport
 
 CLIENTS = ["aiohttp", "urllib3", "requests"]
 FAST_RETRY = RetrySpec(backoff_base_s=0.01, backoff_max_s=0.05, max_attempts=3)
-ENV_TLS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
-ENV_PROXY = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
-             "no_proxy")
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,18 @@
-"""Endpoint protocols, the HTTP engine beneath them, and the pandas UDF that runs it on Spark.
+"""The pandas UDF and, beneath it, the engine that calls endpoints: UDF -> engine -> caller -> protocol -> HTTP.
 
-`udfs.protocols`, `udfs.engine`, `udfs.limits`, `udfs.transport` and `udfs.auth` never import Spark;
-`udfs.inference` is the one module that does.
+- `inference`: the pandas UDF, the one module that imports Spark;
+- `engine`: a task's runner (event loop, requests in flight across input batches);
+- `caller`: one request (limits, retries, splitting, parsing), `retry`: the retry policy;
+- `protocols`: the wire formats, `transport`: HTTP, `limits`: AIMD and rate limits;
+- `structured`: response schemas (structured output): what has a column type, and answers checked;
+- `spec`, `outcome`, `reasons`: the data a task gets, what each row gets, and the error codes;
+- `auth` (secrets that never print), `prompts` (the blank rule), `transforms`, `loopback`.
 """
 
 from udfs.auth import Secret
-from udfs.engine import Engine, EngineSpec, Outcome, RetrySpec
+from udfs.engine import Engine
+from udfs.outcome import Outcome
 from udfs.protocols import BadResponse, Parsed, make_protocol
+from udfs.spec import EngineSpec, RetrySpec
 
 __all__ = ["BadResponse", "Engine", "EngineSpec", "Outcome", "Parsed", "RetrySpec", "Secret", "make_protocol"]

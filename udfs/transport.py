@@ -47,6 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
+from udfs.loopback import is_loopback
+
 # Kinds that no retry can fix: the run stops at the first one (see `udfs.engine`).
 FATAL_KINDS = frozenset({"tls_error", "invalid_header"})
 # Idle connections are closed after this many seconds: below the shortest common server keep-alive
@@ -128,8 +130,7 @@ def ssl_context() -> ssl.SSLContext:
 
 def proxy_for(url: str) -> str | None:
     """The proxy from HTTP(S)_PROXY for this URL, honouring NO_PROXY; never for loopback."""
-    host = urlsplit(url).hostname or ""
-    if host in ("127.0.0.1", "localhost", "::1") or urllib.request.proxy_bypass(host):
+    if is_loopback(url) or urllib.request.proxy_bypass(urlsplit(url).hostname or ""):
         return None
     return urllib.request.getproxies().get(urlsplit(url).scheme)
 

@@ -3,26 +3,25 @@
 delta-spark's Python package carries no jars. Its own helper (`configure_spark_with_delta_pip`) sets
 `spark.jars.packages`, which makes every session start run an Ivy resolution. We resolve once with
 Maven instead, keep only the jars Spark does not already ship, and hand Spark plain file paths: later
-sessions start with no network and no resolver.
+sessions start with no network and no resolver. Where the jars go, and how a session finds them, is
+`jobs.session`'s (`jars_dir`, `cached_jars`); this local tool only fills that folder.
 
 Example::
 
-    python -m jobs.delta_jars            # fetch if missing, print the folder
+    python -m jobs.local.delta_jars      # fetch if missing, print the folder (make install does it)
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
-SCALA = "2.13"
-_MARKER = ".complete"
+from jobs.session import JARS_MARKER, cached_jars, delta_coordinates, jars_dir
+
 _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
   <groupId>local.batch-inference</groupId><artifactId>delta-jars</artifactId><version>1</version>
@@ -31,26 +30,6 @@ _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   </dependencies>
 </project>
 """
-
-
-def delta_coordinates() -> tuple[str, str]:
-    """(artifactId, version) of the Delta jar matching the installed delta-spark and pyspark."""
-    import pyspark
-
-    spark_mm = ".".join(pyspark.__version__.split(".")[:2])
-    return f"delta-spark_{spark_mm}_{SCALA}", metadata.version("delta-spark")
-
-
-def jars_dir(root: Path | None = None) -> Path:
-    base = Path(os.environ.get("BI_JARS_DIR") or (root or Path.cwd()) / ".cache" / "jars")
-    artifact, version = delta_coordinates()
-    return base / f"{artifact}-{version}"
-
-
-def cached_jars(folder: Path) -> list[Path]:
-    if not (folder / _MARKER).exists():
-        return []
-    return sorted(folder.glob("*.jar"))
 
 
 def _artifact_name(jar: str) -> str:
@@ -86,7 +65,7 @@ def fetch(folder: Path) -> list[Path]:
         for jar in sorted(out.glob("*.jar")):
             if _artifact_name(jar.name) not in shipped:
                 shutil.copy2(jar, folder / jar.name)
-    (folder / _MARKER).write_text(f"io.delta:{artifact}:{version}\n")
+    (folder / JARS_MARKER).write_text(f"io.delta:{artifact}:{version}\n")
     return cached_jars(folder)
 
 

@@ -1,4 +1,4 @@
-"""From endpoint config to an `EngineSpec`: the URL to call and the credentials to call it with.
+"""Resolving the endpoint: from endpoint config to an `EngineSpec`, the URL to call and its credentials.
 
 Runs on the driver. Credentials are resolved with databricks-sdk's `Config` (PAT, OAuth for service
 principals, CLI profiles, notebook context) or from a named environment variable or secret scope, and
@@ -22,13 +22,13 @@ from urllib.parse import urlsplit
 
 from jobs.config import ConfigError, EndpointConfig, JobConfig
 from jobs.session import on_databricks
-from udfs.auth import Secret
-from udfs.engine import EngineSpec, RetrySpec, import_function
+from udfs.auth import Secret, bearer
+from udfs.spec import EngineSpec, RetrySpec
+from udfs.transforms import import_function
+from udfs.loopback import is_loopback
 from udfs.transport import FATAL_KINDS, TransportError, header_problem, tls_probe
 
 log = logging.getLogger("batch_inference")
-
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def normalize_host(host: str) -> str:
@@ -111,13 +111,12 @@ def auth_headers(e: EndpointConfig, url: str) -> dict[str, Secret | str]:
         value = os.environ.get(e.token_env)
         if not value:
             raise ConfigError(f"endpoint.token_env: environment variable {e.token_env} is not set or empty")
-        return {"Authorization": Secret(f"Bearer {value}")}
+        return bearer(Secret(value))
     if e.token_secret:
-        token = _secret_from_scope(e.token_secret.scope, e.token_secret.key)
-        return {"Authorization": Secret(f"Bearer {token.reveal()}")}
+        return bearer(_secret_from_scope(e.token_secret.scope, e.token_secret.key))
     mode = e.auth
     if mode == "auto":
-        mode = "none" if urlsplit(url).hostname in _LOOPBACK else "databricks"
+        mode = "none" if is_loopback(url) else "databricks"
     if mode == "none":
         return {}
     host = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
@@ -189,6 +188,7 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
     url = endpoint_url(e, spark)
     headers = auth_headers(e, url)
     check_headers(e, headers)
+    rf = e.response_format
     return EngineSpec(
         url=url,
         task=e.task,
@@ -210,5 +210,9 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         http_client=lim.http_client,
         retry=RetrySpec(statuses=tuple(r.statuses), max_attempts=r.max_attempts,
                         backoff_base_s=r.backoff_base_s, backoff_max_s=r.backoff_max_s,
-                        row_budget_s=r.row_budget_s),
+                        row_budget_s=r.row_budget_s, invalid_output_attempts=r.invalid_output_attempts),
+        response_schema=None if rf is None else rf.json_schema,
+        response_format_name="response" if rf is None else rf.name,
+        response_format_strict=True if rf is None else rf.strict,
+        response_format_at=None if rf is None else rf.send_at,
     )

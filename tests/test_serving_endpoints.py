@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from jobs.manage_endpoint import SpecError, check_spec, differences, load_spec, main
+from jobs.cli.serving_endpoint import main
+from jobs.serving_endpoints import SpecError, check_spec, differences, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "dummy-test-token"

@@ -1,4 +1,4 @@
-"""`batch-inference-endpoint`: create or update a Databricks serving endpoint from a YAML spec.
+"""Create or update a Databricks serving endpoint from a YAML spec (the `batch-inference-endpoint` library).
 
 The spec is the body of `POST /api/2.0/serving-endpoints` written as YAML: `name`, `config` (with
 `served_entities`, optional `traffic_config`), optional `tags`, `ai_gateway`, `route_optimized`. It is
@@ -14,16 +14,15 @@ literal key is refused before any request.
 
 Example::
 
-    batch-inference-endpoint --spec conf/endpoint_openai_embeddings.yml --timeout-s 1200
+    change = ensure_endpoint(get_deploy_client("databricks"), load_spec("conf/endpoint_uc_model.yml"))
+
+The console script is `jobs.cli.serving_endpoint`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,20 +30,15 @@ from typing import Any, Callable
 
 import yaml
 
-from jobs.config import _SECRET_REF, _SECRET_VALUE
+from jobs import secret_rules
 
-log = logging.getLogger("batch_inference.endpoint")
+log = logging.getLogger("batch_inference.serving")
 
 # What a create request may carry; only `config` can be changed later through `PUT .../config`.
 _TOP_KEYS = {"name", "config", "tags", "ai_gateway", "route_optimized", "budget_policy_id", "description"}
 _CONFIG_KEYS = {"served_entities", "served_models", "traffic_config", "auto_capture_config"}
 _PROVIDERS = {"ai21labs", "anthropic", "amazon-bedrock", "cohere", "custom", "databricks-model-serving",
               "google-cloud-vertex-ai", "openai", "palm"}
-# Fields of the provider configs that hold a credential (`openai_api_key`, `aws_secret_access_key`,
-# `databricks_api_token`, `microsoft_entra_client_secret`, `private_key`, ...).
-_CREDENTIAL_KEY = re.compile(r"(api_?key|token|secret|password|passwd|private_key|access_key(_id)?)$", re.I)
-
-
 class SpecError(ValueError):
     """A spec that cannot be sent: the message names the key."""
 
@@ -54,7 +48,9 @@ class EndpointFailed(RuntimeError):
 
 
 @dataclass
-class Outcome:
+class EndpointChange:
+    """What `ensure_endpoint` did to an endpoint, and the state it left it in."""
+
     name: str
     action: str  # created | updated | unchanged | would_create | would_update
     differences: list[str] = field(default_factory=list)
@@ -120,25 +116,20 @@ def _check_entity(entity: Any, where: str) -> None:
                         f"{sorted(_PROVIDERS)}")
 
 
-def check_no_literal_keys(node: Any, path: str = "") -> None:
+_ADVICE = {
+    secret_rules.LITERAL_CREDENTIAL: "a literal credential is refused; write a secret reference "
+                                     "\"{{{{secrets/<scope>/<key>}}}}\" instead",
+    secret_rules.PLAINTEXT_FIELD: "plaintext credentials are refused; store the key in a secret scope and use "
+                                  "{detail}: \"{{{{secrets/<scope>/<key>}}}}\"",
+    secret_rules.TOKEN_SHAPED: "this value looks like a token; reference a secret scope instead",
+    secret_rules.URL_CREDENTIAL: "this URL carries a credential ({detail}); reference a secret scope instead",
+}
+
+
+def check_no_literal_keys(spec: Any) -> None:
     """Credentials are `{{secrets/<scope>/<key>}}` references; the message never repeats a value."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            where = f"{path}.{key}" if path else str(key)
-            credential = bool(_CREDENTIAL_KEY.search(str(key))) or (path.endswith("_auth") and key == "value")
-            if str(key).endswith("_plaintext") and value not in (None, ""):
-                raise SpecError(f"{where}: plaintext credentials are refused; store the key in a secret "
-                                f"scope and use {str(key)[: -len('_plaintext')]}: "
-                                "\"{{secrets/<scope>/<key>}}\"")
-            if credential and isinstance(value, str) and value and not _SECRET_REF.match(value):
-                raise SpecError(f"{where}: a literal credential is refused; write a secret reference "
-                                "\"{{secrets/<scope>/<key>}}\" instead")
-            check_no_literal_keys(value, where)
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            check_no_literal_keys(value, f"{path}[{i}]")
-    elif isinstance(node, str) and _SECRET_VALUE.match(node.strip()):
-        raise SpecError(f"{path}: this value looks like a token; reference a secret scope instead")
+    for finding in secret_rules.find_secrets(spec):
+        raise SpecError(f"{finding.path}: {_ADVICE[finding.kind].format(detail=finding.detail)}")
 
 
 # -- comparing ---------------------------------------------------------------------------------------
@@ -222,14 +213,14 @@ def _ready(changed: bool, name: str) -> Callable[[dict[str, Any]], bool]:
 
 
 def ensure_endpoint(client: Any, spec: dict[str, Any], *, timeout_s: float = 1200.0, poll_s: float = 10.0,
-                    dry_run: bool = False, sleep: Callable[[float], None] = time.sleep) -> Outcome:
+                    dry_run: bool = False, sleep: Callable[[float], None] = time.sleep) -> EndpointChange:
     """Create the endpoint, or update its config if it differs from the spec; wait until it is ready."""
     started = time.monotonic()
     name = spec["name"]
     waits = dict(timeout_s=timeout_s, poll_s=poll_s, sleep=sleep)
     existing = get_or_none(client, name)
     if existing is None:
-        outcome = Outcome(name, "would_create" if dry_run else "created")
+        outcome = EndpointChange(name, "would_create" if dry_run else "created")
         if not dry_run:
             # route_optimized=None: the client's default (False) would contradict a spec that sets it.
             client.create_endpoint(config=spec, route_optimized=None)
@@ -238,7 +229,7 @@ def ensure_endpoint(client: Any, spec: dict[str, Any], *, timeout_s: float = 120
             # Databricks refuses a new config while one is rolling out: let it land, then compare.
             existing = wait_until(client, name, lambda s: not _updating(s), what="done updating", **waits)
         diffs = differences(spec["config"], existing.get("config") or {})
-        outcome = Outcome(name, ("would_update" if dry_run else "updated") if diffs else "unchanged", diffs)
+        outcome = EndpointChange(name, ("would_update" if dry_run else "updated") if diffs else "unchanged", diffs)
         if diffs and not dry_run:
             client.update_endpoint_config(endpoint=name, config=spec["config"])
         stale = [k for k in ("tags", "ai_gateway", "route_optimized") if k in spec
@@ -252,50 +243,3 @@ def ensure_endpoint(client: Any, spec: dict[str, Any], *, timeout_s: float = 120
         outcome.state = ready.get("state") or {}
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
-
-
-# -- the console script ------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="batch-inference-endpoint",
-                                description="Create or update a serving endpoint from a YAML spec "
-                                            "(idempotent).")
-    p.add_argument("--spec", required=True, help="YAML spec, e.g. conf/endpoint_openai_embeddings.yml")
-    p.add_argument("--target", default="databricks", help="MLflow deployment target (databricks[://profile])")
-    p.add_argument("--timeout-s", type=float, default=1200.0,
-                   help="how long to wait for READY (default 1200)")
-    p.add_argument("--poll-s", type=float, default=10.0, help="seconds between state checks (default 10)")
-    p.add_argument("--dry-run", action="store_true", help="report what would change; send nothing")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    args = build_parser().parse_args(argv)
-    try:
-        spec = load_spec(args.spec)
-    except SpecError as exc:
-        log.error("bad spec: %s", exc)
-        return 2
-    try:
-        from mlflow.deployments import get_deploy_client
-    except ImportError:  # not a wheel requirement: Databricks runtimes bring MLflow, laptops may not
-        log.error("batch-inference-endpoint needs MLflow's deployment client: pip install mlflow-skinny")
-        return 2
-    try:
-        outcome = ensure_endpoint(get_deploy_client(args.target), spec, timeout_s=args.timeout_s,
-                                  poll_s=args.poll_s, dry_run=args.dry_run)
-    except EndpointFailed as exc:
-        log.error("%s", exc)
-        return 1
-    except Exception as exc:  # HTTP and auth errors: mlflow's message names the URL and the server's reason
-        log.error("endpoint %s: %s: %s", spec["name"], type(exc).__name__, str(exc).splitlines()[0][:500])
-        return 1
-    print(json.dumps({"endpoint": outcome.name, "action": outcome.action, "differences": outcome.differences,
-                      "state": outcome.state, "seconds": outcome.seconds}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

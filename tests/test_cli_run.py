@@ -8,7 +8,7 @@ import pytest
 from chispa import assert_df_equality
 
 from jobs.config import load_config
-from jobs.run import ArgumentsError, effective_config_text, execute, main, parse_args
+from jobs.cli.run import ArgumentsError, effective_config_text, execute, main, parse_args
 from tests.bundle import ROOT, SERVERLESS, jobs, load_bundle, resolved, task_argv
 
 DEMO = str(ROOT / "conf" / "demo.yml")
@@ -174,7 +174,7 @@ def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, t
 
 def test_the_readme_driver_proxy_parameters_reach_the_driver_proxy_url():
     """README's way to point a task at a driver-proxy app on an interactive cluster."""
-    from jobs.endpoint import endpoint_url
+    from jobs.resolve import endpoint_url
 
     job, task = dev_task("completions")
     readme = ["--endpoint.type=driver_proxy", "--endpoint.task=custom", "--endpoint.port=7777",

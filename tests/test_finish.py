@@ -1,62 +1,18 @@
-"""Watching a run: progress per chunk, the runs table against the output table, MLflow's record of it."""
+"""The end of a run: progress lines, the runs table checked against the output table, MLflow's record."""
 
 from __future__ import annotations
 
-import io
 import logging
-import sys
+import re
 import uuid
 from pathlib import Path
 
-import pytest
 from chispa import assert_df_equality
 
-from jobs.config import ConfigError
-from jobs.observe import ChunkTiming, Progress, RunStats, databricks_ids
 from jobs.pipeline import run_job
-from jobs.tracking import log_to_mlflow
 from tests.conftest import job_config
 
 SECRET = "s3cr3t-token-value-0042"
-
-
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def ticking(*times: float):
-    """A clock that returns the given times, one per call."""
-    it = iter(times)
-    return lambda: next(it)
-
-
-def test_progress_on_a_terminal_redraws_one_bar_in_place(caplog):
-    out = Terminal()
-    progress = Progress(300, 3, stream=out, clock=ticking(0.0, 10.0, 20.0))
-    with caplog.at_level(logging.INFO, logger="batch_inference"):
-        progress.chunk_done({"ok": 100})
-        progress.chunk_done({"ok": 95, "error": 5})
-        progress.close()
-    assert out.getvalue() == (
-        "\r 33.3%|########----------------| 100/300 rows [0:00:10<0:00:20, 10.0 rows/s, errors 0, chunk 1/3]"
-        "\r 66.7%|################--------| 200/300 rows [0:00:20<0:00:10, 10.0 rows/s, errors 5, chunk 2/3]\n")
-    assert caplog.records == []  # a log line would break the bar
-
-
-def test_progress_in_job_logs_is_one_plain_line_per_chunk(caplog):
-    out = io.StringIO()
-    progress = Progress(250, 2, stream=out, clock=ticking(0.0, 4.0, 10.0))
-    with caplog.at_level(logging.INFO, logger="batch_inference"):
-        progress.chunk_done({"ok": 98, "error": 2})
-        progress.chunk_done({"ok": 150})
-        progress.close()
-    assert [r.getMessage() for r in caplog.records] == [
-        "chunk 1/2: 100/250 rows (40.0%), 25.0 rows/s, ETA 0:00:06, errors 2",
-        "chunk 2/2: 250/250 rows (100.0%), 25.0 rows/s, ETA 0:00:00, errors 2",
-    ]
-    assert out.getvalue() == ""
-    assert progress.timeline == [ChunkTiming(1, 4.0, 100, 2), ChunkTiming(2, 10.0, 150, 0)]
 
 
 def test_a_run_reports_each_chunk_and_records_itself_in_the_runs_table_and_mlflow(
@@ -86,9 +42,9 @@ def test_a_run_reports_each_chunk_and_records_itself_in_the_runs_table_and_mlflo
     # "three" is sent once for ids 2 and 3, so its tokens count once: 2+1+3 prompt, 4+3+5 completion.
     runs = spark.table(runs_table)
     expected = spark.createDataFrame(
-        [(summary.run_id, cfg.config_hash(), "local-serving", src, table_name, 5, 5, 2, 5, 4, 1,
+        [(summary.run_id, "local-serving", src, table_name, 5, 5, 2, 5, 4, 1,
           {"empty_prompt": 1}, 3, 6, 12, 18, 0, 0.03, None, None)],
-        "run_id string, config_hash string, endpoint string, input string, output_table string, input_rows long, "
+        "run_id string, endpoint string, input string, output_table string, input_rows long, "
         "pending_rows long, chunks int, rows long, rows_ok long, rows_error long, errors_by_reason map<string,long>, "
         "distinct_requests long, prompt_tokens long, completion_tokens long, total_tokens long, "
         "estimated_token_requests long, estimated_cost double, job_id string, task_run_id string")
@@ -107,6 +63,7 @@ def test_a_run_reports_each_chunk_and_records_itself_in_the_runs_table_and_mlflo
     client = MlflowClient(tracking_uri=uri)
     [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.run_id == row.mlflow_run_id and run.info.status == "FINISHED"
+    assert re.fullmatch(r"[0-9a-f]{16}", row.config_hash) and run.data.params["config_hash"] == row.config_hash
     assert run.data.tags["batch_inference.run_id"] == summary.run_id
     assert {k: run.data.params[k] for k in ("endpoint", "task", "max_concurrency", "chunk_rows",
                                             "model_kwargs.max_tokens")} == {
@@ -126,37 +83,3 @@ def test_a_run_reports_each_chunk_and_records_itself_in_the_runs_table_and_mlflo
     recorded = str(run.data) + Path(client.download_artifacts(run.info.run_id, "run_summary.json",
                                                               str(tmp_path))).read_text() + str(row)
     assert SECRET not in recorded and "BI_TEST_TOKEN" not in recorded
-
-
-def test_without_mlflow_installed_logging_is_skipped_with_a_reason(spark, monkeypatch, caplog):
-    for module in ("mlflow", "mlflow.entities", "mlflow.tracking"):
-        monkeypatch.setitem(sys.modules, module, None)  # what `import mlflow` meets where it is not installed
-    cfg = job_config(mlflow={"enabled": True})
-    with caplog.at_level(logging.WARNING, logger="batch_inference"):
-        assert log_to_mlflow(spark, cfg, {"run_id": "r"}, RunStats(), []) is None
-    assert "mlflow is not installed" in caplog.text
-
-
-def test_databricks_job_ids_come_from_the_spark_conf(spark):
-    keys = {"spark.databricks.clusterUsageTags.clusterName": "job-123-run-456",
-            "spark.databricks.job.taskKey": "completions"}
-    assert databricks_ids(spark) == {"job_id": None, "job_run_id": None, "task_run_id": None, "task_key": None}
-    try:
-        for k, v in keys.items():
-            spark.conf.set(k, v)
-        assert databricks_ids(spark) == {"job_id": "123", "job_run_id": None, "task_run_id": "456",
-                                         "task_key": "completions"}
-    finally:
-        for k in keys:
-            spark.conf.unset(k)
-
-
-@pytest.mark.parametrize("section, values, message", [
-    ("output", {"table": "a.b", "runs_table": "a.b"}, r"output: .*runs_table must be another table"),
-    ("output", {"table": "a.b", "runs_table": "a b"}, r"output.runs_table: .*not a table name"),
-    ("endpoint", {"price_per_1k_prompt_tokens": -1}, r"endpoint.price_per_1k_prompt_tokens: .*greater than"),
-    ("mlflow", {"enable": True}, r"mlflow.enable: unknown key"),
-])
-def test_observability_settings_are_checked_and_named(section, values, message):
-    with pytest.raises(ConfigError, match=message):
-        job_config(**{section: values})

@@ -29,8 +29,9 @@ import logging
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING
+
+from jobs.secret_rules import redact  # standard library only: `--help` stays light
 
 if TYPE_CHECKING:
     from jobs.config import JobConfig
@@ -152,28 +153,6 @@ def parse_args(argv: list[str] | None = None) -> Invocation:
                       ignored=ignored)
 
 
-def _redact_url(value: str) -> str:
-    """A URL's password and query values can carry credentials the config's key checks cannot see."""
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return value
-    if parts.scheme not in ("http", "https") or not (parts.password or parts.query):
-        return value
-    netloc = parts.netloc if not parts.password else parts.netloc.replace(f":{parts.password}@", ":****@")
-    pairs = (q.partition("=") for q in parts.query.split("&"))
-    query = "&".join(f"{k}=****" if sep else k for k, sep, _ in pairs)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redact(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: redact(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [redact(v) for v in node]
-    return _redact_url(node) if isinstance(node, str) else node
-
-
 def effective_config_text(cfg: JobConfig, inv: Invocation) -> str:
     """What this run will do, for the top of the job's output. Secrets are never in it: config
     refuses literal credentials, tokens come by reference (env var, secret scope), URLs are redacted."""
@@ -212,7 +191,8 @@ def execute(argv: list[str] | None = None) -> int:
     print(effective_config_text(cfg, inv), flush=True)
 
     try:
-        from jobs.pipeline import InputError, JobFailed, run_job
+        from jobs.errors import InputError, JobFailed
+        from jobs.pipeline import run_job
         from jobs.session import get_spark
     except ImportError as exc:  # the wheel leaves Spark to the Databricks runtime
         log.error("%s: off Databricks, install the local extra: pip install 'spark-batch-inference[local]'",
@@ -227,7 +207,7 @@ def execute(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     except Exception as exc:
-        from jobs.endpoint import fatal_in
+        from jobs.resolve import fatal_in
 
         reason = fatal_in(exc)  # a task met an untrusted certificate the driver's pre-flight did not
         if reason is None:

@@ -1,0 +1,8 @@
+"""Seeing a run: progress per chunk, the run's numbers, the runs table, MLflow and its plots.
+
+- `progress`: one line (or a terminal bar) after each committed chunk;
+- `stats`: counts, latency, tokens and cost of a run, from the rows it wrote;
+- `runs_table`: one Delta row per run, with the Databricks job run's ids;
+- `tracking` and `plots`: the MLflow run, with a latency histogram and a throughput plot;
+- `finish`: the end of a run, which does the three above and never fails the run.
+"""

@@ -1,0 +1,106 @@
+"""Progress of a run: after each committed chunk, rows done of the total, rate, ETA and errors.
+
+One log line per chunk in a job's log; a bar redrawn in place on a terminal.
+
+Example::
+
+    progress = Progress(total_rows=1000, total_chunks=4)
+    progress.chunk_done({"ok": 248, "error": 2})   # chunk 1/4: 250/1000 rows (25.0%), ...
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import IO, Callable
+
+log = logging.getLogger("batch_inference")
+
+BAR_WIDTH = 24
+
+
+@dataclass(frozen=True)
+class ChunkTiming:
+    chunk: int
+    seconds: float  # since the first chunk started, when this one was committed
+    rows: int
+    errors: int
+
+
+class Progress:
+    """Rows done / total, %, rows/s, ETA and errors after each chunk, on one line.
+
+    A terminal gets a bar redrawn in place (`\\r`); anything else (a job's log, a pipe) gets plain log
+    lines, since a redrawn bar would be one unreadable line there.
+    """
+
+    def __init__(self, total_rows: int, total_chunks: int, *, stream: IO[str] | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.total_rows, self.total_chunks = total_rows, total_chunks
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock or time.monotonic
+        self.tty = _isatty(self.stream)
+        self.started = self.clock()
+        self.done = self.errors = 0
+        self.timeline: list[ChunkTiming] = []
+
+    def chunk_done(self, by_status: dict[str, int]) -> str:
+        rows = sum(by_status.values())
+        errors = rows - by_status.get("ok", 0)
+        self.done, self.errors = self.done + rows, self.errors + errors
+        elapsed = self.clock() - self.started
+        self.timeline.append(ChunkTiming(len(self.timeline) + 1, elapsed, rows, errors))
+        if self.tty:
+            self.stream.write("\r" + self.bar(elapsed))
+            self.stream.flush()
+        else:
+            log.info("%s", self.line(elapsed))
+        return self.line(elapsed)
+
+    def close(self) -> None:
+        if self.tty and self.timeline:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _numbers(self, elapsed: float) -> tuple[float, float, str]:
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        pct = 100.0 * self.done / self.total_rows if self.total_rows else 100.0
+        left = max(0, self.total_rows - self.done)
+        eta = _clock_text(left / rate) if rate > 0 else ("0:00:00" if not left else "?")
+        return pct, rate, eta
+
+    def line(self, elapsed: float) -> str:
+        pct, rate, eta = self._numbers(elapsed)
+        return (f"chunk {len(self.timeline)}/{self.total_chunks}: {self.done}/{self.total_rows} rows "
+                f"({pct:.1f}%), {rate:.1f} rows/s, ETA {eta}, errors {self.errors}")
+
+    def bar(self, elapsed: float) -> str:
+        pct, rate, eta = self._numbers(elapsed)
+        filled = min(BAR_WIDTH, int(BAR_WIDTH * pct / 100))
+        return (f"{pct:5.1f}%|{'#' * filled}{'-' * (BAR_WIDTH - filled)}| {self.done}/{self.total_rows} rows "
+                f"[{_clock_text(elapsed)}<{eta}, {rate:.1f} rows/s, errors {self.errors}, "
+                f"chunk {len(self.timeline)}/{self.total_chunks}]")
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or file-less stream is not a terminal
+        return False
+
+
+def _clock_text(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def chunk_rates(timeline: list[ChunkTiming]) -> list[float]:
+    """Rows per second of each chunk, over its own wall time."""
+    rates, before = [], 0.0
+    for c in timeline:
+        span = c.seconds - before
+        rates.append(c.rows / span if span > 0 else 0.0)
+        before = c.seconds
+    return rates

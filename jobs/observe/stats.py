@@ -1,0 +1,108 @@
+"""A run's numbers from the rows it wrote: counts by status and reason, latency, tokens, cost.
+
+One aggregation over the output table's rows of one `run_id`, per request first (identical prompts
+are sent, and paid for, once), then rolled up.
+
+Example::
+
+    stats = run_stats(spark, "demo.completions", run_id, embeddings=False)
+    stats.latency_p95_ms, stats.total_tokens
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyspark.sql import SparkSession, functions as F
+
+from jobs.config import EndpointConfig
+
+
+@dataclass
+class RunStats:
+    """What a run did, from the rows it wrote. Tokens and latency count each distinct request once:
+    identical prompts are sent once and share the answer, so they are paid for once."""
+
+    rows: int = 0
+    rows_ok: int = 0
+    rows_error: int = 0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    # Requests sent (identical prompts once; rows stopped by a precheck are not sent).
+    distinct_requests: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Answered requests without reported usage, whose tokens are estimated as characters / 4.
+    estimated_token_requests: int = 0
+    # (centroid in ms, requests): Spark's histogram_numeric, 64 uneven bins, for the latency plot.
+    latency_histogram: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _chars_to_tokens(chars: Any) -> Any:
+    return F.ceil(chars / 4).cast("long")
+
+
+def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) -> RunStats:
+    """One aggregation over this run's rows: per request first, then rolled up by status and reason."""
+    rows = spark.read.table(table).where(F.col("run_id") == run_id)
+    ok = F.col("status") == "ok"
+    text = "text" if embeddings else "prompt"
+    # An error row with reported usage (`invalid_output`: the answer came, and was paid for) counts too.
+    completion = (F.lit(0).cast("long") if embeddings
+                  else F.when(ok, F.coalesce("completion_tokens", _chars_to_tokens(F.length("response"))))
+                  .otherwise(F.col("completion_tokens")))
+    estimated = ok & (F.col("prompt_tokens").isNull()
+                      | (F.lit(False) if embeddings else F.col("completion_tokens").isNull()))
+    # Every row of one request_hash carries that request's outcome, so max() just picks it.
+    per_request = rows.groupBy("request_hash").agg(
+        F.count("*").alias("n"),
+        F.max("status").alias("status"),
+        F.max(F.when(~ok, F.substring_index("error", ":", 1))).alias("reason"),
+        F.max("latency_ms").alias("latency_ms"),
+        F.max("attempts").alias("attempts"),
+        F.max(F.when(ok, F.coalesce("prompt_tokens", _chars_to_tokens(F.length(text))))
+              .otherwise(F.col("prompt_tokens"))).alias("pt"),
+        F.max(completion).alias("ct"),
+        F.max(estimated.cast("int")).alias("estimated"),
+    )
+    levels = per_request.rollup("status", "reason").agg(
+        F.grouping_id().alias("level"),
+        F.sum("n").alias("rows"),
+        F.count(F.when(F.col("attempts") > 0, 1)).alias("requests"),  # sent: not stopped by a precheck
+        F.percentile_approx("latency_ms", [0.5, 0.95, 0.99]).alias("p"),
+        F.sum("pt").alias("pt"), F.sum("ct").alias("ct"), F.sum("estimated").alias("estimated"),
+        F.histogram_numeric("latency_ms", F.lit(64)).alias("hist"),
+    ).collect()
+    stats = RunStats()
+    for r in levels:
+        if r["level"] == 3:  # the grand total
+            p = r["p"] or [None, None, None]
+            stats.rows, stats.distinct_requests = r["rows"] or 0, r["requests"] or 0
+            stats.latency_p50_ms, stats.latency_p95_ms, stats.latency_p99_ms = p
+            stats.prompt_tokens, stats.completion_tokens = r["pt"] or 0, r["ct"] or 0
+            stats.estimated_token_requests = r["estimated"] or 0
+            stats.latency_histogram = [(b["x"], b["y"]) for b in (r["hist"] or [])]
+        elif r["level"] == 1:  # one status
+            if r["status"] == "ok":
+                stats.rows_ok = r["rows"]
+            else:
+                stats.rows_error += r["rows"]
+        elif r["status"] != "ok":
+            reason = r["reason"] or "unknown"
+            stats.errors_by_reason[reason] = stats.errors_by_reason.get(reason, 0) + r["rows"]
+    return stats
+
+
+def estimate_cost(e: EndpointConfig, prompt_tokens: float, completion_tokens: float) -> float | None:
+    """Tokens times the configured per-1k prices; None when the endpoint has no price set."""
+    prices = (e.price_per_1k_prompt_tokens, e.price_per_1k_completion_tokens)
+    if prices == (None, None):
+        return None
+    return round(prompt_tokens / 1000 * (prices[0] or 0) + completion_tokens / 1000 * (prices[1] or 0), 6)

@@ -1,0 +1,61 @@
+"""What a task needs to call the endpoint: `EngineSpec`, with its retry policy's numbers in `RetrySpec`.
+
+Plain, picklable data: built once on the driver (`jobs.resolve`), shipped to every task, and its repr
+shows no secret (credentials travel inside `udfs.auth.Secret`).
+
+Example::
+
+    spec = EngineSpec(url="http://127.0.0.1:7777/", task="custom", endpoint_type="driver_proxy")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from udfs.auth import Secret
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    statuses: tuple[int, ...] = (429, 500, 502, 503, 504)
+    max_attempts: int = 6
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    row_budget_s: float = 600.0
+    # Structured output: times an answer that breaks the response schema is asked for again.
+    invalid_output_attempts: int = 1
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a task needs to call the endpoint; picklable, and its repr shows no secret."""
+
+    url: str
+    task: str = "custom"
+    endpoint_type: str = "serving"
+    headers: dict[str, Secret | str] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    system_prompt: str | None = None
+    transform_input: str | None = None
+    transform_output: str | None = None
+    rows_per_request: int = 1
+    max_concurrency: int = 8
+    requests_per_s: float | None = None
+    tokens_per_s: float | None = None
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 120.0
+    adaptive: bool = True
+    latency_cut_factor: float = 3.0
+    http_client: str = "aiohttp"
+    retry: RetrySpec = field(default_factory=RetrySpec)
+    # Structured output (`udfs.structured`): the JSON Schema every answer must match, the name and
+    # strictness sent with it, and where in the body it goes (None: the protocol's own place).
+    response_schema: dict[str, Any] | None = None
+    response_format_name: str = "response"
+    response_format_strict: bool = True
+    response_format_at: str | None = None
+
+    def secrets(self) -> list[Secret]:
+        return [v for v in self.headers.values() if isinstance(v, Secret)]
