@@ -1,8 +1,9 @@
-"""Flow control for one task: an adaptive in-flight limit and request/token rate limits.
+"""Flow control for one task: the governor (pauses, probes, a learned rate, the breaker), an adaptive
+in-flight limit, and request/token rate limits.
 
-Both live in the engine's event loop (one thread, so no locks). The job gives each task its share of
-the job-wide limits (see `jobs.plan`), so the sum over the tasks running at once never exceeds what
-the config allows.
+All live in the engine's event loop (one thread, so no locks) and take an injected clock. The job
+gives each task its share of the job-wide limits (see `jobs.plan`), so the sum over the tasks running
+at once never exceeds what the config allows.
 
 Example::
 
@@ -14,12 +15,234 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections import deque
 from typing import Awaitable, Callable
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+class EndpointUnavailable(Exception):
+    """The task's breaker is open: nothing has answered for `breaker_s`; the rest of the rows fail fast."""
+
+
+class OutOfTime(Exception):
+    """A row's budget would run out while the task waits for the endpoint to come back."""
+
+
+# How a failed request bears on the task's sending (`Governor.failed`).
+OVERLOAD = "overload"        # 429: the rate is over the endpoint's limit; pause, probe, learn the rate
+UNAVAILABLE = "unavailable"  # 503, or no connection at all: pause and probe; not a rate signal
+TRANSIENT = "transient"      # a 5xx, a timeout, a reset: the row retries on its own backoff
+
+
+class Governor:
+    """The task's sending as a whole: one pause for the task, not a retry storm per row.
+
+    - **Pause and probe.** A 429, a 503 or an endpoint that takes no connection pauses every request of
+      the task. After the pause (the server's `Retry-After`, else `probe_first_s`, doubling after each
+      refused probe up to `probe_max_s`) exactly one request goes as a probe; the task resumes when it
+      is answered. Requests already in flight finish; their answers do not end the pause.
+    - **A learned rate (AIMD on the rate).** A pause caused by a 429 ends a *cycle*: the requests
+      answered since the cycle began, over the time until the limit reopened (the middle of the last
+      refused probe and the answered one), is the rate the endpoint sustained, its window's pauses
+      included. The task resumes paced at `decrease` (0.9) times it, never less than half the rate it
+      had, and adds `increase` (5%) of that new rate per second while answers keep coming, a quarter as
+      fast once above the measured rate. Under a fixed window it settles just under the window's rate, instead
+      of bursting into it every window. The first cycle, before any limit was met, is unpaced, unless a
+      starting `rate` is known (the endpoint's AI Gateway limits, `limits.requests_per_minute`).
+      `ceiling` (requests/s) is never exceeded. 503s and lost connections pause without teaching a rate:
+      an endpoint scaling from zero says nothing about its rate.
+    - **A breaker.** When nothing has answered for `breaker_s` while requests failed, the breaker opens:
+      every waiting and later `acquire` raises `EndpointUnavailable`, and the rows fail fast. Started
+      `half_open` (the run's endpoint was unavailable in an earlier chunk) the task sends one probe
+      first, and the breaker opens if it fails.
+
+    One event loop, no locks; `clock` and `sleep` are injected so that tests run on a fake clock.
+
+    Example::
+
+        probe = await governor.acquire(deadline)      # waits out pauses and pacing
+        ... send ...
+        governor.answered(probe)   # or governor.failed(OVERLOAD, probe, retry_after, "http_429: ...")
+    """
+
+    def __init__(self, *, rate: float | None = None, ceiling: float | None = None, learn: bool = True,
+                 breaker_s: float = 480.0, half_open: str | None = None, probe_first_s: float = 0.5,
+                 probe_max_s: float = 10.0, decrease: float = 0.9, increase: float = 0.05,
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
+                 jitter: Callable[[float, float], float] = random.uniform) -> None:
+        self._clock, self._sleep, self._jitter = clock, sleep, jitter
+        self.ceiling = ceiling
+        self.rate = min(rate, ceiling) if rate and ceiling else (rate or None)
+        self.learn = learn
+        self.breaker_s = breaker_s
+        self.probe_first_s, self.probe_max_s = probe_first_s, probe_max_s
+        self.decrease, self.increase = decrease, increase
+        now = clock()
+        # The breaker: when the endpoint last answered, and what failed since.
+        self._last_alive = now - breaker_s if half_open else now
+        self._failures = 0
+        self._half_open = half_open
+        self._last_failure = ""
+        self.open_reason: str | None = None
+        # The pause: started half-open, the first request is a probe.
+        self.paused = bool(half_open)
+        self._probing = False
+        self._probe_at = now
+        self._probe_delay = probe_first_s
+        self._refused_at = now  # the last moment the endpoint was known to refuse
+        self._rate_pause = False
+        # The cycle the rate is measured over, and pacing.
+        self._cycle_start: float | None = None
+        self._cycle_answers = 0
+        self._measured: float | None = None
+        self._base = self.rate  # the rate set at the last decrease: what the additive step is a share of
+        self._last_increase = now
+        self._next = -math.inf
+        self._waiters: list[asyncio.Future[None]] = []
+        self.pauses = self.probes = self.decreases = 0
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    async def acquire(self, deadline: float | None = None) -> bool:
+        """Wait until a request may go; True if it goes as the probe of a pause.
+
+        Raises `EndpointUnavailable` once the breaker is open, `OutOfTime` if `deadline` (clock time)
+        passes while the task is paused.
+        """
+        while True:
+            if self.open_reason is not None:
+                raise EndpointUnavailable(self.open_reason)
+            now = self._clock()
+            if self._cycle_start is None:
+                self._cycle_start = self._last_increase = now
+            if self.paused:
+                self._check_breaker(now)
+                if self.open_reason is not None:
+                    continue
+                if not self._probing and now >= self._probe_at:
+                    self._probing = True
+                    self.probes += 1
+                    return True
+                if deadline is not None and now >= deadline:
+                    raise OutOfTime
+                wait = None if self._probing else self._probe_at - now
+                if deadline is not None:
+                    wait = deadline - now if wait is None else min(wait, deadline - now)
+                await self._wait(wait)
+                continue
+            if self.rate:
+                # Paced by reservation, no burst: a fixed window punishes a burst at its start.
+                slot = max(self._next, now)
+                self._next = slot + 1.0 / self.rate
+                if slot > now:
+                    await self._sleep(slot - now)
+                    if self.paused or self.open_reason is not None:
+                        continue  # a pause began meanwhile: the slot is void
+            return False
+
+    def answered(self, probe: bool = False) -> None:
+        """The endpoint answered (a 2xx, or a refusal of this request such as 400 or 401): it is up."""
+        now = self._clock()
+        self._last_alive, self._failures, self._half_open = now, 0, None
+        if probe and self.paused:
+            self._resume(now)
+        self._cycle_answers += 1
+        if self.learn and self.rate and not self.paused:
+            self._add(now)
+
+    def failed(self, kind: str, probe: bool = False, retry_after: float | None = None, reason: str = "") -> None:
+        """A request failed: `OVERLOAD` or `UNAVAILABLE` pause the task, `TRANSIENT` only counts."""
+        now = self._clock()
+        self._failures += 1
+        self._last_failure = reason or self._last_failure
+        wait = None if retry_after is None else retry_after + self._jitter(0, min(1.0, 0.1 + retry_after * 0.05))
+        if probe and self.paused:
+            self._probing = False
+            self._refused_at = now
+            self._probe_delay = min(self._probe_delay * 2, self.probe_max_s)
+            self._probe_at = now + (wait if wait is not None else self._probe_delay)
+        elif kind in (OVERLOAD, UNAVAILABLE):
+            if not self.paused:
+                self._pause(now, kind == OVERLOAD)
+                self._probe_at = now + (wait if wait is not None else self._probe_delay)
+            elif wait is not None:
+                self._probe_at = max(self._probe_at, now + wait)
+            self._refused_at = now
+        self._check_breaker(now)
+        self._wake()
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _pause(self, now: float, rate_signal: bool) -> None:
+        self.paused = True
+        self.pauses += 1
+        self._rate_pause = rate_signal
+        self._probe_delay = self.probe_first_s
+
+    def _resume(self, now: float) -> None:
+        if self.learn and self._rate_pause and self._cycle_start is not None and self._cycle_answers >= 2:
+            # The limit reopened between the last refusal and this answer: take the middle.
+            reopened = (self._refused_at + now) / 2
+            measured = self._cycle_answers / max(reopened - self._cycle_start, 1e-3)
+            new = measured * self.decrease
+            if self.rate:
+                new = max(new, self.rate * 0.5)  # at most a halving per pause
+            self.rate = self._base = min(new, self.ceiling) if self.ceiling else new
+            self._measured = measured
+            self.decreases += 1
+        self.paused = self._probing = self._rate_pause = False
+        self._cycle_start, self._cycle_answers = now, 0
+        self._last_increase = now
+        self._next = now + (1.0 / self.rate if self.rate else 0.0)  # the probe took this slot
+        self._wake()
+
+    def _add(self, now: float) -> None:
+        """Additive increase: `increase` of the rate set at the last decrease, per second; a quarter of
+        that once above the measured rate (or without a measurement)."""
+        assert self.rate
+        below = self._measured is not None and self.rate < self._measured
+        step = self.increase * (self._base or self.rate) * (now - self._last_increase) * (1.0 if below else 0.25)
+        self._last_increase = now
+        self.rate = self.rate + step
+        if self.ceiling:
+            self.rate = min(self.rate, self.ceiling)
+
+    def _check_breaker(self, now: float) -> None:
+        if self.open_reason is None and self._failures and now - self._last_alive >= self.breaker_s:
+            if self._half_open is not None:
+                reason = f"{self._half_open}; probed again in this chunk"
+            else:
+                reason = f"nothing answered for {now - self._last_alive:.0f}s"
+            self.open_reason = f"{reason} (last: {self._last_failure})" if self._last_failure else reason
+            self._wake()
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until `_wake` (a pause ended, a probe failed, the breaker opened) or `timeout` seconds."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            if timeout is None:
+                await fut
+                return
+            sleeper = asyncio.ensure_future(self._sleep(max(0.0, timeout)))
+            try:
+                await asyncio.wait({fut, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+        finally:
+            if not fut.done():
+                fut.cancel()
+                self._waiters = [w for w in self._waiters if w is not fut]
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
 
 class AdaptiveLimiter:
@@ -96,8 +319,10 @@ class RateLimiter:
     """Requests per second and tokens per second for one task; `None` means unlimited.
 
     Requests are paced by reservation (each caller books the next free slot), with a burst of one
-    second's worth. Tokens are charged after the answer reports usage, so the bucket may go below
-    zero; new requests then wait until it refills.
+    second's worth. Tokens are counted as AI Gateway counts them: a request reserves its estimated
+    prompt tokens plus `max_tokens` (when set) before it is sent, and the answer's `usage` (prompt and
+    completion tokens, counted separately) then replaces the reservation. The bucket may go below zero;
+    new requests then wait until it refills.
     """
 
     def __init__(self, requests_per_s: float | None = None, tokens_per_s: float | None = None, *,
@@ -110,13 +335,16 @@ class RateLimiter:
         self._capacity = max(1.0, (tokens_per_s or 0.0) * 10)  # ten seconds of tokens
         self._tokens = self._capacity
         self._stamp = clock()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
 
-    async def acquire(self) -> float:
-        """Wait until a request may go; returns the seconds waited."""
+    async def acquire(self, reserve: int = 0) -> float:
+        """Wait until a request may go, then reserve `reserve` tokens for it; returns the seconds waited."""
         waited = 0.0
         while self._tps:
             self._refill()
             if self._tokens > 0:
+                self._tokens -= reserve
                 break
             pause = (1 - self._tokens) / self._tps
             await self._sleep(pause)
@@ -129,6 +357,20 @@ class RateLimiter:
                 await self._sleep(slot - now)
                 waited += slot - now
         return waited
+
+    def settle(self, reserved: int, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """The answer's usage replaces the reservation; without usage the reservation stands."""
+        self.prompt_tokens += prompt_tokens or 0
+        self.completion_tokens += completion_tokens or 0
+        if self._tps and (prompt_tokens is not None or completion_tokens is not None):
+            self._refill()
+            self._tokens += reserved - (prompt_tokens or 0) - (completion_tokens or 0)
+
+    def refund(self, reserved: int) -> None:
+        """A request that was refused (429, an error) consumed nothing: its reservation comes back."""
+        if self._tps and reserved:
+            self._refill()
+            self._tokens += reserved
 
     def charge_tokens(self, n: int | None) -> None:
         if self._tps and n:
