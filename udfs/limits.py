@@ -45,16 +45,21 @@ class Governor:
       the task. After the pause (the server's `Retry-After`, else `probe_first_s`, doubling after each
       refused probe up to `probe_max_s`) exactly one request goes as a probe; the task resumes when it
       is answered. Requests already in flight finish; their answers do not end the pause.
-    - **A learned rate (AIMD on the rate).** A pause caused by a 429 ends a *cycle*: the requests
-      answered since the cycle began, over the time until the limit reopened (the middle of the last
-      refused probe and the answered one), is the rate the endpoint sustained, its window's pauses
-      included. The task resumes paced at `decrease` (0.9) times it, never less than half the rate it
-      had, and adds `increase` (5%) of that new rate per second while answers keep coming, a quarter as
-      fast once above the measured rate. Under a fixed window it settles just under the window's rate, instead
-      of bursting into it every window. The first cycle, before any limit was met, is unpaced, unless a
-      starting `rate` is known (the endpoint's AI Gateway limits, `limits.requests_per_minute`).
-      `ceiling` (requests/s) is never exceeded. 503s and lost connections pause without teaching a rate:
-      an endpoint scaling from zero says nothing about its rate.
+    - **A learned rate (AIMD on the rate).** A pause caused by a 429 ends a *cycle*. If the window
+      stayed closed (a probe was refused), the requests answered since the cycle began, over the time
+      until it reopened (the middle of the last refused probe and the answered one), is the rate the
+      endpoint sustains, its window's pause included; if the first probe got through and the task was
+      paced, the paced rate met the limit as a window turned. The task resumes paced at `decrease`
+      (0.9) times that rate, never less than half the rate it had, climbs back to it within a quarter
+      of a cycle, then adds `increase` (5%) of it per cycle: the cycle is the limit's own window, so
+      the step is as gentle for a minute's window as for a second's. Under a fixed window the task
+      settles just under the window's rate instead of bursting into it every window. Until the first
+      such 429 the task is unpaced, unless a starting `rate` is known (the endpoint's AI Gateway limits,
+      `limits.requests_per_minute`); `ceiling` (requests/s) is never exceeded. A 429 whose first probe
+      gets through while unpaced is about requests in flight (`AdaptiveLimiter` halves those) and
+      teaches no rate; nor do 503s and lost connections: an endpoint scaling from zero says nothing
+      about its rate. A first probe that got through halves the next pause's first wait (down to
+      50 ms), so that a limit that reopens at once costs little.
     - **A breaker.** When nothing has answered for `breaker_s` while requests failed, the breaker opens:
       every waiting and later `acquire` raises `EndpointUnavailable`, and the rows fail fast. Started
       `half_open` (the run's endpoint was unavailable in an earlier chunk) the task sends one probe
@@ -94,12 +99,18 @@ class Governor:
         self._probe_at = now
         self._probe_delay = probe_first_s
         self._refused_at = now  # the last moment the endpoint was known to refuse
+        self._paused_at = now
+        self._probes_refused = 0
+        # The first probe's delay: halved each time the first probe got through (a limit that reopens
+        # at once, as a concurrency limit does), back to probe_first_s when one is refused.
+        self._first_probe = probe_first_s
         self._rate_pause = False
         # The cycle the rate is measured over, and pacing.
         self._cycle_start: float | None = None
         self._cycle_answers = 0
         self._measured: float | None = None
-        self._base = self.rate  # the rate set at the last decrease: what the additive step is a share of
+        self._base = self.rate  # the rate set at the last decrease
+        self._cycle_len = 60.0  # the last cycle's length; AI Gateway's windows are a minute until measured
         self._last_increase = now
         self._next = -math.inf
         self._waiters: list[asyncio.Future[None]] = []
@@ -163,6 +174,7 @@ class Governor:
         if probe and self.paused:
             self._probing = False
             self._refused_at = now
+            self._probes_refused += 1
             self._probe_delay = min(self._probe_delay * 2, self.probe_max_s)
             self._probe_at = now + (wait if wait is not None else self._probe_delay)
         elif kind in (OVERLOAD, UNAVAILABLE):
@@ -180,20 +192,34 @@ class Governor:
     def _pause(self, now: float, rate_signal: bool) -> None:
         self.paused = True
         self.pauses += 1
+        self._paused_at, self._probes_refused = now, 0
         self._rate_pause = rate_signal
-        self._probe_delay = self.probe_first_s
+        self._probe_delay = self._first_probe
 
     def _resume(self, now: float) -> None:
-        if self.learn and self._rate_pause and self._cycle_start is not None and self._cycle_answers >= 2:
-            # The limit reopened between the last refusal and this answer: take the middle.
+        if self.learn and self._rate_pause and self._cycle_start is not None:
+            measured: float | None = None
             reopened = (self._refused_at + now) / 2
-            measured = self._cycle_answers / max(reopened - self._cycle_start, 1e-3)
-            new = measured * self.decrease
-            if self.rate:
-                new = max(new, self.rate * 0.5)  # at most a halving per pause
-            self.rate = self._base = min(new, self.ceiling) if self.ceiling else new
-            self._measured = measured
-            self.decreases += 1
+            if self._probes_refused and self._cycle_answers >= 5 and reopened - self._cycle_start >= 1.0:
+                # A window that stayed closed: it reopened between the last refused probe and this
+                # answer (take the middle), and what it let through over the cycle is its rate. (A
+                # shorter cycle, or fewer answers, is a limit on requests in flight seen twice.)
+                self._cycle_len = reopened - self._cycle_start
+                measured = self._cycle_answers / self._cycle_len
+            elif self.rate:
+                # Refused, then open again at the first probe: the paced rate met the limit as a window
+                # turned. (Unpaced, such a 429 is about concurrency, which `AdaptiveLimiter` halves.)
+                self._cycle_len = max(self._paused_at - self._cycle_start, 1.0)
+                measured = min(self.rate, self._cycle_answers / self._cycle_len) if self._cycle_answers else self.rate
+            if measured is not None:
+                new = measured * self.decrease
+                if self.rate:
+                    new = max(new, self.rate * 0.5)  # at most a halving per pause
+                self.rate = self._base = min(new, self.ceiling) if self.ceiling else new
+                self._measured = max(measured, self.rate)
+                self.decreases += 1
+        self._first_probe = (max(0.05, self._first_probe / 2) if self._probes_refused == 0
+                             else self.probe_first_s)
         self.paused = self._probing = self._rate_pause = False
         self._cycle_start, self._cycle_answers = now, 0
         self._last_increase = now
@@ -201,13 +227,17 @@ class Governor:
         self._wake()
 
     def _add(self, now: float) -> None:
-        """Additive increase: `increase` of the rate set at the last decrease, per second; a quarter of
-        that once above the measured rate (or without a measurement)."""
+        """Additive increase, in the time of the limit's own window (the last cycle's length): back to
+        the measured rate within a quarter of a cycle, then `increase` of it more per cycle."""
         assert self.rate
-        below = self._measured is not None and self.rate < self._measured
-        step = self.increase * (self._base or self.rate) * (now - self._last_increase) * (1.0 if below else 0.25)
+        dt = now - self._last_increase
         self._last_increase = now
-        self.rate = self.rate + step
+        measured = self._measured or self.rate
+        if self.rate < measured:
+            step = (measured - (self._base or self.rate)) * dt / (self._cycle_len / 4)
+            self.rate = min(measured, self.rate + max(step, 0.0))
+        else:
+            self.rate = self.rate + self.increase * measured * dt / self._cycle_len
         if self.ceiling:
             self.rate = min(self.rate, self.ceiling)
 
