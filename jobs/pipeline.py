@@ -24,13 +24,14 @@ from jobs.call import dimension_check, with_outcomes
 from jobs.commit import commit_chunk, ensure_output_table, table_schema, with_run_columns
 from jobs.config import JobConfig
 from jobs.dryrun import dry_run
-from jobs.errors import JobFailed
+from jobs.endpoint_health import EndpointHealth
 from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
 from jobs.plan import plan_tasks, task_slots
 from jobs.read import read_requests, with_limit, without_final
 from jobs.resolve import engine_spec, preflight
 from jobs.summary import RunSummary
+from jobs.verdict import judge
 
 log = logging.getLogger("batch_inference")
 
@@ -65,7 +66,8 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
              plan.partitions, "/".join(map(str, sorted(set(plan.per_task)))), cfg.output.table)
 
     chunked = pending.withColumn("_chunk", F.pmod(F.xxhash64("request_hash"), F.lit(max(1, n_chunks))))
-    outcomes = with_outcomes(spec, plan, schema["parsed"].dataType if e.response_format else None)
+    health = EndpointHealth()  # the breaker's report across chunks
+    outcomes = with_outcomes(spec, plan, schema["parsed"].dataType if e.response_format else None, health)
     finish = with_run_columns(e.name, run_id, schema)
     dims = dimension_check(spark, cfg.output.table, run_id, e.embedding_dim) if embeddings else _unchanged
     progress = Progress(summary.pending_rows, n_chunks)
@@ -73,6 +75,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
         chunk = chunked.where(F.col("_chunk") == k).drop("_chunk")
         landed = chunk.transform(outcomes).transform(dims).transform(finish)
         counts = commit_chunk(table, cfg.output.table, landed, run_id, k)
+        health.after_chunk(spark, cfg.output.table, run_id, k, counts)
         for status, n in counts.items():
             summary.by_status[status] = summary.by_status.get(status, 0) + n
         progress.chunk_done(counts)
@@ -81,9 +84,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     log.info("run %s finished in %.1fs: %s", run_id, summary.seconds,
              ", ".join(f"{s}={n}" for s, n in sorted(summary.by_status.items())) or "nothing to do")
     summary.stats = finish_run(spark, cfg, summary, progress.timeline, started_at)
-    if cfg.run.fail_on_error and summary.errors:
-        raise JobFailed(f"{summary.errors} row(s) failed in run {run_id}; see {cfg.output.table} "
-                        "WHERE status != 'ok' (run.fail_on_error is set)")
+    judge(spark, cfg, summary)  # after every row is committed: fail_on_error, max_error_share
     return summary
 
 

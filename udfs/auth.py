@@ -215,6 +215,15 @@ class OAuthM2M(Credentials):
     def secrets(self) -> list[Secret]:
         return [s for s in (self._token, *self._old, self._client_secret) if s is not None]
 
+    def for_tasks(self) -> OAuthM2M:
+        """Itself, with a token minted here if one is due, so that tasks do not each mint one at once."""
+        if self.due(time.time()):
+            try:
+                self.refresh()
+            except CredentialError:
+                pass  # the tasks will try, and say so on the rows if they cannot
+        return self
+
 
 def _oauth_m2m(token_url: str, client_id: str, client_secret: Secret, scopes: str,
                endpoint_params: dict[str, str], token: Secret | None, issued_at: float,
@@ -239,7 +248,11 @@ class SdkCredentials(Credentials):
         self.refresh()
 
     def __repr__(self) -> str:
-        return f"SdkCredentials(auth_type={self._config.auth_type!r})"
+        return f"SdkCredentials(auth_type={self.auth_type!r})"
+
+    @property
+    def auth_type(self) -> str:
+        return str(self._config.auth_type)
 
     def __reduce__(self) -> tuple:
         snap = self.for_tasks()

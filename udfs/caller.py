@@ -181,11 +181,16 @@ class Caller:
         if self.fatal is not None:  # a row back from a backoff sleep: the task is failing, send nothing
             raise Failure(self.fatal.kind, self.fatal.detail)
         deadline = sent[0] + self.spec.retry.row_budget_s if sent else None
-        probe = await self.governor.acquire(deadline)
-        reported = False
-        await self.limiter.acquire()
-        overloaded, latency = False, None
         reserve = sum(len(p) for p in prompts) // 4 + self._max_tokens
+        while True:
+            probe = await self.governor.acquire(deadline)
+            await self.limiter.acquire()
+            if probe or not (self.governor.paused or self.governor.open_reason):
+                break
+            # Let through before a pause began, then queued for a slot: the pause holds it too.
+            self.limiter.release()
+        reported = False
+        overloaded, latency = False, None
         try:
             await self.rate.acquire(reserve)
             auth, generation = await self._auth()

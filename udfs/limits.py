@@ -42,9 +42,9 @@ class Governor:
     """The task's sending as a whole: one pause for the task, not a retry storm per row.
 
     - **Pause and probe.** A 429, a 503 or an endpoint that takes no connection pauses every request of
-      the task. After the pause (the server's `Retry-After`, else `probe_first_s`, doubling after each
-      refused probe up to `probe_max_s`) exactly one request goes as a probe; the task resumes when it
-      is answered. Requests already in flight finish; their answers do not end the pause.
+      the task. After the pause (the server's `Retry-After`, else `probe_first_s`; after a refused
+      probe, half the time paused so far, up to `probe_max_s`) exactly one request goes as a probe;
+      the task resumes when it is answered. Requests already in flight finish; their answers do not end the pause.
     - **A learned rate (AIMD on the rate).** A pause caused by a 429 ends a *cycle*. If the window
       stayed closed (a probe was refused), the requests answered since the cycle began, over the time
       until it reopened (the middle of the last refused probe and the answered one), is the rate the
@@ -76,7 +76,7 @@ class Governor:
 
     def __init__(self, *, rate: float | None = None, ceiling: float | None = None, learn: bool = True,
                  breaker_s: float = 480.0, half_open: str | None = None, probe_first_s: float = 0.5,
-                 probe_max_s: float = 10.0, decrease: float = 0.9, increase: float = 0.05,
+                 probe_max_s: float = 10.0, decrease: float = 0.9, settle: float = 0.95, increase: float = 0.02,
                  clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
                  jitter: Callable[[float, float], float] = random.uniform) -> None:
         self._clock, self._sleep, self._jitter = clock, sleep, jitter
@@ -85,7 +85,7 @@ class Governor:
         self.learn = learn
         self.breaker_s = breaker_s
         self.probe_first_s, self.probe_max_s = probe_first_s, probe_max_s
-        self.decrease, self.increase = decrease, increase
+        self.decrease, self.settle, self.increase = decrease, settle, increase
         now = clock()
         # The breaker: when the endpoint last answered, and what failed since.
         self._last_alive = now - breaker_s if half_open else now
@@ -111,6 +111,7 @@ class Governor:
         self._measured: float | None = None
         self._base = self.rate  # the rate set at the last decrease
         self._cycle_len = 60.0  # the last cycle's length; AI Gateway's windows are a minute until measured
+        self._slow_start = False  # paced without a measurement: doubling every quarter cycle
         self._last_increase = now
         self._next = -math.inf
         self._waiters: list[asyncio.Future[None]] = []
@@ -175,7 +176,9 @@ class Governor:
             self._probing = False
             self._refused_at = now
             self._probes_refused += 1
-            self._probe_delay = min(self._probe_delay * 2, self.probe_max_s)
+            # Half the time paused so far: a probe comes at most a third late after the limit reopens,
+            # and a minute's window costs about fifteen probes.
+            self._probe_delay = max(self._first_probe, min(self.probe_max_s, 0.5 * (now - self._paused_at)))
             self._probe_at = now + (wait if wait is not None else self._probe_delay)
         elif kind in (OVERLOAD, UNAVAILABLE):
             if not self.paused:
@@ -200,12 +203,22 @@ class Governor:
         if self.learn and self._rate_pause and self._cycle_start is not None:
             measured: float | None = None
             reopened = (self._refused_at + now) / 2
-            if self._probes_refused and self._cycle_answers >= 5 and reopened - self._cycle_start >= 1.0:
+            closed = self._probes_refused and reopened - self._cycle_start >= 1.0
+            if closed and self._cycle_answers >= 5:
                 # A window that stayed closed: it reopened between the last refused probe and this
                 # answer (take the middle), and what it let through over the cycle is its rate. (A
-                # shorter cycle, or fewer answers, is a limit on requests in flight seen twice.)
+                # shorter cycle is a limit on requests in flight seen twice.)
                 self._cycle_len = reopened - self._cycle_start
                 measured = self._cycle_answers / self._cycle_len
+            elif closed:
+                # A window that stayed closed, but other tasks had it: too few answers to measure. Rather
+                # than burst into the next one, start slow (what it got, one a window at least) and
+                # double every quarter of a window until a 429 measures the rate.
+                self._cycle_len = reopened - self._cycle_start
+                self.rate = self._base = max(1, self._cycle_answers) / self._cycle_len
+                if self.ceiling:
+                    self.rate = min(self.rate, self.ceiling)
+                self._measured, self._slow_start = None, True
             elif self.rate:
                 # Refused, then open again at the first probe: the paced rate met the limit as a window
                 # turned. (Unpaced, such a 429 is about concurrency, which `AdaptiveLimiter` halves.)
@@ -217,6 +230,7 @@ class Governor:
                     new = max(new, self.rate * 0.5)  # at most a halving per pause
                 self.rate = self._base = min(new, self.ceiling) if self.ceiling else new
                 self._measured = max(measured, self.rate)
+                self._slow_start = False
                 self.decreases += 1
         self._first_probe = (max(0.05, self._first_probe / 2) if self._probes_refused == 0
                              else self.probe_first_s)
@@ -228,14 +242,18 @@ class Governor:
 
     def _add(self, now: float) -> None:
         """Additive increase, in the time of the limit's own window (the last cycle's length): back to
-        the measured rate within a quarter of a cycle, then `increase` of it more per cycle."""
+        the measured rate within a quarter of a cycle, then `increase` of it more per cycle; in slow
+        start, twice the rate every quarter of a cycle."""
         assert self.rate
         dt = now - self._last_increase
         self._last_increase = now
         measured = self._measured or self.rate
-        if self.rate < measured:
-            step = (measured - (self._base or self.rate)) * dt / (self._cycle_len / 4)
-            self.rate = min(measured, self.rate + max(step, 0.0))
+        target = self.settle * measured
+        if self._slow_start:
+            self.rate *= 2.0 ** (dt / (self._cycle_len / 4))
+        elif self.rate < target:
+            step = (target - (self._base or self.rate)) * dt / (self._cycle_len / 4)
+            self.rate = min(target, self.rate + max(step, 0.0))
         else:
             self.rate = self.rate + self.increase * measured * dt / self._cycle_len
         if self.ceiling:
