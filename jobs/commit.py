@@ -5,15 +5,19 @@ Every chunk lands once: ids new to the table are appended idempotently (`txnAppI
 input's; `with_run_columns` stamps each row with the endpoint, the run and the time, and fixes the
 order.
 
+Delta's work is SQL (`CREATE TABLE ... USING DELTA`, `MERGE INTO`) and the DataFrame writer, never
+the Python `DeltaTable` API: that API needs Delta's Connect plugin on a Spark Connect server, while
+Delta's SQL extension serves SQL over Connect and classic alike (and Databricks everywhere). One
+code path for both kinds of session.
+
 Example::
 
-    table = ensure_output_table(spark, "main.gold.completions", output_schema(T.LongType(), False))
-    counts = commit_chunk(table, "main.gold.completions", landed, run_id, chunk=0)   # {"ok": 998, "error": 2}
+    ensure_output_table(spark, "main.gold.completions", output_schema(T.LongType(), False))
+    counts = commit_chunk(spark, "main.gold.completions", landed, run_id, chunk=0)   # {"ok": 998, "error": 2}
 """
 
 from __future__ import annotations
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 
 from jobs.errors import InputError
@@ -41,35 +45,51 @@ def output_schema(id_type: T.DataType, embeddings: bool) -> T.StructType:
     return T.StructType(fields)
 
 
-def ensure_output_table(spark: SparkSession, name: str, schema: T.StructType) -> DeltaTable:
+def ensure_output_table(spark: SparkSession, name: str, schema: T.StructType) -> None:
+    """Create the output table if missing (in SQL: Connect and classic alike); refuse a wrong schema."""
     if not spark.catalog.tableExists(name):
         ensure_schema(spark, name)
-        (DeltaTable.createIfNotExists(spark).tableName(name).addColumns(schema)
-         .comment("batch-inference outcomes: one row per input id").execute())
-    table = DeltaTable.forName(spark, name)
-    wrong = schema_problems(table.toDF().schema, schema)
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {name} ({ddl(schema)}) USING DELTA "
+                  "COMMENT 'batch-inference outcomes: one row per input id'")
+    wrong = schema_problems(spark.table(name).schema, schema)
     if wrong:
         raise InputError(f"output.table {name} exists with another schema: {', '.join(wrong)}")
-    return table
 
 
-def commit_chunk(table: DeltaTable, name: str, outcomes: DataFrame, run_id: str, chunk: int) -> dict[str, int]:
+def ddl(schema: T.StructType) -> str:
+    """`id bigint, prompt string, ...`: a schema as the column list of CREATE TABLE."""
+    return ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in schema.fields)
+
+
+def status_counts(outcomes: DataFrame) -> list[tuple[str, bool, int]]:
+    """(status, _exists, rows) of a chunk's outcomes: one small aggregation."""
+    return [(r["status"], bool(r["_exists"]), r["count"])
+            for r in outcomes.groupBy("status", "_exists").count().collect()]
+
+
+def commit_chunk(spark: SparkSession, name: str, outcomes: DataFrame, run_id: str, chunk: int,
+                 counts: list[tuple[str, bool, int]] | None = None) -> dict[str, int]:
     """Land one chunk: append the ids new to the table, MERGE the ones it holds; counts by status.
 
     The append is idempotent per (run, chunk) through Delta's `txnAppId`/`txnVersion`; the MERGE
-    upserts by id. Either way a retried chunk or a rerun never adds a second row for an id. The
-    outcomes are materialised first: the endpoint is called here, once, and MERGE (which may read
-    its source twice) reads the checkpoint.
+    upserts by id. Either way a retried chunk or a rerun never adds a second row for an id.
+    `outcomes` must be stable (a local relation from the driver, or a staged table): the endpoint is
+    not called here, and MERGE may read its source twice. `counts` ((status, _exists, rows), known to
+    the driver in driver mode) saves the aggregation that otherwise finds them.
     """
-    materialised = outcomes.localCheckpoint(eager=True)
-    counts = materialised.groupBy("status", "_exists").count().collect()
-    if any(not r["_exists"] for r in counts):
-        (materialised.where(~F.col("_exists")).drop("_exists").write.format("delta").mode("append")
+    counts = status_counts(outcomes) if counts is None else counts
+    if any(not exists and n for _, exists, n in counts):
+        (outcomes.where(~F.col("_exists")).drop("_exists").write.format("delta").mode("append")
          .option("txnAppId", run_id).option("txnVersion", chunk).saveAsTable(name))
-    if any(r["_exists"] for r in counts):
-        (table.alias("t").merge(materialised.where(F.col("_exists")).drop("_exists").alias("s"), "t.id = s.id")
-         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+    if any(exists and n for _, exists, n in counts):
+        view = f"_bi_merge_{run_id}_{chunk}"
+        outcomes.where(F.col("_exists")).drop("_exists").createOrReplaceTempView(view)
+        try:
+            spark.sql(f"MERGE INTO {name} AS t USING {view} AS s ON t.id = s.id "
+                      "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *")
+        finally:
+            spark.catalog.dropTempView(view)
     by_status: dict[str, int] = {}
-    for r in counts:
-        by_status[r["status"]] = by_status.get(r["status"], 0) + r["count"]
+    for status, _, n in counts:
+        by_status[status] = by_status.get(status, 0) + n
     return by_status

@@ -1,9 +1,21 @@
-"""The batch job, top to bottom: read, plan, call, commit, observe.
+"""The batch job, top to bottom: read, survey, stage, call, commit, observe.
 
-`run_job` reads the pending requests once (`jobs.read`), plans the tasks (`jobs.plan`), then per
-chunk calls the endpoint (`jobs.call`) and commits the outcomes to Delta (`jobs.commit`), reporting
-progress and, at the end, the run's summary (`jobs.observe`). `run.dry_run` goes to `jobs.dryrun`
-instead, before anything is created.
+`run_job` reads the requests, counts and checks them in one pass (`jobs.stage.survey`), writes the
+pending rows once to a scratch table, then calls the endpoint chunk by chunk and commits each
+chunk's outcomes to Delta (`jobs.commit`), reporting progress and, at the end, the run's summary
+(`jobs.observe`). `run.dry_run` goes to `jobs.dryrun` instead, before anything is created.
+
+Calls come from the executors (the pandas UDF) or from the driver (`run.calls_from`; `auto` picks
+the driver on Spark Connect, where UDFs cannot reach the internet). Either way the commit of chunk
+k runs on a thread of its own while chunk k+1 calls, so the endpoint does not wait for Delta:
+
+- driver: one engine keeps `C` requests in flight across chunk boundaries (the next chunk's rows
+  are fetched ahead); commits run on the committer thread and hold no calls;
+- executors: chunk k+1's Spark job calls while chunk k commits; the tasks are planned over all task
+  slots but one, so the commit has a slot and never waits behind calling tasks.
+
+Commits stay in chunk order, each chunk once; a crash loses at most the chunks in flight (one
+calling, one committing, one waiting).
 
 Example::
 
@@ -13,26 +25,45 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
+import queue
+import threading
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
 
 from pyspark.sql import DataFrame, SparkSession, functions as F
 
-from jobs.call import dimension_check, with_outcomes
+from jobs.call import DriverChunk, common_dim, status_counts, with_dimension_check, with_outcomes
 from jobs.commit import commit_chunk, ensure_output_table, output_schema, with_run_columns
 from jobs.config import JobConfig
 from jobs.dryrun import dry_run
-from jobs.errors import JobFailed
+from jobs.errors import InputError, JobFailed
 from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
 from jobs.plan import plan_tasks, task_slots
-from jobs.read import read_requests, with_limit, without_final
+from jobs.read import check_ids, read_requests
 from jobs.resolve import engine_spec
+from jobs.session import is_connect
+from jobs.stage import Chunk, ChunkPlanner, drop_stale_scratch, histogram, scratch_table, stage_pending, survey
 from jobs.summary import RunSummary
+from udfs.engine import Engine
+from udfs.spec import EngineSpec
 
 log = logging.getLogger("batch_inference")
+
+PENDING_COLS = ("id", "prompt", "request_hash", "precheck", "_exists")
+
+
+def calls_from(spark: SparkSession, setting: str) -> tuple[str, str]:
+    """(`driver` | `executors`, why) for `run.calls_from`."""
+    if setting != "auto":
+        return setting, "run.calls_from"
+    if is_connect(spark):
+        return "driver", ("auto, on Spark Connect (serverless, standard access, Databricks Connect): "
+                          "UDFs there may not reach the internet, and one process keeps the limit exact")
+    return "executors", "auto, on classic Spark: the pandas UDF calls from the executors"
 
 
 def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -> RunSummary:
@@ -40,41 +71,42 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     if cfg.run.dry_run:  # before anything is created: checks, counts, one probe request, no write
         return dry_run(spark, cfg, run_id=run_id)
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
-    e = cfg.endpoint
     spec = engine_spec(cfg, spark)  # resolves URL and credentials: fails here, before any call
-    embeddings = e.is_embeddings
     summary = RunSummary(run_id=run_id, output_table=cfg.output.table)
+    out = cfg.output.table
 
-    inputs, requests = read_requests(spark, cfg)
-    schema = output_schema(inputs.schema["id"].dataType, embeddings)
-    table = ensure_output_table(spark, cfg.output.table, schema)
-    summary.input_rows = requests.count()
-    # Which rows to call is decided once, up front, and kept: every chunk reads this set rather than
-    # re-reading the input and re-joining the output. Identical requests share a chunk (hash of the
-    # request), so each is sent once per run.
-    pending = (requests.transform(without_final(spark.read.table(cfg.output.table), cfg.run.retry_errors))
-               .transform(with_limit(cfg.run.limit))
-               .localCheckpoint(eager=True))
-    summary.pending_rows = pending.count()
-    n_chunks = max(1, math.ceil(summary.pending_rows / cfg.run.chunk_rows)) if summary.pending_rows else 0
-    summary.chunks = n_chunks
-    plan = plan_tasks(cfg.limits.max_concurrency, task_slots(spark, cfg.run.task_slots))
-    log.info("run %s: %d input rows, %d pending, %d chunk(s) of about %d; %d task(s) x %s in flight -> %s",
-             run_id, summary.input_rows, summary.pending_rows, n_chunks, cfg.run.chunk_rows,
-             plan.partitions, "/".join(map(str, sorted(set(plan.per_task)))), cfg.output.table)
+    inputs, requests = read_requests(spark, cfg, check=False)
+    schema = output_schema(inputs.schema["id"].dataType, cfg.endpoint.is_embeddings)
+    prior = spark.table(out) if spark.catalog.tableExists(out) else None
+    found = survey(requests, prior, cfg.run.retry_errors, cfg.run.limit)
+    if found.null_ids or found.repeated_ids:
+        check_ids(inputs)  # names them; a second pass only when the job stops anyway
+        raise InputError("the input's ids are null or repeated; ids must be unique")
+    ensure_output_table(spark, out, schema)
+    summary.input_rows, summary.pending_rows = found.input_rows, found.pending
+    mode, why = calls_from(spark, cfg.run.calls_from)
+    log.info("run %s: %d input rows, %d pending -> %s; calls from the %s (%s)", run_id, found.input_rows,
+             found.pending, out, mode, why)
 
-    chunked = pending.withColumn("_chunk", F.pmod(F.xxhash64("request_hash"), F.lit(max(1, n_chunks))))
-    outcomes = with_outcomes(spec, plan)
-    finish = with_run_columns(e.name, run_id, schema)
-    dims = dimension_check(spark, cfg.output.table, run_id, e.embedding_dim) if embeddings else _unchanged
-    progress = Progress(summary.pending_rows, n_chunks)
-    for k in range(n_chunks):
-        chunk = chunked.where(F.col("_chunk") == k).drop("_chunk")
-        landed = chunk.transform(outcomes).transform(dims).transform(finish)
-        counts = commit_chunk(table, cfg.output.table, landed, run_id, k)
-        for status, n in counts.items():
-            summary.by_status[status] = summary.by_status.get(status, 0) + n
-        progress.chunk_done(counts)
+    progress = Progress(found.pending, 0)
+    if found.pending:
+        drop_stale_scratch(spark, out)
+        scratch = [scratch_table(out, run_id, kind) for kind in ("pending", "outcomes")]
+        try:
+            staged = stage_pending(spark, requests, prior, cfg.run.retry_errors, cfg.run.limit, scratch[0],
+                                   found.pending)
+            counts = histogram(staged) if found.pending < found.pending_all else found.histogram
+            planner = ChunkPlanner(counts, fixed_rows=cfg.run.chunk_rows, max_rows=cfg.run.max_chunk_rows,
+                                   seconds=cfg.run.chunk_seconds,
+                                   first_rows=16 * cfg.limits.max_concurrency * cfg.endpoint.rows_per_request)
+            run = _Run(spark, cfg, spec, run_id, schema, staged, planner, progress, summary)
+            if mode == "driver":
+                run.from_driver()
+            else:
+                run.from_executors(scratch[1])
+        finally:
+            for name in scratch:
+                spark.sql(f"DROP TABLE IF EXISTS {name}")
     progress.close()
     summary.seconds = time.monotonic() - started
     log.info("run %s finished in %.1fs: %s", run_id, summary.seconds,
@@ -84,6 +116,195 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
         raise JobFailed(f"{summary.errors} row(s) failed in run {run_id}; see {cfg.output.table} "
                         "WHERE status != 'ok' (run.fail_on_error is set)")
     return summary
+
+
+class _Run:
+    """The chunk loop of one run, in either mode; commits go through a `Committer`."""
+
+    def __init__(self, spark: SparkSession, cfg: JobConfig, spec: EngineSpec, run_id: str, schema: Any,
+                 staged: DataFrame, planner: ChunkPlanner, progress: Progress, summary: RunSummary) -> None:
+        self.spark, self.cfg, self.spec, self.run_id = spark, cfg, spec, run_id
+        self.staged, self.planner, self.progress, self.summary = staged, planner, progress, summary
+        self.finish = with_run_columns(cfg.endpoint.name, run_id, schema)
+        self.embeddings = cfg.endpoint.is_embeddings
+        self.dim: int | None = cfg.endpoint.embedding_dim
+        self.dim_why = "endpoint.embedding_dim"
+        self.called_rows, self.calling_s = 0, 0.0
+
+    # -- shared -------------------------------------------------------------------------------------
+
+    def rate(self) -> float | None:
+        return self.called_rows / self.calling_s if self.calling_s > 0 and self.called_rows else None
+
+    def next_chunk(self) -> Chunk | None:
+        chunk = self.planner.next(self.rate())
+        self.progress.total_chunks = self.planner.estimate(self.rate())
+        return chunk
+
+    def committed(self, counts: dict[str, int]) -> None:
+        for status, n in counts.items():
+            self.summary.by_status[status] = self.summary.by_status.get(status, 0) + n
+        self.summary.chunks += 1
+        self.progress.chunk_done(counts)
+
+    # -- driver ---------------------------------------------------------------------------------------
+
+    def from_driver(self) -> None:
+        """One engine in this process, `C` in flight across chunks; rows come and go as Arrow."""
+        c = self.cfg.limits.max_concurrency
+        fetched: queue.Queue = queue.Queue(maxsize=1)  # the next chunk's rows, read while this one calls
+        stop = threading.Event()
+        fetcher = threading.Thread(target=self._fetch, args=(fetched, stop), name="bi-fetch", daemon=True)
+        chunks: list[tuple[Chunk, DriverChunk]] = []
+        first_call: list[float] = []
+
+        def batches() -> Iterator[list[str]]:
+            while True:
+                item = fetched.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                chunk, rows = item
+                todo = DriverChunk(rows, self.embeddings)
+                chunks.append((chunk, todo))
+                first_call[:] = first_call or [time.monotonic()]
+                yield todo.prompts
+
+        with Committer() as committer, Engine(replace(self.spec, max_concurrency=c), max_limit=c) as engine:
+            fetcher.start()
+            try:
+                for outcomes in engine.map_batches(batches()):
+                    chunk, todo = chunks.pop(0)
+                    # Calls run back to back across chunks: the rate is rows over time since the first.
+                    self.called_rows += chunk.rows
+                    self.calling_s = time.monotonic() - first_call[0]
+                    committer.submit(self._driver_commit(chunk, todo, outcomes), self.committed)
+            finally:
+                stop.set()
+                while fetcher.is_alive():  # unblock a fetcher waiting to hand over a chunk
+                    try:
+                        fetched.get_nowait()
+                    except queue.Empty:
+                        pass
+                    fetcher.join(0.05)
+
+    def _fetch(self, fetched: queue.Queue, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                chunk = self.next_chunk()
+                if chunk is None:
+                    break
+                rows = chunk.of(self.staged).select(*PENDING_COLS).toArrow()
+                _put(fetched, (chunk, rows), stop)
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            _put(fetched, exc, stop)
+            return
+        _put(fetched, None, stop)
+
+    def _driver_commit(self, chunk: Chunk, todo: DriverChunk, outcomes: list) -> Callable[[], dict[str, int]]:
+        def commit() -> dict[str, int]:
+            if self.embeddings and self.dim is None:
+                self.dim = common_dim(outcomes)
+                self.dim_why = "the most common length in the run's first chunk with vectors"
+            table = todo.landed(outcomes, self.dim, self.dim_why)
+            landed = self.spark.createDataFrame(table).transform(self.finish)
+            return commit_chunk(self.spark, self.cfg.output.table, landed, self.run_id, chunk.index,
+                                counts=status_counts(table))
+        return commit
+
+    # -- executors ------------------------------------------------------------------------------------
+
+    def from_executors(self, outcomes_table: str) -> None:
+        """Per chunk one Spark job calls (the UDF) and writes the outcomes to a scratch table once;
+        the commit reads them from there on the committer thread while the next chunk calls."""
+        slots = task_slots(self.spark, self.cfg.run.task_slots)
+        plan = plan_tasks(self.cfg.limits.max_concurrency, slots - 1 if slots and slots > 1 else slots)
+        log.info("executors: %d task(s) x %s in flight%s", plan.partitions,
+                 "/".join(map(str, sorted(set(plan.per_task)))),
+                 "; one task slot left for commits" if slots and slots > 1 else "")
+        outcomes = with_outcomes(self.spec, plan)
+        with Committer() as committer:
+            while (chunk := self.next_chunk()) is not None:
+                t0 = time.monotonic()
+                landed = (chunk.of(self.staged).select(*PENDING_COLS).transform(outcomes)
+                          .transform(self._dims_step(outcomes_table)).transform(self.finish)
+                          .withColumn("_chunk", F.lit(chunk.index)))
+                landed.write.format("delta").mode("append").saveAsTable(outcomes_table)  # the calls
+                self.called_rows += chunk.rows
+                self.calling_s += time.monotonic() - t0
+                stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
+                committer.submit(self._executors_commit(chunk, stable), self.committed)
+
+    def _dims_step(self, outcomes_table: str) -> Callable[[DataFrame], DataFrame]:
+        if not self.embeddings:
+            return _unchanged
+        if self.dim is None:
+            first = (self.spark.table(outcomes_table) if self.spark.catalog.tableExists(outcomes_table) else None)
+            row = (first.where(F.col("status") == "ok").select("dim").limit(1).collect() if first is not None
+                   else [])
+            if row:
+                self.dim, self.dim_why = row[0]["dim"], "the length this run already wrote"
+        if self.dim is None:
+            return with_dimension_check(None)
+        return with_dimension_check(self.dim, self.dim_why)
+
+    def _executors_commit(self, chunk: Chunk, stable: DataFrame) -> Callable[[], dict[str, int]]:
+        def commit() -> dict[str, int]:
+            return commit_chunk(self.spark, self.cfg.output.table, stable, self.run_id, chunk.index)
+        return commit
+
+
+class Committer:
+    """Commits chunks in order on one thread of its own while the caller goes on calling.
+
+    `submit` waits while one commit runs and another waits (bounded memory, bounded loss on a crash)
+    and raises the first commit's failure, so a broken commit stops the calls too.
+    """
+
+    def __init__(self, depth: int = 1) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="bi-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, commit: Callable[[], Any], then: Callable[[Any], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((commit, then))
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    item[1](item[0]())
+                except BaseException as exc:
+                    self._error = exc
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> Committer:
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if kind is None:
+            self.close()
+        else:  # the caller failed: let committed chunks stand, raise the caller's error
+            self._queue.put(None)
+            self._thread.join()
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
 
 
 def _unchanged(df: DataFrame) -> DataFrame:
