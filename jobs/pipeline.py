@@ -46,7 +46,8 @@ from jobs.plan import plan_tasks, task_slots
 from jobs.read import check_ids, read_requests
 from jobs.resolve import engine_spec
 from jobs.session import is_connect
-from jobs.stage import Chunk, ChunkPlanner, drop_stale_scratch, histogram, scratch_table, stage_pending, survey
+from jobs.stage import (Chunk, ChunkPlanner, drop_stale_scratch, histogram, pending_rows, scratch_table,
+                        stage_pending, survey)
 from jobs.summary import RunSummary
 from udfs.engine import Engine
 from udfs.spec import EngineSpec
@@ -92,13 +93,18 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     if found.pending:
         drop_stale_scratch(spark, out)
         scratch = [scratch_table(out, run_id, kind) for kind in ("pending", "outcomes")]
+        first_rows = 16 * cfg.limits.max_concurrency * cfg.endpoint.rows_per_request
+        sizing: dict[str, Any] = dict(fixed_rows=cfg.run.chunk_rows, max_rows=cfg.run.max_chunk_rows,
+                                      seconds=cfg.run.chunk_seconds, first_rows=first_rows)
+        pending = pending_rows(requests, prior, cfg.run.retry_errors, cfg.run.limit)
         try:
-            staged = stage_pending(spark, requests, prior, cfg.run.retry_errors, cfg.run.limit, scratch[0],
-                                   found.pending)
-            counts = histogram(staged) if found.pending < found.pending_all else found.histogram
-            planner = ChunkPlanner(counts, fixed_rows=cfg.run.chunk_rows, max_rows=cfg.run.max_chunk_rows,
-                                   seconds=cfg.run.chunk_seconds,
-                                   first_rows=16 * cfg.limits.max_concurrency * cfg.endpoint.rows_per_request)
+            if found.pending <= (cfg.run.chunk_rows or first_rows):
+                # One chunk: its own job reads the pending rows once; nothing to stage.
+                staged, planner = pending, ChunkPlanner({0: found.pending}, **{**sizing, "fixed_rows": found.pending})
+            else:
+                staged = stage_pending(spark, pending, scratch[0], found.pending)
+                counts = histogram(staged) if found.pending < found.pending_all else found.histogram
+                planner = ChunkPlanner(counts, **sizing)
             run = _Run(spark, cfg, spec, run_id, schema, staged, planner, progress, summary)
             if mode == "driver":
                 run.from_driver()
@@ -106,7 +112,8 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
                 run.from_executors(scratch[1])
         finally:
             for name in scratch:
-                spark.sql(f"DROP TABLE IF EXISTS {name}")
+                if spark.catalog.tableExists(name):
+                    spark.sql(f"DROP TABLE IF EXISTS {name}")
     progress.close()
     summary.seconds = time.monotonic() - started
     log.info("run %s finished in %.1fs: %s", run_id, summary.seconds,

@@ -139,9 +139,9 @@ def get_spark(app_name: str = "batch-inference", *, master: str | None = None,
         return active
     if on_databricks():
         return SparkSession.builder.getOrCreate()
-    remote = os.environ.get("SPARK_REMOTE")
-    if remote and remote.startswith("sc://"):
-        return connect_session(remote)
+    if (os.environ.get("SPARK_REMOTE") or "").startswith("sc://"):
+        # pyspark's own builder connects to SPARK_REMOTE and switches this process to Connect columns.
+        return SparkSession.builder.getOrCreate()
     wh = Path(warehouse or os.environ.get("BI_WAREHOUSE_DIR") or Path.cwd() / "spark-warehouse").resolve()
     wh.mkdir(parents=True, exist_ok=True)
     builder = _local_builder(master or os.environ.get("BI_SPARK_MASTER", "local[*]"), wh, app_name)
@@ -155,10 +155,11 @@ def get_spark(app_name: str = "batch-inference", *, master: str | None = None,
 
 
 def connect_session(url: str) -> SparkSession:
-    """A Spark Connect client session for `sc://host:port` (needs `pyspark[connect]`'s packages).
+    """A Spark Connect client session for `sc://host:port` beside a classic session in this process.
 
     Through the Connect builder itself: pyspark's generic builder refuses a remote session in a
-    process that already holds a classic one, which the test suite does on purpose.
+    process that already holds a classic one, which the test suite does on purpose (it then switches
+    pyspark to Connect columns per test: `SPARK_CONNECT_MODE_ENABLED`).
     """
     from pyspark.sql.connect.session import SparkSession as ConnectSession
 

@@ -3,8 +3,9 @@
 - `survey`: ONE aggregation over the input joined to the output table gives the input rows, null
   and repeated ids, the pending rows, and the pending rows per hash bucket. A run with nothing
   pending stops after it.
-- `stage_pending`: the pending rows (cut to `run.limit`) are written once to a scratch Delta table
-  of the run, `<output>__bi_pending_<run>`, laid out by bucket. Every chunk reads its buckets from
+- `stage_pending`: when the run takes more than one chunk, the pending rows (cut to `run.limit`)
+  are written once to a scratch Delta table of the run, `<output>__bi_pending_<run>`, laid out by
+  bucket (a run of one chunk reads them once, in the chunk's own job). Every chunk reads its buckets from
   there, so the set decided at the start is the set called, on classic Spark and Spark Connect
   alike, and it survives a lost executor (a `localCheckpoint` does neither: serverless restricts it,
   and on a classic cluster it dies with its executor). Scratch tables are dropped at the end of the
@@ -18,7 +19,7 @@
 Example::
 
     found = survey(requests, prior, retry_errors=True, limit=None)
-    pending = stage_pending(spark, requests, prior, cfg, run_id)
+    pending = stage_pending(spark, pending_rows(requests, prior, True, None), "main.gold.`t__bi_pending_0123`", found.pending)
     planner = ChunkPlanner(found.histogram, fixed_rows=None, first_rows=1024)
     chunk = planner.next(rate=None)       # Chunk(index=0, lo=0, hi=311, rows=1021)
 """
@@ -109,17 +110,21 @@ def drop_stale_scratch(spark: SparkSession, output: str) -> list[str]:
     return dropped
 
 
-def stage_pending(spark: SparkSession, requests: DataFrame, prior: DataFrame | None, retry_errors: bool,
-                  limit: int | None, name: str, rows: int) -> DataFrame:
+def pending_rows(requests: DataFrame, prior: DataFrame | None, retry_errors: bool,
+                 limit: int | None) -> DataFrame:
+    """The rows this run calls (cut to `run.limit`), with their `_bucket`: the query `stage_pending` writes."""
+    return (requests.transform(with_pending(prior, retry_errors)).where(F.col("_pending"))
+            .transform(with_limit(limit))
+            .select("id", "prompt", "request_hash", "precheck", "_exists", bucket_of().alias("_bucket")))
+
+
+def stage_pending(spark: SparkSession, pending: DataFrame, name: str, rows: int) -> DataFrame:
     """Write the pending rows once to the scratch table `name`, laid out by bucket; return it, read back.
 
     Rows are grouped into files by ranges of buckets and sorted within them, so Delta's file
     statistics let a chunk read only the files of its buckets.
     """
     groups = max(1, min(64, rows // 50_000))
-    pending = (requests.transform(with_pending(prior, retry_errors)).where(F.col("_pending"))
-               .transform(with_limit(limit))
-               .select("id", "prompt", "request_hash", "precheck", "_exists", bucket_of().alias("_bucket")))
     (pending.repartition(groups, F.floor(F.col("_bucket") * groups / BUCKETS))
      .sortWithinPartitions("_bucket")
      .write.format("delta").mode("overwrite").saveAsTable(name))
