@@ -78,12 +78,17 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
 
     inputs, requests = read_requests(spark, cfg, check=False)
     schema = output_schema(inputs.schema["id"].dataType, cfg.endpoint.is_embeddings)
-    prior = spark.table(out) if spark.catalog.tableExists(out) else None
+    prior = None
+    if spark.catalog.tableExists(out):
+        ensure_output_table(spark, out, schema)  # an existing table of another schema stops the run here
+        prior = spark.table(out)
     found = survey(requests, prior, cfg.run.retry_errors, cfg.run.limit)
     if found.null_ids or found.repeated_ids:
         check_ids(inputs)  # names them; a second pass only when the job stops anyway
         raise InputError("the input's ids are null or repeated; ids must be unique")
-    ensure_output_table(spark, out, schema)
+    if prior is None:
+        ensure_output_table(spark, out, schema)
+    drop_stale_scratch(spark, out)
     summary.input_rows, summary.pending_rows = found.input_rows, found.pending
     mode, why = calls_from(spark, cfg.run.calls_from)
     log.info("run %s: %d input rows, %d pending -> %s; calls from the %s (%s)", run_id, found.input_rows,
@@ -91,7 +96,6 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
 
     progress = Progress(found.pending, 0)
     if found.pending:
-        drop_stale_scratch(spark, out)
         scratch = [scratch_table(out, run_id, kind) for kind in ("pending", "outcomes")]
         first_rows = 16 * cfg.limits.max_concurrency * cfg.endpoint.rows_per_request
         sizing: dict[str, Any] = dict(fixed_rows=cfg.run.chunk_rows, max_rows=cfg.run.max_chunk_rows,
