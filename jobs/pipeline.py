@@ -82,7 +82,9 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     if spark.catalog.tableExists(out):
         ensure_output_table(spark, out, schema)  # an existing table of another schema stops the run here
         prior = spark.table(out)
+    t0 = time.monotonic()
     found = survey(requests, prior, cfg.run.retry_errors, cfg.run.limit)
+    log.debug("survey: %.1fs", time.monotonic() - t0)
     if found.null_ids or found.repeated_ids:
         check_ids(inputs)  # names them; a second pass only when the job stops anyway
         raise InputError("the input's ids are null or repeated; ids must be unique")
@@ -106,7 +108,9 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
                 # One chunk: its own job reads the pending rows once; nothing to stage.
                 staged, planner = pending, ChunkPlanner({0: found.pending}, **{**sizing, "fixed_rows": found.pending})
             else:
+                t0 = time.monotonic()
                 staged = stage_pending(spark, pending, scratch[0], found.pending)
+                log.debug("staged %d pending rows in %.1fs", found.pending, time.monotonic() - t0)
                 counts = histogram(staged) if found.pending < found.pending_all else found.histogram
                 planner = ChunkPlanner(counts, **sizing)
             run = _Run(spark, cfg, spec, run_id, schema, staged, planner, progress, summary)
@@ -149,6 +153,7 @@ class _Run:
 
     def next_chunk(self) -> Chunk | None:
         chunk = self.planner.next(self.rate())
+        log.debug("next: %s at %s rows/s", chunk, self.rate())
         self.progress.total_chunks = self.planner.estimate(self.rate())
         return chunk
 
@@ -244,6 +249,7 @@ class _Run:
                 landed.write.format("delta").mode("append").saveAsTable(outcomes_table)  # the calls
                 self.called_rows += chunk.rows
                 self.calling_s += time.monotonic() - t0
+                log.debug("chunk %d: %d rows called in %.1fs", chunk.index + 1, chunk.rows, time.monotonic() - t0)
                 stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
                 committer.submit(self._executors_commit(chunk, stable), self.committed)
 
@@ -262,7 +268,10 @@ class _Run:
 
     def _executors_commit(self, chunk: Chunk, stable: DataFrame) -> Callable[[], dict[str, int]]:
         def commit() -> dict[str, int]:
-            return commit_chunk(self.spark, self.cfg.output.table, stable, self.run_id, chunk.index)
+            t0 = time.monotonic()
+            counts = commit_chunk(self.spark, self.cfg.output.table, stable, self.run_id, chunk.index)
+            log.debug("chunk %d: committed in %.1fs", chunk.index + 1, time.monotonic() - t0)
+            return counts
         return commit
 
 
