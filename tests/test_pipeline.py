@@ -266,3 +266,38 @@ def test_limit_takes_pending_rows_so_consecutive_runs_walk_the_whole_table(spark
     expected = spark.createDataFrame([(i, "ok") for i in range(25)], "id long, status string")
     assert_df_equality(spark.table(table_name).select("id", "status"), expected, ignore_row_order=True,
                        ignore_nullable=True)
+
+
+@pytest.mark.parametrize("calls_from", ["driver", "executors"])
+def test_the_next_chunk_calls_while_the_last_one_commits_and_the_limit_holds(spark, fresh_endpoint, table_name,
+                                                                            monkeypatch, calls_from):
+    """Overlap, asserted by order, not by duration: requests arrive while a chunk's commit runs."""
+    import time
+
+    import jobs.pipeline as pipeline
+
+    commits: list[tuple[float, float]] = []
+    real = pipeline.commit_chunk
+
+    def timed(*args, **kwargs):
+        start = time.monotonic()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            commits.append((start, time.monotonic()))
+
+    monkeypatch.setattr(pipeline, "commit_chunk", timed)
+    fresh_endpoint.latency_s = 0.05
+    src = view(spark, [(i, f"overlap {i}") for i in range(60)])
+    cfg = job_config(input={"table": src}, output={"table": table_name}, endpoint=proxy(fresh_endpoint),
+                     limits={"max_concurrency": 2}, run={"calls_from": calls_from, "chunk_rows": 12})
+    summary = run_job(spark, cfg)
+
+    assert summary.by_status == {"ok": 60} and summary.chunks == len(commits) >= 4
+    arrivals = [r.arrived for r in fresh_endpoint.received]
+    during = [sum(start < t < end for t in arrivals) for start, end in commits[:-1]]
+    assert any(during), (commits, arrivals)  # some chunk called while another committed
+    assert fresh_endpoint.peak_inflight <= 2  # commits never call: the job-wide limit holds
+    expected = spark.createDataFrame([(i, f"Answer to: overlap {i}") for i in range(60)], "id long, response string")
+    assert_df_equality(spark.table(table_name).select("id", "response"), expected, ignore_row_order=True,
+                       ignore_nullable=True)
