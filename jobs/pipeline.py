@@ -11,11 +11,13 @@ k runs on a thread of its own while chunk k+1 calls, so the endpoint does not wa
 
 - driver: one engine keeps `C` requests in flight across chunk boundaries (the next chunk's rows
   are fetched ahead); commits run on the committer thread and hold no calls;
-- executors: chunk k+1's Spark job calls while chunk k commits; the tasks are planned over all task
-  slots but one, so the commit has a slot and never waits behind calling tasks.
+- executors: one Spark job per chunk calls and appends: the tasks write rows as answers arrive, so
+  the commit's work overlaps the calls within the job, and only Delta's log commit and the next
+  job's start stand between chunks. (A separate commit job would wait for task slots held by the
+  next chunk's calling tasks.) Chunks that need a MERGE stage their outcomes and merge in turn.
 
-Commits stay in chunk order, each chunk once; a crash loses at most the chunks in flight (one
-calling, one committing, one waiting).
+Commits stay in chunk order, each chunk once; a crash loses at most the chunks in flight (driver:
+one calling, one committing, one waiting; executors: the one calling).
 
 Example::
 
@@ -33,7 +35,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-from pyspark.sql import DataFrame, SparkSession, functions as F
+from pyspark.sql import DataFrame, Observation, SparkSession, functions as F
 
 from jobs.call import DriverChunk, common_dim, status_counts, with_dimension_check, with_outcomes
 from jobs.commit import commit_chunk, ensure_output_table, output_schema, with_run_columns
@@ -106,13 +108,15 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
         try:
             if found.pending <= (cfg.run.chunk_rows or first_rows):
                 # One chunk: its own job reads the pending rows once; nothing to stage.
-                staged, planner = pending, ChunkPlanner({0: found.pending}, **{**sizing, "fixed_rows": found.pending})
+                staged, planner = pending, ChunkPlanner({0: found.pending}, **{**sizing, "fixed_rows": found.pending},
+                                                        exists={0: sum(found.exists.values()) or 0})
             else:
                 t0 = time.monotonic()
                 staged = stage_pending(spark, pending, scratch[0], found.pending)
                 log.debug("staged %d pending rows in %.1fs", found.pending, time.monotonic() - t0)
-                counts = histogram(staged) if found.pending < found.pending_all else found.histogram
-                planner = ChunkPlanner(counts, **sizing)
+                counts, exists = (histogram(staged) if found.pending < found.pending_all
+                                  else (found.histogram, found.exists))
+                planner = ChunkPlanner(counts, exists=exists, **sizing)
             run = _Run(spark, cfg, spec, run_id, schema, staged, planner, progress, summary)
             if mode == "driver":
                 run.from_driver()
@@ -232,47 +236,64 @@ class _Run:
     # -- executors ------------------------------------------------------------------------------------
 
     def from_executors(self, outcomes_table: str) -> None:
-        """Per chunk one Spark job calls (the UDF) and writes the outcomes to a scratch table once;
-        the commit reads them from there on the committer thread while the next chunk calls."""
-        slots = task_slots(self.spark, self.cfg.run.task_slots)
-        plan = plan_tasks(self.cfg.limits.max_concurrency, slots - 1 if slots and slots > 1 else slots)
-        log.info("executors: %d task(s) x %s in flight%s", plan.partitions,
-                 "/".join(map(str, sorted(set(plan.per_task)))),
-                 "; one task slot left for commits" if slots and slots > 1 else "")
-        outcomes = with_outcomes(self.spec, plan)
-        with Committer() as committer:
-            while (chunk := self.next_chunk()) is not None:
-                t0 = time.monotonic()
-                landed = (chunk.of(self.staged).select(*PENDING_COLS).transform(outcomes)
-                          .transform(self._dims_step(outcomes_table)).transform(self.finish)
-                          .withColumn("_chunk", F.lit(chunk.index)))
-                landed.write.format("delta").mode("append").saveAsTable(outcomes_table)  # the calls
-                self.called_rows += chunk.rows
-                self.calling_s += time.monotonic() - t0
-                log.debug("chunk %d: %d rows called in %.1fs", chunk.index + 1, chunk.rows, time.monotonic() - t0)
-                stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
-                committer.submit(self._executors_commit(chunk, stable), self.committed)
+        """Per chunk ONE Spark job: the UDF calls and its output streams into the Delta append.
 
-    def _dims_step(self, outcomes_table: str) -> Callable[[DataFrame], DataFrame]:
+        The tasks write each row as its answer arrives, so the commit's work overlaps the calls inside
+        the job; what is left between chunks is Delta's log commit on the driver and the next job's
+        start. Counts by status come from an `Observation` of that same job. A chunk holding ids the
+        table already has needs a MERGE, whose source must be stable: its outcomes are written once to
+        a scratch table and merged from there (two jobs, no overlap: a MERGE queued behind the next
+        chunk's calling tasks would wait for all of them).
+        """
+        plan = plan_tasks(self.cfg.limits.max_concurrency, task_slots(self.spark, self.cfg.run.task_slots))
+        log.info("executors: %d task(s) x %s in flight", plan.partitions,
+                 "/".join(map(str, sorted(set(plan.per_task)))))
+        outcomes = with_outcomes(self.spec, plan)
+        out = self.cfg.output.table
+        while (chunk := self.next_chunk()) is not None:
+            t0 = time.monotonic()
+            landed = (chunk.of(self.staged).select(*PENDING_COLS).transform(outcomes)
+                      .transform(self._dims_step()).transform(self.finish))
+            if chunk.exists:
+                (landed.withColumn("_chunk", F.lit(chunk.index))
+                 .write.format("delta").mode("append").saveAsTable(outcomes_table))  # the calls
+                stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
+                counts = commit_chunk(self.spark, out, stable, self.run_id, chunk.index)
+            else:
+                counts = append_observed(landed.drop("_exists"), out, self.run_id, chunk.index)  # calls + commit
+            self.called_rows += chunk.rows
+            self.calling_s += time.monotonic() - t0
+            log.debug("chunk %d: %d rows called and committed in %.1fs", chunk.index + 1, chunk.rows,
+                      time.monotonic() - t0)
+            self.committed(counts)
+
+    def _dims_step(self) -> Callable[[DataFrame], DataFrame]:
+        """The run's vector length: pinned, else what its first chunk landed (committed before the next)."""
         if not self.embeddings:
             return _unchanged
-        if self.dim is None:
-            first = (self.spark.table(outcomes_table) if self.spark.catalog.tableExists(outcomes_table) else None)
-            row = (first.where(F.col("status") == "ok").select("dim").limit(1).collect() if first is not None
-                   else [])
+        if self.dim is None and self.summary.chunks:
+            row = (self.spark.table(self.cfg.output.table)
+                   .where((F.col("run_id") == self.run_id) & (F.col("status") == "ok")).select("dim").limit(1).collect())
             if row:
                 self.dim, self.dim_why = row[0]["dim"], "the length this run already wrote"
-        if self.dim is None:
-            return with_dimension_check(None)
-        return with_dimension_check(self.dim, self.dim_why)
+        return with_dimension_check(self.dim, self.dim_why) if self.dim is not None else with_dimension_check(None)
 
-    def _executors_commit(self, chunk: Chunk, stable: DataFrame) -> Callable[[], dict[str, int]]:
-        def commit() -> dict[str, int]:
-            t0 = time.monotonic()
-            counts = commit_chunk(self.spark, self.cfg.output.table, stable, self.run_id, chunk.index)
-            log.debug("chunk %d: committed in %.1fs", chunk.index + 1, time.monotonic() - t0)
-            return counts
-        return commit
+
+def append_observed(landed: DataFrame, name: str, run_id: str, chunk: int) -> dict[str, int]:
+    """Append `landed` (ids new to the table) in one job, idempotent per (run, chunk); counts by status.
+
+    `writeTo(...).append()`: its plan keeps the `Observation` (on classic Spark `saveAsTable` runs
+    Delta's write in a nested query, and the observed counts never arrive).
+    """
+    seen = Observation(f"chunk_{run_id}_{chunk}")
+    (landed.observe(seen, F.count(F.lit(1)).alias("rows"), F.count_if(F.col("status") == "ok").alias("ok"))
+     .writeTo(name).option("txnAppId", run_id).option("txnVersion", str(chunk)).append())
+    try:
+        got = seen.get
+    except Exception:  # nothing ran: Delta skipped a (run, chunk) it had already committed
+        got = {}
+    rows, ok = got.get("rows") or 0, got.get("ok") or 0
+    return {k: n for k, n in (("ok", ok), ("error", rows - ok)) if n}
 
 
 class Committer:

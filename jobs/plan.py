@@ -9,9 +9,7 @@ Requests and tokens per minute are split the same way, evenly.
 When the slots cannot be read (Spark Connect without `run.task_slots`), we take `P = C` tasks of one
 request each: never above the limit, if slower than it could be.
 
-With `run.calls_from: executors` the pipeline plans over `S - 1` slots when `S > 1`: the slot left
-over commits chunk k to Delta while chunk k+1's tasks call (a commit waiting for a slot held by a
-calling task would not overlap at all). Driver mode needs no plan: one engine holds all `C`.
+Driver mode (`run.calls_from: driver`) needs no plan: one engine in the driver holds all `C`.
 
 Example::
 

@@ -14,7 +14,8 @@
   bucket is a hash of `request_hash`), so each is sent once per run. With `run.chunk_rows` set,
   chunks hold about that many rows; unset, the first chunk is small (it measures the endpoint), and
   each next one holds `run.chunk_seconds` of calls at the rate measured so far, at most 4 times the
-  previous one and at most `run.max_chunk_rows`.
+  previous one and at most `run.max_chunk_rows`; a remainder under a quarter of that joins the chunk
+  before it.
 
 Example::
 
@@ -55,6 +56,7 @@ class Survey:
     pending_all: int = 0  # pending before run.limit
     pending: int = 0  # what this run takes
     histogram: dict[int, int] = field(default_factory=dict)  # bucket -> pending rows (before run.limit)
+    exists: dict[int, int] = field(default_factory=dict)  # bucket -> pending rows whose id the table holds
 
 
 def survey(requests: DataFrame, prior: DataFrame | None, retry_errors: bool, limit: int | None) -> Survey:
@@ -67,7 +69,8 @@ def survey(requests: DataFrame, prior: DataFrame | None, retry_errors: bool, lim
                .withColumn("_n", F.count(F.lit(1)).over(Window.partitionBy("id"))))
     rows = (flagged.groupBy(F.when(F.col("_pending"), bucket_of()).alias("_b"))
             .agg(F.count(F.lit(1)).alias("rows"), F.count_if(F.col("id").isNull()).alias("nulls"),
-                 F.count_if(F.col("id").isNotNull() & (F.col("_n") > 1)).alias("repeated"))
+                 F.count_if(F.col("id").isNotNull() & (F.col("_n") > 1)).alias("repeated"),
+                 F.count_if(F.col("_exists")).alias("exists"))
             .collect())
     s = Survey()
     for r in rows:
@@ -76,6 +79,8 @@ def survey(requests: DataFrame, prior: DataFrame | None, retry_errors: bool, lim
         s.repeated_ids += r["repeated"]
         if r["_b"] is not None:
             s.histogram[r["_b"]] = r["rows"]
+            if r["exists"]:
+                s.exists[r["_b"]] = r["exists"]
     s.pending_all = sum(s.histogram.values())
     s.pending = min(s.pending_all, limit) if limit else s.pending_all
     return s
@@ -131,9 +136,10 @@ def stage_pending(spark: SparkSession, pending: DataFrame, name: str, rows: int)
     return spark.table(name)
 
 
-def histogram(staged: DataFrame) -> dict[int, int]:
-    """Rows per bucket of a staged table (after `run.limit` cut the pending rows)."""
-    return {r["_bucket"]: r["count"] for r in staged.groupBy("_bucket").count().collect()}
+def histogram(staged: DataFrame) -> tuple[dict[int, int], dict[int, int]]:
+    """Rows per bucket of a staged table (after `run.limit` cut the pending rows), and rows to MERGE."""
+    rows = staged.groupBy("_bucket").agg(F.count(F.lit(1)).alias("n"), F.count_if("_exists").alias("e")).collect()
+    return {r["_bucket"]: r["n"] for r in rows}, {r["_bucket"]: r["e"] for r in rows if r["e"]}
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,7 @@ class Chunk:
     lo: int  # first bucket
     hi: int  # last bucket, inclusive
     rows: int
+    exists: int = 0  # rows whose id the output table holds: they need a MERGE
 
     def of(self, staged: DataFrame) -> DataFrame:
         return staged.where(F.col("_bucket").between(self.lo, self.hi))
@@ -151,8 +158,9 @@ class ChunkPlanner:
     """Consecutive bucket ranges of about `fixed_rows`, or sized by the measured rate (see module doc)."""
 
     def __init__(self, histogram: dict[int, int], *, fixed_rows: int | None, first_rows: int,
-                 max_rows: int = 100_000, seconds: float = 30.0) -> None:
+                 max_rows: int = 100_000, seconds: float = 30.0, exists: dict[int, int] | None = None) -> None:
         self.counts = [histogram.get(b, 0) for b in range(BUCKETS)]
+        self.exists = exists or {}
         self.total = sum(self.counts)
         self.fixed, self.first, self.max_rows, self.seconds = fixed_rows, first_rows, max_rows, seconds
         self.next_bucket, self.index, self.planned = 0, 0, 0
@@ -176,8 +184,11 @@ class ChunkPlanner:
         while b < BUCKETS and (rows == 0 or rows + self.counts[b] <= target):
             rows += self.counts[b]
             b += 1
+        left = self.total - self.planned - rows
+        if not self.fixed and left < target // 4:  # no runt last chunk: its commit would not overlap anything
+            rows, b = rows + left, BUCKETS
         self.next_bucket = b
-        chunk = Chunk(self.index, lo, b - 1, rows)
+        chunk = Chunk(self.index, lo, b - 1, rows, sum(n for k, n in self.exists.items() if lo <= k < b))
         self.index += 1
         self.planned += rows
         return chunk

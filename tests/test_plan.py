@@ -39,6 +39,5 @@ def test_peak_in_flight_never_exceeds_max_concurrency_across_partitions(spark, f
     summary = run_job(spark, cfg)
     assert summary.by_status == {"ok": 40}
     assert len(fresh_endpoint.received) == 40
-    # Never above the limit, and really concurrent (one calling task of C: the other slot is kept for
-    # the commit that overlaps the next chunk).
+    # Never above the limit, and (with two tasks sharing C = 3 as 2 + 1) really concurrent.
     assert max(1, max_concurrency - 1) <= fresh_endpoint.peak_inflight <= max_concurrency
