@@ -101,7 +101,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     progress = Progress(found.pending, 0)
     if found.pending:
         scratch = [scratch_table(out, run_id, kind) for kind in ("pending", "outcomes")]
-        first_rows = 16 * cfg.limits.max_concurrency * cfg.endpoint.rows_per_request
+        first_rows = 32 * cfg.limits.max_concurrency * cfg.endpoint.rows_per_request
         sizing: dict[str, Any] = dict(fixed_rows=cfg.run.chunk_rows, max_rows=cfg.run.max_chunk_rows,
                                       seconds=cfg.run.chunk_seconds, first_rows=first_rows)
         pending = pending_rows(requests, prior, cfg.run.retry_errors, cfg.run.limit)

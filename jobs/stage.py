@@ -12,9 +12,9 @@
   run, and a crashed run's are dropped by the next run on the same output table.
 - `ChunkPlanner`: chunks are runs of consecutive buckets. Identical requests share a bucket (the
   bucket is a hash of `request_hash`), so each is sent once per run. With `run.chunk_rows` set,
-  chunks hold about that many rows; unset, the first chunk is small (it measures the endpoint), and
-  each next one holds `run.chunk_seconds` of calls at the rate measured so far, at most 4 times the
-  previous one and at most `run.max_chunk_rows`; a remainder under a quarter of that joins the chunk
+  chunks hold about that many rows; unset, the first chunk is small (32 requests per slot of the
+  limit: it measures the endpoint), and each next one holds `run.chunk_seconds` of calls at the rate
+  measured so far, at most 8 times the previous one and at most `run.max_chunk_rows`; a remainder under a quarter of that joins the chunk
   before it.
 
 Example::
@@ -171,7 +171,7 @@ class ChunkPlanner:
             return self.fixed
         if rate is None or self.last_target is None:
             return max(1, min(self.first, self.max_rows))
-        return max(1, int(min(self.max_rows, 4 * self.last_target, max(self.first, rate * self.seconds))))
+        return max(1, int(min(self.max_rows, 8 * self.last_target, max(self.first, rate * self.seconds))))
 
     def next(self, rate: float | None = None) -> Chunk | None:
         """The next chunk; `rate` is the rows per second of calls measured so far (None: not yet)."""

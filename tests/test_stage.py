@@ -37,15 +37,15 @@ def test_fixed_chunks_pack_buckets_up_to_chunk_rows():
     assert ChunkPlanner({3: 2, 10: 1, 11: 1, 400: 3, 4095: 1}, fixed_rows=3, first_rows=99).estimate() == 4
 
 
-def test_chunks_by_rate_start_small_grow_at_most_fourfold_and_stop_at_the_cap():
+def test_chunks_by_rate_start_small_grow_at_most_eightfold_and_stop_at_the_cap():
     planner = ChunkPlanner({b: 100 for b in range(BUCKETS)}, fixed_rows=None, first_rows=1000,
                            max_rows=50_000, seconds=30)
-    sizes = [planner.next(rate).rows for rate in (None, 1000.0, 1000.0, 1000.0, 10.0)]
-    # 1,000 to measure; then 30 s at 1,000 rows/s, but at most 4x the last; capped; a slow endpoint
-    # shrinks the chunk back to the first size.
-    assert sizes == [1000, 4000, 16000, 30000, 1000]
-    # The rest at the next target: 4x the last chunk's 1,000.
-    assert planner.estimate(1000.0) == 5 + -(-(409_600 - 52_000) // 4000)
+    sizes = [planner.next(rate).rows for rate in (None, 1000.0, 1000.0, 3000.0, 10.0)]
+    # 1,000 to measure; then 30 s at 1,000 rows/s, but at most 8x the last; then 30 s; capped at
+    # 50,000; a slow endpoint shrinks the chunk back to the first size.
+    assert sizes == [1000, 8000, 30000, 50000, 1000]
+    # The rest at the next target: 8x the last chunk's 1,000.
+    assert planner.estimate(1000.0) == 5 + -(-(409_600 - 90_000) // 8000)
 
 
 def test_scratch_tables_sit_beside_the_output_and_a_crashed_runs_are_dropped(spark):
