@@ -48,8 +48,8 @@ from jobs.plan import plan_tasks, task_slots
 from jobs.read import check_ids, read_requests
 from jobs.resolve import engine_spec
 from jobs.session import is_connect
-from jobs.stage import (Chunk, ChunkPlanner, drop_stale_scratch, histogram, pending_rows, scratch_table,
-                        stage_pending, survey)
+from jobs.stage import (Chunk, ChunkPlanner, Survey, drop_stale_scratch, histogram, pending_rows,
+                        scratch_table, stage_pending, survey)
 from jobs.summary import RunSummary
 from udfs.engine import Engine
 from udfs.spec import EngineSpec
@@ -101,22 +101,9 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     progress = Progress(found.pending, 0)
     if found.pending:
         scratch = [scratch_table(out, run_id, kind) for kind in ("pending", "outcomes")]
-        first_rows = 32 * cfg.limits.max_concurrency * cfg.endpoint.rows_per_request
-        sizing: dict[str, Any] = dict(fixed_rows=cfg.run.chunk_rows, max_rows=cfg.run.max_chunk_rows,
-                                      seconds=cfg.run.chunk_seconds, first_rows=first_rows)
-        pending = pending_rows(requests, prior, cfg.run.retry_errors, cfg.run.limit)
         try:
-            if found.pending <= (cfg.run.chunk_rows or first_rows):
-                # One chunk: its own job reads the pending rows once; nothing to stage.
-                staged, planner = pending, ChunkPlanner({0: found.pending}, **{**sizing, "fixed_rows": found.pending},
-                                                        exists={0: sum(found.exists.values()) or 0})
-            else:
-                t0 = time.monotonic()
-                staged = stage_pending(spark, pending, scratch[0], found.pending)
-                log.debug("staged %d pending rows in %.1fs", found.pending, time.monotonic() - t0)
-                counts, exists = (histogram(staged) if found.pending < found.pending_all
-                                  else (found.histogram, found.exists))
-                planner = ChunkPlanner(counts, exists=exists, **sizing)
+            staged, planner = _chunks(spark, cfg, found, pending_rows(requests, prior, cfg.run.retry_errors,
+                                                                      cfg.run.limit), scratch[0])
             run = _Run(spark, cfg, spec, run_id, schema, staged, planner, progress, summary)
             if mode == "driver":
                 run.from_driver()
@@ -135,6 +122,24 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
         raise JobFailed(f"{summary.errors} row(s) failed in run {run_id}; see {cfg.output.table} "
                         "WHERE status != 'ok' (run.fail_on_error is set)")
     return summary
+
+
+def _chunks(spark: SparkSession, cfg: JobConfig, found: Survey, pending: DataFrame,
+            scratch: str) -> tuple[DataFrame, ChunkPlanner]:
+    """The rows chunks read (staged once, unless one chunk takes them all) and the chunk planner."""
+    first_rows = 32 * cfg.limits.max_concurrency * cfg.endpoint.rows_per_request
+    sizing: dict[str, Any] = dict(fixed_rows=cfg.run.chunk_rows, max_rows=cfg.run.max_chunk_rows,
+                                  seconds=cfg.run.chunk_seconds, first_rows=first_rows)
+    if found.pending <= (cfg.run.chunk_rows or first_rows):
+        # One chunk: its own job reads the pending rows once; nothing to stage. (`exists` may count
+        # rows run.limit leaves out: at worst a MERGE where an append would do.)
+        return pending, ChunkPlanner({0: found.pending}, **{**sizing, "fixed_rows": found.pending},
+                                     exists={0: sum(found.exists.values())})
+    t0 = time.monotonic()
+    staged = stage_pending(spark, pending, scratch, found.pending)
+    log.debug("staged %d pending rows in %.1fs", found.pending, time.monotonic() - t0)
+    counts, exists = histogram(staged) if found.pending < found.pending_all else (found.histogram, found.exists)
+    return staged, ChunkPlanner(counts, exists=exists, **sizing)
 
 
 class _Run:
