@@ -154,11 +154,26 @@ class _Run:
         self.dim: int | None = cfg.endpoint.embedding_dim
         self.dim_why = "endpoint.embedding_dim"
         self.called_rows, self.calling_s = 0, 0.0
+        self.latency_s: float | None = None
 
     # -- shared -------------------------------------------------------------------------------------
 
     def rate(self) -> float | None:
+        """Rows per second of calls, to size the next chunk.
+
+        From the latency the endpoint answers with (`C` requests in flight of `rows_per_request` rows
+        each, one latency apart): what the calls take, not what the run around them takes. Measured
+        wall time would count chunk boundaries and commits, and a run of small chunks would keep
+        measuring itself small.
+        """
+        if self.latency_s:
+            return self.cfg.limits.max_concurrency * self.cfg.endpoint.rows_per_request / self.latency_s
         return self.called_rows / self.calling_s if self.calling_s > 0 and self.called_rows else None
+
+    def answered(self, latency_ms: float | None) -> None:
+        """The mean latency (retries included) of a chunk's answered requests."""
+        if latency_ms:
+            self.latency_s = latency_ms / 1000
 
     def next_chunk(self) -> Chunk | None:
         chunk = self.planner.next(self.rate())
@@ -191,6 +206,7 @@ class _Run:
                 if isinstance(item, BaseException):
                     raise item
                 chunk, rows = item
+                log.debug("chunk %d: to the engine", chunk.index + 1)
                 todo = DriverChunk(rows, self.embeddings)
                 chunks.append((chunk, todo))
                 first_call[:] = first_call or [time.monotonic()]
@@ -201,9 +217,12 @@ class _Run:
             try:
                 for outcomes in engine.map_batches(batches()):
                     chunk, todo = chunks.pop(0)
+                    log.debug("chunk %d: answered", chunk.index + 1)
                     # Calls run back to back across chunks: the rate is rows over time since the first.
                     self.called_rows += chunk.rows
                     self.calling_s = time.monotonic() - first_call[0]
+                    sent = [o.latency_ms for o in outcomes if o.latency_ms is not None]
+                    self.answered(sum(sent) / len(sent) if sent else None)
                     committer.submit(self._driver_commit(chunk, todo, outcomes), self.committed)
             finally:
                 stop.set()
@@ -265,7 +284,8 @@ class _Run:
                 stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
                 counts = commit_chunk(self.spark, out, stable, self.run_id, chunk.index)
             else:
-                counts = append_observed(landed.drop("_exists"), out, self.run_id, chunk.index)  # calls + commit
+                counts, latency_ms = append_observed(landed.drop("_exists"), out, self.run_id, chunk.index)
+                self.answered(latency_ms)
             self.called_rows += chunk.rows
             self.calling_s += time.monotonic() - t0
             log.debug("chunk %d: %d rows called and committed in %.1fs", chunk.index + 1, chunk.rows,
@@ -284,21 +304,23 @@ class _Run:
         return with_dimension_check(self.dim, self.dim_why) if self.dim is not None else with_dimension_check(None)
 
 
-def append_observed(landed: DataFrame, name: str, run_id: str, chunk: int) -> dict[str, int]:
-    """Append `landed` (ids new to the table) in one job, idempotent per (run, chunk); counts by status.
+def append_observed(landed: DataFrame, name: str, run_id: str, chunk: int) -> tuple[dict[str, int], float | None]:
+    """Append `landed` (ids new to the table) in one job, idempotent per (run, chunk); counts by status
+    and the mean latency of its answered rows.
 
     `writeTo(...).append()`: its plan keeps the `Observation` (on classic Spark `saveAsTable` runs
     Delta's write in a nested query, and the observed counts never arrive).
     """
     seen = Observation(f"chunk_{run_id}_{chunk}")
-    (landed.observe(seen, F.count(F.lit(1)).alias("rows"), F.count_if(F.col("status") == "ok").alias("ok"))
+    (landed.observe(seen, F.count(F.lit(1)).alias("rows"), F.count_if(F.col("status") == "ok").alias("ok"),
+                    F.avg("latency_ms").alias("latency_ms"))
      .writeTo(name).option("txnAppId", run_id).option("txnVersion", str(chunk)).append())
     try:
         got = seen.get
     except Exception:  # nothing ran: Delta skipped a (run, chunk) it had already committed
         got = {}
     rows, ok = got.get("rows") or 0, got.get("ok") or 0
-    return {k: n for k, n in (("ok", ok), ("error", rows - ok)) if n}
+    return {k: n for k, n in (("ok", ok), ("error", rows - ok)) if n}, got.get("latency_ms")
 
 
 class Committer:

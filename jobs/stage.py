@@ -14,7 +14,8 @@
   bucket is a hash of `request_hash`), so each is sent once per run. With `run.chunk_rows` set,
   chunks hold about that many rows; unset, the first chunk is small (32 requests per slot of the
   limit: it measures the endpoint), and each next one holds `run.chunk_seconds` of calls at the rate
-  measured so far, at most 8 times the previous one and at most `run.max_chunk_rows`; a remainder under a quarter of that joins the chunk
+  measured (the pipeline's: `C` requests in flight, one mean latency apart), at most 8 times the
+  previous one and at most `run.max_chunk_rows`; a remainder under a quarter of that joins the chunk
   before it.
 
 Example::

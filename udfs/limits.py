@@ -44,23 +44,37 @@ class AdaptiveLimiter:
         self._last_cut = -math.inf
 
     async def acquire(self) -> None:
-        while self.inflight >= max(1, int(self.limit)):
+        """A slot, first come first served: a request that waited is never overtaken by a newer one.
+
+        `release` hands its slot straight to the oldest waiter. Were the woken waiter to compete again,
+        a newcomer could take the slot first, again and again: one request of an early batch could
+        then wait behind whole later batches, and the batch, handed back in order, with it.
+        """
+        if self.inflight < max(1, int(self.limit)) and not self._waiters:
+            self.inflight += 1
+        else:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            await waiter
-        self.inflight += 1
+            try:
+                await waiter  # on wake-up the slot is ours: `release` counted it
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._hand_over(self.inflight - 1)  # given a slot while being cancelled: pass it on
+                raise
         self.peak = max(self.peak, self.inflight)
 
     def release(self, *, overloaded: bool = False, latency: float | None = None) -> None:
-        self.inflight -= 1
         if self.adaptive:
             self._adapt(overloaded, latency)
-        free = max(1, int(self.limit)) - self.inflight
-        while free > 0 and self._waiters:
+        self._hand_over(self.inflight - 1)
+
+    def _hand_over(self, inflight: int) -> None:
+        self.inflight = inflight
+        while self.inflight < max(1, int(self.limit)) and self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self.inflight += 1
                 waiter.set_result(None)
-                free -= 1
 
     def _adapt(self, overloaded: bool, latency: float | None) -> None:
         slow = False
