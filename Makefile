@@ -36,6 +36,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/throughput.py --whole-job
 	$(BIN)/python benchmarks/embeddings.py
 
 clean:
