@@ -6,15 +6,15 @@ chunk's outcomes to Delta (`jobs.commit`), reporting progress and, at the end, t
 (`jobs.observe`). `run.dry_run` goes to `jobs.dryrun` instead, before anything is created.
 
 Calls come from the executors (the pandas UDF) or from the driver (`run.calls_from`; `auto` picks
-the driver on Spark Connect, where UDFs cannot reach the internet). Either way the commit of chunk
-k runs on a thread of its own while chunk k+1 calls, so the endpoint does not wait for Delta:
+the driver on Spark Connect, where UDFs cannot reach the internet). What overlaps:
 
 - driver: one engine keeps `C` requests in flight across chunk boundaries (the next chunk's rows
-  are fetched ahead); commits run on the committer thread and hold no calls;
-- executors: one Spark job per chunk calls and appends: the tasks write rows as answers arrive, so
-  the commit's work overlaps the calls within the job, and only Delta's log commit and the next
-  job's start stand between chunks. (A separate commit job would wait for task slots held by the
-  next chunk's calling tasks.) Chunks that need a MERGE stage their outcomes and merge in turn.
+  are fetched ahead), and chunk k is committed on the committer thread while chunk k+1 calls;
+  the commit holds no request and no task slot the calls need;
+- executors: one Spark job per chunk calls and appends (the write of its rows and Delta's log
+  commit are the end of the same job), so no commit job ever waits for task slots held by the next
+  chunk's calling tasks; between chunks stand only that job's end and the next one's start.
+  Chunks that need a MERGE stage their outcomes and merge in turn.
 
 Commits stay in chunk order, each chunk once; a crash loses at most the chunks in flight (driver:
 one calling, one committing, one waiting; executors: the one calling).
@@ -260,11 +260,11 @@ class _Run:
     # -- executors ------------------------------------------------------------------------------------
 
     def from_executors(self, outcomes_table: str) -> None:
-        """Per chunk ONE Spark job: the UDF calls and its output streams into the Delta append.
+        """Per chunk ONE Spark job: the UDF calls, and the same job appends the outcomes to Delta.
 
-        The tasks write each row as its answer arrives, so the commit's work overlaps the calls inside
-        the job; what is left between chunks is Delta's log commit on the driver and the next job's
-        start. Counts by status come from an `Observation` of that same job. A chunk holding ids the
+        No separate commit job, so none waits for slots held by calling tasks; what is left between
+        chunks is the end of one job (its write and Delta's log commit) and the start of the next.
+        Counts by status come from an `Observation` of that same job. A chunk holding ids the
         table already has needs a MERGE, whose source must be stable: its outcomes are written once to
         a scratch table and merged from there (two jobs, no overlap: a MERGE queued behind the next
         chunk's calling tasks would wait for all of them).
