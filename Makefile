@@ -12,7 +12,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 export BI_JARS_DIR := $(abspath .cache/jars)
 
-.PHONY: install jars demo test bench clean
+.PHONY: install jars demo test test-random bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The suite in a random order: the seed is printed; add --randomly-seed=<seed> to replay one order.
+test-random: install
+	$(BIN)/python -m pytest -q -p randomly
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py

@@ -8,8 +8,9 @@ Two places call, with the same engine (`udfs.engine`) and the same rules:
   `DriverChunk.landed` gives them back with their outcomes, as Arrow, for the commit.
 
 Identical requests are sent once (one `request_hash`, one call) and their answer goes to every row
-that asked; rows a precheck stopped get their error without a call. For embeddings, a vector whose
-length is not the run's becomes an error row.
+that asked; rows a precheck stopped get their error without a call. Kept input columns ride along.
+With structured output, each valid answer's canonical JSON becomes the typed `parsed` column
+(`with_parsed`). For embeddings, a vector whose length is not the run's becomes an error row.
 
 Example::
 
@@ -26,20 +27,32 @@ from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 from pyspark.sql.window import Window
 
 from jobs.plan import TaskPlan
-from jobs.read import Transform
+from jobs.read import Transform, column
+from jobs.structured import parsed_column, response_type
 from udfs import reasons
-from udfs.inference import inference_udf, outcome_schema
+from udfs.inference import PARSED_JSON, inference_udf, outcome_schema
 from udfs.outcome import Outcome
 from udfs.protocols import is_embeddings_task
 from udfs.spec import EngineSpec
 
 
-def with_outcomes(spec: EngineSpec, plan: TaskPlan) -> Transform:
-    """Call the endpoint once per distinct request; every row gets its outcome columns."""
+# The request columns `jobs.read` makes; any other input column is a kept one, carried to the output.
+REQUEST_COLUMNS = ("id", "prompt", "request_hash", "precheck", "_exists")
+
+
+def with_outcomes(spec: EngineSpec, plan: TaskPlan, parsed_type: T.DataType | None = None) -> Transform:
+    """Call the endpoint once per distinct request; every row gets its outcome columns.
+
+    With a response schema, `parsed` is read with `parsed_type` (the output table's type of it, which
+    may hold fields of earlier schemas), by default the schema's own.
+    """
     embeddings = is_embeddings_task(spec.task)
+    structured = spec.response_schema is not None
+    if structured and parsed_type is None:
+        parsed_type = response_type(spec.response_schema or {})
     udf = inference_udf(plan.per_task_spec(spec), plan.per_task)
-    outcome_fields = outcome_schema(embeddings).fields
-    fields = [f.name for f in outcome_fields]
+    outcome_fields = outcome_schema(embeddings, structured).fields
+    fields = [f.name for f in outcome_fields if f.name != PARSED_JSON] + (["parsed"] if structured else [])
 
     def step(df: DataFrame) -> DataFrame:
         to_call = df.where(F.col("precheck").isNull())
@@ -52,8 +65,19 @@ def with_outcomes(spec: EngineSpec, plan: TaskPlan) -> Transform:
         called = to_call.join(answered, on="request_hash", how="inner").select("*", "o.*").drop("o")
         skipped = df.where(F.col("precheck").isNotNull()).select(
             "*", *[_not_sent(f) for f in outcome_fields])
-        return called.unionByName(skipped.select(*called.columns)).drop("precheck").select(
-            "id", "prompt", *fields, "request_hash", *[c for c in ("_exists",) if c in df.columns])
+        out = called.unionByName(skipped.select(*called.columns)).drop("precheck")
+        if structured and parsed_type is not None:
+            out = out.transform(with_parsed(parsed_type))
+        carried = [c for c in df.columns if c not in REQUEST_COLUMNS]
+        return out.select("id", *[column(c) for c in carried], "prompt", *fields, "request_hash",
+                          *[c for c in ("_exists",) if c in df.columns])
+    return step
+
+
+def with_parsed(parsed_type: T.DataType) -> Transform:
+    """`parsed` of type `parsed_type` from the engine's canonical JSON of each valid answer."""
+    def step(df: DataFrame) -> DataFrame:
+        return df.withColumn("parsed", parsed_column(F.col(PARSED_JSON), parsed_type))
     return step
 
 
@@ -121,8 +145,8 @@ class DriverChunk:
         table, counts = chunk.landed(outcomes)
     """
 
-    def __init__(self, rows: pa.Table, embeddings: bool) -> None:
-        self.rows, self.embeddings = rows, embeddings
+    def __init__(self, rows: pa.Table, embeddings: bool, structured: bool = False) -> None:
+        self.rows, self.embeddings, self.structured = rows, embeddings, structured
         hashes = rows.column("request_hash").to_pylist()
         prompts = rows.column("prompt").to_pylist()
         prechecks = rows.column("precheck").to_pylist()
@@ -140,7 +164,8 @@ class DriverChunk:
         self.prechecks = prechecks
 
     def landed(self, outcomes: Sequence[Outcome], dim: int | None = None, why: str = "") -> pa.Table:
-        """`id, prompt, <outcome columns>, request_hash, _exists`: every row with its outcome, as Arrow.
+        """`id, <kept>, prompt, <outcome columns>, request_hash, _exists`: every row with its outcome, as
+        Arrow (with structured output, the canonical JSON `with_parsed` reads, as on the executors).
 
         With `dim`, an `ok` vector of another length becomes a `dimension_mismatch` error row
         (`with_dimension_check`'s rule, applied here because the rows are already on the driver).
@@ -150,9 +175,10 @@ class DriverChunk:
         if dim is not None:
             per_row = [_checked(o, dim, why) for o in per_row]
         columns = {f.name: pa.array([_value(o, f.name) for o in per_row], type=_arrow_type(f.dataType))
-                   for f in outcome_schema(self.embeddings).fields}
+                   for f in outcome_schema(self.embeddings, self.structured).fields}
         r = self.rows
-        return pa.table({"id": r.column("id"), "prompt": r.column("prompt"), **columns,
+        kept = {c: r.column(c) for c in r.column_names if c not in REQUEST_COLUMNS}
+        return pa.table({"id": r.column("id"), **kept, "prompt": r.column("prompt"), **columns,
                          "request_hash": r.column("request_hash"), "_exists": r.column("_exists")})
 
 
@@ -179,6 +205,8 @@ def _checked(o: Outcome, dim: int, why: str) -> Outcome:
 def _value(o: Outcome, name: str) -> Any:
     if name == "dim":
         return len(o.embedding) if o.embedding is not None else None
+    if name == PARSED_JSON:
+        return o.parsed_json
     return getattr(o, name)
 
 

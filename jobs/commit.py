@@ -3,62 +3,100 @@
 Every chunk lands once: ids new to the table are appended idempotently (`txnAppId` = run,
 `txnVersion` = chunk), ids it holds are MERGEd on id. The column names are fixed, whatever the
 input's; `with_run_columns` stamps each row with the endpoint, the run and the time, and fixes the
-order.
+order. The schema grows only when the config asks: `parsed` with a response schema, the kept input
+columns with `input.keep_columns`; an existing table gains them (and a schema's new fields) in place.
 
-Delta's work is SQL (`CREATE TABLE ... USING DELTA`, `MERGE INTO`) and the DataFrame writer, never
-the Python `DeltaTable` API: that API needs Delta's Connect plugin on a Spark Connect server, while
-Delta's SQL extension serves SQL over Connect and classic alike (and Databricks everywhere). One
-code path for both kinds of session.
+Delta's work is SQL (`CREATE TABLE ... USING DELTA`, `ALTER TABLE ... ADD COLUMNS`, `MERGE INTO`) and
+the DataFrame writer, never the Python `DeltaTable` API: that API needs Delta's Connect plugin on a
+Spark Connect server, while Delta's SQL extension serves SQL over Connect and classic alike (and
+Databricks everywhere). One code path for both kinds of session.
 
 Example::
 
-    ensure_output_table(spark, "main.gold.completions", output_schema(T.LongType(), False))
+    landing = ensure_output_table(spark, "main.gold.completions", output_schema(T.LongType(), False))
     counts = commit_chunk(spark, "main.gold.completions", landed, run_id, chunk=0)   # {"ok": 998, "error": 2}
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 
+from jobs.config import JobConfig
 from jobs.errors import InputError
-from jobs.tables import ensure_schema, schema_problems
-from jobs.read import Transform
+from jobs.read import Transform, column
+from jobs.structured import response_type
+from jobs.tables import columns_ddl, ensure_schema, schema_changes
 from udfs.inference import outcome_schema
 
 
 def with_run_columns(endpoint: str, run_id: str, schema: T.StructType) -> Transform:
-    """Stamp endpoint, run and time; the final select fixes the output table's column order."""
+    """Stamp endpoint, run and time; the final select fixes the output table's column order and types.
+
+    A column of `schema` the rows lack (one an earlier config added: `parsed`, a kept column) is
+    null: MERGE's update-all needs every column of the table. Each column is cast to the table's type
+    (a no-op on the executors' rows; rows that came back from the driver as Arrow may carry a looser one).
+    """
     def step(df: DataFrame) -> DataFrame:
         out = df.withColumns({"endpoint": F.lit(endpoint), "run_id": F.lit(run_id),
                               "completed_at": F.current_timestamp()})
         if "text" in schema.fieldNames():
             out = out.withColumnRenamed("prompt", "text")
-        return out.select(*schema.fieldNames(), *[c for c in ("_exists",) if c in out.columns])
+        cols = [(column(f.name) if f.name in out.columns else F.lit(None)).cast(f.dataType).alias(f.name)
+                for f in schema.fields]
+        return out.select(*cols, *[c for c in ("_exists",) if c in out.columns])
     return step
 
 
-def output_schema(id_type: T.DataType, embeddings: bool) -> T.StructType:
-    fields = [T.StructField("id", id_type), T.StructField("text" if embeddings else "prompt", T.StringType())]
-    fields += outcome_schema(embeddings).fields
+def output_schema(id_type: T.DataType, embeddings: bool, kept: Sequence[T.StructField] = (),
+                  parsed: T.DataType | None = None) -> T.StructType:
+    """The output table's columns: id, the kept input columns, prompt, the outcome (with `parsed`
+    after `response` for structured output), then the run's stamps."""
+    fields = [T.StructField("id", id_type), *kept,
+              T.StructField("text" if embeddings else "prompt", T.StringType())]
+    for f in outcome_schema(embeddings).fields:
+        fields.append(f)
+        if f.name == "response" and parsed is not None:
+            fields.append(T.StructField("parsed", parsed))
     fields += [T.StructField("request_hash", T.StringType()), T.StructField("endpoint", T.StringType()),
                T.StructField("run_id", T.StringType()), T.StructField("completed_at", T.TimestampType())]
     return T.StructType(fields)
 
 
-def ensure_output_table(spark: SparkSession, name: str, schema: T.StructType) -> None:
-    """Create the output table if missing (in SQL: Connect and classic alike); refuse a wrong schema."""
+def table_schema(cfg: JobConfig, input_schema: T.StructType) -> T.StructType:
+    """`output_schema` for a job: the input's id type and kept columns, `parsed` for a response schema."""
+    e = cfg.endpoint
+    return output_schema(input_schema["id"].dataType, e.is_embeddings,
+                         kept=[input_schema[c] for c in cfg.input.keep_columns],
+                         parsed=response_type(e.response_format.json_schema) if e.response_format else None)
+
+
+def growable_columns(schema: T.StructType, embeddings: bool) -> list[str]:
+    """The columns of `schema` a config adds (`parsed`, kept columns): an existing table may gain them."""
+    fixed = set(output_schema(T.NullType(), embeddings).fieldNames())
+    return [n for n in schema.fieldNames() if n not in fixed]
+
+
+def ensure_output_table(spark: SparkSession, name: str, schema: T.StructType) -> T.StructType:
+    """The output table, created if missing; returns its schema, which is what every chunk lands.
+
+    An existing table gains the columns and nested fields the config adds (Delta's ALTER TABLE ADD
+    COLUMNS: old rows read null there); it may hold more than `schema` (what earlier configs added).
+    Any other difference with `schema` is an `InputError` naming the columns.
+    """
     if not spark.catalog.tableExists(name):
         ensure_schema(spark, name)
-        spark.sql(f"CREATE TABLE IF NOT EXISTS {name} ({ddl(schema)}) USING DELTA "
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {name} ({columns_ddl(schema)}) USING DELTA "
                   "COMMENT 'batch-inference outcomes: one row per input id'")
-    wrong = schema_problems(spark.table(name).schema, schema)
+    embeddings = "embedding" in schema.fieldNames()
+    adds, wrong = schema_changes(spark.table(name).schema, schema, growable_columns(schema, embeddings))
     if wrong:
-        raise InputError(f"output.table {name} exists with another schema: {', '.join(wrong)}")
-
-
-def ddl(schema: T.StructType) -> str:
-    """`id bigint, prompt string, ...`: a schema as the column list of CREATE TABLE."""
-    return ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in schema.fields)
+        raise InputError(f"output.table {name} exists with another schema: {', '.join(wrong)}; Delta cannot "
+                         "change a column's type in place: write to another output.table")
+    if adds:
+        spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({', '.join(adds)})")
+    return spark.table(name).schema
 
 
 def status_counts(outcomes: DataFrame) -> list[tuple[str, bool, int]]:

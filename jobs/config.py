@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs import secret_rules
-from udfs.protocols import is_embeddings_task
+from udfs.protocols import is_embeddings_task, make_protocol
+from udfs.structured import UnsupportedSchema, check_schema, wire_format
 
 TASKS = ("custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings", "custom/embeddings")
 Task = Literal["custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings", "custom/embeddings"]
@@ -40,12 +43,46 @@ class SecretRef(_Strict):
     key: str
 
 
+# Columns of the output table and the job's own working columns: a kept input column may not take
+# one of these names (tests/test_structured.py checks the list against the output schemas).
+RESERVED_COLUMNS = frozenset({
+    "id", "prompt", "text", "response", "parsed", "embedding", "dim", "status", "error", "http_status",
+    "attempts", "latency_ms", "prompt_tokens", "completion_tokens", "request_hash", "endpoint", "run_id",
+    "completed_at", "precheck"})
+
+
+def template_parts(template: str) -> list[tuple[str, str | None]]:
+    """`"Review of {product}: {body}"` -> `[("Review of ", "product"), (": ", "body")]`: literal text,
+    then the column that follows it (None at the end). `{{` and `}}` are literal braces, as in
+    Python's `str.format`; a field is a column name, with no format spec or conversion."""
+    parts: list[tuple[str, str | None]] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"input.template: {exc} (write a literal brace as {{{{ or }}}})") from None
+    for literal, field, spec, conversion in parsed:
+        if field is not None and not field.strip():
+            raise ValueError("input.template: an empty {} names no column; write {column_name}")
+        if spec or conversion:
+            shown = field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"input.template: {{{shown}}}: a field is a column name, without a format "
+                             "spec or conversion")
+        parts.append((literal, field))
+    return parts
+
+
 class InputConfig(_Strict):
     table: str | None = None
     path: str | None = None
     query: str | None = None
     id_col: str = "id"
     prompt_col: str = "prompt"
+    # The prompt built from several columns: `"Classify this review of {product}: {body}"`.
+    template: str | None = None
+    # A null column in the template: `error` (the row is `null_field`, never sent) or `empty` ("").
+    null_fields: Literal["error", "empty"] = "error"
+    # Input columns landed as they are beside the outcome, so analysts need no join back.
+    keep_columns: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_source(self) -> InputConfig:
@@ -53,6 +90,37 @@ class InputConfig(_Strict):
         if len(given) != 1:
             raise ValueError(f"give exactly one of table, path or query (got {given or 'none'})")
         return self
+
+    @model_validator(mode="after")
+    def _prompt_source(self) -> InputConfig:
+        if self.template is not None:
+            if "prompt_col" in self.model_fields_set:
+                raise ValueError("input.template and input.prompt_col: give one; the template names its "
+                                 "columns")
+            if not self.template_fields:
+                raise ValueError("input.template names no column ({column}); use input.prompt_col for "
+                                 "one column as it is")
+        elif "null_fields" in self.model_fields_set:
+            raise ValueError("input.null_fields applies to input.template only")
+        return self
+
+    @model_validator(mode="after")
+    def _kept(self) -> InputConfig:
+        for name in self.keep_columns:
+            if name in RESERVED_COLUMNS or name.startswith("_"):
+                raise ValueError(f"input.keep_columns: {name!r} is a column the job writes itself; rename it "
+                                 f"in input.query (SELECT {name} AS input_{name}, ...)")
+        repeated = sorted({n for n in self.keep_columns if self.keep_columns.count(n) > 1})
+        if repeated:
+            raise ValueError(f"input.keep_columns: {repeated} given more than once")
+        return self
+
+    @property
+    def template_fields(self) -> list[str]:
+        """The columns the template names, each once, in order of first use."""
+        if self.template is None:
+            return []
+        return list(dict.fromkeys(f for _, f in template_parts(self.template) if f is not None))
 
 
 class OutputConfig(_Strict):
@@ -72,6 +140,45 @@ class OutputConfig(_Strict):
         if self.runs_table is not None and self.runs_table == self.table:
             raise ValueError("runs_table must be another table than table")
         return self
+
+
+class ResponseFormatConfig(_Strict):
+    """`endpoint.response_format`: the JSON Schema answers must match, landed as the `parsed` column.
+
+    Written as the schema itself, as a path to a `.json` file (next to the config), or in full as
+    `{schema, name, strict, send_at}`; `jobs.config.parse_config` reads a file before validation.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    # `schema` is a name pydantic's BaseModel already uses: the field is json_schema, spelt schema.
+    json_schema: dict[str, Any] = Field(alias="schema")
+    # OpenAI's rule for the name, which Databricks passes on: letters, digits, _ and -, 64 at most.
+    name: str = Field(default="response", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    strict: bool = True
+    # Where in the request body a custom model or driver-proxy app takes it (`params.response_format`);
+    # unset, they are sent nothing. Chat and completions always take it as `response_format`.
+    send_at: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        # The schema alone (no `schema` key: JSON Schema has no such keyword) stands for {schema: it}.
+        if isinstance(data, dict) and "schema" not in data and "json_schema" not in data:
+            return {"schema": data}
+        return data
+
+    @field_validator("json_schema")
+    @classmethod
+    def _landable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            check_schema(v)
+        except UnsupportedSchema as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    def wire(self) -> dict[str, Any]:
+        return wire_format(self.json_schema, self.name, self.strict)
 
 
 class EndpointConfig(_Strict):
@@ -99,6 +206,8 @@ class EndpointConfig(_Strict):
     # Prices for the cost estimate (runs table, MLflow, dry run), in your currency; unset: no estimate.
     price_per_1k_prompt_tokens: float | None = Field(default=None, ge=0)
     price_per_1k_completion_tokens: float | None = Field(default=None, ge=0)
+    # Structured output: the answers' JSON Schema, sent with the request and checked on the answer.
+    response_format: ResponseFormatConfig | None = None
 
     @field_validator("transform_input", "transform_output")
     @classmethod
@@ -136,6 +245,26 @@ class EndpointConfig(_Strict):
             raise ValueError(f"embedding_dim applies to embeddings tasks only, not {self.task}")
         return self
 
+    @model_validator(mode="after")
+    def _structured(self) -> EndpointConfig:
+        rf = self.response_format
+        if rf is None:
+            return self
+        if self.is_embeddings:
+            raise ValueError(f"endpoint.response_format: task {self.task} answers vectors, not text to parse")
+        if "response_format" in self.model_kwargs:
+            raise ValueError("endpoint.model_kwargs.response_format and endpoint.response_format: give only "
+                             "endpoint.response_format (it is sent, and answers are checked against it)")
+        if rf.send_at is not None and self.task in ("llm/v1/chat", "llm/v1/completions"):
+            raise ValueError(f"endpoint.response_format.send_at: task {self.task} takes response_format at "
+                             "the top of the body; send_at is for custom models and driver-proxy apps")
+        try:  # the body a request will have: a send_at that collides with it fails here, not per row
+            make_protocol(self.task, self.type, model_kwargs=self.model_kwargs, stop=self.stop,
+                          response_format=rf.wire(), response_format_at=rf.send_at).build(["probe"])
+        except ValueError as exc:
+            raise ValueError(f"endpoint.response_format.send_at: {exc}") from None
+        return self
+
     @property
     def rows_per_request(self) -> int:
         if self.batch_size:
@@ -158,7 +287,18 @@ class LimitsConfig(_Strict):
     adaptive: bool = True
     # Cut the in-flight limit when latency exceeds this multiple of the best latency seen.
     latency_cut_factor: float = Field(default=3.0, gt=1)
-    http_client: Literal["asyncio", "urllib3", "requests"] = "asyncio"
+    # The engine's HTTP client (udfs/transport.py). `asyncio`, the name of a client of our own that
+    # aiohttp replaced (benchmarks/README.md), still parses so that existing configs keep working.
+    http_client: Literal["aiohttp", "urllib3", "requests", "asyncio"] = "aiohttp"
+
+    @field_validator("http_client")
+    @classmethod
+    def _deprecated_client(cls, v: str) -> str:
+        if v == "asyncio":
+            logging.getLogger("batch_inference").warning(
+                "limits.http_client: asyncio is deprecated and now means aiohttp; set limits.http_client: aiohttp")
+            return "aiohttp"
+        return v
 
 
 class RetryConfig(_Strict):
@@ -168,6 +308,8 @@ class RetryConfig(_Strict):
     backoff_max_s: float = Field(default=30.0, ge=0)
     # Total time one row may spend across attempts and waits before it becomes an error row.
     row_budget_s: float = Field(default=600.0, gt=0)
+    # Structured output: times an answer that breaks `endpoint.response_format` is asked for again.
+    invalid_output_attempts: int = Field(default=1, ge=0, le=10)
 
 
 class RunConfig(_Strict):
@@ -222,6 +364,9 @@ class JobConfig(_Strict):
             "stop": e.stop, "system_prompt": e.system_prompt,
             "transform_input": e.transform_input, "transform_output": e.transform_output,
         }
+        if e.response_format is not None:
+            # Only when set: configs without one keep the hashes their tables already hold.
+            shaping["response_format"] = e.response_format.model_dump(mode="json")
         blob = json.dumps(shaping, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -243,9 +388,52 @@ _ADVICE = {
 
 
 def check_no_secrets(data: Any) -> None:
-    """The first secret in a config document, as a `ConfigError` naming its key (never its value)."""
-    for finding in secret_rules.find_secrets(data):
+    """The first secret in a config document, as a `ConfigError` naming its key (never its value).
+
+    A response schema's keys are the names of fields to extract (a `token` property is no credential),
+    so there only its values (descriptions, enums, defaults) are looked at.
+    """
+    endpoint = data.get("endpoint") if isinstance(data, dict) else None
+    schema = endpoint.get("response_format") if isinstance(endpoint, dict) else None
+    if schema is not None:
+        data = {**data, "endpoint": {k: v for k, v in endpoint.items() if k != "response_format"}}
+    findings = list(secret_rules.find_secrets(data))
+    findings += [f for path, value in _leaves(schema, "endpoint.response_format")
+                 for f in secret_rules.find_secrets(value, path)]
+    for finding in findings:
         raise ConfigError(f"{finding.path}: {_ADVICE[finding.kind].format(detail=finding.detail)}")
+
+
+def _leaves(node: Any, path: str) -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in _leaves(v, f"{path}.{k}")]
+    if isinstance(node, list):
+        return [leaf for i, v in enumerate(node) for leaf in _leaves(v, f"{path}[{i}]")]
+    return [(path, node)]
+
+
+def resolve_schema_files(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """`endpoint.response_format` given as a path (or `{schema: path}`): the file's JSON in its place.
+
+    A relative path is looked for next to the config file first, then in the working directory.
+    """
+    endpoint = data.get("endpoint")
+    rf = endpoint.get("response_format") if isinstance(endpoint, dict) else None
+    if isinstance(rf, str):
+        key, ref, rf = "endpoint.response_format", rf, {"schema": rf}
+    elif isinstance(rf, dict) and isinstance(rf.get("schema"), str):
+        key, ref = "endpoint.response_format.schema", rf["schema"]
+    else:
+        return data
+    tried = [Path(ref)] if Path(ref).is_absolute() else [*([base_dir / ref] if base_dir else []), Path.cwd() / ref]
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise ConfigError(f"{key}: no such file {ref} (looked in {', '.join(str(p.parent) for p in tried)})")
+    try:
+        schema = json.loads(found.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: {found} is not valid JSON: {exc}") from None
+    return {**data, "endpoint": {**endpoint, "response_format": {**rf, "schema": schema}}}
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -292,9 +480,10 @@ def _format(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def parse_config(data: dict[str, Any], source: str = "config") -> JobConfig:
+def parse_config(data: dict[str, Any], source: str = "config", base_dir: Path | None = None) -> JobConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
+    data = resolve_schema_files(data, base_dir)
     check_no_secrets(data)
     try:
         return JobConfig.model_validate(data)
@@ -312,4 +501,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if overrides:
         data = merge(data, parse_overrides(overrides))
-    return parse_config(data, source=str(path))
+    return parse_config(data, source=str(path), base_dir=p.resolve().parent)

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, functions as F
 
-from jobs.commit import output_schema
+from jobs.commit import growable_columns, table_schema
 from jobs.config import ConfigError, JobConfig
 from jobs.errors import InputError, JobFailed, first_line
 from jobs.observe.stats import estimate_cost
@@ -30,7 +30,7 @@ from jobs.read import read_requests, with_limit, without_final
 from jobs.resolve import engine_spec
 from jobs.secret_rules import redact_url
 from jobs.summary import DryRunReport, RunSummary
-from jobs.tables import schema_problems
+from jobs.tables import schema_changes
 from udfs.engine import Engine
 from udfs.spec import EngineSpec
 
@@ -120,13 +120,15 @@ def _output(r: DryRunReport, spark: SparkSession, cfg: JobConfig,
         r.add("output", True, f"{name} does not exist yet; a run creates it{then}")
         return None
     prior = spark.read.table(name)
+    grows = ""
     if requests is not None:
-        want = output_schema(requests.schema["id"].dataType, cfg.endpoint.is_embeddings)
-        wrong = schema_problems(prior.schema, want)
+        want = table_schema(cfg, requests.schema)
+        adds, wrong = schema_changes(prior.schema, want, growable_columns(want, cfg.endpoint.is_embeddings))
         if wrong:
             r.add("output", False, f"{name} exists with another schema: {', '.join(wrong)}")
             return None
-    r.add("output", True, f"{name} exists; rows it holds as final are skipped{then}")
+        grows = f"; a run adds columns {', '.join(a.split(' ', 1)[0] for a in adds)}" if adds else ""
+    r.add("output", True, f"{name} exists; rows it holds as final are skipped{grows}{then}")
     return prior
 
 
@@ -162,7 +164,7 @@ def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None
     """One request, one attempt: a dry run must not retry its way into a rate limit or a bill."""
     text = prompt if prompt is not None else FALLBACK_PROMPT
     one = replace(spec, rows_per_request=1, max_concurrency=1, requests_per_s=None, tokens_per_s=None,
-                  retry=replace(spec.retry, max_attempts=1))
+                  retry=replace(spec.retry, max_attempts=1, invalid_output_attempts=0))
     try:
         with Engine(one, max_limit=1) as engine:
             [outcome] = engine.call([text])
@@ -176,7 +178,8 @@ def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None
         r.add("probe", False, f"{which}: {outcome.error} (HTTP {outcome.http_status}, {took})")
         return
     shape = (f"a vector of {len(outcome.embedding)} floats" if outcome.embedding is not None
-             else f"text of {len(outcome.response or '')} characters")
+             else f"JSON of {len(outcome.response or '')} characters that fits endpoint.response_format"
+             if spec.response_schema is not None else f"text of {len(outcome.response or '')} characters")
     usage = (f"usage {outcome.prompt_tokens} prompt + {outcome.completion_tokens or 0} completion tokens"
              if outcome.prompt_tokens is not None else "no usage reported")
     dim = cfg.endpoint.embedding_dim

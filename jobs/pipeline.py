@@ -37,16 +37,16 @@ from typing import Any, Callable, Iterator
 
 from pyspark.sql import DataFrame, Observation, SparkSession, functions as F
 
-from jobs.call import DriverChunk, common_dim, status_counts, with_dimension_check, with_outcomes
-from jobs.commit import commit_chunk, ensure_output_table, output_schema, with_run_columns
+from jobs.call import DriverChunk, common_dim, status_counts, with_dimension_check, with_outcomes, with_parsed
+from jobs.commit import commit_chunk, ensure_output_table, table_schema, with_run_columns
 from jobs.config import JobConfig
 from jobs.dryrun import dry_run
 from jobs.errors import InputError, JobFailed
 from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
 from jobs.plan import plan_tasks, task_slots
-from jobs.read import check_ids, read_requests
-from jobs.resolve import engine_spec
+from jobs.read import check_ids, column, read_requests
+from jobs.resolve import engine_spec, preflight
 from jobs.session import is_connect
 from jobs.stage import (Chunk, ChunkPlanner, Survey, drop_stale_scratch, histogram, pending_rows,
                         scratch_table, stage_pending, survey)
@@ -57,6 +57,11 @@ from udfs.spec import EngineSpec
 log = logging.getLogger("batch_inference")
 
 PENDING_COLS = ("id", "prompt", "request_hash", "precheck", "_exists")
+
+
+def pending_columns(cfg: JobConfig) -> list:
+    """What each chunk reads of the pending rows: the request columns and the kept input columns."""
+    return [column(c) for c in (*PENDING_COLS, *cfg.input.keep_columns)]
 
 
 def calls_from(spark: SparkSession, setting: str) -> tuple[str, str]:
@@ -75,14 +80,16 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
         return dry_run(spark, cfg, run_id=run_id)
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
     spec = engine_spec(cfg, spark)  # resolves URL and credentials: fails here, before any call
+    preflight(spec)  # an untrusted TLS certificate stops the run here, not in every task
     summary = RunSummary(run_id=run_id, output_table=cfg.output.table)
     out = cfg.output.table
 
     inputs, requests = read_requests(spark, cfg, check=False)
-    schema = output_schema(inputs.schema["id"].dataType, cfg.endpoint.is_embeddings)
+    schema = table_schema(cfg, inputs.schema)
     prior = None
     if spark.catalog.tableExists(out):
-        ensure_output_table(spark, out, schema)  # an existing table of another schema stops the run here
+        # An existing table of another schema stops the run here; one a config grows gains its columns.
+        landing = ensure_output_table(spark, out, schema)
         prior = spark.table(out)
     t0 = time.monotonic()
     found = survey(requests, prior, cfg.run.retry_errors, cfg.run.limit)
@@ -91,7 +98,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
         check_ids(inputs)  # names them; a second pass only when the job stops anyway
         raise InputError("the input's ids are null or repeated; ids must be unique")
     if prior is None:
-        ensure_output_table(spark, out, schema)
+        landing = ensure_output_table(spark, out, schema)
     drop_stale_scratch(spark, out)
     summary.input_rows, summary.pending_rows = found.input_rows, found.pending
     mode, why = calls_from(spark, cfg.run.calls_from)
@@ -104,7 +111,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
         try:
             staged, planner = _chunks(spark, cfg, found, pending_rows(requests, prior, cfg.run.retry_errors,
                                                                       cfg.run.limit), scratch[0])
-            run = _Run(spark, cfg, spec, run_id, schema, staged, planner, progress, summary)
+            run = _Run(spark, cfg, spec, run_id, landing, staged, planner, progress, summary)
             if mode == "driver":
                 run.from_driver()
             else:
@@ -149,7 +156,10 @@ class _Run:
                  staged: DataFrame, planner: ChunkPlanner, progress: Progress, summary: RunSummary) -> None:
         self.spark, self.cfg, self.spec, self.run_id = spark, cfg, spec, run_id
         self.staged, self.planner, self.progress, self.summary = staged, planner, progress, summary
+        # What chunks land: the table's columns, with any an earlier config added.
         self.finish = with_run_columns(cfg.endpoint.name, run_id, schema)
+        self.parsed_type = schema["parsed"].dataType if cfg.endpoint.response_format else None
+        self.columns = pending_columns(cfg)
         self.embeddings = cfg.endpoint.is_embeddings
         self.dim: int | None = cfg.endpoint.embedding_dim
         self.dim_why = "endpoint.embedding_dim"
@@ -207,7 +217,7 @@ class _Run:
                     raise item
                 chunk, rows = item
                 log.debug("chunk %d: to the engine", chunk.index + 1)
-                todo = DriverChunk(rows, self.embeddings)
+                todo = DriverChunk(rows, self.embeddings, structured=self.parsed_type is not None)
                 chunks.append((chunk, todo))
                 first_call[:] = first_call or [time.monotonic()]
                 yield todo.prompts
@@ -239,7 +249,7 @@ class _Run:
                 chunk = self.next_chunk()
                 if chunk is None:
                     break
-                rows = chunk.of(self.staged).select(*PENDING_COLS).toArrow()
+                rows = chunk.of(self.staged).select(*self.columns).toArrow()
                 _put(fetched, (chunk, rows), stop)
         except BaseException as exc:  # handed to the caller's thread, which raises it
             _put(fetched, exc, stop)
@@ -252,7 +262,10 @@ class _Run:
                 self.dim = common_dim(outcomes)
                 self.dim_why = "the most common length in the run's first chunk with vectors"
             table = todo.landed(outcomes, self.dim, self.dim_why)
-            landed = self.spark.createDataFrame(table).transform(self.finish)
+            landed = self.spark.createDataFrame(table)
+            if self.parsed_type is not None:
+                landed = landed.transform(with_parsed(self.parsed_type))
+            landed = landed.transform(self.finish)
             return commit_chunk(self.spark, self.cfg.output.table, landed, self.run_id, chunk.index,
                                 counts=status_counts(table))
         return commit
@@ -272,11 +285,11 @@ class _Run:
         plan = plan_tasks(self.cfg.limits.max_concurrency, task_slots(self.spark, self.cfg.run.task_slots))
         log.info("executors: %d task(s) x %s in flight", plan.partitions,
                  "/".join(map(str, sorted(set(plan.per_task)))))
-        outcomes = with_outcomes(self.spec, plan)
+        outcomes = with_outcomes(self.spec, plan, self.parsed_type)
         out = self.cfg.output.table
         while (chunk := self.next_chunk()) is not None:
             t0 = time.monotonic()
-            landed = (chunk.of(self.staged).select(*PENDING_COLS).transform(outcomes)
+            landed = (chunk.of(self.staged).select(*self.columns).transform(outcomes)
                       .transform(self._dims_step()).transform(self.finish))
             if chunk.exists:
                 (landed.withColumn("_chunk", F.lit(chunk.index))

@@ -1,6 +1,7 @@
 """Reading: the input as requests, and which of them are pending.
 
-Steps are `DataFrame -> DataFrame` (or closures returning one): the input becomes `id`, `prompt`,
+Steps are `DataFrame -> DataFrame` (or closures returning one): the input becomes `id`, `prompt`
+(one column as it is, or `input.template` rendered over several) and the `input.keep_columns`,
 checked (unique, non-null ids), then each row gets its `request_hash` (what would be sent) and its
 `precheck` (why it would not be sent at all); rows whose identical request is already final in the
 output table are set aside, and `run.limit` cuts what is left.
@@ -16,18 +17,21 @@ from __future__ import annotations
 from typing import Callable
 
 from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame, SparkSession, functions as F
+from pyspark.sql import Column, DataFrame, SparkSession, functions as F
 
-from jobs.config import InputConfig, JobConfig
+from jobs.config import InputConfig, JobConfig, template_parts
 from jobs.errors import InputError, first_line
 from udfs import reasons
 from udfs.prompts import BLANK_REGEX
 
 Transform = Callable[[DataFrame], DataFrame]
+# Under `input.null_fields: error`, the template's columns that are null in a row (["product"]).
+NULL_FIELDS = "_null_fields"
 
 
 def read_input(spark: SparkSession, cfg: InputConfig) -> DataFrame:
-    """The input as `id`, `prompt`; a missing table or column is an `InputError` naming it."""
+    """The input as `id`, `prompt` and the kept columns; a missing table or column is an `InputError`
+    naming it and its key, raised before any Spark job runs (only the input's schema is read)."""
     try:
         if cfg.table:
             df, where = spark.read.table(cfg.table), f"input.table {cfg.table}"
@@ -39,10 +43,46 @@ def read_input(spark: SparkSession, cfg: InputConfig) -> DataFrame:
     except AnalysisException as exc:
         source = cfg.table or cfg.path or "input.query"
         raise InputError(f"cannot read input {source}: {first_line(exc)}") from None
-    for key, col in (("input.id_col", cfg.id_col), ("input.prompt_col", cfg.prompt_col)):
-        if col not in columns:
-            raise InputError(f"{key}: column {col!r} not found in {where} (columns: {columns})")
-    return df.select(F.col(cfg.id_col).alias("id"), F.col(cfg.prompt_col).cast("string").alias("prompt"))
+    wanted = [("input.id_col", cfg.id_col)]
+    wanted += [("input.template", c) for c in cfg.template_fields] if cfg.template is not None else [
+        ("input.prompt_col", cfg.prompt_col)]
+    wanted += [("input.keep_columns", c) for c in cfg.keep_columns]
+    missing = [(key, col) for key, col in wanted if col not in columns]
+    if missing:
+        named = "; ".join(f"{key}: column {col!r}" for key, col in missing)
+        raise InputError(f"{named} not found in {where} (columns: {columns})")
+    kept = [column(c) for c in cfg.keep_columns]
+    if cfg.template is None:
+        return df.select(column(cfg.id_col).alias("id"), column(cfg.prompt_col).cast("string").alias("prompt"), *kept)
+    prompt, nulls = render_template(cfg.template, cfg.null_fields)
+    return df.select(column(cfg.id_col).alias("id"), prompt.alias("prompt"), *kept,
+                     *([nulls.alias(NULL_FIELDS)] if nulls is not None else []))
+
+
+def render_template(template: str, null_fields: str) -> tuple[Column, Column | None]:
+    """The prompt `template` makes of its columns (each cast to string as Spark casts), and, when a
+    null column is an error, the names of the null ones (an empty array when none is).
+
+    `null_fields: empty` renders a null as "", so the row is sent; `error` leaves the prompt null and
+    the row stops at the precheck as `null_field`.
+    """
+    pieces: list[Column] = []
+    for literal, field in template_parts(template):
+        if literal:
+            pieces.append(F.lit(literal))
+        if field is not None:
+            value = column(field).cast("string")
+            pieces.append(F.coalesce(value, F.lit("")) if null_fields == "empty" else value)
+    prompt = F.concat(*pieces)
+    if null_fields == "empty":
+        return prompt, None
+    fields = list(dict.fromkeys(f for _, f in template_parts(template) if f is not None))
+    return prompt, F.array_compact(F.array(*[F.when(column(f).isNull(), F.lit(f)) for f in fields]))
+
+
+def column(name: str) -> Column:
+    """A top-level column by its exact name (a dot or a space in it is part of the name)."""
+    return F.col(f"`{name.replace('`', '``')}`")
 
 
 def check_ids(df: DataFrame, sample: int = 5) -> None:
@@ -57,28 +97,36 @@ def check_ids(df: DataFrame, sample: int = 5) -> None:
 
 
 def with_request_hash(fingerprint: str) -> Transform:
-    """`request_hash`: what is sent (endpoint, parameters, prompt). Resume and de-duplication key on it."""
+    """`request_hash`: what is sent (endpoint, parameters, prompt). Resume and de-duplication key on it.
+
+    A prompt is hashed after `fingerprint` and a NUL; a null prompt after `fingerprint` and \x01, so
+    that no text (not even "\x01null") can share a null's hash.
+    """
     def step(df: DataFrame) -> DataFrame:
-        return df.withColumn(
-            "request_hash",
-            F.sha2(F.concat(F.lit(fingerprint + "\u0000"), F.coalesce(F.col("prompt"), F.lit("\u0001null"))), 256),
-        )
+        text = F.sha2(F.concat(F.lit(fingerprint + "\u0000"), F.col("prompt")), 256)
+        null = F.sha2(F.lit(fingerprint + "\u0001null"), 256)
+        return df.withColumn("request_hash", F.when(F.col("prompt").isNull(), null).otherwise(text))
     return step
 
 
 def with_precheck(max_chars: int) -> Transform:
-    """`precheck`: the reason a row is not sent at all (blank or over-long prompt), else null.
+    """`precheck`: the reason a row is not sent at all (a null template column, a blank or over-long
+    prompt), else null.
 
     Blank is `udfs.prompts`' rule (any Unicode whitespace), the one the engine applies too.
     """
     def step(df: DataFrame) -> DataFrame:
         n = F.length("prompt")
+        nulls = F.col(NULL_FIELDS) if NULL_FIELDS in df.columns else F.array().cast("array<string>")
+        null_field = F.concat(F.lit(f"{reasons.NULL_FIELD}: "), F.array_join(nulls, ", "),
+                              F.when(F.size(nulls) > 1, F.lit(" are null")).otherwise(F.lit(" is null")))
         return df.withColumn(
             "precheck",
-            F.when(F.col("prompt").isNull() | F.col("prompt").rlike(BLANK_REGEX), F.lit(reasons.EMPTY_PROMPT))
+            F.when(F.size(nulls) > 0, null_field)
+            .when(F.col("prompt").isNull() | F.col("prompt").rlike(BLANK_REGEX), F.lit(reasons.EMPTY_PROMPT))
             .when(n > max_chars, F.concat(F.lit(f"{reasons.PROMPT_TOO_LONG}: "), n.cast("string"),
                                           F.lit(f" chars > run.max_prompt_chars {max_chars}"))),
-        )
+        ).drop(NULL_FIELDS)
     return step
 
 

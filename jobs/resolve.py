@@ -2,17 +2,22 @@
 
 Runs on the driver. Credentials are resolved with databricks-sdk's `Config` (PAT, OAuth for service
 principals, CLI profiles, notebook context) or from a named environment variable or secret scope, and
-travel to the executors only inside `Secret`s.
+travel to the executors only inside `Secret`s. What no retry could fix is refused here, before any
+row is sent: a header value with a line break, and (`preflight`) a TLS certificate the job does not
+trust.
 
 Example::
 
     spec = engine_spec(cfg, spark)     # spark only to read the cluster id for driver-proxy apps
+    preflight(spec)                    # one TLS handshake with the endpoint, no request
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any
+import re
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from jobs.config import ConfigError, EndpointConfig, JobConfig
@@ -21,6 +26,9 @@ from udfs.auth import Secret, bearer
 from udfs.spec import EngineSpec, RetrySpec
 from udfs.transforms import import_function
 from udfs.loopback import is_loopback
+from udfs.transport import FATAL_KINDS, TransportError, header_problem, tls_probe
+
+log = logging.getLogger("batch_inference")
 
 
 def normalize_host(host: str) -> str:
@@ -132,15 +140,60 @@ def check_transforms(e: EndpointConfig) -> None:
                 raise ConfigError(f"endpoint.{key}: {exc}") from None
 
 
+def _credential_source(e: EndpointConfig) -> str:
+    if e.token_env:
+        return f"endpoint.token_env (environment variable {e.token_env})"
+    if e.token_secret:
+        return f"endpoint.token_secret ({e.token_secret.scope}/{e.token_secret.key})"
+    return "endpoint.auth (the credentials databricks-sdk resolved)"
+
+
+def check_headers(e: EndpointConfig, headers: Mapping[str, Secret | str]) -> None:
+    """A header value with a line break would inject headers (a token file's trailing newline): refuse
+    it here, naming where the value came from and never the value."""
+    for name, value in headers.items():
+        problem = header_problem(name, value.reveal() if isinstance(value, Secret) else value)
+        if problem:
+            raise ConfigError(f"{_credential_source(e)}: {problem}")
+
+
+def preflight(spec: EngineSpec) -> None:
+    """Before the first chunk: connect to an https endpoint and complete a TLS handshake (through the
+    proxy if one applies), sending no request. A certificate the job does not trust, or a handshake
+    that cannot succeed, is a `ConfigError` that says so; an endpoint that cannot be reached is only
+    logged, and its rows are retried and reported as usual."""
+    parts = urlsplit(spec.url)
+    where = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+    try:
+        tls_probe(spec.url, spec.connect_timeout_s)
+    except TransportError as exc:
+        if exc.fatal:
+            raise ConfigError(f"endpoint {where}: {exc.detail}") from None
+        log.warning("endpoint %s: TLS pre-flight could not connect (%s); going on", where, exc)
+
+
+_FATAL_IN_TASK = re.compile(r"TransportError: ((?:%s): [^\n]*)" % "|".join(sorted(FATAL_KINDS)))
+
+
+def fatal_in(exc: BaseException) -> str | None:
+    """The fatal transport error that stopped a Spark task, as its one line, out of the Python and
+    Java stacks Spark wraps it in; None if `exc` is something else."""
+    m = _FATAL_IN_TASK.search(str(exc))
+    return m.group(1) if m else None
+
+
 def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
     e, lim, r = cfg.endpoint, cfg.limits, cfg.retry
     check_transforms(e)
     url = endpoint_url(e, spark)
+    headers = auth_headers(e, url)
+    check_headers(e, headers)
+    rf = e.response_format
     return EngineSpec(
         url=url,
         task=e.task,
         endpoint_type=e.type,
-        headers=auth_headers(e, url),
+        headers=headers,
         model_kwargs=dict(e.model_kwargs),
         stop=tuple(e.stop),
         system_prompt=e.system_prompt,
@@ -157,5 +210,9 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         http_client=lim.http_client,
         retry=RetrySpec(statuses=tuple(r.statuses), max_attempts=r.max_attempts,
                         backoff_base_s=r.backoff_base_s, backoff_max_s=r.backoff_max_s,
-                        row_budget_s=r.row_budget_s),
+                        row_budget_s=r.row_budget_s, invalid_output_attempts=r.invalid_output_attempts),
+        response_schema=None if rf is None else rf.json_schema,
+        response_format_name="response" if rf is None else rf.name,
+        response_format_strict=True if rf is None else rf.strict,
+        response_format_at=None if rf is None else rf.send_at,
     )

@@ -118,10 +118,11 @@ def drop_stale_scratch(spark: SparkSession, output: str) -> list[str]:
 
 def pending_rows(requests: DataFrame, prior: DataFrame | None, retry_errors: bool,
                  limit: int | None) -> DataFrame:
-    """The rows this run calls (cut to `run.limit`), with their `_bucket`: the query `stage_pending` writes."""
+    """The rows this run calls (cut to `run.limit`), with their `_bucket`: the query `stage_pending` writes.
+    Every column of `requests` stays, the kept input columns among them."""
     return (requests.transform(with_pending(prior, retry_errors)).where(F.col("_pending"))
             .transform(with_limit(limit))
-            .select("id", "prompt", "request_hash", "precheck", "_exists", bucket_of().alias("_bucket")))
+            .drop("_pending").withColumn("_bucket", bucket_of()))
 
 
 def stage_pending(spark: SparkSession, pending: DataFrame, name: str, rows: int) -> DataFrame:

@@ -8,6 +8,7 @@ from a fresh virtual environment.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -271,7 +272,7 @@ def test_the_wheel_leaves_spark_to_the_databricks_runtime(wheel):
     unconditional = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
                      for r in requires if "extra ==" not in r}
     assert unconditional & {"pyspark", "delta-spark", "mlflow"} == set(), requires
-    assert {"pydantic", "pyyaml", "databricks-sdk"} <= unconditional
+    assert {"pydantic", "pyyaml", "databricks-sdk", "jsonschema"} <= unconditional
     assert packages == {"jobs", "udfs"}
 
 
@@ -286,16 +287,19 @@ def test_the_console_script_runs_help_from_a_fresh_venv(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
+    # Without the session fixture's PYTHONPATH (the checkout): through it pip would find this package's
+    # own metadata, say "already satisfied" and install nothing.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
-                           "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
+                           "--no-index", str(wheel)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     for script in {t["python_wheel_task"]["entry_point"]
                    for j in jobs(load_bundle()).values() for t in j["tasks"]}:
         out = subprocess.run([str(venv / "bin" / script), "--help"], capture_output=True, text=True,
-                             timeout=60, cwd=tmp_path)
+                             timeout=60, cwd=tmp_path, env=env)
         assert out.returncode == 0, out.stderr
         assert "--conf" in out.stdout and "--limit" in out.stdout and "--dry-run" in out.stdout
-    no_spark = subprocess.run([str(py), "-c", "import pyspark"], capture_output=True, timeout=60)
+    no_spark = subprocess.run([str(py), "-c", "import pyspark"], capture_output=True, timeout=60, env=env)
     assert no_spark.returncode != 0, "the fresh venv should not see pyspark"
 
 

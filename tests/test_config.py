@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import re
 
-from jobs.config import ConfigError, load_config, parse_config, parse_overrides
+import pytest
+import yaml
+from pyspark.sql import types as T
+
+from jobs.commit import output_schema
+from jobs.config import RESERVED_COLUMNS, ConfigError, load_config, parse_config, parse_overrides
+from tests.conftest import job_config
 
 VALID = {
     "input": {"table": "main.raw.prompts"},
@@ -115,3 +122,116 @@ def test_shipped_job_configs_parse():
     assert len(paths) >= 2
     for path in paths:
         load_config(path)
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("output", {"table": "a.b", "runs_table": "a.b"}, r"output: .*runs_table must be another table"),
+    ("output", {"table": "a.b", "runs_table": "a b"}, r"output.runs_table: .*not a table name"),
+    ("endpoint", {"price_per_1k_prompt_tokens": -1}, r"endpoint.price_per_1k_prompt_tokens: .*greater than"),
+    ("mlflow", {"enable": True}, r"mlflow.enable: unknown key"),
+])
+def test_observability_settings_are_checked_and_named(section, values, message):
+    with pytest.raises(ConfigError, match=message):
+        job_config(**{section: values})
+
+
+def test_config_hash_is_a_digest_of_the_effective_settings(tmp_path):
+    """Runs with the same settings group together in the runs table, however the file was written."""
+    a = tmp_path / "a.yml"
+    a.write_text(yaml.safe_dump(VALID, sort_keys=True))
+    b = tmp_path / "b.yml"
+    b.write_text(yaml.safe_dump({k: VALID[k] for k in reversed(VALID)}, sort_keys=False))
+    first, second = load_config(a).config_hash(), load_config(b).config_hash()
+    assert re.fullmatch(r"[0-9a-f]{16}", first) and first == second
+    # Defaults written out are the same settings; a changed setting is another digest.
+    assert load_config(a, ["limits.max_concurrency=8"]).config_hash() == first
+    assert load_config(a, ["limits.max_concurrency=9"]).config_hash() != first
+    assert load_config(a, ["run.chunk_rows=5"]).config_hash() != first
+
+
+REVIEW = {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative"]},
+                                           "token": {"type": "string"}}}
+
+
+def test_response_format_inline_in_full_or_as_a_file_next_to_the_config(tmp_path):
+    inline = parse_config(with_("endpoint", response_format=REVIEW))
+    assert (inline.endpoint.response_format.json_schema, inline.endpoint.response_format.name) == (REVIEW, "response")
+    full = parse_config(with_("endpoint", response_format={"schema": REVIEW, "name": "review", "strict": False}))
+    assert full.endpoint.response_format.wire() == {
+        "type": "json_schema", "json_schema": {"name": "review", "schema": REVIEW, "strict": False}}
+    (tmp_path / "review.json").write_text(json.dumps(REVIEW))
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(with_("endpoint", response_format="review.json")))
+    from_file = load_config(tmp_path / "job.yml")
+    assert from_file.endpoint.response_format == inline.endpoint.response_format
+    assert from_file.redacted()["endpoint"]["response_format"]["schema"] == REVIEW
+    (tmp_path / "long.yml").write_text(yaml.safe_dump(with_("endpoint", response_format={"schema": "review.json",
+                                                                                         "name": "r"})))
+    assert load_config(tmp_path / "long.yml").endpoint.response_format.json_schema == REVIEW
+
+
+@pytest.mark.parametrize("endpoint, message", [
+    ({"response_format": "nope.json"}, r"^endpoint.response_format: no such file nope.json \(looked in "),
+    ({"response_format": {"type": "object", "properties": {"x": {"oneOf": [{"type": "string"}]}}}},
+     r"^config: endpoint.response_format.schema: at /properties/x: oneOf is not supported"),
+    ({"response_format": {"type": "object", "properties": {"x": {}}}},
+     r"endpoint.response_format.schema: at /properties/x: no type"),
+    ({"response_format": {"schema": REVIEW, "name": "has space"}}, r"endpoint.response_format.name: String should"),
+    ({"response_format": {"schema": REVIEW, "send_at": "params.response_format"}},
+     r"endpoint.response_format.send_at: task llm/v1/chat takes response_format at the top"),
+    ({"response_format": REVIEW, "model_kwargs": {"response_format": {"type": "json_object"}}},
+     r"endpoint.model_kwargs.response_format and endpoint.response_format: give only"),
+    ({"response_format": REVIEW, "task": "llm/v1/embeddings"}, r"endpoint.response_format: task llm/v1/embeddings"),
+    ({"response_format": {"schema": REVIEW, "send_at": "dataframe_records.x"}, "task": "custom"},
+     r"endpoint.response_format.send_at: dataframe_records.x: the request body's 'dataframe_records' is not"),
+    ({"response_format": {"schema": REVIEW, "sent_at": "x"}}, r"endpoint.response_format.sent_at: unknown key"),
+])
+def test_response_format_errors_name_the_key(endpoint, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(with_("endpoint", **endpoint))
+
+
+def test_a_schema_may_name_a_token_field_but_holds_no_token_value():
+    parse_config(with_("endpoint", response_format=REVIEW))  # `token` is a field to extract, not a credential
+    leaky = {**REVIEW, "description": "key dapi0123456789abcdef0123456789abcdef"}
+    with pytest.raises(ConfigError, match=r"^endpoint.response_format.description: this value looks like a token"):
+        parse_config(with_("endpoint", response_format=leaky))
+
+
+def test_the_schema_shapes_the_request_hash_and_configs_without_one_keep_theirs():
+    plain = parse_config(VALID)
+    # The digest every config without the new keys had before structured output: existing tables
+    # keep their hashes, so nothing becomes pending by upgrading.
+    assert plain.request_fingerprint() == "31ff45736bfb7ded"
+    a = parse_config(with_("endpoint", response_format=REVIEW))
+    b = parse_config(with_("endpoint", response_format={**REVIEW, "required": ["sentiment"]}))
+    c = parse_config({**with_("endpoint", response_format=REVIEW), "retry": {"invalid_output_attempts": 3},
+                      "input": {"table": "main.raw.prompts", "keep_columns": ["country"]}})
+    assert len({plain.request_fingerprint(), a.request_fingerprint(), b.request_fingerprint()}) == 3
+    assert a.request_fingerprint() == c.request_fingerprint()
+
+
+@pytest.mark.parametrize("input_, message", [
+    ({"template": "Review of {product:>10}"}, r"input.template: \{product:>10\}: a field is a column name"),
+    ({"template": "Review of {}"}, r"input.template: an empty \{\} names no column"),
+    ({"template": "Review of {product"}, r"input.template: .*write a literal brace as \{\{ or \}\}"),
+    ({"template": "No fields"}, r"input.template names no column"),
+    ({"template": "{body}", "prompt_col": "body"}, r"input.template and input.prompt_col: give one"),
+    ({"null_fields": "empty"}, r"input.null_fields applies to input.template only"),
+    ({"template": "{body}", "null_fields": "skip"}, r"input.null_fields: Input should be 'error' or 'empty'"),
+    ({"keep_columns": ["status"]}, r"input.keep_columns: 'status' is a column the job writes itself"),
+    ({"keep_columns": ["_exists"]}, r"input.keep_columns: '_exists' is a column the job writes itself"),
+    ({"keep_columns": ["a", "a"]}, r"input.keep_columns: \['a'\] given more than once"),
+])
+def test_template_and_kept_column_errors_name_the_key(input_, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(with_("input", **input_))
+
+
+def test_template_fields_are_read_once_in_order():
+    cfg = parse_config(with_("input", template="{b} and {a}, {b} again {{not a field}}"))
+    assert cfg.input.template_fields == ["b", "a"]
+
+
+def test_reserved_names_are_the_output_tables_columns_and_the_jobs_own():
+    names = {n for e in (False, True) for n in output_schema(T.LongType(), e).fieldNames()}
+    assert RESERVED_COLUMNS == names | {"parsed", "precheck"}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 
+from jobs.dryrun import DryRunFailed
 from jobs.pipeline import run_job
 from jobs.cli.run import execute
 from tests.conftest import job_config
@@ -86,3 +89,27 @@ def test_dry_run_with_a_limit_counts_the_pending_rows_a_run_would_take(spark, fr
     [probe] = fresh_endpoint.received
     assert probe.body["prompt"] == "p4"  # the lowest pending id, not the first id of the table
     assert "4 of 7 rows pending (3 already final in the output table), this run takes the first 3" in caplog.text
+
+
+
+def test_a_dry_run_names_the_columns_a_run_would_add_and_probes_the_schema_once(spark, fresh_endpoint,
+                                                                               table_name):
+    src = f"prompts_{uuid.uuid4().hex[:8]}"
+    spark.createDataFrame([(1, "one", "FR")], "id long, prompt string, country string").createOrReplaceTempView(src)
+    run_job(spark, job_config(input={"table": src}, output={"table": table_name}, endpoint=serving(fresh_endpoint)))
+    version = last_version(spark, table_name)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    cfg = job_config(input={"table": src, "keep_columns": ["country"]}, output={"table": table_name},
+                     endpoint=serving(fresh_endpoint, response_format=schema), run={"dry_run": True})
+
+    checks = {c.name: c.detail for c in run_job(spark, cfg).dry_run.checks}
+    assert "; a run adds columns `country`, `parsed`" in checks["output"]
+    assert "HTTP 200" in checks["probe"] and "that fits endpoint.response_format" in checks["probe"]
+
+    fresh_endpoint.reset()
+    fresh_endpoint.fault = lambda req: (200, {}, json.dumps({"choices": [{"text": '{"n": "one"}'}]}).encode())
+    with pytest.raises(DryRunFailed, match=r"1 check\(s\) failed \(probe\)"):
+        run_job(spark, cfg)
+    assert len(fresh_endpoint.received) == 1  # one probe, no re-ask
+    assert fresh_endpoint.received[0].body["response_format"]["json_schema"]["schema"] == schema
+    assert last_version(spark, table_name) == version and "parsed" not in spark.table(table_name).columns

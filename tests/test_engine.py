@@ -184,7 +184,7 @@ def test_connection_refused_is_a_connection_error_row():
     assert o.error.startswith("connection_error: ConnectionRefusedError")
 
 
-@pytest.mark.parametrize("client", ["asyncio", "urllib3", "requests"])
+@pytest.mark.parametrize("client", ["aiohttp", "urllib3", "requests"])
 def test_every_http_client_speaks_the_same_protocol(ep, client):
     ep.fault = first_time_only(503, {"Retry-After": "0"})
     with Engine(proxy_spec(ep, max_concurrency=2, http_client=client, model_kwargs={"temperature": 0})) as engine:

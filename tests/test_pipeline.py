@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 
 import pytest
@@ -302,3 +303,194 @@ def test_the_next_chunk_calls_while_the_last_one_commits_and_the_limit_holds(spa
     expected = spark.createDataFrame([(i, f"Answer to: overlap {i}") for i in range(60)], "id long, response string")
     assert_df_equality(spark.table(table_name).select("id", "response"), expected, ignore_row_order=True,
                        ignore_nullable=True)
+
+
+def test_null_ids_stop_the_job_before_any_call(spark, fresh_endpoint, table_name):
+    """README: duplicate or null ids stop the job before any call, naming them."""
+    src = view(spark, [(1, "a"), (None, "b")])
+    cfg = job_config(input={"table": src}, output={"table": table_name}, endpoint=proxy(fresh_endpoint))
+    with pytest.raises(InputError, match=r"1 input row\(s\) have a null id"):
+        run_job(spark, cfg)
+    assert fresh_endpoint.received == []
+    assert not spark.catalog.tableExists(table_name)
+
+
+# -- structured output: typed columns, invalid_output rows, the re-ask, a schema change -------------
+
+REVIEW_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]},
+        "refund_requested": {"type": "boolean"},
+        "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+        "product": {"type": "object", "properties": {"names": {"type": "array", "items": {"type": "string"}}}},
+    },
+    "required": ["sentiment", "refund_requested"],
+}
+PARSED = ("struct<sentiment:string,refund_requested:boolean,stars:bigint,"
+          "product:struct<names:array<string>>>")
+
+
+def chat(ep: LocalEndpoint, **extra):
+    return serving(ep, "llm/v1/chat", name="local-chat", **extra)
+
+
+def chat_answer(content: str) -> tuple[int, dict[str, str], bytes]:
+    body = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+    return 200, {}, json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("calls_from", ["executors", "driver"])
+def test_typed_columns_land_and_bad_answers_are_invalid_output_rows_with_the_raw_text(spark, fresh_endpoint,
+                                                                                       table_name, calls_from):
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def fault(req):
+        prompt = req.body["messages"][-1]["content"]
+        with lock:
+            seen[prompt] = seen.get(prompt, 0) + 1
+        if prompt.startswith("garbled"):
+            return chat_answer("Sure! The sentiment is positive.")
+        if prompt.startswith("off-schema"):
+            return chat_answer('{"sentiment": "ecstatic", "refund_requested": false}')
+        if prompt.startswith("flaky") and seen[prompt] == 1:  # wrong once, right when asked again
+            return chat_answer('{"sentiment": "positive"}')
+        return None
+
+    fresh_endpoint.fault = fault
+    src = view(spark, [(1, "negative: broken on arrival, refund for my Kettle Pro?"), (2, "A positive note on the Lovely Mug"),
+                       (3, "garbled one"), (4, "off-schema one"), (5, "flaky but negative"), (6, None)])
+    cfg = job_config(input={"table": src}, output={"table": table_name}, run={"calls_from": calls_from},
+                     endpoint=chat(fresh_endpoint, response_format={"schema": REVIEW_SCHEMA, "name": "review"}))
+    summary = run_job(spark, cfg)
+
+    assert spark.table(table_name).schema["parsed"].dataType.simpleString() == PARSED
+    expected = spark.createDataFrame([
+        (1, "ok", None, ("negative", True, 5, (["Kettle", "Pro"],)), 1),
+        (2, "ok", None, ("positive", False, 5, (["Lovely", "Mug"],)), 1),
+        (3, "error", "invalid_output: not JSON: Expecting value (line 1, column 1)", None, 2),
+        (4, "error", "invalid_output: $.sentiment: 'ecstatic' is not one of ['positive', 'negative', 'neutral']",
+         None, 2),
+        (5, "ok", None, ("negative", False, 3, ([],)), 2),                   # fixed by the one re-ask
+        (6, "error", "empty_prompt", None, 0),
+    ], f"id long, status string, error string, parsed {PARSED}, attempts int")
+    assert_df_equality(spark.table(table_name).select("id", "status", "error", "parsed", "attempts"), expected,
+                       ignore_row_order=True, ignore_nullable=True)
+    raw = {r["id"]: r["response"] for r in spark.table(table_name).select("id", "response").collect()}
+    assert (raw[3], raw[4]) == ("Sure! The sentiment is positive.",
+                                '{"sentiment": "ecstatic", "refund_requested": false}')
+    assert summary.by_status == {"ok": 3, "error": 3}
+    [wire] = {json.dumps(r.body["response_format"], sort_keys=True) for r in fresh_endpoint.received}
+    assert json.loads(wire) == {"type": "json_schema", "json_schema": {"name": "review", "schema": REVIEW_SCHEMA,
+                                                                       "strict": True}}
+
+    by_sentiment = spark.sql(f"""
+        SELECT parsed.sentiment AS sentiment, count(*) AS n, max(parsed.stars) AS top,
+               count_if(parsed.refund_requested) AS refunds
+        FROM {table_name} WHERE status = 'ok' GROUP BY parsed.sentiment""")
+    assert_df_equality(by_sentiment, spark.createDataFrame(
+        [("negative", 2, 5, 1), ("positive", 1, 5, 0)], "sentiment string, n long, top long, refunds long"),
+        ignore_row_order=True, ignore_nullable=True)
+    reasons = spark.sql(f"SELECT substring_index(error, ':', 1) AS reason, count(*) AS n FROM {table_name} "
+                        "WHERE status = 'error' GROUP BY 1")
+    assert_df_equality(reasons, spark.createDataFrame([("invalid_output", 2), ("empty_prompt", 1)],
+                                                      "reason string, n long"),
+                       ignore_row_order=True, ignore_nullable=True)
+
+
+def test_a_schema_change_makes_the_rows_pending_again_and_grows_the_table(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, "positive about the Kettle"), (2, "bad")])
+    sections = dict(input={"table": src}, output={"table": table_name})
+    first = {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative"]}}}
+    second = {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative", "bad"]},
+                                               "names": {"type": "array", "items": {"type": "string"}}}}
+
+    def run(schema=None, **retry):
+        fresh_endpoint.reset()
+        endpoint = chat(fresh_endpoint, **({"response_format": schema} if schema else {}))
+        summary = run_job(spark, job_config(**sections, endpoint=endpoint, retry=retry))
+        return summary.pending_rows, len(fresh_endpoint.received)
+
+    assert run() == (2, 2)                                   # plain text first: no parsed column yet
+    assert "parsed" not in spark.table(table_name).columns
+    assert run(first) == (2, 2)                              # a schema: new requests, a new column
+    assert run(first) == (0, 0)                              # unchanged: nothing pending
+    assert run(first, invalid_output_attempts=3) == (0, 0)   # re-asks shape no request
+    assert run(second) == (2, 2)                             # changed: every row again, the struct grows
+
+    expected = spark.createDataFrame([(1, ("positive", ["Kettle"])), (2, ("bad", []))],
+                                     "id long, parsed struct<sentiment:string,names:array<string>>")
+    assert_df_equality(spark.table(table_name).select("id", "parsed"), expected, ignore_row_order=True,
+                       ignore_nullable=True)
+    assert run() == (2, 2)                                   # back to plain text: parsed reads null
+    assert [r["parsed"] for r in spark.table(table_name).select("parsed").collect()] == [None, None]
+
+
+# -- prompt templates over several columns, kept columns --------------------------------------------
+
+REVIEWS = [(1, "Kettle", "It leaks.", "FR", 4.5), (2, "Mug", "Lovely {colour}", "DE", None),
+           (3, None, "No product named.", "FR", 1.0), (4, "Mug", "Lovely {colour}", "IT", 2.0)]
+REVIEW_COLUMNS = "id long, product string, body string, country string, score double"
+TEMPLATE = "Classify this review of {product} ({score}): {body} {{json}}"
+
+
+@pytest.mark.parametrize("calls_from", ["executors", "driver"])
+def test_a_template_fills_from_several_columns_and_kept_columns_land_beside_the_outcome(spark, fresh_endpoint,
+                                                                                         table_name, calls_from):
+    src = view(spark, REVIEWS, REVIEW_COLUMNS)
+    cfg = job_config(input={"table": src, "template": TEMPLATE, "keep_columns": ["country", "product"]},
+                     output={"table": table_name}, endpoint=proxy(fresh_endpoint), run={"calls_from": calls_from})
+    run_job(spark, cfg)
+
+    kettle = "Classify this review of Kettle (4.5): It leaks. {json}"
+    expected = spark.createDataFrame([
+        (1, "FR", "Kettle", kettle, f"Answer to: {kettle}", "ok", None),
+        (2, "DE", "Mug", None, None, "error", "null_field: score is null"),
+        (3, "FR", None, None, None, "error", "null_field: product is null"),
+        (4, "IT", "Mug", "Classify this review of Mug (2.0): Lovely {colour} {json}",
+         "Answer to: Classify this review of Mug (2.0): Lovely {colour} {json}", "ok", None),
+    ], "id long, country string, product string, prompt string, response string, status string, error string")
+    assert_df_equality(spark.table(table_name).select(*expected.columns), expected, ignore_row_order=True,
+                       ignore_nullable=True)
+    # The kept columns sit after the id, in the order given; the rendered prompt is what was sent.
+    assert spark.table(table_name).columns[:4] == ["id", "country", "product", "prompt"]
+    assert sorted(r.body["prompt"] for r in fresh_endpoint.received) == [
+        kettle, "Classify this review of Mug (2.0): Lovely {colour} {json}"]
+
+
+def test_null_fields_empty_sends_the_row_and_a_null_in_several_columns_is_named(spark, fresh_endpoint, table_name):
+    src = view(spark, [(1, None, None, "FR", 1.0)], REVIEW_COLUMNS)
+    errors = job_config(input={"table": src, "template": TEMPLATE}, output={"table": table_name},
+                        endpoint=proxy(fresh_endpoint))
+    run_job(spark, errors)
+    assert spark.table(table_name).select("error").first()[0] == "null_field: product, body are null"
+    assert fresh_endpoint.received == []
+
+    other = f"test.t_{uuid.uuid4().hex[:10]}"
+    empty = job_config(input={"table": src, "template": TEMPLATE, "null_fields": "empty"}, output={"table": other},
+                       endpoint=proxy(fresh_endpoint))
+    run_job(spark, empty)
+    [req] = fresh_endpoint.received
+    assert req.body["prompt"] == "Classify this review of  (1.0):  {json}"
+
+
+def test_a_missing_template_or_kept_column_is_refused_before_any_spark_job_or_call(spark, fresh_endpoint,
+                                                                                     table_name):
+    src = view(spark, REVIEWS, REVIEW_COLUMNS)
+    cfg = job_config(input={"table": src, "template": "Review of {product}: {text}", "keep_columns": ["region"]},
+                     output={"table": table_name}, endpoint=proxy(fresh_endpoint))
+    group = f"refused-{uuid.uuid4().hex[:8]}"
+    spark.sparkContext.setJobGroup(group, "a config naming missing columns")
+    try:
+        with pytest.raises(InputError, match=r"^input.template: column 'text'; input.keep_columns: column 'region' "
+                                             r"not found in input.table \w+ \(columns: \['id', 'product', 'body', "
+                                             r"'country', 'score'\]\)$"):
+            run_job(spark, cfg)
+        assert list(spark.sparkContext.statusTracker().getJobIdsForGroup(group)) == []
+        spark.range(1).count()  # the tracker does see this group's jobs: the check above is not vacuous
+        assert len(spark.sparkContext.statusTracker().getJobIdsForGroup(group)) >= 1
+    finally:
+        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+    assert fresh_endpoint.received == []
+    assert not spark.catalog.tableExists(table_name)

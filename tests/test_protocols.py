@@ -59,3 +59,31 @@ def test_driver_proxy_sends_prompt_stop_and_kwargs_and_reads_a_string():
     assert p.parse("answer", ["q"]) == [Parsed(text="answer")]
     with pytest.raises(BadResponse, match="expected a string"):
         p.parse({"x": 1}, ["q"])
+
+
+REVIEW = {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative"]}},
+          "required": ["sentiment"]}
+WIRE = {"type": "json_schema", "json_schema": {"name": "review", "schema": REVIEW, "strict": True}}
+
+
+def test_chat_and_completions_carry_response_format_as_documented():
+    chat = make_protocol("llm/v1/chat", model_kwargs={"temperature": 0}, response_format=WIRE)
+    assert chat.build(["hi"]) == {"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+                                  "response_format": WIRE}
+    completions = make_protocol("llm/v1/completions", stop=["\n"], response_format=WIRE)
+    assert completions.build(["hi"]) == {"prompt": "hi", "stop": ["\n"], "response_format": WIRE}
+
+
+def test_custom_models_and_driver_proxy_apps_get_it_only_where_the_config_says():
+    assert make_protocol("custom", response_format=WIRE).build(["a"]) == {
+        "dataframe_records": [{"prompt": "a", "stop": []}]}
+    assert make_protocol("custom", "driver_proxy", response_format=WIRE).build(["a"]) == {"prompt": "a", "stop": []}
+    custom = make_protocol("custom", model_kwargs={"max_tokens": 5}, response_format=WIRE,
+                           response_format_at="params.response_format")
+    assert custom.build(["a"]) == {"dataframe_records": [{"prompt": "a", "stop": []}],
+                                   "params": {"max_tokens": 5, "response_format": WIRE}}
+    assert custom.build(["b"])["params"] == {"max_tokens": 5, "response_format": WIRE}  # model_kwargs untouched
+    proxy = make_protocol("custom", "driver_proxy", response_format=WIRE, response_format_at="response_format")
+    assert proxy.build(["a"]) == {"prompt": "a", "stop": [], "response_format": WIRE}
+    with pytest.raises(ValueError, match="already has 'stop'"):
+        make_protocol("custom", "driver_proxy", response_format=WIRE, response_format_at="stop").build(["a"])

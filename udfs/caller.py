@@ -3,7 +3,9 @@ worth retrying, split a batch the endpoint refuses, and parse the answer into on
 
 It never raises for a row: every failure becomes an error outcome with a reason code
 (`udfs.reasons`), and its message has no secret in it (`udfs.auth.scrub`). Async, in the engine's
-event loop; `udfs.engine` runs many at once.
+event loop; `udfs.engine` runs many at once. With a response schema (structured output) each answer
+is checked against it (`udfs.structured`); one that breaks it is asked for again, then becomes an
+`invalid_output` row that keeps the raw answer.
 
 Example::
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
 from udfs import reasons
@@ -25,6 +28,7 @@ from udfs.outcome import MAX_ERROR_CHARS, Outcome
 from udfs.protocols import BadResponse, Parsed, Protocol, make_protocol
 from udfs.retry import Failure, backoff, http_failure
 from udfs.spec import EngineSpec
+from udfs.structured import AnswerChecker, InvalidOutput, wire_format
 from udfs.transforms import import_function
 from udfs.transport import TransportError
 
@@ -32,8 +36,13 @@ from udfs.transport import TransportError
 class Caller:
     def __init__(self, spec: EngineSpec, transport: Any, limiter: AdaptiveLimiter, rate: RateLimiter) -> None:
         self.spec = spec
-        self.protocol: Protocol = make_protocol(spec.task, spec.endpoint_type, model_kwargs=spec.model_kwargs,
-                                                stop=spec.stop, system_prompt=spec.system_prompt)
+        schema = spec.response_schema
+        self.protocol: Protocol = make_protocol(
+            spec.task, spec.endpoint_type, model_kwargs=spec.model_kwargs, stop=spec.stop,
+            system_prompt=spec.system_prompt, response_format_at=spec.response_format_at,
+            response_format=None if schema is None else wire_format(schema, spec.response_format_name,
+                                                                     spec.response_format_strict))
+        self._checker = AnswerChecker(schema) if schema is not None else None
         self.batch = max(1, min(spec.rows_per_request, self.protocol.max_batch))
         self._transform_in = import_function(spec.transform_input) if spec.transform_input else None
         self._transform_out = import_function(spec.transform_output) if spec.transform_output else None
@@ -41,16 +50,19 @@ class Caller:
         self.limiter = limiter
         self.rate = rate
         self._secrets = spec.secrets()
+        # The first fatal transport error met (udfs.transport.FATAL_KINDS): not retried, and the
+        # engine's pipeline sends nothing more and raises it.
+        self.fatal: TransportError | None = None
 
     async def acall(self, prompts: Sequence[str]) -> list[Outcome]:
         """Send `prompts` as one request (retrying, splitting on rejection); one outcome per prompt."""
         try:
-            return await self._call(prompts)
+            return await self._call(prompts, self.spec.retry.invalid_output_attempts)
         except Exception as exc:  # a bug or a transform that raised: the rows fail, the batch does not
             reason = self._clean(f"{reasons.INTERNAL_ERROR}: {type(exc).__name__}: {exc}")
             return [Outcome.failed(reason) for _ in prompts]
 
-    async def _call(self, prompts: Sequence[str]) -> list[Outcome]:
+    async def _call(self, prompts: Sequence[str], reasks: int) -> list[Outcome]:
         try:
             body = self.protocol.build(prompts)
             if self._transform_in is not None:
@@ -70,7 +82,7 @@ class Caller:
                 elapsed = time.monotonic() - sent[0] if sent else 0.0
                 if f.split and len(prompts) > 1:
                     half = len(prompts) // 2
-                    return await self._call(prompts[:half]) + await self._call(prompts[half:])
+                    return await self._call(prompts[:half], reasks) + await self._call(prompts[half:], reasks)
                 wait = backoff(attempts, f.retry_after, policy)
                 if f.retryable and attempts < policy.max_attempts and elapsed + wait <= policy.row_budget_s:
                     await asyncio.sleep(wait)  # holds no slot: other rows go meanwhile
@@ -81,11 +93,44 @@ class Caller:
                 return [Outcome.failed(reason, http_status=f.status, attempts=attempts, latency_ms=latency)
                         for _ in prompts]
             latency = round((time.monotonic() - sent[0]) * 1000, 3)
-            return [Outcome(response=p.text, embedding=p.embedding, http_status=200, attempts=attempts,
-                            latency_ms=latency, prompt_tokens=p.prompt_tokens,
-                            completion_tokens=p.completion_tokens) for p in parsed]
+            outcomes = [Outcome(response=p.text, embedding=p.embedding, http_status=200, attempts=attempts,
+                                latency_ms=latency, prompt_tokens=p.prompt_tokens,
+                                completion_tokens=p.completion_tokens) for p in parsed]
+            if self._checker is None:
+                return outcomes
+            return await self._checked(prompts, outcomes, reasks, sent[0])
+
+    async def _checked(self, prompts: Sequence[str], outcomes: list[Outcome], reasks: int,
+                       first_sent: float) -> list[Outcome]:
+        """Each answer against the response schema: a valid one gets its canonical JSON, an invalid one
+        becomes `invalid_output` keeping its raw text, and is asked for again while `reasks` remain
+        (the invalid rows of a request together, as a request of their own)."""
+        checker = self._checker
+        assert checker is not None
+        bad = []
+        for i, o in enumerate(outcomes):
+            try:
+                o.parsed_json = checker.check(o.response)
+            except InvalidOutput as exc:
+                o.status, o.error = "error", self._clean(f"{reasons.INVALID_OUTPUT}: {exc}")
+                bad.append(i)
+        if not bad or reasks <= 0:
+            return outcomes
+        again = await self._call([prompts[i] for i in bad], reasks - 1)
+        latency = round((time.monotonic() - first_sent) * 1000, 3)
+        for i, new in zip(bad, again):
+            old = outcomes[i]
+            # A re-ask that failed otherwise (a timeout) keeps the first answer: it says more about the row.
+            kept = new if new.status == "ok" or (new.error or "").startswith(reasons.INVALID_OUTPUT) else old
+            # Every attempt was paid for: attempts and tokens add up, latency runs from the first send.
+            outcomes[i] = replace(kept, attempts=old.attempts + new.attempts, latency_ms=latency,
+                                  prompt_tokens=_plus(old.prompt_tokens, new.prompt_tokens),
+                                  completion_tokens=_plus(old.completion_tokens, new.completion_tokens))
+        return outcomes
 
     async def _attempt(self, payload: bytes, prompts: Sequence[str], sent: list[float]) -> list[Parsed]:
+        if self.fatal is not None:  # a row back from a backoff sleep: the task is failing, send nothing
+            raise Failure(self.fatal.kind, self.fatal.detail)
         await self.limiter.acquire()
         overloaded, latency = False, None
         try:
@@ -96,7 +141,9 @@ class Caller:
             try:
                 status, headers, data = await self._transport.post(payload)
             except TransportError as exc:
-                raise Failure(exc.kind, exc.detail, retryable=True) from None
+                if exc.fatal:
+                    self.fatal = self.fatal or exc
+                raise Failure(exc.kind, exc.detail, retryable=not exc.fatal) from None
             latency = time.monotonic() - t0
             if 200 <= status < 300:
                 return self._parse(data, prompts)
@@ -140,3 +187,7 @@ class Caller:
         the first 4,000 characters, and a run of a secret cut at the edge is still scrubbed if it is
         8 characters or more (shorter is not a secret's worth)."""
         return scrub(data[:16384].decode("utf-8", "replace"), self._secrets)
+
+
+def _plus(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)

@@ -9,6 +9,11 @@ Requests run as coroutines in one event loop on a thread of the engine's own, wh
 thread reads input batches and hands back finished ones: C requests in flight cost C small
 coroutines, not C threads fighting for the GIL.
 
+One exception to "never an exception": a fatal transport error (an untrusted TLS certificate, a
+header that cannot be sent; `udfs.transport.FATAL_KINDS`) is a configuration error that would fail
+every row alike, so `map_batches` stops at the first one and raises it (the Spark task fails with its
+message), and a header refused before anything is sent makes the constructor raise.
+
 Example::
 
     engine = Engine(EngineSpec(url="http://127.0.0.1:7777/", task="custom", endpoint_type="driver_proxy"))
@@ -95,6 +100,8 @@ class Engine:
         def ready() -> Iterator[list[Outcome]]:
             while True:
                 with cond:
+                    if self.caller.fatal is not None:
+                        raise self.caller.fatal
                     if not done or done[0].remaining:
                         return
                     b = done.popleft()
@@ -102,6 +109,8 @@ class Engine:
 
         try:
             for prompts in batches:
+                if self.caller.fatal is not None:
+                    raise self.caller.fatal
                 b = _Batch(len(prompts))
                 groups = [(b, positions, texts) for positions, texts in self._group(prompts, b)]
                 with cond:
@@ -112,12 +121,13 @@ class Engine:
                 while True:
                     yield from ready()
                     with cond:
-                        if outstanding[0] < low_water or (done and not done[0].remaining):
+                        if (outstanding[0] < low_water or (done and not done[0].remaining)
+                                or self.caller.fatal is not None):
                             break
                         cond.wait()
             while done:
                 with cond:
-                    while done[0].remaining:
+                    while done[0].remaining and self.caller.fatal is None:
                         cond.wait()
                 yield from ready()
         finally:
@@ -131,7 +141,10 @@ class Engine:
                       low_water: int) -> None:
         while (item := await queue.get()) is not None:
             b, positions, prompts = item
-            outcomes = await self.caller.acall(prompts)
+            if self.caller.fatal is not None:  # the task is failing: send nothing more
+                outcomes = [Outcome.failed(self.caller.fatal.kind) for _ in prompts]
+            else:
+                outcomes = await self.caller.acall(prompts)
             with cond:
                 for pos, o in zip(positions, outcomes):
                     b.results[pos] = o
@@ -139,7 +152,7 @@ class Engine:
                 outstanding[0] -= 1
                 # Wake the reader only when it has something to do: a batch to hand back, or room
                 # to read the next one.
-                if b.remaining == 0 or outstanding[0] == low_water - 1:
+                if b.remaining == 0 or outstanding[0] == low_water - 1 or self.caller.fatal is not None:
                     cond.notify()
 
     def _group(self, prompts: Sequence[str | None], b: _Batch) -> Iterator[tuple[list[int], list[str]]]:

@@ -36,13 +36,18 @@ COMPLETION_SCHEMA = T.StructType(
 EMBEDDING_SCHEMA = T.StructType(
     [T.StructField("embedding", T.ArrayType(T.FloatType())), T.StructField("dim", T.IntegerType())] + _COMMON
 )
+# Structured output: a valid answer's canonical JSON, which the job turns into the typed `parsed`
+# column with `from_json` (`jobs.structured`) and then drops. The UDF keeps returning flat types.
+PARSED_JSON = "_parsed_json"
 
 
-def outcome_schema(embeddings: bool) -> T.StructType:
+def outcome_schema(embeddings: bool, structured: bool = False) -> T.StructType:
+    if structured:
+        return T.StructType(COMPLETION_SCHEMA.fields + [T.StructField(PARSED_JSON, T.StringType())])
     return EMBEDDING_SCHEMA if embeddings else COMPLETION_SCHEMA
 
 
-def outcomes_frame(outcomes: Sequence[Outcome], embeddings: bool) -> pd.DataFrame:
+def outcomes_frame(outcomes: Sequence[Outcome], embeddings: bool, structured: bool = False) -> pd.DataFrame:
     """Outcomes as a frame whose dtypes match the declared struct exactly (nullable ints included)."""
     cols = {
         "status": pd.Series([o.status for o in outcomes], dtype=object),
@@ -59,11 +64,14 @@ def outcomes_frame(outcomes: Sequence[Outcome], embeddings: bool) -> pd.DataFram
                             dtype="Int32"),
         }
         return pd.DataFrame({**head, **cols})
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "response": pd.Series([o.response for o in outcomes], dtype=object),
         **cols,
         "completion_tokens": pd.array([o.completion_tokens for o in outcomes], dtype="Int64"),
     })
+    if structured:
+        frame[PARSED_JSON] = pd.Series([o.parsed_json for o in outcomes], dtype=object)
+    return frame
 
 
 def _prompts(s: pd.Series) -> list[str | None]:
@@ -74,6 +82,7 @@ def inference_udf(spec: EngineSpec, per_task_limits: Sequence[int]):
     """A pandas UDF calling the endpoint; task `i` keeps at most `per_task_limits[i]` requests in flight."""
     limits = list(per_task_limits)
     embeddings = is_embeddings_task(spec.task)
+    structured = spec.response_schema is not None
 
     def infer(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         from pyspark import TaskContext
@@ -83,10 +92,10 @@ def inference_udf(spec: EngineSpec, per_task_limits: Sequence[int]):
         engine = Engine(spec, max_limit=limits[pid % len(limits)])
         try:
             for outcomes in engine.map_batches(_prompts(s) for s in batches):
-                yield outcomes_frame(outcomes, embeddings)
+                yield outcomes_frame(outcomes, embeddings, structured)
         finally:
             engine.close()
 
-    udf = pandas_udf(infer, returnType=outcome_schema(embeddings))  # type: ignore[call-overload]
+    udf = pandas_udf(infer, returnType=outcome_schema(embeddings, structured))  # type: ignore[call-overload]
     # Calling an endpoint is not a pure function: keep the optimizer from duplicating or reordering it.
     return udf.asNondeterministic()

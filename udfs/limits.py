@@ -16,6 +16,10 @@ import asyncio
 import math
 import time
 from collections import deque
+from typing import Awaitable, Callable
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class AdaptiveLimiter:
@@ -26,9 +30,11 @@ class AdaptiveLimiter:
     requests sent together counts once. A run of `limit` successes adds one.
     """
 
-    def __init__(self, max_limit: int, *, adaptive: bool = True, latency_factor: float = 3.0) -> None:
+    def __init__(self, max_limit: int, *, adaptive: bool = True, latency_factor: float = 3.0,
+                 clock: Clock = time.monotonic) -> None:
         if max_limit < 1:
             raise ValueError("max_limit must be >= 1")
+        self._clock = clock
         self.max_limit = max_limit
         self.limit = float(max_limit)
         self.adaptive = adaptive
@@ -84,7 +90,7 @@ class AdaptiveLimiter:
             self._ewma = latency if self._ewma is None else 0.9 * self._ewma + 0.1 * latency
             slow = self._samples > 20 and self._ewma > self.latency_factor * self._best
         if overloaded or slow:
-            now = time.monotonic()
+            now = self._clock()
             rtt = self._ewma if self._ewma is not None else 0.1
             if now - self._last_cut >= rtt:
                 self.limit = max(1.0, self.limit * (0.5 if overloaded else 0.75))
@@ -108,14 +114,16 @@ class RateLimiter:
     zero; new requests then wait until it refills.
     """
 
-    def __init__(self, requests_per_s: float | None = None, tokens_per_s: float | None = None) -> None:
+    def __init__(self, requests_per_s: float | None = None, tokens_per_s: float | None = None, *,
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+        self._clock, self._sleep = clock, sleep
         self._interval = 1.0 / requests_per_s if requests_per_s else 0.0
         self._burst = max(1.0, requests_per_s or 0.0)
         self._next = -math.inf  # the first second's worth may go at once
         self._tps = tokens_per_s
         self._capacity = max(1.0, (tokens_per_s or 0.0) * 10)  # ten seconds of tokens
         self._tokens = self._capacity
-        self._stamp = time.monotonic()
+        self._stamp = clock()
 
     async def acquire(self) -> float:
         """Wait until a request may go; returns the seconds waited."""
@@ -125,14 +133,14 @@ class RateLimiter:
             if self._tokens > 0:
                 break
             pause = (1 - self._tokens) / self._tps
-            await asyncio.sleep(pause)
+            await self._sleep(pause)
             waited += pause
         if self._interval:
-            now = time.monotonic()
+            now = self._clock()
             slot = max(self._next, now - (self._burst - 1) * self._interval)
             self._next = slot + self._interval
             if slot > now:
-                await asyncio.sleep(slot - now)
+                await self._sleep(slot - now)
                 waited += slot - now
         return waited
 
@@ -142,6 +150,6 @@ class RateLimiter:
             self._tokens -= n
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * (self._tps or 0.0))
         self._stamp = now

@@ -27,6 +27,8 @@ class Outcome:
     latency_ms: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # Structured output: the valid answer as canonical JSON, for the job's `parsed` column.
+    parsed_json: str | None = None
 
     @classmethod
     def failed(cls, reason: str, **kw: Any) -> Outcome:

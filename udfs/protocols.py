@@ -83,18 +83,33 @@ def _as_vector(value: Any, what: str) -> list[float]:
 
 
 class Protocol:
-    """Base: subclasses set `max_batch`, and implement `build` and `parse`."""
+    """Base: subclasses set `max_batch`, and implement `_body` and `parse`.
+
+    A `response_format` (structured output, `udfs.structured.wire_format`) goes where the protocol
+    takes it: `response_format_at` (a dotted key, `params.response_format`), else the protocol's own
+    place, `format_at`, which only chat and completions have; elsewhere nothing is added.
+    """
 
     max_batch = 1
     embeddings = False
+    format_at: str | None = None
 
     def __init__(self, model_kwargs: dict[str, Any] | None = None, stop: Sequence[str] = (),
-                 system_prompt: str | None = None) -> None:
+                 system_prompt: str | None = None, response_format: dict[str, Any] | None = None,
+                 response_format_at: str | None = None) -> None:
         self.model_kwargs = dict(model_kwargs or {})
         self.stop = list(stop)
         self.system_prompt = system_prompt
+        self.response_format = response_format
+        self.response_format_at = response_format_at or self.format_at
 
     def build(self, prompts: Sequence[str]) -> dict[str, Any]:
+        body = self._body(prompts)
+        if self.response_format is not None and self.response_format_at:
+            _put(body, self.response_format_at, self.response_format)
+        return body
+
+    def _body(self, prompts: Sequence[str]) -> dict[str, Any]:
         raise NotImplementedError
 
     def parse(self, answer: Any, prompts: Sequence[str]) -> list[Parsed]:
@@ -111,7 +126,7 @@ class CustomModel(Protocol):
 
     max_batch = 1024
 
-    def build(self, prompts: Sequence[str]) -> dict[str, Any]:
+    def _body(self, prompts: Sequence[str]) -> dict[str, Any]:
         # The scoring server refuses a record lacking a signature input, so `stop` is always sent.
         body: dict[str, Any] = {"dataframe_records": [{"prompt": p, "stop": self.stop} for p in prompts]}
         if self.model_kwargs:
@@ -141,7 +156,7 @@ class CustomEmbeddings(CustomModel):
 
     embeddings = True
 
-    def build(self, prompts: Sequence[str]) -> dict[str, Any]:
+    def _body(self, prompts: Sequence[str]) -> dict[str, Any]:
         body: dict[str, Any] = {"inputs": list(prompts)}
         if self.model_kwargs:
             body["params"] = self.model_kwargs
@@ -161,7 +176,9 @@ class CustomEmbeddings(CustomModel):
 class Completions(Protocol):
     """`llm/v1/completions`: `{prompt, max_tokens, temperature, stop}` -> `choices[0].text`."""
 
-    def build(self, prompts: Sequence[str]) -> dict[str, Any]:
+    format_at = "response_format"
+
+    def _body(self, prompts: Sequence[str]) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt": self._one(prompts), **self.model_kwargs}
         if self.stop:
             body["stop"] = self.stop
@@ -178,7 +195,9 @@ class Completions(Protocol):
 class Chat(Protocol):
     """`llm/v1/chat`: `{messages: [system?, user]}` -> `choices[0].message.content`."""
 
-    def build(self, prompts: Sequence[str]) -> dict[str, Any]:
+    format_at = "response_format"
+
+    def _body(self, prompts: Sequence[str]) -> dict[str, Any]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": self._one(prompts)})
         body: dict[str, Any] = {"messages": messages, **self.model_kwargs}
@@ -209,7 +228,7 @@ class Embeddings(Protocol):
     max_batch = 2048
     embeddings = True
 
-    def build(self, prompts: Sequence[str]) -> dict[str, Any]:
+    def _body(self, prompts: Sequence[str]) -> dict[str, Any]:
         return {"input": list(prompts), **self.model_kwargs}
 
     def parse(self, answer: Any, prompts: Sequence[str]) -> list[Parsed]:
@@ -234,7 +253,7 @@ class Embeddings(Protocol):
 class DriverProxy(Protocol):
     """A driver-proxy app: `POST /` with `{prompt, stop, **model_kwargs}`, answering a JSON string."""
 
-    def build(self, prompts: Sequence[str]) -> dict[str, Any]:
+    def _body(self, prompts: Sequence[str]) -> dict[str, Any]:
         return {"prompt": self._one(prompts), "stop": self.stop, **self.model_kwargs}
 
     def parse(self, answer: Any, prompts: Sequence[str]) -> list[Parsed]:
@@ -248,6 +267,22 @@ class DriverProxyEmbeddings(DriverProxy):
 
     def parse(self, answer: Any, prompts: Sequence[str]) -> list[Parsed]:
         return [Parsed(embedding=_as_vector(answer, "the answer"))]
+
+
+def _put(body: dict[str, Any], at: str, value: Any) -> None:
+    """`body["params"]["response_format"] = value` for `at = "params.response_format"`, making the dicts
+    on the way; a key the body already holds is never overwritten (the request would change meaning)."""
+    *parents, last = at.split(".")
+    node = body
+    for key in parents:
+        child = node.get(key, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"{at}: the request body's {key!r} is not an object")
+        # A copy: the body's dicts may be the protocol's own (`params` is model_kwargs), reused per request.
+        node[key] = node = dict(child)
+    if last in node:
+        raise ValueError(f"{at}: the request body already has {last!r} (from model_kwargs or the protocol)")
+    node[last] = value
 
 
 def _first_choice(answer: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 # Stopped before any call (precheck).
 EMPTY_PROMPT = "empty_prompt"
 PROMPT_TOO_LONG = "prompt_too_long"
+NULL_FIELD = "null_field"
 # The request went out and failed.
 HTTP = "http_<status>"
 TIMEOUT = "timeout"
@@ -23,6 +24,7 @@ CONNECTION_ERROR = "connection_error"
 # An answer came back but could not be used.
 BAD_RESPONSE = "bad_response"
 DIMENSION_MISMATCH = "dimension_mismatch"
+INVALID_OUTPUT = "invalid_output"
 # The configured transforms raised.
 TRANSFORM_INPUT_FAILED = "transform_input_failed"
 TRANSFORM_OUTPUT_FAILED = "transform_output_failed"
@@ -32,11 +34,14 @@ INTERNAL_ERROR = "internal_error"
 MEANING: dict[str, str] = {
     EMPTY_PROMPT: "the prompt is null, empty or only whitespace; never sent",
     PROMPT_TOO_LONG: "the prompt is longer than `run.max_prompt_chars`; never sent",
+    NULL_FIELD: "a column `input.template` names is null (`input.null_fields: error`); never sent",
     HTTP: "the endpoint answered this HTTP status (after retries, for a retried status)",
     TIMEOUT: "no answer within `limits.read_timeout_s` (or no connection within `connect_timeout_s`)",
     CONNECTION_ERROR: "the connection failed or was reset before a whole answer came",
     BAD_RESPONSE: "the answer is not JSON, or not the shape the task's protocol expects",
     DIMENSION_MISMATCH: "an embedding whose length is not the run's dimension",
+    INVALID_OUTPUT: "the answer is not JSON or breaks `endpoint.response_format` (first failing path "
+                    "named; the raw answer stays in `response`), after `retry.invalid_output_attempts` re-asks",
     TRANSFORM_INPUT_FAILED: "`endpoint.transform_input` raised on this row's request",
     TRANSFORM_OUTPUT_FAILED: "`endpoint.transform_output` raised on this row's answer",
     INTERNAL_ERROR: "an unexpected error in the job itself (please report it)",

@@ -23,6 +23,8 @@ class RetrySpec:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     row_budget_s: float = 600.0
+    # Structured output: times an answer that breaks the response schema is asked for again.
+    invalid_output_attempts: int = 1
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,14 @@ class EngineSpec:
     read_timeout_s: float = 120.0
     adaptive: bool = True
     latency_cut_factor: float = 3.0
-    http_client: str = "asyncio"
+    http_client: str = "aiohttp"
     retry: RetrySpec = field(default_factory=RetrySpec)
+    # Structured output (`udfs.structured`): the JSON Schema every answer must match, the name and
+    # strictness sent with it, and where in the body it goes (None: the protocol's own place).
+    response_schema: dict[str, Any] | None = None
+    response_format_name: str = "response"
+    response_format_strict: bool = True
+    response_format_at: str | None = None
 
     def secrets(self) -> list[Secret]:
         return [v for v in self.headers.values() if isinstance(v, Secret)]

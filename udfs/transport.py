@@ -1,28 +1,70 @@
 """HTTP for one task: keep-alive connections to one endpoint, as many as the task's concurrency.
 
-All transports have one coroutine, `post(body) -> (status, headers, data)`, with lower-case header
-names, and raise `TransportError(kind, detail)` with kind `timeout` or `connection_error`.
+Every transport has one coroutine, `post(body) -> (status, headers, data)` (headers looked up
+case-insensitively), and raises `TransportError(kind, detail)`. `timeout` and `connection_error`
+are worth retrying. `tls_error` and `invalid_header` are fatal: configuration errors that fail every
+request the same way, so the engine stops at the first one instead of retrying each row.
 
-- `AsyncHttpTransport` (default, `limits.http_client: asyncio`): HTTP/1.1 over asyncio streams, in
-  the engine's event loop. Written by hand because at thousands of requests per second on two cores
-  the per-request cost of the thread-per-request clients is what bounds throughput: urllib3 parses
-  headers with `email.parser` and each of C threads must win the GIL back after every socket wait
-  (see benchmarks/README.md). It speaks what a JSON POST needs and no more: Content-Length bodies,
-  chunked answers, keep-alive, TLS through `ssl`'s default context.
-- `ThreadedTransport` over `urllib3` or `requests` (`limits.http_client: urllib3 | requests`), run in
-  a thread pool: for an HTTP(S) proxy from the environment (chosen automatically then), or setups that
-  rely on requests' behaviour (REQUESTS_CA_BUNDLE, .netrc).
+Which library does what:
+
+- `AiohttpTransport` (`limits.http_client: aiohttp`, the default; `asyncio` is a deprecated alias):
+  aiohttp's client in the engine's event loop. Its connector pools the keep-alive connections (sized
+  to the task's share, idle ones closed after `KEEPALIVE_S`, ones the server closed dropped before
+  reuse); its C parser, built on llhttp (the parser Node.js uses), reads status lines, headers,
+  chunked bodies, trailers, 1xx and answers that have no body; it writes the body while it reads the
+  answer, so a 413 sent before the body is read is seen; it tunnels through proxies.
+- `ThreadedTransport` over `urllib3` or `requests` (`urllib3 | requests`): a blocking client on a
+  thread pool of the task's share; `http.client` parses, urllib3 pools. `http.client` skips only
+  100 Continue among interim answers: after a 102 or 103 the row fails, saying so.
+- This module, for every client alike: one TLS context (`ssl_context`: `REQUESTS_CA_BUNDLE`, else
+  `CURL_CA_BUNDLE`, else OpenSSL's `SSL_CERT_FILE`/`SSL_CERT_DIR`, else the system store plus
+  certifi), the proxy from the environment resolved once (`proxy_for`), header values checked for line
+  breaks before anything is sent, one bound per attempt, no redirects (a POST turned into a GET is
+  never an answer), and each library's exceptions mapped to the kinds above.
+
+No HTTP client of our own: one written here (hand-parsed, then rebuilt over httptools) was measured
+against aiohttp and did not earn its keep (benchmarks/README.md).
+
+Nothing here sends a request twice. A request that may have reached the server is the engine's to
+retry, as a counted attempt with backoff, within the row's budget. A client only picks another
+connection when the pooled one is known dead before use (closed by the server while idle, expired).
+
+Timeouts, the same for every client: connecting (TCP, proxy tunnel, TLS) may take
+`connect_timeout_s`; the answer may fall silent for at most `read_timeout_s`; and an attempt as a
+whole ends after `connect_timeout_s + read_timeout_s`, so a server dripping bytes cannot hold a row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import os
+import re
 import ssl
-import sys
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+
+from udfs.loopback import is_loopback
+
+# Kinds that no retry can fix: the run stops at the first one (see `udfs.engine`).
+FATAL_KINDS = frozenset({"tls_error", "invalid_header"})
+# Idle connections are closed after this many seconds: below the shortest common server keep-alive
+# (uvicorn and Node close at 5 s), so a pooled connection is ours to close, not found dead by a write.
+KEEPALIVE_S = 3.0
+CA_HINT = "set REQUESTS_CA_BUNDLE (or SSL_CERT_FILE) to a CA bundle that includes its issuer"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110 token)
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")        # control characters but HTAB
+# OpenSSL's reasons for a handshake that can never succeed as configured (plain HTTP on an https port,
+# no protocol or cipher in common). Other TLS errors (a record garbled in transit, an alert from an
+# overloaded middlebox) stay retryable: the row's attempts bound them.
+_TLS_CONFIG_REASONS = frozenset({
+    "WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE",
+    "TLSV1_ALERT_PROTOCOL_VERSION", "SSLV3_ALERT_HANDSHAKE_FAILURE", "TLSV1_UNRECOGNIZED_NAME",
+    "TLSV1_ALERT_UNKNOWN_CA", "TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE",
+})
 
 
 class TransportError(Exception):
@@ -31,166 +73,282 @@ class TransportError(Exception):
         self.kind = kind
         self.detail = detail
 
-
-class _Closed(Exception):
-    """The server closed a kept-alive connection before answering: safe to resend on a new one."""
-
-
-if sys.version_info >= (3, 11):
-    def _within(seconds: float):
-        return asyncio.timeout(seconds)
-else:  # pragma: no cover - Databricks runtimes before 15 run Python 3.10
-    class _within:  # a minimal asyncio.timeout for 3.10
-        def __init__(self, seconds: float) -> None:
-            self._seconds = seconds
-
-        async def __aenter__(self) -> None:
-            task = asyncio.current_task()
-            self._handle = asyncio.get_running_loop().call_later(self._seconds, task.cancel)
-
-        async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-            self._handle.cancel()
-            if exc_type is asyncio.CancelledError:
-                raise TimeoutError from None
-            return False
+    @property
+    def fatal(self) -> bool:
+        return self.kind in FATAL_KINDS
 
 
-class AsyncHttpTransport:
+# -- shared by every client --------------------------------------------------------------------
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why a header cannot be sent as is, never quoting its value (it is often a token)."""
+    if not _TOKEN.fullmatch(name):
+        return f"the header name {name!r} is not a valid HTTP field name"
+    if "\r" in value or "\n" in value:
+        return (f"the value of header {name!r} contains a line break (CR or LF), which would inject "
+                "headers; a token read from a file or variable with a trailing newline?")
+    if _CTL.search(value):
+        return f"the value of header {name!r} contains a control character"
+    return None
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Refuse, before anything is sent, a header that would split the request (header injection)."""
+    for name, value in headers.items():
+        problem = header_problem(name, value)
+        if problem:
+            raise TransportError("invalid_header", problem)
+
+
+def ssl_context() -> ssl.SSLContext:
+    """The TLS context every client uses, from the CA bundle the environment names.
+
+    requests' order: `REQUESTS_CA_BUNDLE`, then `CURL_CA_BUNDLE`, replacing the default store (a
+    corporate bundle). Else OpenSSL's `SSL_CERT_FILE`/`SSL_CERT_DIR` as OpenSSL reads them, else the
+    system store plus certifi (slim images ship no system store; certifi is what requests trusts).
+    """
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        bundle = os.environ.get(var)
+        if bundle:
+            try:
+                if os.path.isdir(bundle):
+                    return ssl.create_default_context(capath=bundle)
+                return ssl.create_default_context(cafile=bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError("tls_error", f"{var}={bundle}: cannot load CA bundle "
+                                                  f"({type(exc).__name__})") from None
+    ctx = ssl.create_default_context()
+    if not (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")):
+        try:
+            import certifi
+
+            ctx.load_verify_locations(certifi.where())
+        except (ImportError, OSError):
+            pass
+    return ctx
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy from HTTP(S)_PROXY for this URL, honouring NO_PROXY; never for loopback."""
+    if is_loopback(url) or urllib.request.proxy_bypass(urlsplit(url).hostname or ""):
+        return None
+    return urllib.request.getproxies().get(urlsplit(url).scheme)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it wraps, outermost first: each library nests the OS or TLS error differently
+    (aiohttp's `os_error`/`certificate_error`, urllib3's `reason`, requests' first argument)."""
+    seen: list[BaseException] = []
+    todo: list[Any] = [exc]
+    while todo and len(seen) < 12:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [getattr(e, a, None) for a in ("certificate_error", "os_error", "reason")]
+        todo += [e.args[0] if e.args else None, e.__cause__, e.__context__]
+    return seen
+
+
+def tls_problem(exc: BaseException) -> TransportError | None:
+    """A TLS failure that no retry fixes, as a fatal `tls_error`; None for anything else.
+
+    An untrusted or mismatched certificate, or a handshake that cannot agree (plain HTTP on an
+    https URL), fails the same way every time. A handshake cut short (EOF, reset) can be load, and
+    stays a retried `connection_error`, as does any TLS error not known to be configuration.
+    """
+    for e in _causes(exc):
+        if isinstance(e, ssl.SSLCertVerificationError):
+            why = getattr(e, "verify_message", None) or getattr(e, "reason", None) or "verify failed"
+            return TransportError("tls_error",
+                                  f"the server's TLS certificate is not trusted ({why}); {CA_HINT}")
+        if isinstance(e, ssl.CertificateError):
+            return TransportError("tls_error",
+                                  f"the server's TLS certificate does not match the host; {CA_HINT}")
+        if isinstance(e, ssl.SSLError) and e.reason in _TLS_CONFIG_REASONS:
+            return TransportError("tls_error", f"TLS handshake failed ({e.reason}); is the URL's "
+                                               "scheme right (https on a plain HTTP port), and the "
+                                               "server's TLS set-up?")
+    return None
+
+
+def _os_name(exc: BaseException) -> str:
+    """The innermost OS-level error's type (ConnectionRefusedError, ...): names, never messages."""
+    names = [type(e).__name__ for e in _causes(exc) if isinstance(e, OSError)]
+    return names[-1] if names else type(exc).__name__
+
+
+# The same words for the same failure, whichever client met it.
+def _slow_connect(where: str, seconds: float) -> TransportError:
+    return TransportError("timeout", f"connect to {where} took over {seconds:g}s")
+
+
+def _silent(read: float) -> TransportError:
+    return TransportError("timeout", f"no answer within read_timeout_s={read:g}")
+
+
+def _too_long(whole: float) -> TransportError:
+    return TransportError("timeout",
+                          f"answer not complete within connect_timeout_s + read_timeout_s = {whole:g}s")
+
+
+DROPPED = "the server closed the connection without answering"
+
+
+def tls_probe(url: str, timeout: float) -> None:
+    """Connect to an https endpoint and complete the TLS handshake, through the proxy if one applies.
+
+    No HTTP request is sent. Raises a fatal `TransportError` for a TLS problem, a retryable one if the
+    host cannot be reached; returns at once for http URLs and for proxies it cannot tunnel (https).
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        return
+    host, port = parts.hostname, parts.port or 443
+    ctx = ssl_context()
+    proxy = proxy_for(url)
+    if proxy:
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if p.scheme != "http" or not p.hostname:
+            return
+        conn = http.client.HTTPSConnection(p.hostname, p.port or 80, timeout=timeout, context=ctx)
+        auth = {}
+        if p.username:
+            import base64
+
+            pair = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
+            auth["Proxy-Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        conn.set_tunnel(host, port, headers=auth)
+    else:
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
+    try:
+        conn.connect()
+    except TimeoutError:
+        raise _slow_connect(f"{host}:{port}", timeout) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise tls_problem(exc) or TransportError("connection_error",
+                                                 f"{_os_name(exc)} connecting to {host}:{port}") from None
+    finally:
+        conn.close()
+
+
+# -- aiohttp -----------------------------------------------------------------------------------
+
+class AiohttpTransport:
+    """One `aiohttp.ClientSession` per engine, made in the engine's loop on first use.
+
+    Tuned for thousands of small POSTs a second on two cores: one `ClientTimeout` for the session, the
+    URL parsed once, no cookie jar, no User-Agent, and the proxy resolved once here rather than with
+    `trust_env=True`, which looks up `~/.netrc` and the proxy variables on a worker thread for every
+    request (measured: 500 instead of 160 us of CPU per request; see benchmarks/README.md).
+    """
+
     def __init__(self, url: str, headers: Mapping[str, str], *, pool_size: int,
                  connect_timeout: float, read_timeout: float) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host_header = parts.netloc.rpartition("@")[2]
-        lines = [f"POST {path} HTTP/1.1", f"Host: {host_header}", "Connection: keep-alive"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        from yarl import URL
+
+        check_headers(headers)
+        self._url = URL(url, encoded=True)
+        if self._url.scheme not in ("http", "https") or not self._url.host:
+            raise ValueError(f"not an http(s) URL: {self._url.with_query(None)!s}")
+        self._headers = dict(headers)
+        self._ssl = ssl_context() if self._url.scheme == "https" else None
+        proxy = proxy_for(url)
+        self._proxy = URL(proxy if "://" in proxy else f"http://{proxy}") if proxy else None
+        self._proxy_auth = None
+        if self._proxy is not None and self._proxy.user:
+            import aiohttp
+
+            self._proxy_auth = aiohttp.BasicAuth(self._proxy.user, self._proxy.password or "")
+            self._proxy = self._proxy.with_user(None)
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        # Read timeouts by one watchdog, not a timer per request: at thousands of requests per second
-        # the timer heap costs more than the HTTP parsing. A deadline may fire up to `_tick` late.
-        self._deadlines: dict[asyncio.Task[Any], float] = {}
-        self._expired: set[asyncio.Task[Any]] = set()
-        self._tick = min(0.1, read_timeout / 10)
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._where = f"{self._url.host}:{self._url.port}"
+        self._session: Any = None
+
+    def __repr__(self) -> str:
+        return f"AiohttpTransport({self._where})"
+
+    def _open(self) -> Any:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0,
+                                         keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=300,
+                                         ssl=self._ssl if self._ssl is not None else True)
+        timeout = aiohttp.ClientTimeout(total=self._connect_timeout + self._read_timeout,
+                                        sock_connect=self._connect_timeout, sock_read=self._read_timeout)
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=self._headers,
+                                     cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",),
+                                     trust_env=False)
 
     async def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        if self._idle:
-            try:
-                return await self._exchange(self._idle.pop(), body)
-            except _Closed:
-                pass  # a stale keep-alive connection: resend once on a fresh one, as urllib3 does
-        try:
-            return await self._exchange(await self._connect(), body)
-        except _Closed:
-            raise TransportError("connection_error", "the server closed the connection without answering") from None
+        import aiohttp
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._session is None:
+            self._session = self._open()
         try:
-            async with _within(self._connect_timeout):
-                return await asyncio.open_connection(self._host, self._port, ssl=self._ssl, limit=1 << 20)
-        except TimeoutError:
-            raise TransportError("timeout", f"connect to {self._host}:{self._port} took over "
-                                            f"{self._connect_timeout:g}s") from None
-        except OSError as exc:
-            raise TransportError("connection_error", f"{type(exc).__name__} connecting to "
-                                                     f"{self._host}:{self._port}") from None
-
-    async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                        body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        reader, writer = conn
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        self._deadlines[task] = loop.time() + self._read_timeout
-        if self._watchdog is None:
-            self._watchdog = loop.call_later(self._tick, self._expire)
-        try:
-            writer.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
-            await writer.drain()
-            status, headers, data, keep = await _read_response(reader)
-        except asyncio.CancelledError:
-            if task not in self._expired:
-                raise
-            self._expired.discard(task)
-            if hasattr(task, "uncancel"):
-                task.uncancel()
-            writer.close()
-            raise TransportError("timeout", f"no answer within read_timeout_s={self._read_timeout:g}") from None
-        except _Closed:
-            writer.close()
-            raise
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-            writer.close()
-            raise TransportError("connection_error", f"{type(exc).__name__} while reading the answer") from None
-        finally:
-            self._deadlines.pop(task, None)
-        if keep and len(self._idle) < self._pool_size:
-            self._idle.append(conn)
-        else:
-            writer.close()
-        return status, headers, data
-
-    def _expire(self) -> None:
-        now = asyncio.get_running_loop().time()
-        for task, deadline in list(self._deadlines.items()):
-            if deadline <= now and task not in self._expired:
-                self._expired.add(task)
-                task.cancel()
-        self._watchdog = (asyncio.get_running_loop().call_later(self._tick, self._expire)
-                          if self._deadlines else None)
+            async with self._session.post(self._url, data=body, allow_redirects=False, proxy=self._proxy,
+                                          proxy_auth=self._proxy_auth) as resp:
+                return resp.status, resp.headers, await resp.read()
+        except aiohttp.ConnectionTimeoutError:
+            raise _slow_connect(self._where, self._connect_timeout) from None
+        except aiohttp.SocketTimeoutError:
+            raise _silent(self._read_timeout) from None
+        except asyncio.TimeoutError:
+            raise _too_long(self._connect_timeout + self._read_timeout) from None
+        except aiohttp.ClientHttpProxyError as exc:
+            raise TransportError("connection_error",
+                                 f"the proxy refused the tunnel (HTTP {exc.status})") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise tls_problem(exc) or TransportError(
+                "connection_error", f"{_os_name(exc)} connecting to {self._where}") from None
+        except aiohttp.ServerDisconnectedError:
+            raise TransportError("connection_error", DROPPED) from None
+        except aiohttp.ClientPayloadError:
+            raise TransportError("connection_error", "the answer was cut off") from None
+        except aiohttp.ClientResponseError:
+            raise TransportError("connection_error", "the answer is not valid HTTP") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise TransportError("connection_error",
+                                 f"{_os_name(exc)} while exchanging with {self._where}") from None
 
     async def aclose(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        while self._idle:
-            self._idle.pop()[1].close()
+        if self._session is not None:
+            await self._session.close()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes, bool]:
-    while True:
-        # The whole head in one read: a readline per header costs more than the rest of the request.
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                raise _Closed() from None
-            raise
-        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-        version, _, rest = status_line.partition(" ")
-        status = int(rest[:3])
-        headers: dict[str, str] = {}
-        for line in lines:
-            key, _, value = line.partition(":")
-            headers[key.strip().lower()] = value.strip()
-        if status >= 200 or status == 101:
-            break  # skip interim 1xx answers
-    keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        data = await _read_chunked(reader)
-    elif "content-length" in headers:
-        data = await reader.readexactly(int(headers["content-length"]))
-    else:
-        data, keep = await reader.read(), False
-    return status, headers, data, keep
+# -- threaded clients --------------------------------------------------------------------------
 
+def _read_within(resp: Any, deadline: float, whole: float) -> bytes:
+    """A urllib3 response's body, a read at a time, ending as `timeout` past `deadline`.
 
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    The libraries' read timeout is per read: a server dripping a byte at a time never trips it.
+    """
     parts = []
-    while True:
-        size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-        if size == 0:
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            return b"".join(parts)
-        parts.append(await reader.readexactly(size))
-        await reader.readexactly(2)
+    while chunk := resp.read1(1 << 16):
+        parts.append(chunk)
+        if time.monotonic() > deadline:
+            raise _too_long(whole)
+    return b"".join(parts)
+
+
+def _finish(resp: Any, deadline: float, whole: float) -> bytes:
+    """Read the body and give the connection back to the pool, kept alive or closed on failure."""
+    try:
+        if 100 <= resp.status < 200:
+            # http.client skips 100 Continue only: after a 102 or 103 the real answer is still on the
+            # wire, and the next request on this connection would read it as its own.
+            raise TransportError("connection_error",
+                                 f"the server sent an interim answer ({resp.status}) that this client "
+                                 "cannot skip; use limits.http_client: aiohttp")
+        data = _read_within(resp, deadline, whole)
+    except BaseException:
+        resp.close()  # a half-read connection cannot carry another request
+        resp.release_conn()  # the pool blocks at its size: a slot never given back is lost for good
+        raise
+    resp.release_conn()
+    return data
 
 
 class Urllib3Client:
@@ -200,63 +358,115 @@ class Urllib3Client:
                  connect_timeout: float, read_timeout: float) -> None:
         import urllib3
 
+        check_headers(headers)
         parts = urlsplit(url)
-        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._url = url
         self._headers = dict(headers)
+        self._where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        self._timeouts = (connect_timeout, read_timeout)
         self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self._whole = connect_timeout + read_timeout
+        kw: dict[str, Any] = dict(num_pools=1, maxsize=pool_size, block=True)
+        if parts.scheme == "https":
+            kw["ssl_context"] = ssl_context()
         proxy = proxy_for(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        if proxy:
-            self._pool = urllib3.ProxyManager(proxy, num_pools=1, maxsize=pool_size, block=True
-                                              ).connection_from_url(origin)
-        else:
-            self._pool = urllib3.connection_from_url(origin, maxsize=pool_size, block=True)
+        # The manager, not one of its pools: through a proxy an http request goes in absolute form,
+        # which only the manager writes.
+        self._manager = urllib3.ProxyManager(proxy, **kw) if proxy else urllib3.PoolManager(**kw)
 
     def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        from urllib3.exceptions import ConnectTimeoutError, HTTPError, ReadTimeoutError, TimeoutError
+        from urllib3.exceptions import HTTPError
 
+        deadline = time.monotonic() + self._whole
         try:
-            r = self._pool.urlopen("POST", self._path, body=body, headers=self._headers, retries=False,
-                                   timeout=self._timeout, preload_content=True, assert_same_host=False)
-        except (ReadTimeoutError, ConnectTimeoutError, TimeoutError) as exc:
-            raise TransportError("timeout", type(exc).__name__) from None
+            r = self._manager.urlopen("POST", self._url, body=body, headers=self._headers, retries=False,
+                                      redirect=False, timeout=self._timeout, preload_content=False)
+            return r.status, r.headers, _finish(r, deadline, self._whole)
+        except TransportError:
+            raise
         except (HTTPError, OSError) as exc:
-            raise TransportError("connection_error", type(exc).__name__) from None
-        return r.status, r.headers, r.data
+            raise _threaded_error(exc, self._where, *self._timeouts) from None
 
     def close(self) -> None:
-        self._pool.close()
+        self._manager.clear()
 
 
 class RequestsClient:
-    """One pooled `requests.Session`, used by `ThreadedTransport`."""
+    """One pooled `requests.Session`, used by `ThreadedTransport`.
+
+    `trust_env` is off: this module reads the environment once for every client (CA bundle, proxy),
+    where requests would read it, and `~/.netrc`, again for each request.
+    """
 
     def __init__(self, url: str, headers: Mapping[str, str], *, pool_size: int,
                  connect_timeout: float, read_timeout: float) -> None:
         import requests
         from requests.adapters import HTTPAdapter
 
+        check_headers(headers)
+        parts = urlsplit(url)
         self._url = url
-        self._timeout = (connect_timeout, read_timeout)
+        self._where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        self._timeouts = (connect_timeout, read_timeout)
+        self._whole = connect_timeout + read_timeout
+        self._proxies = {parts.scheme: proxy_for(url)}
+        ctx = ssl_context() if parts.scheme == "https" else None
+
+        class Adapter(HTTPAdapter):
+            def init_poolmanager(self, *args: Any, **kw: Any) -> None:
+                if ctx is not None:
+                    kw["ssl_context"] = ctx
+                super().init_poolmanager(*args, **kw)
+
+            def proxy_manager_for(self, proxy: str, **kw: Any) -> Any:
+                if ctx is not None:
+                    kw["ssl_context"] = ctx
+                return super().proxy_manager_for(proxy, **kw)
+
         self._session = requests.Session()
+        self._session.trust_env = False
         self._session.headers.update(headers)
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, pool_block=True, max_retries=0)
+        adapter = Adapter(pool_connections=1, pool_maxsize=pool_size, pool_block=True, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 
     def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
         import requests
+        from urllib3.exceptions import HTTPError
 
+        deadline = time.monotonic() + self._whole
         try:
-            r = self._session.post(self._url, data=body, timeout=self._timeout)
-        except requests.Timeout as exc:
-            raise TransportError("timeout", type(exc).__name__) from None
-        except requests.RequestException as exc:
-            raise TransportError("connection_error", type(exc).__name__) from None
-        return r.status_code, r.headers, r.content
+            r = self._session.post(self._url, data=body, timeout=self._timeouts, proxies=self._proxies,
+                                   allow_redirects=False, stream=True)
+            return r.status_code, r.headers, _finish(r.raw, deadline, self._whole)
+        except TransportError:
+            raise
+        except (requests.RequestException, HTTPError, OSError) as exc:  # urllib3's own while streaming
+            raise _threaded_error(exc, self._where, *self._timeouts) from None
 
     def close(self) -> None:
         self._session.close()
+
+
+def _threaded_error(exc: BaseException, where: str, connect: float, read: float) -> TransportError:
+    """urllib3's and requests' exceptions as a `TransportError`, by what they wrap."""
+    from urllib3.exceptions import ConnectTimeoutError, ProxyError, ReadTimeoutError
+
+    tls = tls_problem(exc)
+    if tls is not None:
+        return tls
+    causes = _causes(exc)
+    if any(isinstance(e, ConnectTimeoutError) for e in causes):
+        return _slow_connect(where, connect)
+    if any(isinstance(e, (ReadTimeoutError, TimeoutError)) for e in causes):
+        return _silent(read)
+    if any(isinstance(e, ProxyError) for e in causes):
+        return TransportError("connection_error", f"{_os_name(exc)} through the proxy to {where}")
+    if any(isinstance(e, http.client.RemoteDisconnected) for e in causes):
+        return TransportError("connection_error", DROPPED)
+    if any(type(e).__name__ in ("IncompleteRead", "InvalidChunkLength") for e in causes):
+        return TransportError("connection_error", "the answer was cut off")
+    return TransportError("connection_error", f"{_os_name(exc)} while exchanging with {where}")
 
 
 class ThreadedTransport:
@@ -274,18 +484,19 @@ class ThreadedTransport:
         self._client.close()
 
 
+# -- choosing ------------------------------------------------------------------------------------
+
+CLIENTS = ("aiohttp", "urllib3", "requests")
+
+
 def make_transport(kind: str, url: str, headers: Mapping[str, str], *, pool_size: int,
-                   connect_timeout: float, read_timeout: float) -> AsyncHttpTransport | ThreadedTransport:
+                   connect_timeout: float, read_timeout: float) -> Any:
+    """The transport for `limits.http_client`; raises a fatal `TransportError` for a bad header or
+    CA bundle, before any connection is made."""
     kw = dict(pool_size=pool_size, connect_timeout=connect_timeout, read_timeout=read_timeout)
-    if kind == "asyncio" and not proxy_for(url):
-        return AsyncHttpTransport(url, headers, **kw)
+    if kind in ("aiohttp", "asyncio"):  # asyncio: the deleted client's name, kept for old configs
+        return AiohttpTransport(url, headers, **kw)
+    if kind not in ("urllib3", "requests"):
+        raise ValueError(f"unknown http client {kind!r}; expected one of {', '.join(CLIENTS)}")
     client = RequestsClient(url, headers, **kw) if kind == "requests" else Urllib3Client(url, headers, **kw)
     return ThreadedTransport(client, pool_size)
-
-
-def proxy_for(url: str) -> str | None:
-    """The proxy from HTTP(S)_PROXY for this URL, honouring NO_PROXY, as requests would."""
-    host = urlsplit(url).hostname or ""
-    if host in ("127.0.0.1", "localhost", "::1") or urllib.request.proxy_bypass(host):
-        return None
-    return urllib.request.getproxies().get(urlsplit(url).scheme)

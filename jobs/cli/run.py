@@ -206,6 +206,14 @@ def execute(argv: list[str] | None = None) -> int:
     except JobFailed as exc:
         log.error("%s", exc)
         return 1
+    except Exception as exc:
+        from jobs.resolve import fatal_in
+
+        reason = fatal_in(exc)  # a task met an untrusted certificate the driver's pre-flight did not
+        if reason is None:
+            raise
+        log.error("endpoint: %s (chunks committed before it are kept; rerun to resume)", reason)
+        return 2
     print(json.dumps({"run_id": summary.run_id, "output_table": summary.output_table,
                       "pending_rows": summary.pending_rows, "by_status": summary.by_status,
                       "seconds": round(summary.seconds, 1)}))

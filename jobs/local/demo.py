@@ -1,9 +1,11 @@
 """`make demo`: the whole path on this machine, with the local stand-in endpoint.
 
 Seeds `demo.prompts` from `data/prompts.jsonl`, starts the local endpoint (on 127.0.0.1; not a real
-model), runs the batch job twice, once per config: `conf/demo.yml` (completions from a driver-proxy
-style app into `demo.completions`) and `conf/demo_embeddings.yml` (`llm/v1/embeddings` from a
-serving-style endpoint into `demo.embeddings`), and prints where the results are and how to query them.
+model), runs the batch job three times, once per config: `conf/demo.yml` (completions from a
+driver-proxy style app into `demo.completions`), `conf/demo_embeddings.yml` (`llm/v1/embeddings` from a
+serving-style endpoint into `demo.embeddings`) and `conf/demo_classify.yml` (structured output: a
+prompt template over two columns, answers checked against a JSON Schema and landed as a typed struct
+in `demo.classified`), and prints where the results are and how to query them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ SELECT id, max_by(other, cosine) AS nearest, round(max(cosine), 3) AS cosine,
        max_by(other_text, cosine) AS text
 FROM pairs GROUP BY id ORDER BY id"""
 
+# Structured output: the typed struct's fields are columns to group by, beside a kept input column.
+BY_INTENT = """
+SELECT parsed.intent AS intent, count(*) AS questions, count_if(parsed.is_question) AS phrased_as_questions,
+       round(avg(parsed.words), 1) AS avg_words, count_if(audience = 'analyst') AS from_analysts
+FROM {t} WHERE status = 'ok' GROUP BY parsed.intent ORDER BY questions DESC, intent"""
+
 
 def _free_port(preferred: int) -> int:
     for port in [preferred, *range(3000, 8001)]:
@@ -50,9 +58,11 @@ def seed_prompts(spark, table: str, source: Path) -> None:
 
 
 def configs(port: int, argv: list[str]) -> list[JobConfig]:
-    """Both demo configs, pointed at the local endpoint on `port`; `argv` overrides apply to both."""
+    """The demo configs, pointed at the local endpoint on `port`; `argv` overrides apply to each."""
     return [load_config(ROOT / "conf" / "demo.yml", [f"endpoint.port={port}", *argv]),
             load_config(ROOT / "conf" / "demo_embeddings.yml",
+                        [f"endpoint.host=http://127.0.0.1:{port}", *argv]),
+            load_config(ROOT / "conf" / "demo_classify.yml",
                         [f"endpoint.host=http://127.0.0.1:{port}", *argv])]
 
 
@@ -62,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.session import get_spark
 
     port = _free_port(load_config(ROOT / "conf" / "demo.yml").endpoint.port or 7777)
-    completions, embeddings = configs(port, list(argv or []))
+    completions, embeddings, classify = configs(port, list(argv or []))
     spark = get_spark("batch-inference-demo")
     seed_prompts(spark, completions.input.table or "demo.prompts", ROOT / "data" / "prompts.jsonl")
     with LocalEndpoint(port) as endpoint:
-        summaries = [run_job(spark, cfg) for cfg in (completions, embeddings)]
+        summaries = [run_job(spark, cfg) for cfg in (completions, embeddings, classify)]
     print()
     print(f"Local endpoint on {endpoint.url} served {len(endpoint.received)} requests "
           "(a stand-in, not a model).")
-    for cfg, summary in zip((completions, embeddings), summaries):
+    for cfg, summary in zip((completions, embeddings, classify), summaries):
         out = cfg.output.table
         location = spark.sql(f"DESCRIBE DETAIL {out}").first()["location"]
         print(f"Run {summary.run_id}: {summary.by_status} in {summary.seconds:.1f}s")
@@ -86,8 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     spark.sql(query).show(5, truncate=48)
     print("  nearest prompts by cosine similarity, in Spark SQL (see jobs/local/demo.py NEAREST):")
     spark.sql(NEAREST.format(t=embeddings.output.table)).show(truncate=48)
+    show_classified(spark, classify)
     show_runs(spark, completions)
     return 0 if all(s.errors == 0 for s in summaries) else 1
+
+
+def show_classified(spark, cfg: JobConfig) -> None:
+    """Structured output: the typed struct, and a GROUP BY over one of its fields."""
+    out = cfg.output.table
+    parsed = spark.table(out).schema["parsed"].dataType.simpleString()
+    print(f"Structured output in {out}: `parsed` is {parsed}, checked against conf/demo_classify.schema.json")
+    query = f"SELECT id, audience, prompt, parsed, status FROM {out} ORDER BY id"
+    print(f'  spark.sql("{query}").show(3)')
+    spark.sql(query).show(3, truncate=50)
+    print("  a GROUP BY over a field of the struct (see jobs/local/demo.py BY_INTENT):")
+    print("  " + "\n  ".join(BY_INTENT.format(t=out).strip().splitlines()))
+    spark.sql(BY_INTENT.format(t=out)).show(truncate=False)
 
 
 def show_runs(spark, cfg: JobConfig) -> None:

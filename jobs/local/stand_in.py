@@ -10,7 +10,10 @@ speaks what the job speaks to:
 
 The toy model answers `Answer to: <prompt>`, cut at the first stop sequence and at `max_tokens`
 words; embeddings are hashed bags of words, L2-normalised, so similar texts have similar vectors.
-Every request is recorded (`received`) and the peak of requests in flight is tracked, for tests.
+Asked for structured output (a `response_format` of type `json_schema`: at the top of the body, or
+under `params` for custom models), it answers JSON that fits the schema, made from the prompt by
+`fit` (deterministic rules, no understanding). Every request is recorded (`received`) and the peak of
+requests in flight is tracked, for tests.
 
 Example::
 
@@ -57,6 +60,87 @@ def _tokens(text: str) -> int:
     return len(text.split())
 
 
+def fit(schema: dict[str, Any], prompt: str, root: dict[str, Any] | None = None) -> Any:
+    """A value of `schema` made from `prompt` by fixed rules: an enum takes the value that appears
+    first in the prompt (as a word, any case), else one picked by a hash of the prompt; a string is
+    the toy answer; an integer the prompt's word count; a number its mean word length; a boolean
+    whether it ends with a question mark; an array of strings its capitalised words (not those that
+    start a sentence or follow a colon);
+    an object every property. Clamped to `minimum`/`maximum`, cut to `maxLength`/`maxItems`."""
+    root = root if root is not None else schema
+    if "$ref" in schema:
+        target: Any = root
+        for part in [p for p in schema["$ref"][1:].split("/") if p]:
+            target = target[part]
+        return fit(target, prompt, root)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            branch = next(b for b in schema[key] if b.get("type") != "null")
+            return fit(branch, prompt, root)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        values = [v for v in schema["enum"] if v is not None]
+        words = re.findall(r"\w+", prompt.lower())
+        found = [(words.index(str(v).lower()), i) for i, v in enumerate(values) if str(v).lower() in words]
+        return values[min(found)[1]] if found else values[_pick(prompt, len(values))]
+    kind = schema.get("type")
+    kind = next((k for k in kind if k != "null"), None) if isinstance(kind, list) else kind
+    kind = kind or ("object" if "properties" in schema else "array" if "items" in schema else "string")
+    if kind == "object":
+        props = schema.get("properties") or {}
+        if not props and isinstance(schema.get("additionalProperties"), dict):
+            return {"key": fit(schema["additionalProperties"], prompt, root)}
+        return {name: fit(sub, prompt, root) for name, sub in props.items()}
+    if kind == "array":
+        items = schema.get("items") or {}
+        if items.get("type") == "string" and "enum" not in items:
+            out: list[Any] = _names(prompt)
+        else:
+            out = [fit(items, prompt, root)]
+        out = out[: schema.get("maxItems", len(out))]
+        return out + [fit(items, prompt, root)] * max(0, schema.get("minItems", 0) - len(out))
+    if kind == "integer":
+        return _clamp(len(prompt.split()), schema)
+    if kind == "number":
+        words = prompt.split() or [""]
+        return _clamp(round(sum(len(w) for w in words) / len(words), 2), schema)
+    if kind == "boolean":
+        return prompt.rstrip().endswith("?")
+    return generate(prompt)[: schema.get("maxLength", None)]
+
+
+def _names(prompt: str) -> list[str]:
+    return [m.group() for m in re.finditer(r"\b[A-Z][\w-]*", prompt)
+            if prompt[: m.start()].rstrip()[-1:] not in ("", ".", ":", "?", "!")]
+
+
+def _pick(prompt: str, n: int) -> int:
+    return int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=4).digest(), "big") % n
+
+
+def _clamp(value: Any, schema: dict[str, Any]) -> Any:
+    low, high = schema.get("minimum"), schema.get("maximum")
+    value = max(value, low) if low is not None else value
+    return min(value, high) if high is not None else value
+
+
+def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema a request asks its answer to fit, if any (`response_format` of type json_schema)."""
+    params = body.get("params") if isinstance(body.get("params"), dict) else {}
+    rf = body.get("response_format") or params.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") == "json_schema":
+        return (rf.get("json_schema") or {}).get("schema")
+    return None
+
+
+def _say(prompt: str, schema: dict[str, Any] | None, stop: Any, max_tokens: Any) -> str:
+    """The toy model's text: JSON fitting `schema` when one is asked for (never cut: it must parse)."""
+    if schema is not None:
+        return json.dumps(fit(schema, prompt))
+    return generate(prompt, stop, max_tokens)
+
+
 @dataclass
 class Request:
     method: str
@@ -76,11 +160,12 @@ def answer(path: str, body: Any) -> tuple[int, Any]:
     """The toy model's answer for a request, as (status, JSON value)."""
     if not isinstance(body, dict):
         return 400, {"error_code": "BAD_REQUEST", "message": "body must be a JSON object"}
+    schema = _json_schema(body)
     if path.rstrip("/") == "":
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             return 400, {"error_code": "BAD_REQUEST", "message": "missing 'prompt'"}
-        return 200, generate(prompt, body.get("stop"), body.get("max_tokens"))
+        return 200, _say(prompt, schema, body.get("stop"), body.get("max_tokens"))
     if path.rstrip("/") == "/embeddings":
         return 200, embed(str(body.get("prompt", "")), int(body.get("dimensions", EMBEDDING_DIM)))
     if not re.fullmatch(r"/serving-endpoints/[^/]+/invocations", path):
@@ -94,12 +179,13 @@ def answer(path: str, body: Any) -> tuple[int, Any]:
         missing = [k for k in ("prompt", "stop") if any(k not in r for r in records)]
         if missing:
             return 400, {"error_code": "BAD_REQUEST", "message": f"Model is missing inputs {missing}."}
-        return 200, {"predictions": [generate(r["prompt"], r["stop"], params.get("max_tokens")) for r in records]}
+        return 200, {"predictions": [_say(r["prompt"], schema, r["stop"], params.get("max_tokens"))
+                                     for r in records]}
     if "inputs" in body:
         return 200, {"predictions": [embed(str(t)) for t in body["inputs"]]}
     if "messages" in body:
         user = [m.get("content", "") for m in body["messages"] if m.get("role") == "user"]
-        text = generate(user[-1] if user else "", body.get("stop"), body.get("max_tokens"))
+        text = _say(user[-1] if user else "", schema, body.get("stop"), body.get("max_tokens"))
         usage = {"prompt_tokens": sum(_tokens(m.get("content", "")) for m in body["messages"]),
                  "completion_tokens": _tokens(text)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -114,7 +200,7 @@ def answer(path: str, body: Any) -> tuple[int, Any]:
         return 200, {"object": "list", "model": "local-toy", "data": data,
                      "usage": {"prompt_tokens": n, "total_tokens": n}}
     if "prompt" in body:
-        text = generate(str(body["prompt"]), body.get("stop"), body.get("max_tokens"))
+        text = _say(str(body["prompt"]), schema, body.get("stop"), body.get("max_tokens"))
         usage = {"prompt_tokens": _tokens(str(body["prompt"])), "completion_tokens": _tokens(text)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return 200, {"id": "local", "object": "text_completion", "model": "local-toy",

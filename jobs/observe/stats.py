@@ -54,8 +54,10 @@ def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) ->
     rows = spark.read.table(table).where(F.col("run_id") == run_id)
     ok = F.col("status") == "ok"
     text = "text" if embeddings else "prompt"
+    # An error row with reported usage (`invalid_output`: the answer came, and was paid for) counts too.
     completion = (F.lit(0).cast("long") if embeddings
-                  else F.when(ok, F.coalesce("completion_tokens", _chars_to_tokens(F.length("response")))))
+                  else F.when(ok, F.coalesce("completion_tokens", _chars_to_tokens(F.length("response"))))
+                  .otherwise(F.col("completion_tokens")))
     estimated = ok & (F.col("prompt_tokens").isNull()
                       | (F.lit(False) if embeddings else F.col("completion_tokens").isNull()))
     # Every row of one request_hash carries that request's outcome, so max() just picks it.
