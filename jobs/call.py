@@ -141,8 +141,8 @@ class DriverChunk:
     Example::
 
         chunk = DriverChunk(rows_arrow, embeddings=False)
-        outcomes = engine.call_many(chunk.prompts)          # one per distinct request
-        table, counts = chunk.landed(outcomes)
+        [outcomes] = engine.map_batches([chunk.prompts])    # one per distinct request
+        table = chunk.landed(outcomes)                      # one per row, as Arrow
     """
 
     def __init__(self, rows: pa.Table, embeddings: bool, structured: bool = False) -> None:

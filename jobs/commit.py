@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
@@ -120,7 +121,7 @@ def commit_chunk(spark: SparkSession, name: str, outcomes: DataFrame, run_id: st
         (outcomes.where(~F.col("_exists")).drop("_exists").write.format("delta").mode("append")
          .option("txnAppId", run_id).option("txnVersion", chunk).saveAsTable(name))
     if any(exists and n for _, exists, n in counts):
-        view = f"_bi_merge_{run_id}_{chunk}"
+        view = re.sub(r"\W", "_", f"_bi_merge_{run_id}_{chunk}")  # a view name takes word characters only
         outcomes.where(F.col("_exists")).drop("_exists").createOrReplaceTempView(view)
         try:
             spark.sql(f"MERGE INTO {name} AS t USING {view} AS s ON t.id = s.id "
