@@ -40,6 +40,7 @@ test-random: install
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/throughput.py --whole-job
 	$(BIN)/python benchmarks/embeddings.py
 
 clean:

@@ -1,9 +1,16 @@
-"""Calling: every pending row gets its outcome columns from the endpoint, through the pandas UDF.
+"""Calling: every pending row gets its outcome columns from the endpoint.
 
-Identical requests are sent once (one `request_hash`, one call) and their answer is joined back to
-every row that asked; rows a precheck stopped get their error without a call. Kept input columns ride
-along. With structured output, each valid answer's canonical JSON becomes the typed `parsed` column.
-For embeddings, a vector whose length is not the run's becomes an error row.
+Two places call, with the same engine (`udfs.engine`) and the same rules:
+
+- executors (`with_outcomes`): the pandas UDF, one engine per task with its share of the limit;
+- driver (`DriverChunk`): the job's own process, one engine holding the whole limit, for Spark
+  Connect and serverless, whose UDFs cannot reach the internet. A chunk's rows arrive as Arrow;
+  `DriverChunk.landed` gives them back with their outcomes, as Arrow, for the commit.
+
+Identical requests are sent once (one `request_hash`, one call) and their answer goes to every row
+that asked; rows a precheck stopped get their error without a call. Kept input columns ride along.
+With structured output, each valid answer's canonical JSON becomes the typed `parsed` column
+(`with_parsed`). For embeddings, a vector whose length is not the run's becomes an error row.
 
 Example::
 
@@ -12,6 +19,10 @@ Example::
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any, Sequence
+
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 from pyspark.sql.window import Window
 
@@ -21,12 +32,13 @@ from jobs.read import Transform, column
 from jobs.structured import parsed_column, response_type
 from udfs import reasons
 from udfs.inference import PARSED_JSON, inference_udf, outcome_schema
+from udfs.outcome import Outcome
 from udfs.protocols import is_embeddings_task
 from udfs.spec import EngineSpec
 
 
 # The request columns `jobs.read` makes; any other input column is a kept one, carried to the output.
-_REQUEST_COLUMNS = ("id", "prompt", "request_hash", "precheck", "_exists")
+REQUEST_COLUMNS = ("id", "prompt", "request_hash", "precheck", "_exists")
 
 
 def with_outcomes(spec: EngineSpec, plan: TaskPlan, parsed_type: T.DataType | None = None,
@@ -60,10 +72,17 @@ def with_outcomes(spec: EngineSpec, plan: TaskPlan, parsed_type: T.DataType | No
             "*", *[_not_sent(f) for f in outcome_fields])
         out = called.unionByName(skipped.select(*called.columns)).drop("precheck")
         if structured and parsed_type is not None:
-            out = out.withColumn("parsed", parsed_column(F.col(PARSED_JSON), parsed_type))
-        carried = [c for c in df.columns if c not in _REQUEST_COLUMNS]
+            out = out.transform(with_parsed(parsed_type))
+        carried = [c for c in df.columns if c not in REQUEST_COLUMNS]
         return out.select("id", *[column(c) for c in carried], "prompt", *fields, "request_hash",
                           *[c for c in ("_exists",) if c in df.columns])
+    return step
+
+
+def with_parsed(parsed_type: T.DataType) -> Transform:
+    """`parsed` of type `parsed_type` from the engine's canonical JSON of each valid answer."""
+    def step(df: DataFrame) -> DataFrame:
+        return df.withColumn("parsed", parsed_column(F.col(PARSED_JSON), parsed_type))
     return step
 
 
@@ -119,3 +138,83 @@ def dimension_check(spark: SparkSession, table: str, run_id: str, pinned: int | 
             return df.transform(with_dimension_check(first[0]["dim"], "the length this run already wrote"))
         return df.transform(with_dimension_check(None))
     return step
+
+
+class DriverChunk:
+    """One chunk's rows on the driver: the distinct requests to send, then the rows with their outcomes.
+
+    Example::
+
+        chunk = DriverChunk(rows_arrow, embeddings=False)
+        [outcomes] = engine.map_batches([chunk.prompts])    # one per distinct request
+        table = chunk.landed(outcomes)                      # one per row, as Arrow
+    """
+
+    def __init__(self, rows: pa.Table, embeddings: bool, structured: bool = False) -> None:
+        self.rows, self.embeddings, self.structured = rows, embeddings, structured
+        hashes = rows.column("request_hash").to_pylist()
+        prompts = rows.column("prompt").to_pylist()
+        prechecks = rows.column("precheck").to_pylist()
+        self._slot: list[int | None] = []  # row -> index of its distinct request (None: not sent)
+        first: dict[str, int] = {}
+        self.prompts: list[str] = []
+        for h, p, pre in zip(hashes, prompts, prechecks):
+            if pre is not None:
+                self._slot.append(None)
+                continue
+            if h not in first:
+                first[h] = len(self.prompts)
+                self.prompts.append(p)
+            self._slot.append(first[h])
+        self.prechecks = prechecks
+
+    def landed(self, outcomes: Sequence[Outcome], dim: int | None = None, why: str = "") -> pa.Table:
+        """`id, <kept>, prompt, <outcome columns>, request_hash, _exists`: every row with its outcome, as
+        Arrow (with structured output, the canonical JSON `with_parsed` reads, as on the executors).
+
+        With `dim`, an `ok` vector of another length becomes a `dimension_mismatch` error row
+        (`with_dimension_check`'s rule, applied here because the rows are already on the driver).
+        """
+        per_row = [Outcome.failed(pre, attempts=0) if slot is None else outcomes[slot]
+                   for slot, pre in zip(self._slot, self.prechecks)]
+        if dim is not None:
+            per_row = [_checked(o, dim, why) for o in per_row]
+        columns = {f.name: pa.array([_value(o, f.name) for o in per_row], type=_arrow_type(f.dataType))
+                   for f in outcome_schema(self.embeddings, self.structured).fields}
+        r = self.rows
+        kept = {c: r.column(c) for c in r.column_names if c not in REQUEST_COLUMNS}
+        return pa.table({"id": r.column("id"), **kept, "prompt": r.column("prompt"), **columns,
+                         "request_hash": r.column("request_hash"), "_exists": r.column("_exists")})
+
+
+def common_dim(outcomes: Sequence[Outcome]) -> int | None:
+    """The most common vector length among `ok` outcomes (ties: the shorter), as `with_dimension_check`."""
+    lengths = Counter(len(o.embedding) for o in outcomes if o.status == "ok" and o.embedding is not None)
+    return max(lengths, key=lambda n: (lengths[n], -n)) if lengths else None
+
+
+def status_counts(table: pa.Table) -> list[tuple[str, bool, int]]:
+    """(status, _exists, rows) of a landed chunk, counted on the driver: no Spark job."""
+    c = Counter(zip(table.column("status").to_pylist(), table.column("_exists").to_pylist()))
+    return [(s, bool(e), n) for (s, e), n in c.items()]
+
+
+def _checked(o: Outcome, dim: int, why: str) -> Outcome:
+    if o.status != "ok" or o.embedding is None or len(o.embedding) == dim:
+        return o
+    reason = f"{reasons.DIMENSION_MISMATCH}: {len(o.embedding)} values, expected {dim} ({why})"
+    return Outcome(status="error", error=reason, http_status=o.http_status, attempts=o.attempts,
+                   latency_ms=o.latency_ms, prompt_tokens=o.prompt_tokens)
+
+
+def _value(o: Outcome, name: str) -> Any:
+    if name == "dim":
+        return len(o.embedding) if o.embedding is not None else None
+    if name == PARSED_JSON:
+        return o.parsed_json
+    return getattr(o, name)
+
+
+def _arrow_type(t: T.DataType) -> Any:
+    return {T.StringType: pa.string(), T.IntegerType: pa.int32(), T.LongType: pa.int64(),
+            T.DoubleType: pa.float64()}.get(type(t)) or pa.list_(pa.float32())

@@ -6,40 +6,45 @@ input's; `with_run_columns` stamps each row with the endpoint, the run and the t
 order. The schema grows only when the config asks: `parsed` with a response schema, the kept input
 columns with `input.keep_columns`; an existing table gains them (and a schema's new fields) in place.
 
+Delta's work is SQL (`CREATE TABLE ... USING DELTA`, `ALTER TABLE ... ADD COLUMNS`, `MERGE INTO`) and
+the DataFrame writer, never the Python `DeltaTable` API: that API needs Delta's Connect plugin on a
+Spark Connect server, while Delta's SQL extension serves SQL over Connect and classic alike (and
+Databricks everywhere). One code path for both kinds of session.
+
 Example::
 
-    table = ensure_output_table(spark, "main.gold.completions", output_schema(T.LongType(), False))
-    landing = table.toDF().schema  # what every chunk lands: the table's own columns
-    counts = commit_chunk(table, "main.gold.completions", landed, run_id, chunk=0)   # {"ok": 998, "error": 2}
+    landing = ensure_output_table(spark, "main.gold.completions", output_schema(T.LongType(), False))
+    counts = commit_chunk(spark, "main.gold.completions", landed, run_id, chunk=0)   # {"ok": 998, "error": 2}
 """
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 
 from jobs.config import JobConfig
 from jobs.errors import InputError
-from jobs.tables import ensure_schema, schema_changes
 from jobs.read import Transform, column
 from jobs.structured import response_type
+from jobs.tables import columns_ddl, ensure_schema, schema_changes
 from udfs.inference import outcome_schema
 
 
 def with_run_columns(endpoint: str, run_id: str, schema: T.StructType) -> Transform:
-    """Stamp endpoint, run and time; the final select fixes the output table's column order.
+    """Stamp endpoint, run and time; the final select fixes the output table's column order and types.
 
     A column of `schema` the rows lack (one an earlier config added: `parsed`, a kept column) is
-    null: MERGE's update-all needs every column of the table.
+    null: MERGE's update-all needs every column of the table. Each column is cast to the table's type
+    (a no-op on the executors' rows; rows that came back from the driver as Arrow may carry a looser one).
     """
     def step(df: DataFrame) -> DataFrame:
         out = df.withColumns({"endpoint": F.lit(endpoint), "run_id": F.lit(run_id),
                               "completed_at": F.current_timestamp()})
         if "text" in schema.fieldNames():
             out = out.withColumnRenamed("prompt", "text")
-        cols = [column(f.name) if f.name in out.columns else F.lit(None).cast(f.dataType).alias(f.name)
+        cols = [(column(f.name) if f.name in out.columns else F.lit(None)).cast(f.dataType).alias(f.name)
                 for f in schema.fields]
         return out.select(*cols, *[c for c in ("_exists",) if c in out.columns])
     return step
@@ -74,45 +79,56 @@ def growable_columns(schema: T.StructType, embeddings: bool) -> list[str]:
     return [n for n in schema.fieldNames() if n not in fixed]
 
 
-def ensure_output_table(spark: SparkSession, name: str, schema: T.StructType) -> DeltaTable:
-    """The output table, created if missing; an existing one gains the columns and nested fields the
-    config adds (Delta's ALTER TABLE ADD COLUMNS: old rows read null there). Any other difference
-    with `schema` is an `InputError` naming the columns. Land rows with the table's own schema
-    (`table.toDF().schema`): it may hold more than `schema`, columns and fields earlier configs added.
+def ensure_output_table(spark: SparkSession, name: str, schema: T.StructType) -> T.StructType:
+    """The output table, created if missing; returns its schema, which is what every chunk lands.
+
+    An existing table gains the columns and nested fields the config adds (Delta's ALTER TABLE ADD
+    COLUMNS: old rows read null there); it may hold more than `schema` (what earlier configs added).
+    Any other difference with `schema` is an `InputError` naming the columns.
     """
     if not spark.catalog.tableExists(name):
         ensure_schema(spark, name)
-        (DeltaTable.createIfNotExists(spark).tableName(name).addColumns(schema)
-         .comment("batch-inference outcomes: one row per input id").execute())
-    table = DeltaTable.forName(spark, name)
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {name} ({columns_ddl(schema)}) USING DELTA "
+                  "COMMENT 'batch-inference outcomes: one row per input id'")
     embeddings = "embedding" in schema.fieldNames()
-    adds, wrong = schema_changes(table.toDF().schema, schema, growable_columns(schema, embeddings))
+    adds, wrong = schema_changes(spark.table(name).schema, schema, growable_columns(schema, embeddings))
     if wrong:
         raise InputError(f"output.table {name} exists with another schema: {', '.join(wrong)}; Delta cannot "
                          "change a column's type in place: write to another output.table")
     if adds:
         spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({', '.join(adds)})")
-        table = DeltaTable.forName(spark, name)
-    return table
+    return spark.table(name).schema
 
 
-def commit_chunk(table: DeltaTable, name: str, outcomes: DataFrame, run_id: str, chunk: int) -> dict[str, int]:
+def status_counts(outcomes: DataFrame) -> list[tuple[str, bool, int]]:
+    """(status, _exists, rows) of a chunk's outcomes: one small aggregation."""
+    return [(r["status"], bool(r["_exists"]), r["count"])
+            for r in outcomes.groupBy("status", "_exists").count().collect()]
+
+
+def commit_chunk(spark: SparkSession, name: str, outcomes: DataFrame, run_id: str, chunk: int,
+                 counts: list[tuple[str, bool, int]] | None = None) -> dict[str, int]:
     """Land one chunk: append the ids new to the table, MERGE the ones it holds; counts by status.
 
     The append is idempotent per (run, chunk) through Delta's `txnAppId`/`txnVersion`; the MERGE
-    upserts by id. Either way a retried chunk or a rerun never adds a second row for an id. The
-    outcomes are materialised first: the endpoint is called here, once, and MERGE (which may read
-    its source twice) reads the checkpoint.
+    upserts by id. Either way a retried chunk or a rerun never adds a second row for an id.
+    `outcomes` must be stable (a local relation from the driver, or a staged table): the endpoint is
+    not called here, and MERGE may read its source twice. `counts` ((status, _exists, rows), known to
+    the driver in driver mode) saves the aggregation that otherwise finds them.
     """
-    materialised = outcomes.localCheckpoint(eager=True)
-    counts = materialised.groupBy("status", "_exists").count().collect()
-    if any(not r["_exists"] for r in counts):
-        (materialised.where(~F.col("_exists")).drop("_exists").write.format("delta").mode("append")
+    counts = status_counts(outcomes) if counts is None else counts
+    if any(not exists and n for _, exists, n in counts):
+        (outcomes.where(~F.col("_exists")).drop("_exists").write.format("delta").mode("append")
          .option("txnAppId", run_id).option("txnVersion", chunk).saveAsTable(name))
-    if any(r["_exists"] for r in counts):
-        (table.alias("t").merge(materialised.where(F.col("_exists")).drop("_exists").alias("s"), "t.id = s.id")
-         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+    if any(exists and n for _, exists, n in counts):
+        view = re.sub(r"\W", "_", f"_bi_merge_{run_id}_{chunk}")  # a view name takes word characters only
+        outcomes.where(F.col("_exists")).drop("_exists").createOrReplaceTempView(view)
+        try:
+            spark.sql(f"MERGE INTO {name} AS t USING {view} AS s ON t.id = s.id "
+                      "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *")
+        finally:
+            spark.catalog.dropTempView(view)
     by_status: dict[str, int] = {}
-    for r in counts:
-        by_status[r["status"]] = by_status.get(r["status"], 0) + r["count"]
+    for status, _, n in counts:
+        by_status[status] = by_status.get(status, 0) + n
     return by_status

@@ -321,7 +321,15 @@ class RetryConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    chunk_rows: int = Field(default=10_000, ge=1)
+    # Where the endpoint is called from: `executors` (the pandas UDF, classic clusters), `driver` (the
+    # job's own process: serverless and Spark Connect, whose UDFs cannot reach the internet), or
+    # `auto`: driver on Spark Connect, executors on classic Spark.
+    calls_from: Literal["auto", "executors", "driver"] = "auto"
+    # Rows per chunk; unset, chunks follow the work: a small first chunk, then `chunk_seconds` of
+    # calls at the measured rate each, at most `max_chunk_rows` (what a crash can lose is bounded).
+    chunk_rows: int | None = Field(default=None, ge=1)
+    chunk_seconds: float = Field(default=30.0, gt=0)
+    max_chunk_rows: int = Field(default=100_000, ge=1)
     # Any failed row fails the run (exit 1), after every row is written.
     fail_on_error: bool = False
     # The run fails (exit 1, after every row is written) when more than this share of the rows it sent

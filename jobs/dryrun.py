@@ -52,7 +52,8 @@ def dry_run(spark: SparkSession, cfg: JobConfig, *, run_id: str) -> RunSummary:
         (log.info if c.ok else log.error)("dry run: %s %s: %s", "ok  " if c.ok else "FAIL", c.name, c.detail)
     pending = report.pending_rows or 0
     summary = RunSummary(run_id=run_id, output_table=cfg.output.table, input_rows=report.input_rows or 0,
-                         pending_rows=pending, chunks=math.ceil(pending / cfg.run.chunk_rows),
+                         pending_rows=pending,
+                         chunks=math.ceil(pending / (cfg.run.chunk_rows or cfg.run.max_chunk_rows)),
                          seconds=time.monotonic() - started, dry_run=report)
     if not report.ok:
         failed = [c.name for c in report.checks if not c.ok]

@@ -9,6 +9,8 @@ Requests and tokens per minute are split the same way, evenly.
 When the slots cannot be read (Spark Connect without `run.task_slots`), we take `P = C` tasks of one
 request each: never above the limit, if slower than it could be.
 
+Driver mode (`run.calls_from: driver`) needs no plan: one engine in the driver holds all `C`.
+
 Example::
 
     plan = plan_tasks(max_concurrency=64, slots=8)   # 8 partitions of 8 in flight each
@@ -22,6 +24,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from jobs.session import conf_get, is_connect
 from udfs.spec import EngineSpec
 
 log = logging.getLogger("batch_inference")
@@ -57,21 +60,23 @@ def plan_tasks(max_concurrency: int, slots: int | None) -> TaskPlan:
 
 
 def task_slots(spark: Any, configured: int | None = None) -> int | None:
-    """Cores running tasks at once, read through `spark.conf` so it works on Spark Connect too."""
+    """Cores running tasks at once: from `run.task_slots`, the conf (guarded: serverless refuses keys),
+    or on classic Spark only, the SparkContext (Spark Connect has none)."""
     if configured:
         return configured
-    master = spark.conf.get("spark.master", None) or ""
+    master = conf_get(spark, "spark.master") or ""
     m = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", master)
     if m:
         n = m.group(1)
         return os.cpu_count() or 1 if n == "*" else int(n or 1)
-    for key in ("spark.default.parallelism",):
-        value = spark.conf.get(key, None)
-        if value and value.isdigit():
-            return int(value)
-    try:  # classic clusters; Spark Connect has no SparkContext
-        return int(spark.sparkContext.defaultParallelism)
-    except Exception:
-        log.warning("cannot read the cluster's task slots; set run.task_slots to use the full "
-                    "max_concurrency with fewer tasks")
-        return None
+    value = conf_get(spark, "spark.default.parallelism")
+    if value and value.isdigit():
+        return int(value)
+    if not is_connect(spark):
+        try:
+            return int(spark.sparkContext.defaultParallelism)
+        except Exception:
+            pass
+    log.warning("cannot read the cluster's task slots; set run.task_slots to use the full "
+                "max_concurrency with fewer tasks")
+    return None

@@ -130,10 +130,15 @@ def with_precheck(max_chars: int) -> Transform:
     return step
 
 
-def read_requests(spark: SparkSession, cfg: JobConfig) -> tuple[DataFrame, DataFrame]:
-    """The input, checked, and every row as a request: hashed and prechecked (no `run.limit` yet)."""
+def read_requests(spark: SparkSession, cfg: JobConfig, *, check: bool = True) -> tuple[DataFrame, DataFrame]:
+    """The input, checked, and every row as a request: hashed and prechecked (no `run.limit` yet).
+
+    `check=False` leaves the id check to the caller: the run folds it into its one counting pass
+    (`jobs.stage.survey`) and calls `check_ids` only to name the culprits.
+    """
     inputs = read_input(spark, cfg.input)
-    check_ids(inputs)
+    if check:
+        check_ids(inputs)
     requests = inputs.transform(with_request_hash(cfg.request_fingerprint())).transform(
         with_precheck(cfg.run.max_prompt_chars))
     return inputs, requests
@@ -159,12 +164,19 @@ def without_final(prior: DataFrame | None, retry_errors: bool) -> Transform:
     holds, which need a MERGE; the others can be appended.
     """
     def step(df: DataFrame) -> DataFrame:
+        return df.transform(with_pending(prior, retry_errors)).where(F.col("_pending")).drop("_pending")
+    return step
+
+
+def with_pending(prior: DataFrame | None, retry_errors: bool) -> Transform:
+    """`without_final`'s rule as two columns on every row: `_pending` (to call) and `_exists`."""
+    def step(df: DataFrame) -> DataFrame:
         if prior is None:
-            return df.withColumn("_exists", F.lit(False))
+            return df.withColumns({"_pending": F.lit(True), "_exists": F.lit(False)})
         before = prior.select("id", F.col("request_hash").alias("_hash"), F.col("status").alias("_status"))
         final = (F.col("_hash") == F.col("request_hash")) & ((F.col("_status") == "ok") | F.lit(not retry_errors))
         return (df.join(before, on="id", how="left")
-                .where(~F.coalesce(final, F.lit(False)))
-                .withColumn("_exists", F.col("_hash").isNotNull())
+                .withColumns({"_pending": ~F.coalesce(final, F.lit(False)),
+                              "_exists": F.col("_hash").isNotNull()})
                 .drop("_hash", "_status"))
     return step

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from jobs.config import ConfigError, EndpointConfig, JobConfig, LimitsConfig
 from jobs.endpoint_info import DefinitionUnavailable, EndpointInfo, read_endpoint
-from jobs.session import on_databricks
+from jobs.session import conf_get, on_databricks
 from udfs.auth import CredentialError, Credentials, OAuthM2M, SdkCredentials, Secret, bearer
 from udfs.spec import EngineSpec, RetrySpec
 from udfs.transforms import import_function
@@ -69,7 +69,7 @@ def cluster_id(e: EndpointConfig, spark: Any | None) -> str:
     if e.cluster_id:
         return e.cluster_id
     if spark is not None:
-        cid = spark.conf.get("spark.databricks.clusterUsageTags.clusterId", None)
+        cid = conf_get(spark, "spark.databricks.clusterUsageTags.clusterId")
         if cid:
             return cid
     raise ConfigError("endpoint.cluster_id: not set and not found in the Spark conf "

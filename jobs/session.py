@@ -1,13 +1,19 @@
-"""The one place a SparkSession is made.
+"""The one place a SparkSession is made, and the questions every step asks of one.
 
-On Databricks (classic, shared or serverless) the active session is reused untouched. Locally we
-build `local[*]` with Delta Lake's extension and catalog, a warehouse inside the project, and Python
-workers on this interpreter.
+On Databricks (classic, shared or serverless) the active session is reused untouched. With
+`SPARK_REMOTE=sc://host:port` (Databricks Connect, a Spark Connect server) we connect to it. Locally
+we build `local[*]` with Delta Lake's extension and catalog, a warehouse inside the project, and
+Python workers on this interpreter; `BI_CONNECT_PORT` also serves that session over Spark Connect on
+127.0.0.1 (what the test suite and `benchmarks/throughput.py --connect` use).
+
+Spark Connect (serverless, standard access, Databricks Connect) has no SparkContext and no RDDs and
+may refuse to read a conf key: `is_connect` tells the two kinds apart, `conf_get` never raises.
 
 Example::
 
-    from jobs.session import get_spark
+    from jobs.session import get_spark, is_connect
     spark = get_spark()
+    is_connect(spark)   # True on serverless: endpoint calls then come from the driver
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from pyspark.sql import SparkSession
 
@@ -55,6 +62,23 @@ def on_databricks() -> bool:
     return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 
+def is_connect(spark: Any) -> bool:
+    """A Spark Connect session (serverless, standard access, Databricks Connect, `sc://` URLs)?
+
+    By class, not by `pyspark.sql.utils.is_remote()`: that reads a process-wide variable, and the
+    test suite holds a classic and a Connect session in one process.
+    """
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def conf_get(spark: Any, key: str) -> str | None:
+    """A Spark conf value, or None when unset or refused (serverless raises for keys it does not expose)."""
+    try:
+        return spark.conf.get(key, None) or None
+    except Exception:
+        return None
+
+
 def _with_delta_jars(builder: SparkSession.Builder) -> SparkSession.Builder:
     """The cached jars (`make install` fetches them once); without them, Spark's own resolver fetches
     Delta from Maven Central at each start (cached by Ivy in ~/.ivy2)."""
@@ -65,6 +89,17 @@ def _with_delta_jars(builder: SparkSession.Builder) -> SparkSession.Builder:
     log.warning("no cached Delta jars in %s (run `make install`); resolving io.delta:%s:%s through Ivy",
                 jars_dir(), artifact, version)
     return builder.config("spark.jars.packages", f"io.delta:{artifact}:{version}")
+
+
+def _with_connect_server(builder: SparkSession.Builder, port: int) -> SparkSession.Builder:
+    """Serve this local session over Spark Connect on 127.0.0.1:`port` (pyspark's jars hold the server).
+
+    The plugin starts the server inside the session's own JVM: Connect clients then share its
+    catalog, warehouse and Delta extension. Bound to loopback like the rest of local Spark.
+    """
+    return (builder.config("spark.plugins", "org.apache.spark.sql.connect.SparkConnectPlugin")
+            .config("spark.connect.grpc.binding.address", LOOPBACK)
+            .config("spark.connect.grpc.binding.port", str(port)))
 
 
 def _local_builder(master: str, warehouse: Path, app_name: str) -> SparkSession.Builder:
@@ -94,19 +129,41 @@ def _local_builder(master: str, warehouse: Path, app_name: str) -> SparkSession.
 
 
 def get_spark(app_name: str = "batch-inference", *, master: str | None = None,
-              warehouse: str | Path | None = None) -> SparkSession:
-    """Return the active session, or build the local one (Delta Lake enabled)."""
+              warehouse: str | Path | None = None, connect_port: int | None = None) -> SparkSession:
+    """Return the active session, connect to `SPARK_REMOTE`, or build the local one (Delta Lake enabled).
+
+    `connect_port` (or `BI_CONNECT_PORT`) also serves the local session over Spark Connect.
+    """
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
     if on_databricks():
         return SparkSession.builder.getOrCreate()
+    if (os.environ.get("SPARK_REMOTE") or "").startswith("sc://"):
+        # pyspark's own builder connects to SPARK_REMOTE and switches this process to Connect columns.
+        return SparkSession.builder.getOrCreate()
     wh = Path(warehouse or os.environ.get("BI_WAREHOUSE_DIR") or Path.cwd() / "spark-warehouse").resolve()
     wh.mkdir(parents=True, exist_ok=True)
-    spark = _local_builder(master or os.environ.get("BI_SPARK_MASTER", "local[*]"), wh, app_name).getOrCreate()
+    builder = _local_builder(master or os.environ.get("BI_SPARK_MASTER", "local[*]"), wh, app_name)
+    port = connect_port or int(os.environ.get("BI_CONNECT_PORT") or 0)
+    if port:
+        builder = _with_connect_server(builder, port)
+    spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("BI_SPARK_LOG_LEVEL", "ERROR"))
     register_local_tables(spark)
     return spark
+
+
+def connect_session(url: str) -> SparkSession:
+    """A Spark Connect client session for `sc://host:port` beside a classic session in this process.
+
+    Through the Connect builder itself: pyspark's generic builder refuses a remote session in a
+    process that already holds a classic one, which the test suite does on purpose (it then switches
+    pyspark to Connect columns per test: `SPARK_CONNECT_MODE_ENABLED`).
+    """
+    from pyspark.sql.connect.session import SparkSession as ConnectSession
+
+    return ConnectSession.builder.remote(url).getOrCreate()  # type: ignore[return-value]
 
 
 def register_local_tables(spark: SparkSession) -> list[str]:
@@ -116,7 +173,7 @@ def register_local_tables(spark: SparkSession) -> list[str]:
     run being resumed, `make demo` followed by a notebook) is unknown to a new session although its
     files are there. Databricks has a real metastore and never needs this.
     """
-    wh = Path(spark.conf.get("spark.sql.warehouse.dir").removeprefix("file:"))
+    wh = Path((conf_get(spark, "spark.sql.warehouse.dir") or "spark-warehouse").removeprefix("file:"))
     found = []
     for log_dir in sorted(wh.glob("*/_delta_log")) + sorted(wh.glob("*.db/*/_delta_log")):
         table_dir = log_dir.parent

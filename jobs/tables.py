@@ -77,5 +77,10 @@ def ddl(dt: T.DataType) -> str:
     return dt.simpleString().upper()
 
 
+def columns_ddl(schema: T.StructType) -> str:
+    """`` `id` BIGINT, `prompt` STRING, ... ``: a schema as the column list of CREATE TABLE."""
+    return ", ".join(f"{_quote(f.name)} {ddl(f.dataType)}" for f in schema.fields)
+
+
 def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"

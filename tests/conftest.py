@@ -1,8 +1,16 @@
-"""Shared fixtures: one local SparkSession with Delta Lake for the whole suite, and real HTTP servers."""
+"""Shared fixtures: one session of each kind for the whole suite, and real HTTP servers.
+
+- `spark`: local classic Spark with Delta Lake. Its JVM also runs a Spark Connect server on
+  127.0.0.1 (the plugin in pyspark's own jars), with the same Delta extension, catalog and warehouse.
+- `connect`: a Spark Connect client of that server, as serverless and Databricks Connect give one.
+  pyspark builds Connect or classic columns by a process-wide switch, so the fixture turns it on for
+  the test that asks for `connect` only; such a test uses no classic DataFrame.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,16 +28,44 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("warehouse")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def spark(warehouse: Path):
+def connect_url() -> str:
+    return f"sc://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="session")
+def spark(warehouse: Path, connect_url: str):
     from jobs.session import get_spark
 
     os.environ.setdefault("BI_JARS_DIR", str(ROOT / ".cache" / "jars"))
     # Python workers import test transforms (`tests.transforms:...`) as user modules.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    session = get_spark("tests", master="local[2]", warehouse=warehouse)
+    session = get_spark("tests", master="local[2]", warehouse=warehouse,
+                        connect_port=int(connect_url.rsplit(":", 1)[1]))
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def connect_session(spark, connect_url: str):
+    from jobs.session import connect_session
+
+    session = connect_session(connect_url)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def connect(connect_session, monkeypatch: pytest.MonkeyPatch):
+    """The Spark Connect session, with pyspark's functions building Connect columns for this test."""
+    monkeypatch.setenv("SPARK_CONNECT_MODE_ENABLED", "1")
+    return connect_session
 
 
 @pytest.fixture(scope="module")

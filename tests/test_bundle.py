@@ -301,3 +301,12 @@ def test_the_console_script_runs_help_from_a_fresh_venv(wheel, tmp_path):
         assert "--conf" in out.stdout and "--limit" in out.stdout and "--dry-run" in out.stdout
     no_spark = subprocess.run([str(py), "-c", "import pyspark"], capture_output=True, timeout=60, env=env)
     assert no_spark.returncode != 0, "the fresh venv should not see pyspark"
+
+
+def test_the_serverless_job_calls_from_the_driver_on_a_current_environment():
+    """Serverless runs Spark Connect and its UDFs cannot reach the internet: the driver calls."""
+    [job] = jobs(load_bundle(include=SERVERLESS)).values()
+    assert job["performance_target"] in ("STANDARD", "PERFORMANCE_OPTIMIZED")
+    assert [int(e["spec"]["environment_version"]) for e in job["environments"]] == [5]
+    for task in job["tasks"]:
+        assert task["python_wheel_task"]["named_parameters"]["run.calls_from"] == "driver", task["task_key"]

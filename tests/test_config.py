@@ -27,7 +27,8 @@ def with_(section: str, **values):
 def test_defaults_work_out_of_the_box():
     cfg = parse_config(VALID)
     assert (cfg.limits.max_concurrency, cfg.run.chunk_rows, cfg.retry.statuses, cfg.endpoint.rows_per_request) == (
-        8, 10_000, [429, 500, 502, 503, 504], 1)
+        8, None, [429, 500, 502, 503, 504], 1)  # chunk_rows unset: chunks follow the measured rate
+    assert (cfg.run.calls_from, cfg.run.chunk_seconds, cfg.run.max_chunk_rows) == ("auto", 30.0, 100_000)
 
 
 @pytest.mark.parametrize("data, message", [

@@ -14,7 +14,6 @@ import re
 import socket
 import uuid
 
-import pytest
 import yaml
 from pyspark.sql import functions as F
 

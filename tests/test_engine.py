@@ -194,17 +194,17 @@ def test_read_timeout_retries_then_reports_timeout(ep):
 
 
 def test_connection_refused_is_retried_within_the_row_budget_as_an_endpoint_down():
-    """No connection at all is the endpoint down, not this row's luck: the task pauses and probes (0.5 s,
-    then 1 s later) and the row gives up when its budget runs out, not after `max_attempts`."""
+    """No connection at all is the endpoint down, not this row's luck: the task pauses and probes (at
+    0.5 s and 1 s) and the row gives up when its budget runs out, not after `max_attempts` (2)."""
     with LocalEndpoint() as gone:
         url = f"{gone.url}/"
     spec = EngineSpec(url=url, task="custom", endpoint_type="driver_proxy",
                       retry=RetrySpec(backoff_base_s=0.01, max_attempts=2, row_budget_s=1.2))
     with Engine(spec) as engine:
         [o] = engine.call(["x"])
-    assert (o.status, o.attempts) == ("error", 2)
+    assert (o.status, o.attempts) == ("error", 3)
     assert re.fullmatch(r"connection_error: ConnectionRefusedError connecting to 127\.0\.0\.1:\d+ "
-                        r"\(gave up after 2 attempts, 1\.\ds\)", o.error), o.error
+                        r"\(gave up after 3 attempts, 1\.\ds\)", o.error), o.error
 
 
 def test_the_breaker_fails_the_waiting_rows_fast_when_nothing_answers():

@@ -233,12 +233,12 @@ def test_a_retried_chunk_commit_adds_no_second_row(spark, table_name):
     test above goes through that path).
     """
     schema = output_schema(T.LongType(), embeddings=False)
-    table = ensure_output_table(spark, table_name, schema)
+    ensure_output_table(spark, table_name, schema)
     with_flag = T.StructType([*schema.fields, T.StructField("_exists", T.BooleanType())])
     rows = [{"id": 1, "prompt": "a", "response": "A", "status": "ok", "run_id": "r1", "_exists": False},
             {"id": 2, "prompt": "b", "error": "http_503", "status": "error", "run_id": "r1", "_exists": False}]
     chunk = spark.createDataFrame([tuple(r.get(f.name) for f in with_flag.fields) for r in rows], with_flag)
-    assert [commit_chunk(table, table_name, chunk, "r1", 0) for _ in range(2)] == [{"ok": 1, "error": 1}] * 2
+    assert [commit_chunk(spark, table_name, chunk, "r1", 0) for _ in range(2)] == [{"ok": 1, "error": 1}] * 2
     expected = spark.createDataFrame([(1, "A", "ok"), (2, None, "error")], "id long, response string, status string")
     assert_df_equality(spark.table(table_name).select("id", "response", "status"), expected, ignore_row_order=True,
                        ignore_nullable=True)

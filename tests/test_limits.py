@@ -241,7 +241,9 @@ def test_a_429_pauses_the_whole_task_then_one_probe_goes_before_the_rest():
     assert (gov.paused, gov.pauses, gov.probes) == (False, 1, 1)
 
 
-def test_refused_probes_wait_twice_as_long_each_time_up_to_the_cap_and_a_retry_after_in_full():
+def test_refused_probes_wait_half_the_time_paused_so_far_up_to_the_cap_and_a_retry_after_in_full():
+    """A probe comes at most a third late after the limit reopens: a minute's window costs about
+    fifteen probes, not one per row per retry."""
     clock = FakeClock()
     gov = governor(clock, probe_max_s=3.0)
 
@@ -249,7 +251,7 @@ def test_refused_probes_wait_twice_as_long_each_time_up_to_the_cap_and_a_retry_a
         await gov.acquire()
         gov.failed(UNAVAILABLE, False, None, "http_503: scaling from zero")
         times = []
-        for _ in range(5):
+        for _ in range(7):
             assert await gov.acquire() is True
             times.append(clock.now)
             gov.failed(UNAVAILABLE, True, None, "http_503: scaling from zero")
@@ -260,7 +262,7 @@ def test_refused_probes_wait_twice_as_long_each_time_up_to_the_cap_and_a_retry_a
         times.append(clock.now)
         return times
     times = run(go())
-    assert [round(b - a, 3) for a, b in zip([0.0] + times, times)] == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0, 7.0]
+    assert [round(b - a, 3) for a, b in zip([0.0] + times, times)] == [0.5, 0.5, 0.5, 0.75, 1.125, 1.688, 2.531, 3.0, 7.0]
 
 
 def fixed_window(limit: int, window_s: float, seconds: float, latency: float = 0.003,
@@ -372,9 +374,10 @@ def test_the_breaker_opens_when_nothing_answered_for_breaker_s_and_fails_every_w
         await asyncio.gather(*(row() for _ in range(3)))
         return outcomes
     outcomes = clock.run(go())
-    # Probes at 0.5, 1.5, 3.5, 7.5, then every 4 s: the one due at 31.5 s finds 30 s without an answer.
-    assert outcomes == ["nothing answered for 32s (last: connection_error: ConnectionRefusedError)"] * 3
-    assert (clock.now, gov.probes) == (31.5, 9)  # nine requests in 31.5 s, not one per row per retry
+    # Probes at 0.5, 1, 1.5, 2.25, 3.375, 5.06, 7.59, 11.39 (half the time paused so far), then every
+    # 4 s: the one due at 31.39 s finds 30 s without an answer.
+    assert outcomes == ["nothing answered for 31s (last: connection_error: ConnectionRefusedError)"] * 3
+    assert (round(clock.now, 2), gov.probes) == (31.39, 12)  # twelve requests in 31 s, not one per row per retry
 
 
 def test_a_half_open_task_probes_once_and_opens_at_once_if_the_probe_fails():
@@ -433,3 +436,43 @@ def test_max_tokens_are_reserved_before_sending_and_usage_replaces_the_reservati
     assert (rate.prompt_tokens, rate.completion_tokens) == (20, 30)
     rate.refund(525)  # the second was refused: it used nothing
     assert rate._tokens == pytest.approx(1000 - 3 * 525 + 51 + 475 + 525, abs=1)
+
+
+# -- first come, first served --------------------------------------------------------------------------
+
+def test_a_waiting_request_is_never_overtaken_by_a_newer_one():
+    async def scenario() -> list[str]:
+        limiter, order = AdaptiveLimiter(1, adaptive=False), []
+
+        async def request(name: str) -> None:
+            await limiter.acquire()
+            order.append(name)
+            await asyncio.sleep(0)
+            limiter.release()
+
+        await limiter.acquire()  # the slot is taken
+        waiting = asyncio.ensure_future(request("waited"))
+        await asyncio.sleep(0)  # "waited" is now queued for the slot
+        limiter.release()
+        newcomer = asyncio.ensure_future(request("newcomer"))  # arrives before "waited" resumes
+        await asyncio.gather(waiting, newcomer)
+        assert limiter.peak == 1 and limiter.inflight == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["waited", "newcomer"]
+
+
+def test_a_cancelled_waiter_passes_its_slot_on():
+    async def scenario() -> int:
+        limiter = AdaptiveLimiter(1, adaptive=False)
+        await limiter.acquire()
+        first = asyncio.ensure_future(limiter.acquire())
+        second = asyncio.ensure_future(limiter.acquire())
+        await asyncio.sleep(0)
+        limiter.release()  # hands the slot to `first`...
+        first.cancel()  # ...which is cancelled before it runs: `second` must get it
+        await asyncio.sleep(0)
+        await asyncio.wait_for(second, 1)
+        return limiter.inflight
+
+    assert asyncio.run(scenario()) == 1

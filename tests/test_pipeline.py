@@ -269,6 +269,42 @@ def test_limit_takes_pending_rows_so_consecutive_runs_walk_the_whole_table(spark
                        ignore_nullable=True)
 
 
+def test_the_next_chunk_calls_while_the_last_one_commits_and_the_limit_holds(spark, fresh_endpoint, table_name,
+                                                                            monkeypatch):
+    """Driver mode overlaps, asserted by order, not duration: requests arrive while a chunk commits.
+
+    (Executors mode commits inside each chunk's own calling job: nothing separate to overlap.)"""
+    import time
+
+    import jobs.pipeline as pipeline
+
+    commits: list[tuple[float, float]] = []
+    real = pipeline.commit_chunk
+
+    def timed(*args, **kwargs):
+        start = time.monotonic()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            commits.append((start, time.monotonic()))
+
+    monkeypatch.setattr(pipeline, "commit_chunk", timed)
+    fresh_endpoint.latency_s = 0.05
+    src = view(spark, [(i, f"overlap {i}") for i in range(60)])
+    cfg = job_config(input={"table": src}, output={"table": table_name}, endpoint=proxy(fresh_endpoint),
+                     limits={"max_concurrency": 2}, run={"calls_from": "driver", "chunk_rows": 12})
+    summary = run_job(spark, cfg)
+
+    assert summary.by_status == {"ok": 60} and summary.chunks == len(commits) >= 4
+    arrivals = [r.arrived for r in fresh_endpoint.received]
+    during = [sum(start < t < end for t in arrivals) for start, end in commits[:-1]]
+    assert any(during), (commits, arrivals)  # some chunk called while another committed
+    assert fresh_endpoint.peak_inflight <= 2  # commits never call: the job-wide limit holds
+    expected = spark.createDataFrame([(i, f"Answer to: overlap {i}") for i in range(60)], "id long, response string")
+    assert_df_equality(spark.table(table_name).select("id", "response"), expected, ignore_row_order=True,
+                       ignore_nullable=True)
+
+
 def test_null_ids_stop_the_job_before_any_call(spark, fresh_endpoint, table_name):
     """README: duplicate or null ids stop the job before any call, naming them."""
     src = view(spark, [(1, "a"), (None, "b")])
@@ -304,8 +340,9 @@ def chat_answer(content: str) -> tuple[int, dict[str, str], bytes]:
     return 200, {}, json.dumps(body).encode()
 
 
+@pytest.mark.parametrize("calls_from", ["executors", "driver"])
 def test_typed_columns_land_and_bad_answers_are_invalid_output_rows_with_the_raw_text(spark, fresh_endpoint,
-                                                                                       table_name):
+                                                                                       table_name, calls_from):
     seen: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -324,7 +361,7 @@ def test_typed_columns_land_and_bad_answers_are_invalid_output_rows_with_the_raw
     fresh_endpoint.fault = fault
     src = view(spark, [(1, "negative: broken on arrival, refund for my Kettle Pro?"), (2, "A positive note on the Lovely Mug"),
                        (3, "garbled one"), (4, "off-schema one"), (5, "flaky but negative"), (6, None)])
-    cfg = job_config(input={"table": src}, output={"table": table_name},
+    cfg = job_config(input={"table": src}, output={"table": table_name}, run={"calls_from": calls_from},
                      endpoint=chat(fresh_endpoint, response_format={"schema": REVIEW_SCHEMA, "name": "review"}))
     summary = run_job(spark, cfg)
 
@@ -398,11 +435,12 @@ REVIEW_COLUMNS = "id long, product string, body string, country string, score do
 TEMPLATE = "Classify this review of {product} ({score}): {body} {{json}}"
 
 
+@pytest.mark.parametrize("calls_from", ["executors", "driver"])
 def test_a_template_fills_from_several_columns_and_kept_columns_land_beside_the_outcome(spark, fresh_endpoint,
-                                                                                         table_name):
+                                                                                         table_name, calls_from):
     src = view(spark, REVIEWS, REVIEW_COLUMNS)
     cfg = job_config(input={"table": src, "template": TEMPLATE, "keep_columns": ["country", "product"]},
-                     output={"table": table_name}, endpoint=proxy(fresh_endpoint))
+                     output={"table": table_name}, endpoint=proxy(fresh_endpoint), run={"calls_from": calls_from})
     run_job(spark, cfg)
 
     kettle = "Classify this review of Kettle (4.5): It leaks. {json}"

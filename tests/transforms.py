@@ -15,3 +15,6 @@ def shout(answer: Any) -> str:
 
 def explode(body: dict[str, Any]) -> dict[str, Any]:
     raise ValueError("this transform always fails")
+
+
+NOT_CALLABLE = "a module attribute that is not a function"

@@ -49,10 +49,11 @@ class Governor:
       stayed closed (a probe was refused), the requests answered since the cycle began, over the time
       until it reopened (the middle of the last refused probe and the answered one), is the rate the
       endpoint sustains, its window's pause included; if the first probe got through and the task was
-      paced, the paced rate met the limit as a window turned. The task resumes paced at `decrease`
-      (0.9) times that rate, never less than half the rate it had, climbs back to it within a quarter
-      of a cycle, then adds `increase` (5%) of it per cycle: the cycle is the limit's own window, so
-      the step is as gentle for a minute's window as for a second's. Under a fixed window the task
+      paced, the paced rate met the limit as a window turned, and what the last window let through
+      is the limit's rate. The task resumes paced at `decrease` (0.9) times that rate, never less than
+      half the rate it had, climbs back to `settle` (0.95) of it within a quarter of a window, then
+      adds `increase` (2%) of it per window: the window is the limit's own (measured when one stayed
+      closed), so the step is as gentle for a minute's window as for a second's. Under a fixed window the task
       settles just under the window's rate instead of bursting into it every window. Until the first
       such 429 the task is unpaced, unless a starting `rate` is known (the endpoint's AI Gateway limits,
       `limits.requests_per_minute`); `ceiling` (requests/s) is never exceeded. A 429 whose first probe
@@ -108,6 +109,7 @@ class Governor:
         # The cycle the rate is measured over, and pacing.
         self._cycle_start: float | None = None
         self._cycle_answers = 0
+        self._recent: deque[float] = deque()  # answer times over the last window (`_cycle_len`)
         self._measured: float | None = None
         self._base = self.rate  # the rate set at the last decrease
         self._cycle_len = 60.0  # the last cycle's length; AI Gateway's windows are a minute until measured
@@ -163,6 +165,9 @@ class Governor:
         if probe and self.paused:
             self._resume(now)
         self._cycle_answers += 1
+        self._recent.append(now)
+        while self._recent and self._recent[0] < now - self._cycle_len:
+            self._recent.popleft()
         if self.learn and self.rate and not self.paused:
             self._add(now)
 
@@ -220,10 +225,14 @@ class Governor:
                     self.rate = min(self.rate, self.ceiling)
                 self._measured, self._slow_start = None, True
             elif self.rate:
-                # Refused, then open again at the first probe: the paced rate met the limit as a window
-                # turned. (Unpaced, such a 429 is about concurrency, which `AdaptiveLimiter` halves.)
-                self._cycle_len = max(self._paused_at - self._cycle_start, 1.0)
-                measured = min(self.rate, self._cycle_answers / self._cycle_len) if self._cycle_answers else self.rate
+                # Refused, then open again at the first probe: the pace met the limit as a window turned.
+                # What the last window let through is the limit's rate (the pace, unless the task sent
+                # less than it allowed); the cycle, many windows long, says nothing of the window's
+                # length. (Unpaced, such a 429 is about concurrency, which `AdaptiveLimiter` halves.)
+                start = self._paused_at - self._cycle_len
+                recent = sum(1 for t in self._recent if start <= t <= self._paused_at)
+                span = min(self._cycle_len, self._paused_at - self._cycle_start)
+                measured = min(self.rate, recent / span) if span >= 1.0 else self.rate
             if measured is not None:
                 new = measured * self.decrease
                 if self.rate:
@@ -321,23 +330,37 @@ class AdaptiveLimiter:
         self._last_cut = -math.inf
 
     async def acquire(self) -> None:
-        while self.inflight >= max(1, int(self.limit)):
+        """A slot, first come first served: a request that waited is never overtaken by a newer one.
+
+        `release` hands its slot straight to the oldest waiter. Were the woken waiter to compete again,
+        a newcomer could take the slot first, again and again: one request of an early batch could
+        then wait behind whole later batches, and the batch, handed back in order, with it.
+        """
+        if self.inflight < max(1, int(self.limit)) and not self._waiters:
+            self.inflight += 1
+        else:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            await waiter
-        self.inflight += 1
+            try:
+                await waiter  # on wake-up the slot is ours: `release` counted it
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._hand_over(self.inflight - 1)  # given a slot while being cancelled: pass it on
+                raise
         self.peak = max(self.peak, self.inflight)
 
     def release(self, *, overloaded: bool = False, latency: float | None = None) -> None:
-        self.inflight -= 1
         if self.adaptive:
             self._adapt(overloaded, latency)
-        free = max(1, int(self.limit)) - self.inflight
-        while free > 0 and self._waiters:
+        self._hand_over(self.inflight - 1)
+
+    def _hand_over(self, inflight: int) -> None:
+        self.inflight = inflight
+        while self.inflight < max(1, int(self.limit)) and self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self.inflight += 1
                 waiter.set_result(None)
-                free -= 1
 
     def _adapt(self, overloaded: bool, latency: float | None) -> None:
         slow = False

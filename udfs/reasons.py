@@ -35,6 +35,11 @@ TRANSFORM_OUTPUT_FAILED = "transform_output_failed"
 # A bug of ours: the row fails, the batch does not.
 INTERNAL_ERROR = "internal_error"
 
+# Configuration errors that stop the run at the first request instead of landing on rows: the same
+# for every row, so no retry or rerun could fix them (`udfs.transport.FATAL_KINDS`).
+TLS_ERROR = "tls_error"
+INVALID_HEADER = "invalid_header"
+
 MEANING: dict[str, str] = {
     EMPTY_PROMPT: "the prompt is null, empty or only whitespace; never sent",
     PROMPT_TOO_LONG: "the prompt is longer than `run.max_prompt_chars`; never sent",

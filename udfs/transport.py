@@ -50,10 +50,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
+from udfs import reasons
 from udfs.loopback import is_loopback
 
 # Kinds that no retry can fix: the run stops at the first one (see `udfs.engine`).
-FATAL_KINDS = frozenset({"tls_error", "invalid_header"})
+FATAL_KINDS = frozenset({reasons.TLS_ERROR, reasons.INVALID_HEADER})
 # Idle connections are closed after this many seconds: below the shortest common server keep-alive
 # (uvicorn and Node close at 5 s), so a pooled connection is ours to close, not found dead by a write.
 KEEPALIVE_S = 3.0
@@ -102,7 +103,7 @@ def check_headers(headers: Mapping[str, str]) -> None:
     for name, value in headers.items():
         problem = header_problem(name, value)
         if problem:
-            raise TransportError("invalid_header", problem)
+            raise TransportError(reasons.INVALID_HEADER, problem)
 
 
 def ssl_context() -> ssl.SSLContext:
@@ -120,7 +121,7 @@ def ssl_context() -> ssl.SSLContext:
                     return ssl.create_default_context(capath=bundle)
                 return ssl.create_default_context(cafile=bundle)
             except (OSError, ssl.SSLError) as exc:
-                raise TransportError("tls_error", f"{var}={bundle}: cannot load CA bundle "
+                raise TransportError(reasons.TLS_ERROR, f"{var}={bundle}: cannot load CA bundle "
                                                   f"({type(exc).__name__})") from None
     ctx = ssl.create_default_context()
     if not (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")):
@@ -165,13 +166,13 @@ def tls_problem(exc: BaseException) -> TransportError | None:
     for e in _causes(exc):
         if isinstance(e, ssl.SSLCertVerificationError):
             why = getattr(e, "verify_message", None) or getattr(e, "reason", None) or "verify failed"
-            return TransportError("tls_error",
+            return TransportError(reasons.TLS_ERROR,
                                   f"the server's TLS certificate is not trusted ({why}); {CA_HINT}")
         if isinstance(e, ssl.CertificateError):
-            return TransportError("tls_error",
+            return TransportError(reasons.TLS_ERROR,
                                   f"the server's TLS certificate does not match the host; {CA_HINT}")
         if isinstance(e, ssl.SSLError) and e.reason in _TLS_CONFIG_REASONS:
-            return TransportError("tls_error", f"TLS handshake failed ({e.reason}); is the URL's "
+            return TransportError(reasons.TLS_ERROR, f"TLS handshake failed ({e.reason}); is the URL's "
                                                "scheme right (https on a plain HTTP port), and the "
                                                "server's TLS set-up?")
     return None
@@ -185,19 +186,19 @@ def _os_name(exc: BaseException) -> str:
 
 # The same words for the same failure, whichever client met it.
 def _slow_connect(where: str, seconds: float) -> TransportError:
-    return TransportError("timeout", f"connect to {where} took over {seconds:g}s", unreachable=True)
+    return TransportError(reasons.TIMEOUT, f"connect to {where} took over {seconds:g}s", unreachable=True)
 
 
 def _no_connection(exc: BaseException, where: str) -> TransportError:
-    return TransportError("connection_error", f"{_os_name(exc)} connecting to {where}", unreachable=True)
+    return TransportError(reasons.CONNECTION_ERROR, f"{_os_name(exc)} connecting to {where}", unreachable=True)
 
 
 def _silent(read: float) -> TransportError:
-    return TransportError("timeout", f"no answer within read_timeout_s={read:g}")
+    return TransportError(reasons.TIMEOUT, f"no answer within read_timeout_s={read:g}")
 
 
 def _too_long(whole: float) -> TransportError:
-    return TransportError("timeout",
+    return TransportError(reasons.TIMEOUT,
                           f"answer not complete within connect_timeout_s + read_timeout_s = {whole:g}s")
 
 
@@ -309,18 +310,18 @@ class AiohttpTransport:
         except asyncio.TimeoutError:
             raise _too_long(self._connect_timeout + self._read_timeout) from None
         except aiohttp.ClientHttpProxyError as exc:
-            raise TransportError("connection_error",
+            raise TransportError(reasons.CONNECTION_ERROR,
                                  f"the proxy refused the tunnel (HTTP {exc.status})") from None
         except aiohttp.ClientConnectorError as exc:
             raise tls_problem(exc) or _no_connection(exc, self._where) from None
         except aiohttp.ServerDisconnectedError:
-            raise TransportError("connection_error", DROPPED) from None
+            raise TransportError(reasons.CONNECTION_ERROR, DROPPED) from None
         except aiohttp.ClientPayloadError:
-            raise TransportError("connection_error", "the answer was cut off") from None
+            raise TransportError(reasons.CONNECTION_ERROR, "the answer was cut off") from None
         except aiohttp.ClientResponseError:
-            raise TransportError("connection_error", "the answer is not valid HTTP") from None
+            raise TransportError(reasons.CONNECTION_ERROR, "the answer is not valid HTTP") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise TransportError("connection_error",
+            raise TransportError(reasons.CONNECTION_ERROR,
                                  f"{_os_name(exc)} while exchanging with {self._where}") from None
 
     async def aclose(self) -> None:
@@ -349,7 +350,7 @@ def _finish(resp: Any, deadline: float, whole: float) -> bytes:
         if 100 <= resp.status < 200:
             # http.client skips 100 Continue only: after a 102 or 103 the real answer is still on the
             # wire, and the next request on this connection would read it as its own.
-            raise TransportError("connection_error",
+            raise TransportError(reasons.CONNECTION_ERROR,
                                  f"the server sent an interim answer ({resp.status}) that this client "
                                  "cannot skip; use limits.http_client: aiohttp")
         data = _read_within(resp, deadline, whole)
@@ -481,12 +482,12 @@ def _threaded_error(exc: BaseException, where: str, connect: float, read: float)
     if any(isinstance(e, (ReadTimeoutError, TimeoutError)) for e in causes):
         return _silent(read)
     if any(isinstance(e, ProxyError) for e in causes):
-        return TransportError("connection_error", f"{_os_name(exc)} through the proxy to {where}")
+        return TransportError(reasons.CONNECTION_ERROR, f"{_os_name(exc)} through the proxy to {where}")
     if any(isinstance(e, http.client.RemoteDisconnected) for e in causes):
-        return TransportError("connection_error", DROPPED)
+        return TransportError(reasons.CONNECTION_ERROR, DROPPED)
     if any(type(e).__name__ in ("IncompleteRead", "InvalidChunkLength") for e in causes):
-        return TransportError("connection_error", "the answer was cut off")
-    return TransportError("connection_error", f"{_os_name(exc)} while exchanging with {where}")
+        return TransportError(reasons.CONNECTION_ERROR, "the answer was cut off")
+    return TransportError(reasons.CONNECTION_ERROR, f"{_os_name(exc)} while exchanging with {where}")
 
 
 class ThreadedTransport:

@@ -21,6 +21,7 @@ from jobs.tables import ensure_schema
 from jobs.config import JobConfig
 from jobs.errors import brief
 from jobs.observe.stats import RunStats, estimate_cost
+from jobs.session import conf_get
 from jobs.summary import RunSummary
 
 log = logging.getLogger("batch_inference")
@@ -44,10 +45,7 @@ def databricks_ids(spark: SparkSession) -> dict[str, str | None]:
 
 
 def _conf(spark: SparkSession, key: str) -> str | None:
-    try:
-        return spark.conf.get(key, None) or None
-    except Exception:  # Spark Connect may refuse to read some keys: the id is then unknown
-        return None
+    return conf_get(spark, key)  # Spark Connect may refuse to read some keys: the id is then unknown
 
 
 RUNS_SCHEMA = T.StructType([
