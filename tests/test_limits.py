@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import time
 
 import pytest
 
 from jobs.plan import plan_tasks
-from udfs.limits import (OVERLOAD, TRANSIENT, UNAVAILABLE, AdaptiveLimiter, EndpointUnavailable, Governor,
-                         OutOfTime, RateLimiter)
+from udfs.limits import (LEARNED_TTL_S, OVERLOAD, TRANSIENT, UNAVAILABLE, AdaptiveLimiter, EndpointUnavailable,
+                         Governor, Learned, OutOfTime, RateLimiter, recall, remember)
 from udfs.spec import EngineSpec
 
 
@@ -265,11 +266,13 @@ def test_refused_probes_wait_half_the_time_paused_so_far_up_to_the_cap_and_a_ret
     assert [round(b - a, 3) for a, b in zip([0.0] + times, times)] == [0.5, 0.5, 0.5, 0.75, 1.125, 1.688, 2.531, 3.0, 7.0]
 
 
-def fixed_window(limit: int, window_s: float, seconds: float, latency: float = 0.003,
+def fixed_window(limit: int, window_s: float, seconds: float, latency: float = 0.003, start: Learned | None = None,
                  **kw) -> tuple[Governor, list[tuple[float, bool]]]:
     """One sender against a fixed window of `limit` requests per `window_s`, no Retry-After."""
     clock = FakeClock()
     gov = governor(clock, **kw)
+    if start is not None:
+        gov.start_from(start)
     served: dict[int, int] = {}
     log: list[tuple[float, bool]] = []
 
@@ -307,6 +310,31 @@ def test_without_learning_every_window_is_burst_into():
     assert fixed.rate is None and fixed.pauses == 30
     assert learned.pauses < fixed.pauses
     assert sum(not ok for _, ok in log) < sum(not ok for _, ok in fixed_log) / 3
+
+
+def test_the_next_task_starts_at_the_pace_the_last_one_learned():
+    """Executors mode: each chunk is a new task with a new governor. Started from what the last task
+    learned, its first windows are neither burst into nor learned again."""
+    first, _ = fixed_window(60, 10.0, 300.0)
+    learned = first.learned()
+    assert learned is not None and 0.85 * 6 <= learned.rate <= 1.15 * 6  # 60 per 10 s
+    _, cold = fixed_window(60, 10.0, 40.0)
+    _, warm = fixed_window(60, 10.0, 40.0, start=learned)
+    refused = lambda log: sum(not ok for _, ok in log)  # noqa: E731
+    answered = lambda log: sum(ok for _, ok in log)  # noqa: E731
+    assert refused(warm) <= 1 < refused(cold)
+    assert answered(warm) >= 0.85 * 4 * 60
+
+
+def test_what_was_learned_is_recalled_per_endpoint_and_share_for_a_while():
+    first, _ = fixed_window(60, 10.0, 100.0)
+    remember(("http://e/", 4, None), first)
+    now = time.monotonic()
+    got = recall(("http://e/", 4, None), now)
+    assert got is not None and (got.rate, got.measured) == (first.rate, first._measured)
+    assert recall(("http://e/", 2, None), now) is None  # another share of the limit
+    assert recall(("http://e/", 4, None), now + LEARNED_TTL_S + 1) is None  # stale
+    assert governor(FakeClock(), learn=True).learned() is None  # nothing learned, nothing to hand on
 
 
 def test_the_rate_is_cut_at_most_by_half_per_pause_and_never_above_the_ceiling():

@@ -18,10 +18,41 @@ import math
 import random
 import time
 from collections import deque
-from typing import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Hashable
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What a governor learned of a rate limit: the pace, the rate measured, the window's length."""
+    rate: float
+    measured: float | None
+    window_s: float
+    at: float  # time.monotonic() when it was learned
+
+
+# What the last task of each endpoint (and share of the limit) in this process learned. In executors
+# mode each chunk is a new Spark job, so a new task and a new governor; Python workers are reused
+# across tasks, so the next chunk's task starts at the pace the last one settled at instead of
+# bursting into a window the last chunk may already have used up, and learning it all again.
+_LEARNED: dict[Hashable, Learned] = {}
+LEARNED_TTL_S = 600.0
+
+
+def remember(key: Hashable, governor: Governor) -> None:
+    learned = governor.learned()
+    if learned is not None:
+        _LEARNED[key] = learned
+
+
+def recall(key: Hashable, now: float | None = None) -> Learned | None:
+    """What a governor of `key` learned in this process within `LEARNED_TTL_S`, if anything."""
+    learned = _LEARNED.get(key)
+    now = time.monotonic() if now is None else now
+    return learned if learned is not None and now - learned.at <= LEARNED_TTL_S else None
 
 
 class EndpointUnavailable(Exception):
@@ -113,11 +144,23 @@ class Governor:
         self._measured: float | None = None
         self._base = self.rate  # the rate set at the last decrease
         self._cycle_len = 60.0  # the last cycle's length; AI Gateway's windows are a minute until measured
-        self._slow_start = False  # paced without a measurement: doubling every quarter cycle
         self._last_increase = now
         self._next = -math.inf
         self._waiters: list[asyncio.Future[None]] = []
         self.pauses = self.probes = self.decreases = 0
+
+    # -- what is learned, to hand on ---------------------------------------------------------------
+
+    def learned(self) -> Learned | None:
+        """The learned pace, if this governor learned one (a 429 cycle measured it)."""
+        if not (self.learn and self.rate and self._measured):
+            return None
+        return Learned(self.rate, self._measured, self._cycle_len, time.monotonic())
+
+    def start_from(self, learned: Learned) -> None:
+        """Start at the pace an earlier governor of the same endpoint and share settled at."""
+        self.rate = self._base = min(learned.rate, self.ceiling) if self.ceiling else learned.rate
+        self._measured, self._cycle_len = learned.measured, learned.window_s
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -215,17 +258,15 @@ class Governor:
                 # shorter cycle is a limit on requests in flight seen twice.)
                 self._cycle_len = reopened - self._cycle_start
                 measured = self._cycle_answers / self._cycle_len
-            elif closed:
-                # A window that stayed closed, but other tasks had it: too few answers to measure. Rather
-                # than burst into the next one, start slow (what it got, one a window at least) and
-                # double every quarter of a window until a 429 measures the rate.
+            elif closed and not self.rate:
+                # A window that stayed closed, but other tasks had it: too few answers to measure. The
+                # task stays unpaced; the next window it takes its part and measures it. (A guessed
+                # slow pace would starve it for windows on end; already paced, the task keeps its pace
+                # and cuts it as below: at most by half.)
                 self._cycle_len = reopened - self._cycle_start
-                self.rate = self._base = max(1, self._cycle_answers) / self._cycle_len
-                if self.ceiling:
-                    self.rate = min(self.rate, self.ceiling)
-                self._measured, self._slow_start = None, True
             elif self.rate:
-                # Refused, then open again at the first probe: the pace met the limit as a window turned.
+                # Refused, then open again at the first probe (or a closed window gave this task too few
+                # answers to measure): the pace met the limit as a window turned.
                 # What the last window let through is the limit's rate (the pace, unless the task sent
                 # less than it allowed); the cycle, many windows long, says nothing of the window's
                 # length. (Unpaced, such a 429 is about concurrency, which `AdaptiveLimiter` halves.)
@@ -239,7 +280,6 @@ class Governor:
                     new = max(new, self.rate * 0.5)  # at most a halving per pause
                 self.rate = self._base = min(new, self.ceiling) if self.ceiling else new
                 self._measured = max(measured, self.rate)
-                self._slow_start = False
                 self.decreases += 1
         self._first_probe = (max(0.05, self._first_probe / 2) if self._probes_refused == 0
                              else self.probe_first_s)
@@ -250,21 +290,25 @@ class Governor:
         self._wake()
 
     def _add(self, now: float) -> None:
-        """Additive increase, in the time of the limit's own window (the last cycle's length): back to
-        the measured rate within a quarter of a cycle, then `increase` of it more per cycle; in slow
-        start, twice the rate every quarter of a cycle."""
+        """Increase, in the time of the limit's own window (the last cycle's length): back to `settle`
+        of the measured rate within a quarter of a window, then `increase` of it more per window,
+        doubling for each window without a 429."""
         assert self.rate
         dt = now - self._last_increase
         self._last_increase = now
         measured = self._measured or self.rate
         target = self.settle * measured
-        if self._slow_start:
-            self.rate *= 2.0 ** (dt / (self._cycle_len / 4))
-        elif self.rate < target:
+        dt = min(dt, self._cycle_len)  # a task that sent nothing for a while learned nothing meanwhile
+        if self.rate < target:
             step = (target - (self._base or self.rate)) * dt / (self._cycle_len / 4)
             self.rate = min(target, self.rate + max(step, 0.0))
         else:
-            self.rate = self.rate + self.increase * measured * dt / self._cycle_len
+            # Twice the step for each whole window without a 429 (at most 8 times): near the limit
+            # the steps stay small, and a share another task left (its rows done) is taken back in
+            # a few windows, not dozens.
+            windows = (now - self._cycle_start) / self._cycle_len if self._cycle_start is not None else 0.0
+            growth = 2.0 ** min(3, int(windows))
+            self.rate = self.rate + growth * self.increase * max(measured, self.rate) * dt / self._cycle_len
         if self.ceiling:
             self.rate = min(self.rate, self.ceiling)
 
