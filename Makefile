@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/throughput.py --whole-job
 	$(BIN)/python benchmarks/embeddings.py
+	$(BIN)/python benchmarks/ratelimit.py
 
 clean:
 	rm -rf spark-warehouse mlruns .pytest_cache

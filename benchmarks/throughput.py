@@ -64,12 +64,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, latency_ms: float, per_text_ms: float = 0.2) -> None:
+    def __init__(self, latency_ms: float, per_text_ms: float = 0.2, *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "server.py"), "--port",
                                       str(self.port), "--latency-ms", str(latency_ms),
-                                      "--per-text-ms", str(per_text_ms)])
+                                      "--per-text-ms", str(per_text_ms), *extra])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

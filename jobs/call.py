@@ -26,6 +26,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 from pyspark.sql.window import Window
 
+from jobs.endpoint_health import EndpointHealth
 from jobs.plan import TaskPlan
 from jobs.read import Transform, column
 from jobs.structured import parsed_column, response_type
@@ -40,21 +41,25 @@ from udfs.spec import EngineSpec
 REQUEST_COLUMNS = ("id", "prompt", "request_hash", "precheck", "_exists")
 
 
-def with_outcomes(spec: EngineSpec, plan: TaskPlan, parsed_type: T.DataType | None = None) -> Transform:
+def with_outcomes(spec: EngineSpec, plan: TaskPlan, parsed_type: T.DataType | None = None,
+                  health: EndpointHealth | None = None) -> Transform:
     """Call the endpoint once per distinct request; every row gets its outcome columns.
 
     With a response schema, `parsed` is read with `parsed_type` (the output table's type of it, which
-    may hold fields of earlier schemas), by default the schema's own.
+    may hold fields of earlier schemas), by default the schema's own. The UDF is built anew for each
+    chunk (each call of the step), from `health.for_chunk(spec)`: the credentials as they are when the
+    chunk starts, and half-open tasks if the endpoint was down in an earlier chunk.
     """
     embeddings = is_embeddings_task(spec.task)
     structured = spec.response_schema is not None
     if structured and parsed_type is None:
         parsed_type = response_type(spec.response_schema or {})
-    udf = inference_udf(plan.per_task_spec(spec), plan.per_task)
+    health = health or EndpointHealth()
     outcome_fields = outcome_schema(embeddings, structured).fields
     fields = [f.name for f in outcome_fields if f.name != PARSED_JSON] + (["parsed"] if structured else [])
 
     def step(df: DataFrame) -> DataFrame:
+        udf = inference_udf(plan.per_task_spec(health.for_chunk(spec)), plan.per_task)
         to_call = df.where(F.col("precheck").isNull())
         answered = (
             to_call.select("request_hash", "prompt")

@@ -208,6 +208,10 @@ class EndpointConfig(_Strict):
     price_per_1k_completion_tokens: float | None = Field(default=None, ge=0)
     # Structured output: the answers' JSON Schema, sent with the request and checked on the answer.
     response_format: ResponseFormatConfig | None = None
+    # Read the serving endpoint's definition from the workspace (AI Gateway rate limits, route
+    # optimization, state) before the run: unset, for serving endpoints reached through the workspace
+    # (no `url`); false never; true also fails the run if it cannot be read.
+    read_definition: bool | None = None
 
     @field_validator("transform_input", "transform_output")
     @classmethod
@@ -306,8 +310,12 @@ class RetryConfig(_Strict):
     max_attempts: int = Field(default=6, ge=1, le=100)
     backoff_base_s: float = Field(default=0.5, ge=0)
     backoff_max_s: float = Field(default=30.0, ge=0)
-    # Total time one row may spend across attempts and waits before it becomes an error row.
+    # Total time one row may spend across attempts and waits before it becomes an error row; what
+    # bounds the retries of 429 and 503 (a one-minute window, a five-minute cold start).
     row_budget_s: float = Field(default=600.0, gt=0)
+    # The breaker: when nothing has answered for this long, the rest of the chunk fails fast as
+    # `endpoint_unavailable`, and later chunks probe once before sending.
+    breaker_s: float = Field(default=480.0, gt=0)
     # Structured output: times an answer that breaks `endpoint.response_format` is asked for again.
     invalid_output_attempts: int = Field(default=1, ge=0, le=10)
 
@@ -322,7 +330,11 @@ class RunConfig(_Strict):
     chunk_rows: int | None = Field(default=None, ge=1)
     chunk_seconds: float = Field(default=30.0, gt=0)
     max_chunk_rows: int = Field(default=100_000, ge=1)
+    # Any failed row fails the run (exit 1), after every row is written.
     fail_on_error: bool = False
+    # The run fails (exit 1, after every row is written) when more than this share of the rows it sent
+    # failed: an endpoint down for the whole run must not show green. 1 never fails on errors.
+    max_error_share: float = Field(default=0.5, ge=0, le=1)
     retry_errors: bool = True
     max_prompt_chars: int = Field(default=200_000, ge=1)
     limit: int | None = Field(default=None, ge=1)

@@ -41,7 +41,8 @@ from jobs.call import DriverChunk, common_dim, status_counts, with_dimension_che
 from jobs.commit import commit_chunk, ensure_output_table, table_schema, with_run_columns
 from jobs.config import JobConfig
 from jobs.dryrun import dry_run
-from jobs.errors import InputError, JobFailed
+from jobs.endpoint_health import EndpointHealth
+from jobs.errors import InputError
 from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
 from jobs.plan import plan_tasks, task_slots
@@ -51,6 +52,7 @@ from jobs.session import is_connect
 from jobs.stage import (Chunk, ChunkPlanner, Survey, drop_stale_scratch, histogram, pending_rows,
                         scratch_table, stage_pending, survey)
 from jobs.summary import RunSummary
+from jobs.verdict import judge
 from udfs.engine import Engine
 from udfs.spec import EngineSpec
 
@@ -125,9 +127,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     log.info("run %s finished in %.1fs: %s", run_id, summary.seconds,
              ", ".join(f"{s}={n}" for s, n in sorted(summary.by_status.items())) or "nothing to do")
     summary.stats = finish_run(spark, cfg, summary, progress.timeline, started_at)
-    if cfg.run.fail_on_error and summary.errors:
-        raise JobFailed(f"{summary.errors} row(s) failed in run {run_id}; see {cfg.output.table} "
-                        "WHERE status != 'ok' (run.fail_on_error is set)")
+    judge(spark, cfg, summary)  # after every row is committed: fail_on_error, max_error_share
     return summary
 
 
@@ -165,6 +165,7 @@ class _Run:
         self.dim_why = "endpoint.embedding_dim"
         self.called_rows, self.calling_s = 0, 0.0
         self.latency_s: float | None = None
+        self.health = EndpointHealth()  # executors: the breaker's report across chunks
 
     # -- shared -------------------------------------------------------------------------------------
 
@@ -200,7 +201,12 @@ class _Run:
     # -- driver ---------------------------------------------------------------------------------------
 
     def from_driver(self) -> None:
-        """One engine in this process, `C` in flight across chunks; rows come and go as Arrow."""
+        """One engine in this process, `C` in flight across chunks; rows come and go as Arrow.
+
+        Its governor spans the run: once its breaker opens (nothing answered for `retry.breaker_s`),
+        every row left fails fast as `endpoint_unavailable`, and a rerun sends them again. Refreshable
+        credentials refresh themselves in this process.
+        """
         c = self.cfg.limits.max_concurrency
         fetched: queue.Queue = queue.Queue(maxsize=1)  # the next chunk's rows, read while this one calls
         stop = threading.Event()
@@ -285,7 +291,7 @@ class _Run:
         plan = plan_tasks(self.cfg.limits.max_concurrency, task_slots(self.spark, self.cfg.run.task_slots))
         log.info("executors: %d task(s) x %s in flight", plan.partitions,
                  "/".join(map(str, sorted(set(plan.per_task)))))
-        outcomes = with_outcomes(self.spec, plan, self.parsed_type)
+        outcomes = with_outcomes(self.spec, plan, self.parsed_type, self.health)
         out = self.cfg.output.table
         while (chunk := self.next_chunk()) is not None:
             t0 = time.monotonic()
@@ -303,6 +309,7 @@ class _Run:
             self.calling_s += time.monotonic() - t0
             log.debug("chunk %d: %d rows called and committed in %.1fs", chunk.index + 1, chunk.rows,
                       time.monotonic() - t0)
+            self.health.after_chunk(self.spark, out, self.run_id, chunk.index, counts)
             self.committed(counts)
 
     def _dims_step(self) -> Callable[[DataFrame], DataFrame]:

@@ -43,6 +43,7 @@ class TaskPlan:
             spec,
             requests_per_s=spec.requests_per_s / p if spec.requests_per_s else None,
             tokens_per_s=spec.tokens_per_s / p if spec.tokens_per_s else None,
+            start_requests_per_s=spec.start_requests_per_s / p if spec.start_requests_per_s else None,
         )
 
 

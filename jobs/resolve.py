@@ -2,9 +2,16 @@
 
 Runs on the driver. Credentials are resolved with databricks-sdk's `Config` (PAT, OAuth for service
 principals, CLI profiles, notebook context) or from a named environment variable or secret scope, and
-travel to the executors only inside `Secret`s. What no retry could fix is refused here, before any
-row is sent: a header value with a line break, and (`preflight`) a TLS certificate the job does not
-trust.
+travel to the executors only inside `Secret`s. A service principal's OAuth (`oauth-m2m`) becomes
+`udfs.auth.OAuthM2M`, which every task refreshes on its own before its token expires; other unified
+auth becomes `SdkCredentials`, whose tasks get the driver's current token at each chunk. Static tokens
+(`token_env`, `token_secret`, a PAT) are plain headers, as they always were.
+
+For a serving endpoint reached through the workspace, its definition is read first
+(`jobs.endpoint_info`): the job starts under its AI Gateway rate limits, and a route-optimized
+endpoint is called at its own URL, with an OAuth token. What no retry could fix is refused here,
+before any row is sent: a header value with a line break, a personal access token for a
+route-optimized endpoint, and (`preflight`) a TLS certificate the job does not trust.
 
 Example::
 
@@ -20,9 +27,10 @@ import re
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from jobs.config import ConfigError, EndpointConfig, JobConfig
+from jobs.config import ConfigError, EndpointConfig, JobConfig, LimitsConfig
+from jobs.endpoint_info import DefinitionUnavailable, EndpointInfo, read_endpoint
 from jobs.session import conf_get, on_databricks
-from udfs.auth import Secret, bearer
+from udfs.auth import CredentialError, Credentials, OAuthM2M, SdkCredentials, Secret, bearer
 from udfs.spec import EngineSpec, RetrySpec
 from udfs.transforms import import_function
 from udfs.loopback import is_loopback
@@ -106,27 +114,48 @@ def _secret_from_scope(scope: str, key: str) -> Secret:
     return Secret(value)
 
 
-def auth_headers(e: EndpointConfig, url: str) -> dict[str, Secret | str]:
+def credentials(e: EndpointConfig, url: str) -> tuple[dict[str, Secret | str], Credentials | None]:
+    """The static headers and the refreshable credentials to call `url` with (one of them empty)."""
     if e.token_env:
         value = os.environ.get(e.token_env)
         if not value:
             raise ConfigError(f"endpoint.token_env: environment variable {e.token_env} is not set or empty")
-        return bearer(Secret(value))
+        return bearer(Secret(value)), None
     if e.token_secret:
-        return bearer(_secret_from_scope(e.token_secret.scope, e.token_secret.key))
+        return bearer(_secret_from_scope(e.token_secret.scope, e.token_secret.key)), None
     mode = e.auth
     if mode == "auto":
         mode = "none" if is_loopback(url) else "databricks"
     if mode == "none":
-        return {}
+        return {}, None
     host = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
+    config = _sdk_config(e.host and normalize_host(e.host) or host)
     try:
-        headers = _sdk_config(e.host and normalize_host(e.host) or host).authenticate()
-    except ConfigError:
-        raise
+        if config.auth_type == "oauth-m2m" and config.client_id and config.client_secret:
+            return {}, _oauth_m2m(config)
+        return {}, SdkCredentials(config)
+    except CredentialError as exc:
+        raise ConfigError(f"endpoint.auth: {exc}") from None
     except Exception as exc:
         raise ConfigError(f"endpoint.auth: Databricks authentication failed: {type(exc).__name__}") from None
-    return {k: Secret(v) for k, v in headers.items()}
+
+
+def _oauth_m2m(config: Any) -> OAuthM2M:
+    """The service principal's client credentials, as databricks-sdk's `oauth-m2m` strategy uses them
+    (its token endpoint, scopes, group), minted here once: a bad secret fails before any row."""
+    group = getattr(config, "group_id", None)
+    creds = OAuthM2M(config.databricks_oidc_endpoints.token_endpoint, config.client_id,
+                     Secret(config.client_secret), scopes=config.get_scopes_as_string(),
+                     endpoint_params={"assume_group": group} if group else None)
+    creds.refresh()
+    return creds
+
+
+def auth_headers(e: EndpointConfig, url: str) -> dict[str, Secret | str]:
+    """Every header the credentials give now (a refreshable token as it is at this moment)."""
+    headers, creds = credentials(e, url)
+    current = creds.header() if creds is not None else None
+    return {**headers, "Authorization": current} if current is not None else headers
 
 
 def check_transforms(e: EndpointConfig) -> None:
@@ -148,10 +177,12 @@ def _credential_source(e: EndpointConfig) -> str:
     return "endpoint.auth (the credentials databricks-sdk resolved)"
 
 
-def check_headers(e: EndpointConfig, headers: Mapping[str, Secret | str]) -> None:
+def check_headers(e: EndpointConfig, headers: Mapping[str, Secret | str | None]) -> None:
     """A header value with a line break would inject headers (a token file's trailing newline): refuse
     it here, naming where the value came from and never the value."""
     for name, value in headers.items():
+        if value is None:
+            continue
         problem = header_problem(name, value.reveal() if isinstance(value, Secret) else value)
         if problem:
             raise ConfigError(f"{_credential_source(e)}: {problem}")
@@ -182,18 +213,80 @@ def fatal_in(exc: BaseException) -> str | None:
     return m.group(1) if m else None
 
 
+def endpoint_definition(e: EndpointConfig, url: str, headers: Mapping[str, Secret | str],
+                        creds: Credentials | None) -> EndpointInfo | None:
+    """The serving endpoint's definition from the workspace, logged; None if not read (or unreadable,
+    unless `endpoint.read_definition: true`)."""
+    wanted = e.read_definition
+    if wanted is False or (wanted is None and (e.type != "serving" or e.url)):
+        return None
+    host = normalize_host(e.host) if e.host else f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
+    current = creds.header() if creds is not None else None
+    auth = {**headers, "Authorization": current} if current is not None else dict(headers)
+    principal = creds.client_id if isinstance(creds, OAuthM2M) else None
+    try:
+        info = read_endpoint(host, e.name, auth, principal=principal)
+    except DefinitionUnavailable as exc:
+        if wanted:
+            raise ConfigError(f"endpoint.read_definition: {exc}") from None
+        log.warning("endpoint %s: could not read its definition (%s); going on with the configured limits",
+                    e.name, exc)
+        return None
+    log.info("endpoint %s: %s", e.name, info.describe())
+    return info
+
+
+def _require_oauth(e: EndpointConfig, headers: Mapping[str, Secret | str], creds: Credentials | None) -> None:
+    """Databricks accepts only OAuth tokens at a route-optimized endpoint's URL: refuse a personal
+    access token here, rather than fail every row with 401."""
+    token = headers.get("Authorization")
+    pat = (isinstance(token, Secret) and token.reveal().split(" ")[-1].startswith("dapi")) or (
+        isinstance(creds, SdkCredentials) and creds.auth_type == "pat")
+    if pat:
+        raise ConfigError(f"endpoint {e.name} is route-optimized: Databricks accepts only OAuth tokens at its "
+                          f"URL, and {_credential_source(e)} gives a personal access token; use a service "
+                          "principal's OAuth (DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET), or set "
+                          "endpoint.url to call the workspace URL (endpoints created before 2025-09-22)")
+
+
+def _rates(e: EndpointConfig, lim: LimitsConfig, info: EndpointInfo | None
+           ) -> tuple[float | None, float | None, float | None]:
+    """Requests/s (a ceiling), tokens/s, and where the learned rate starts: the config's limits, else
+    the endpoint's own (the ceiling at its limit, the start and the tokens at 0.9 of it)."""
+    rps = lim.requests_per_minute / 60 if lim.requests_per_minute else None
+    tps = lim.tokens_per_minute / 60 if lim.tokens_per_minute else None
+    start = None
+    if info is not None and info.calls_per_minute and not lim.requests_per_minute:
+        rps, start = info.calls_per_minute / 60, 0.9 * info.calls_per_minute / 60
+        log.info("endpoint %s: starting at %.0f requests/min (0.9 of its AI Gateway limit), never above %d; "
+                 "limits.requests_per_minute overrides", e.name, start * 60, info.calls_per_minute)
+    if info is not None and info.tokens_per_minute and not lim.tokens_per_minute:
+        tps = 0.9 * info.tokens_per_minute / 60
+        log.info("endpoint %s: pacing tokens at %.0f/min (0.9 of its AI Gateway limit); "
+                 "limits.tokens_per_minute overrides", e.name, tps * 60)
+    return rps, tps, start
+
+
 def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
     e, lim, r = cfg.endpoint, cfg.limits, cfg.retry
     check_transforms(e)
     url = endpoint_url(e, spark)
-    headers = auth_headers(e, url)
-    check_headers(e, headers)
+    headers, creds = credentials(e, url)
+    current = creds.header() if creds is not None else None
+    check_headers(e, {**headers, "Authorization": current} if current is not None else headers)
+    info = endpoint_definition(e, url, headers, creds)
+    if info is not None and info.invocation_url and not e.url:
+        _require_oauth(e, headers, creds)
+        url = info.invocation_url
+        log.info("endpoint %s: route-optimized: calling %s", e.name, url)
+    requests_per_s, tokens_per_s, start = _rates(e, lim, info)
     rf = e.response_format
     return EngineSpec(
         url=url,
         task=e.task,
         endpoint_type=e.type,
         headers=headers,
+        credentials=creds,
         model_kwargs=dict(e.model_kwargs),
         stop=tuple(e.stop),
         system_prompt=e.system_prompt,
@@ -201,8 +294,9 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         transform_output=e.transform_output,
         rows_per_request=e.rows_per_request,
         max_concurrency=lim.max_concurrency,
-        requests_per_s=lim.requests_per_minute / 60 if lim.requests_per_minute else None,
-        tokens_per_s=lim.tokens_per_minute / 60 if lim.tokens_per_minute else None,
+        requests_per_s=requests_per_s,
+        tokens_per_s=tokens_per_s,
+        start_requests_per_s=start,
         connect_timeout_s=lim.connect_timeout_s,
         read_timeout_s=lim.read_timeout_s,
         adaptive=lim.adaptive,
@@ -210,7 +304,8 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         http_client=lim.http_client,
         retry=RetrySpec(statuses=tuple(r.statuses), max_attempts=r.max_attempts,
                         backoff_base_s=r.backoff_base_s, backoff_max_s=r.backoff_max_s,
-                        row_budget_s=r.row_budget_s, invalid_output_attempts=r.invalid_output_attempts),
+                        row_budget_s=r.row_budget_s, breaker_s=r.breaker_s,
+                        invalid_output_attempts=r.invalid_output_attempts),
         response_schema=None if rf is None else rf.json_schema,
         response_format_name="response" if rf is None else rf.name,
         response_format_strict=True if rf is None else rf.strict,

@@ -139,3 +139,58 @@ def reset_mid_body() -> Reply:
         except OSError:
             pass
     return reply
+
+
+# -- the endpoint as a whole: rate-limit windows and cold starts (tests/test_endpoint_faults.py) ---------
+
+class FixedWindow:
+    """A fault: at most `limit` requests per `window_s`, windows counted from the first request; past
+    it 429 `REQUEST_LIMIT_EXCEEDED` with no `Retry-After`, until the window resets (as AI Gateway and
+    pay-per-token endpoints answer). `served` and `refused` count requests."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.served = self.refused = 0
+        self.per_window: Counter[int] = Counter()
+        self.log: list[tuple[float, bool]] = []
+        self._start: float | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, req: Request) -> Reply:
+        with self._lock:
+            now = time.monotonic()
+            self._start = self._start if self._start is not None else now
+            window = int((now - self._start) // self.window_s)
+            self.per_window[window] += 1
+            over = self.per_window[window] > self.limit
+            self.refused += over
+            self.served += 1
+            self.log.append((round(now - self._start, 3), over))
+        if over:
+            return json_error(429, "Exceeded the endpoint's rate limit of requests per window",
+                              code="REQUEST_LIMIT_EXCEEDED")
+        return None
+
+
+class ColdStart:
+    """A fault: 503 for `seconds` after the first request (an endpoint scaling from zero), then answers."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.unavailable = self.requests = 0
+        self.log: list[tuple[float, list[str], bool]] = []
+        self._start: float | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, req: Request) -> Reply:
+        with self._lock:
+            now = time.monotonic()
+            self._start = self._start if self._start is not None else now
+            cold = now - self._start < self.seconds
+            self.requests += 1
+            self.unavailable += cold
+            self.log.append((round(now - self._start, 3), prompts_of(req.body)[:1], cold))
+        if cold:
+            return json_error(503, "The endpoint is scaling up from zero; retry later",
+                              code="TEMPORARILY_UNAVAILABLE")
+        return None

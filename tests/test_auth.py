@@ -1,12 +1,17 @@
-"""Credentials that never print: `Secret`, the bearer header, and scrubbing a secret out of any text."""
+"""Credentials that never print (`Secret`, the bearer header, scrubbing a secret out of any text), and
+OAuth tokens that stay fresh, against a loopback workspace that mints and refuses them."""
 
 from __future__ import annotations
 
 import pickle
+import time
 
 import pytest
 
-from udfs.auth import Secret, bearer, scrub
+from tests.workspace import CLIENT_ID, CLIENT_SECRET, Workspace
+from udfs.auth import CredentialError, OAuthM2M, Secret, bearer, scrub
+from udfs.engine import Engine
+from udfs.spec import EngineSpec, RetrySpec
 
 # Not hex, so no run id or hash can contain a piece of it by chance.
 TOKEN = "dapi-TEST-Zq7w-SECRET-kx9R-v4lue-0042"
@@ -43,3 +48,80 @@ def test_scrub_removes_any_run_of_eight_characters_of_the_token(part):
     assert scrub(text, [Secret(TOKEN)]) == "token **** rejected"
     # Seven characters are not a secret's worth: ordinary words must survive.
     assert scrub(f"token {TOKEN[:7]} rejected", [Secret(TOKEN)]) == f"token {TOKEN[:7]} rejected"
+
+
+# -- credentials that change during a run: a service principal's OAuth, minted by databricks-sdk --------
+
+def m2m(ws, secret: str = CLIENT_SECRET) -> OAuthM2M:
+    return OAuthM2M(f"{ws.url}/oidc/v1/token", CLIENT_ID, Secret(secret))
+
+
+def test_oauth_m2m_mints_a_token_and_is_due_a_quarter_of_its_life_before_it_expires():
+    with Workspace(token_life_s=40.0) as ws:
+        creds = m2m(ws)
+        assert creds.due(time.time()) and creds.header() is None
+        creds.refresh()
+        first = creds.header()
+        assert first.reveal().startswith("Bearer oauth-1-") and creds.generation == 1
+        assert not creds.due(time.time()) and creds.due(creds.expires_at - 9.9)  # 40 s / 4 = 10 s ahead
+        creds.refresh()
+        assert creds.header() != first and first in creds.secrets()  # an old token is still scrubbed
+    assert CLIENT_SECRET not in repr(creds) and "oauth-" not in repr(creds)
+
+
+def test_oauth_m2m_travels_to_a_task_with_its_token_and_mints_its_own_there():
+    with Workspace(token_life_s=40.0) as ws:
+        creds = m2m(ws)
+        creds.refresh()
+        shipped = pickle.loads(pickle.dumps(creds.for_tasks()))
+        assert shipped.header() == creds.header() and not shipped.due(time.time())
+        shipped.refresh()
+        assert shipped.header().reveal().startswith("Bearer oauth-2-")
+        assert [p for m, p, _ in ws.requests if m == "POST"] == ["/oidc/v1/token"] * 2
+
+
+def test_a_refused_client_secret_is_a_credential_error_that_shows_no_secret():
+    with Workspace() as ws:
+        with pytest.raises(CredentialError) as err:
+            m2m(ws, secret="wrong-secret-Zq7wkx9R").refresh()
+    assert str(err.value).startswith(f"could not get an OAuth token from {ws.url}/oidc/v1/token: ValueError: "
+                                     "invalid_client: Client authentication failed")
+    assert "wrong-secret" not in str(err.value)
+
+
+def chat(ws, creds, **kw) -> EngineSpec:
+    return EngineSpec(url=f"{ws.url}/serving-endpoints/llm/invocations", task="llm/v1/chat", credentials=creds,
+                      retry=RetrySpec(backoff_base_s=0.01), **kw)
+
+
+def test_a_401_refreshes_the_token_once_and_the_row_goes_through():
+    with Workspace(token_life_s=60.0) as ws:
+        creds = m2m(ws)
+        creds.refresh()
+        ws.tokens.clear()  # the workspace forgot the token: it is refused, as an expired one would be
+        with Engine(chat(ws, creds)) as engine:
+            [o] = engine.call(["x"])
+        calls = ws.invocations()
+    assert (o.status, o.attempts) == ("ok", 2)
+    assert [n for _, n in calls] == [None, 2]  # refused with the old token, answered with a new one
+
+
+def test_a_token_refused_again_after_a_refresh_is_a_credential_refused_row():
+    with Workspace(token_life_s=0.0) as ws:  # every token is refused
+        creds = m2m(ws)
+        creds.refresh()
+        with Engine(chat(ws, creds)) as engine:
+            [o] = engine.call(["x"])
+    assert (o.status, o.attempts, o.http_status) == ("error", 2, 401)
+    assert o.error == ("credential_refused: http_401: UNAUTHENTICATED: Token expired or invalid; send a fresh "
+                       "OAuth token. (refused again after a token refresh)")
+
+
+def test_a_static_token_refused_is_an_http_401_row_as_before():
+    with Workspace() as ws:
+        spec = EngineSpec(url=f"{ws.url}/serving-endpoints/llm/invocations", task="llm/v1/chat",
+                          headers=bearer(Secret(TOKEN)), retry=RetrySpec(backoff_base_s=0.01))
+        with Engine(spec) as engine:
+            [o] = engine.call(["x"])
+    assert (o.status, o.attempts, o.error) == (
+        "error", 1, "http_401: UNAUTHENTICATED: Token expired or invalid; send a fresh OAuth token.")

@@ -81,7 +81,7 @@ def test_retry_after_is_waited_for_not_hammered(ep):
 
 
 def test_retries_are_jittered_not_in_lockstep(ep):
-    ep.fault = first_time_only(503, {})
+    ep.fault = first_time_only(500, {})
     spec = proxy_spec(ep, max_concurrency=8, adaptive=False,
                       retry=RetrySpec(backoff_base_s=0.3, backoff_max_s=0.3, max_attempts=3))
     with Engine(spec) as engine:
@@ -90,6 +90,23 @@ def test_retries_are_jittered_not_in_lockstep(ep):
     gaps = sorted(t[1] - t[0] for t in arrivals_by_prompt(ep).values())
     assert len(gaps) == 8
     assert gaps[-1] - gaps[0] > 0.02, f"retries fired together: gaps {gaps}"
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_an_overload_pauses_the_task_and_one_probe_goes_before_the_others(ep, status):
+    """README: a 429 or 503 pauses the whole task's sending; one request probes; the rest follow once
+    it is answered, instead of every row retrying on its own."""
+    ep.fault = first_time_only(status, {})
+    with Engine(proxy_spec(ep, max_concurrency=8, adaptive=False)) as engine:
+        out = [o for b in engine.map_batches([[f"p{i}" for i in range(8)]]) for o in b]
+        assert (engine.governor.pauses, engine.governor.probes) == (1, 1)
+    assert {(o.status, o.attempts) for o in out} == {("ok", 2)}
+    retries = sorted(r.arrived for r in ep.received[8:])
+    assert len(retries) == 8
+    probe_answered = retries[0] + 0.01  # the toy model answers in well under 10 ms
+    assert retries[0] - max(r.arrived for r in ep.received[:8]) >= 0.45  # after probe_first_s (0.5 s)
+    assert retries[1] >= retries[0], "the others wait for the probe's answer"
+    assert all(t < probe_answered + 1.0 for t in retries[1:])
 
 
 def threshold_server(limit: int):
@@ -115,20 +132,23 @@ def threshold_server(limit: int):
     return fault, state
 
 
-def run_against_threshold(ep: LocalEndpoint, adaptive: bool) -> tuple[list, int, float]:
+def run_against_threshold(ep: LocalEndpoint, adaptive: bool) -> tuple[list, int, int, float | None]:
     fault, state = threshold_server(3)
     ep.reset()
     ep.fault = fault
     with Engine(proxy_spec(ep, max_concurrency=12, adaptive=adaptive)) as engine:
         out = [o for b in engine.map_batches([[f"p{i}" for i in range(120)]]) for o in b]
-        return out, state["rejected"], engine.limiter.limit
+        return out, state["rejected"], engine.limiter.cuts, engine.governor.rate
 
 
 def test_aimd_backs_off_under_a_server_that_rejects_above_a_threshold(ep):
-    out, rejected, final_limit = run_against_threshold(ep, adaptive=True)
-    fixed_out, fixed_rejected, fixed_limit = run_against_threshold(ep, adaptive=False)
+    """A limit on requests in flight, not a window: each 429 pauses the task, the first probe gets
+    through at once (so the next pause is shorter), and the in-flight AIMD finds the limit; no rate is
+    taught by a limit that reopens at once. Without `limits.adaptive` nothing is learned."""
+    out, rejected, cuts, rate = run_against_threshold(ep, adaptive=True)
+    fixed_out, fixed_rejected, fixed_cuts, fixed_rate = run_against_threshold(ep, adaptive=False)
     assert {o.status for o in out} == {o.status for o in fixed_out} == {"ok"}, "every row still finishes"
-    assert final_limit < 12 == fixed_limit
+    assert cuts > 0 == fixed_cuts and rate is None is fixed_rate
     assert rejected < fixed_rejected / 2, f"AIMD saw {rejected} rejections, a fixed limit of 12 {fixed_rejected}"
 
 
@@ -173,15 +193,35 @@ def test_read_timeout_retries_then_reports_timeout(ep):
     assert o.error.startswith("timeout: no answer within read_timeout_s=0.2 (gave up after 2 attempts")
 
 
-def test_connection_refused_is_a_connection_error_row():
+def test_connection_refused_is_retried_within_the_row_budget_as_an_endpoint_down():
+    """No connection at all is the endpoint down, not this row's luck: the task pauses and probes (at
+    0.5 s and 1 s) and the row gives up when its budget runs out, not after `max_attempts` (2)."""
     with LocalEndpoint() as gone:
         url = f"{gone.url}/"
     spec = EngineSpec(url=url, task="custom", endpoint_type="driver_proxy",
-                      retry=RetrySpec(backoff_base_s=0.01, max_attempts=2))
+                      retry=RetrySpec(backoff_base_s=0.01, max_attempts=2, row_budget_s=1.2))
     with Engine(spec) as engine:
         [o] = engine.call(["x"])
-    assert (o.status, o.attempts) == ("error", 2)
-    assert o.error.startswith("connection_error: ConnectionRefusedError")
+    assert (o.status, o.attempts) == ("error", 3)
+    assert re.fullmatch(r"connection_error: ConnectionRefusedError connecting to 127\.0\.0\.1:\d+ "
+                        r"\(gave up after 3 attempts, 1\.\ds\)", o.error), o.error
+
+
+def test_the_breaker_fails_the_waiting_rows_fast_when_nothing_answers():
+    with LocalEndpoint() as gone:
+        url = f"{gone.url}/"
+    spec = EngineSpec(url=url, task="custom", endpoint_type="driver_proxy", max_concurrency=2,
+                      retry=RetrySpec(breaker_s=1.0))
+    started = time.monotonic()
+    with Engine(spec) as engine:
+        out = [o for b in engine.map_batches([[f"p{i}" for i in range(50)]]) for o in b]
+    assert time.monotonic() - started < 5.0
+    assert {o.status for o in out} == {"error"}
+    reasons = {re.sub(r"\d+", "N", o.error) for o in out}
+    assert reasons == {"endpoint_unavailable: nothing answered for Ns (last: connection_error: "
+                       "ConnectionRefusedError connecting to N.N.N.N:N)"}
+    assert sum(o.attempts for o in out) <= 6, "a pause and probes, not 50 rows retrying"
+    assert sum(o.attempts == 0 for o in out) >= 44, "rows never sent say so"
 
 
 @pytest.mark.parametrize("client", ["aiohttp", "urllib3", "requests"])

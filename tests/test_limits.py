@@ -8,11 +8,14 @@ the best seen cuts it by a quarter, at most once per round trip", "never above t
 from __future__ import annotations
 
 import asyncio
+import heapq
+import time
 
 import pytest
 
 from jobs.plan import plan_tasks
-from udfs.limits import AdaptiveLimiter, RateLimiter
+from udfs.limits import (LEARNED_TTL_S, OVERLOAD, TRANSIENT, UNAVAILABLE, AdaptiveLimiter, EndpointUnavailable,
+                         Governor, Learned, OutOfTime, RateLimiter, recall, remember)
 from udfs.spec import EngineSpec
 
 
@@ -27,6 +30,38 @@ class FakeClock:
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.now += seconds
+
+
+class VirtualTime(FakeClock):
+    """A fake clock for several coroutines at once: a sleep waits until the clock reaches its end, and
+    the clock jumps to the earliest pending end once every coroutine is blocked (`run` drives it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._timers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = 0
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        fut = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        heapq.heappush(self._timers, (self.now + max(0.0, seconds), self._seq, fut))
+        await fut
+
+    def run(self, coro):
+        async def main():
+            task = asyncio.ensure_future(coro)
+            while not task.done():
+                for _ in range(20):  # let every runnable coroutine reach its next wait
+                    await asyncio.sleep(0)
+                while self._timers and self._timers[0][2].done():
+                    heapq.heappop(self._timers)  # cancelled sleeps
+                if self._timers and not task.done():
+                    when, _, fut = heapq.heappop(self._timers)
+                    self.now = max(self.now, when)
+                    fut.set_result(None)
+            return task.result()
+        return asyncio.run(main())
 
 
 def request_times(rate: RateLimiter, clock: FakeClock, n: int) -> list[float]:
@@ -169,6 +204,266 @@ def test_acquire_waits_for_a_free_slot():
         return order
     order = asyncio.run(go())
     assert order.index("start c") > min(order.index("end a"), order.index("end b"))
+
+
+# -- the governor: pause, probe, a learned rate, the breaker ------------------------------------------
+# One sender on the fake clock: `acquire` waits by sleeping, which moves the clock; a request's
+# outcome is reported at once (zero latency) unless a test says otherwise.
+
+def governor(clock: FakeClock, **kw) -> Governor:
+    return Governor(clock=clock, sleep=clock.sleep, jitter=lambda a, b: 0.0, **kw)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_429_pauses_the_whole_task_then_one_probe_goes_before_the_rest():
+    clock = VirtualTime()
+    gov = governor(clock)
+
+    async def go() -> list[tuple[str, float, bool]]:
+        events: list[tuple[str, float, bool]] = []
+        assert await gov.acquire() is False
+        gov.failed(OVERLOAD, False, None, "http_429: window full")
+        assert gov.paused
+
+        async def row(name: str) -> None:
+            probe = await gov.acquire()
+            events.append((name, clock.now, probe))
+            if probe:
+                gov.answered(probe)
+
+        await asyncio.gather(row("a"), row("b"), row("c"))
+        return events
+    events = clock.run(go())
+    assert events[0] == ("a", 0.5, True)  # one probe, after probe_first_s
+    assert [(n, p) for n, _, p in events[1:]] == [("b", False), ("c", False)]  # the rest once it answered
+    assert (gov.paused, gov.pauses, gov.probes) == (False, 1, 1)
+
+
+def test_refused_probes_wait_half_the_time_paused_so_far_up_to_the_cap_and_a_retry_after_in_full():
+    """A probe comes at most a third late after the limit reopens: a minute's window costs about
+    fifteen probes, not one per row per retry."""
+    clock = FakeClock()
+    gov = governor(clock, probe_max_s=3.0)
+
+    async def go() -> list[float]:
+        await gov.acquire()
+        gov.failed(UNAVAILABLE, False, None, "http_503: scaling from zero")
+        times = []
+        for _ in range(7):
+            assert await gov.acquire() is True
+            times.append(clock.now)
+            gov.failed(UNAVAILABLE, True, None, "http_503: scaling from zero")
+        assert await gov.acquire() is True
+        times.append(clock.now)
+        gov.failed(OVERLOAD, True, 7.0, "http_429")  # Retry-After: 7
+        assert await gov.acquire() is True
+        times.append(clock.now)
+        return times
+    times = run(go())
+    assert [round(b - a, 3) for a, b in zip([0.0] + times, times)] == [0.5, 0.5, 0.5, 0.75, 1.125, 1.688, 2.531, 3.0, 7.0]
+
+
+def fixed_window(limit: int, window_s: float, seconds: float, latency: float = 0.003, start: Learned | None = None,
+                 **kw) -> tuple[Governor, list[tuple[float, bool]]]:
+    """One sender against a fixed window of `limit` requests per `window_s`, no Retry-After."""
+    clock = FakeClock()
+    gov = governor(clock, **kw)
+    if start is not None:
+        gov.start_from(start)
+    served: dict[int, int] = {}
+    log: list[tuple[float, bool]] = []
+
+    async def go() -> None:
+        while clock.now < seconds:
+            probe = await gov.acquire()
+            w = int(clock.now // window_s)
+            served[w] = served.get(w, 0) + 1
+            clock.now += latency
+            ok = served[w] <= limit
+            log.append((clock.now, ok))
+            if ok:
+                gov.answered(probe)
+            else:
+                gov.failed(OVERLOAD, probe, None, "http_429: REQUEST_LIMIT_EXCEEDED")
+    run(go())
+    return gov, log
+
+
+@pytest.mark.parametrize("limit, window_s", [(60, 10.0), (1000, 60.0), (20, 2.0)])
+def test_under_a_fixed_window_the_rate_settles_just_under_it(limit, window_s):
+    """README: the learned rate settles under a window of `limit` per `window_s` instead of bursting
+    into it every window: over 30 windows at least 85% of the limit is answered, under 3% refused."""
+    gov, log = fixed_window(limit, window_s, 30 * window_s)
+    answered = sum(ok for _, ok in log)
+    assert answered / (30 * limit) >= 0.85
+    assert 1 - answered / len(log) <= 0.03
+    assert gov.rate is not None and gov.rate <= 1.15 * limit / window_s
+
+
+def test_without_learning_every_window_is_burst_into():
+    """What the learned rate saves: unpaced, the task pauses and probes its way through every window."""
+    learned, log = fixed_window(60, 10.0, 300.0)
+    fixed, fixed_log = fixed_window(60, 10.0, 300.0, learn=False)
+    assert fixed.rate is None and fixed.pauses == 30
+    assert learned.pauses < fixed.pauses
+    assert sum(not ok for _, ok in log) < sum(not ok for _, ok in fixed_log) / 3
+
+
+def test_the_next_task_starts_at_the_pace_the_last_one_learned():
+    """Executors mode: each chunk is a new task with a new governor. Started from what the last task
+    learned, its first windows are neither burst into nor learned again."""
+    first, _ = fixed_window(60, 10.0, 300.0)
+    learned = first.learned()
+    assert learned is not None and 0.85 * 6 <= learned.rate <= 1.15 * 6  # 60 per 10 s
+    _, cold = fixed_window(60, 10.0, 40.0)
+    _, warm = fixed_window(60, 10.0, 40.0, start=learned)
+    refused = lambda log: sum(not ok for _, ok in log)  # noqa: E731
+    answered = lambda log: sum(ok for _, ok in log)  # noqa: E731
+    assert refused(warm) <= 1 < refused(cold)
+    assert answered(warm) >= 0.85 * 4 * 60
+
+
+def test_what_was_learned_is_recalled_per_endpoint_and_share_for_a_while():
+    first, _ = fixed_window(60, 10.0, 100.0)
+    remember(("http://e/", 4, None), first)
+    now = time.monotonic()
+    got = recall(("http://e/", 4, None), now)
+    assert got is not None and (got.rate, got.measured) == (first.rate, first._measured)
+    assert recall(("http://e/", 2, None), now) is None  # another share of the limit
+    assert recall(("http://e/", 4, None), now + LEARNED_TTL_S + 1) is None  # stale
+    assert governor(FakeClock(), learn=True).learned() is None  # nothing learned, nothing to hand on
+
+
+def test_the_rate_is_cut_at_most_by_half_per_pause_and_never_above_the_ceiling():
+    clock = FakeClock()
+    gov = governor(clock, rate=10.0, ceiling=12.0)
+
+    async def go() -> None:
+        for _ in range(3):  # three answers in the first 0.2 s of a cycle
+            gov.answered(await gov.acquire())
+        clock.now += 60.0  # then a long silence, and a 429: the measured rate is tiny
+        await gov.acquire()
+        gov.failed(OVERLOAD, False, None, "http_429")
+        gov.answered(await gov.acquire())
+    run(go())
+    assert gov.rate == pytest.approx(5.0, rel=0.01)  # halved, not cut to the 3-in-60-s measurement
+    for _ in range(2000):  # 5% more per cycle (a minute until one is measured): the ceiling stops it
+        clock.now += 10.0
+        gov.answered()
+    assert gov.rate == 12.0
+
+
+def test_a_known_rate_paces_from_the_first_request():
+    clock = FakeClock()
+    gov = governor(clock, rate=4.0, learn=False)
+
+    async def go() -> list[float]:
+        times = []
+        for _ in range(5):
+            await gov.acquire()
+            times.append(clock.now)
+        return times
+    assert run(go()) == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_a_503_pauses_but_teaches_no_rate():
+    clock = FakeClock()
+    gov = governor(clock)
+
+    async def go() -> None:
+        for _ in range(20):
+            gov.answered(await gov.acquire())
+        gov.failed(UNAVAILABLE, False, None, "http_503")
+        gov.answered(await gov.acquire())
+    run(go())
+    assert (gov.pauses, gov.rate, gov.decreases) == (1, None, 0)
+
+
+def test_the_breaker_opens_when_nothing_answered_for_breaker_s_and_fails_every_waiter():
+    clock = VirtualTime()
+    gov = governor(clock, breaker_s=30.0, probe_max_s=4.0)
+
+    async def go() -> list[str]:
+        await gov.acquire()
+        gov.failed(UNAVAILABLE, False, None, "connection_error: ConnectionRefusedError")
+        outcomes: list[str] = []
+
+        async def row() -> None:
+            try:
+                while True:
+                    probe = await gov.acquire()
+                    gov.failed(UNAVAILABLE, probe, None, "connection_error: ConnectionRefusedError")
+            except EndpointUnavailable as exc:
+                outcomes.append(str(exc))
+
+        await asyncio.gather(*(row() for _ in range(3)))
+        return outcomes
+    outcomes = clock.run(go())
+    # Probes at 0.5, 1, 1.5, 2.25, 3.375, 5.06, 7.59, 11.39 (half the time paused so far), then every
+    # 4 s: the one due at 31.39 s finds 30 s without an answer.
+    assert outcomes == ["nothing answered for 31s (last: connection_error: ConnectionRefusedError)"] * 3
+    assert (round(clock.now, 2), gov.probes) == (31.39, 12)  # twelve requests in 31 s, not one per row per retry
+
+
+def test_a_half_open_task_probes_once_and_opens_at_once_if_the_probe_fails():
+    clock = FakeClock()
+    gov = governor(clock, breaker_s=30.0, half_open="nothing answered for 30s (last: http_503: down)")
+
+    async def go() -> None:
+        assert await gov.acquire() is True  # the first request is a probe, at once
+        gov.failed(UNAVAILABLE, True, None, "http_503: still down")
+        with pytest.raises(EndpointUnavailable, match=r"^nothing answered for 30s \(last: http_503: down\); "
+                                                      r"probed again in this chunk \(last: http_503: still down\)$"):
+            await gov.acquire()
+    run(go())
+    assert clock.now == 0.0
+
+
+def test_a_half_open_task_whose_probe_is_answered_runs_as_usual():
+    clock = FakeClock()
+    gov = governor(clock, breaker_s=30.0, half_open="down earlier")
+
+    async def go() -> None:
+        gov.answered(await gov.acquire())
+        assert await gov.acquire() is False
+        gov.failed(TRANSIENT, False, None, "http_500")
+    run(go())
+    assert gov.open_reason is None and not gov.paused
+
+
+def test_a_row_out_of_budget_stops_waiting_for_the_pause():
+    clock = FakeClock()
+    gov = governor(clock, probe_first_s=5.0)
+
+    async def go() -> None:
+        await gov.acquire()
+        gov.failed(OVERLOAD, False, None, "http_429")
+        with pytest.raises(OutOfTime):
+            await gov.acquire(deadline=2.0)
+    run(go())
+    assert clock.now == 2.0
+
+
+# -- tokens as AI Gateway counts them -------------------------------------------------------------------
+
+def test_max_tokens_are_reserved_before_sending_and_usage_replaces_the_reservation():
+    clock = FakeClock()
+    rate = RateLimiter(tokens_per_s=100.0, clock=clock, sleep=clock.sleep)  # 1,000 tokens banked
+
+    async def go() -> list[float]:
+        times = []
+        for _ in range(3):  # each reserves 25 prompt tokens + max_tokens 500
+            await rate.acquire(reserve=525)
+            times.append(clock.now)
+        return times
+    assert run(go()) == [0.0, 0.0, pytest.approx(0.51, abs=0.01)]  # the third waits for the bucket
+    rate.settle(525, prompt_tokens=20, completion_tokens=30)  # the first answer used 50, not 525
+    assert (rate.prompt_tokens, rate.completion_tokens) == (20, 30)
+    rate.refund(525)  # the second was refused: it used nothing
+    assert rate._tokens == pytest.approx(1000 - 3 * 525 + 51 + 475 + 525, abs=1)
 
 
 # -- first come, first served --------------------------------------------------------------------------

@@ -1,19 +1,28 @@
-"""Credentials that never print.
+"""Credentials that never print, and tokens that stay fresh.
 
 `Secret` wraps a string so that `repr`, `str`, f-strings, logging and exception messages show
 `'****'`; only `reveal()` gives the value, at the moment a header is built. `scrub` removes any
 run of 8 or more characters of a secret from a text (an endpoint that echoes a token, or part of
 one, back in an error message).
 
+`Credentials` are an `Authorization` header that can change during a run (OAuth tokens live an
+hour). `OAuthM2M` mints a service principal's token with databricks-sdk's own client-credentials
+flow (`databricks.sdk.oauth.ClientCredentials`) wherever it runs, driver or executor, and again
+before the token expires; `Snapshot` is a header taken on the driver, as it was, for one chunk's
+tasks. Every token is a `Secret`.
+
 Example::
 
     token = Secret(os.environ["DATABRICKS_TOKEN"])
     headers = bearer(token)          # {"Authorization": Secret('****')} until sent
+    creds = OAuthM2M(token_url, "sp-app-id", Secret(client_secret)); creds.refresh()
+    creds.header()                   # Secret('****'): "Bearer <a token minted a moment ago>"
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import time
+from typing import Any, Iterable
 
 
 class Secret:
@@ -94,3 +103,189 @@ def _credential(value: str) -> str:
 
 def bearer(token: Secret | None) -> dict[str, Secret]:
     return {"Authorization": Secret(f"Bearer {token.reveal()}")} if token else {}
+
+
+# -- credentials that change during a run ---------------------------------------------------------
+
+class CredentialError(Exception):
+    """No token could be had: the message says why, with no secret in it."""
+
+
+class Credentials:
+    """An `Authorization` header that may change during a run.
+
+    `header()` is the current value (no I/O); `due(now)` says it should be refreshed before the next
+    request (`now` is wall-clock time: a token minted on the driver is checked on an executor);
+    `refresh()` gets a new one (blocking I/O, raises `CredentialError`); `generation` counts the
+    refreshes, so that many requests refused with one token refresh it once. `refreshable` says
+    whether `refresh()` can give anything new in this process: a refused request is then retried
+    once with a new token. `for_tasks()` is what ships to the executors.
+    """
+
+    refreshable = False
+    generation = 0
+
+    def header(self) -> Secret | None:
+        raise NotImplementedError
+
+    def due(self, now: float) -> bool:
+        return False
+
+    def refresh(self) -> None:
+        pass
+
+    def secrets(self) -> list[Secret]:
+        value = self.header()
+        return [value] if value is not None else []
+
+    def for_tasks(self) -> Credentials:
+        return self
+
+
+class Snapshot(Credentials):
+    """A header as the driver had it when a chunk started: not refreshable where it is shipped."""
+
+    def __init__(self, header: Secret | None, expires_at: float | None = None, source: str = "") -> None:
+        self._header, self.expires_at, self.source = header, expires_at, source
+
+    def header(self) -> Secret | None:
+        return self._header
+
+    def __repr__(self) -> str:
+        return f"Snapshot(source={self.source!r}, expires_at={self.expires_at!r})"
+
+
+class OAuthM2M(Credentials):
+    """A service principal's OAuth token (client credentials), minted with databricks-sdk wherever this
+    object is: tasks refresh their own, so a run (or one chunk) may outlast any one token.
+
+    A token is refreshed `margin` before it expires: a quarter of its life, at most 5 minutes (a
+    one-hour token at 55 minutes), so that no request goes out with a token about to lapse.
+    """
+
+    refreshable = True
+
+    def __init__(self, token_url: str, client_id: str, client_secret: Secret, *, scopes: str = "all-apis",
+                 endpoint_params: dict[str, str] | None = None) -> None:
+        self.token_url, self.client_id, self.scopes = token_url, client_id, scopes
+        self._client_secret = client_secret
+        self._endpoint_params = dict(endpoint_params or {})
+        self._token: Secret | None = None
+        self._old: list[Secret] = []  # tokens held before, still scrubbed from what endpoints echo
+        self.issued_at = self.expires_at = 0.0
+        self.generation = 0
+
+    def __repr__(self) -> str:
+        return f"OAuthM2M(client_id={self.client_id!r}, token_url={self.token_url!r})"
+
+    def __reduce__(self) -> tuple:
+        # The client secret travels inside a Secret (as a token does), with the token held now, so
+        # that a task starts with it and mints its own only when it is due.
+        return (_oauth_m2m, (self.token_url, self.client_id, self._client_secret, self.scopes,
+                             self._endpoint_params, self._token, self.issued_at, self.expires_at))
+
+    def header(self) -> Secret | None:
+        return self._token
+
+    def due(self, now: float) -> bool:
+        if self._token is None:
+            return True
+        margin = min(300.0, (self.expires_at - self.issued_at) / 4)
+        return now >= self.expires_at - margin
+
+    def refresh(self) -> None:
+        from databricks.sdk.oauth import ClientCredentials
+
+        source = ClientCredentials(client_id=self.client_id, client_secret=self._client_secret.reveal(),
+                                   token_url=self.token_url, scopes=self.scopes, use_header=True,
+                                   endpoint_params=self._endpoint_params or None)
+        issued = time.time()
+        try:
+            token = source.refresh()
+        except Exception as exc:  # the SDK's message is the token endpoint's error code and summary
+            detail = scrub(f"{type(exc).__name__}: {exc}", [self._client_secret, self._token])
+            raise CredentialError(f"could not get an OAuth token from {self.token_url}: {detail}"[:300]) from None
+        expires = token.expiry.timestamp() if token.expiry else issued + 3600.0
+        if self._token is not None:
+            self._old = [self._token, *self._old][:4]
+        self._token = Secret(f"{token.token_type or 'Bearer'} {token.access_token}")
+        self.issued_at, self.expires_at = issued, expires
+        self.generation += 1
+
+    def secrets(self) -> list[Secret]:
+        return [s for s in (self._token, *self._old, self._client_secret) if s is not None]
+
+    def for_tasks(self) -> OAuthM2M:
+        """Itself, with a token minted here if one is due, so that tasks do not each mint one at once."""
+        if self.due(time.time()):
+            try:
+                self.refresh()
+            except CredentialError:
+                pass  # the tasks will try, and say so on the rows if they cannot
+        return self
+
+
+def _oauth_m2m(token_url: str, client_id: str, client_secret: Secret, scopes: str,
+               endpoint_params: dict[str, str], token: Secret | None, issued_at: float,
+               expires_at: float) -> OAuthM2M:
+    creds = OAuthM2M(token_url, client_id, client_secret, scopes=scopes, endpoint_params=endpoint_params)
+    creds._token, creds.issued_at, creds.expires_at = token, issued_at, expires_at
+    return creds
+
+
+class SdkCredentials(Credentials):
+    """databricks-sdk's unified auth on the driver (a notebook's or job's own token, a CLI profile, Azure
+    identities...): the SDK refreshes what it can each time it is asked. Its tasks get a `Snapshot`
+    taken when their chunk starts (`for_tasks`); pickled, it is that snapshot."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+        self.refreshable = config.auth_type != "pat"  # a personal access token is what it is
+        self._header: Secret | None = None
+        self.expires_at: float | None = None
+        self._old: list[Secret] = []
+        self.generation = 0
+        self.refresh()
+
+    def __repr__(self) -> str:
+        return f"SdkCredentials(auth_type={self.auth_type!r})"
+
+    @property
+    def auth_type(self) -> str:
+        return str(self._config.auth_type)
+
+    def __reduce__(self) -> tuple:
+        snap = self.for_tasks()
+        return (Snapshot, (snap.header(), snap.expires_at, snap.source))  # type: ignore[attr-defined]
+
+    def header(self) -> Secret | None:
+        return self._header
+
+    def due(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at - 60.0
+
+    def refresh(self) -> None:
+        try:
+            value = self._config.authenticate().get("Authorization")
+        except Exception as exc:
+            raise CredentialError(f"databricks-sdk ({self._config.auth_type}) could not authenticate: "
+                                  f"{type(exc).__name__}") from None
+        try:
+            expiry = self._config.oauth_token().expiry
+            self.expires_at = expiry.timestamp() if expiry else None
+        except Exception:  # not an OAuth method: the SDK knows no expiry
+            self.expires_at = None
+        new = Secret(value) if value else None
+        if new != self._header:
+            if self._header is not None:
+                self._old = [self._header, *self._old][:4]
+            self._header = new
+            self.generation += 1
+
+    def secrets(self) -> list[Secret]:
+        return [s for s in (self._header, *self._old) if s is not None]
+
+    def for_tasks(self) -> Snapshot:
+        if self.due(time.time()):
+            self.refresh()
+        return Snapshot(self._header, self.expires_at, f"databricks-sdk {self._config.auth_type}")

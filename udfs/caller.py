@@ -7,6 +7,12 @@ event loop; `udfs.engine` runs many at once. With a response schema (structured 
 is checked against it (`udfs.structured`); one that breaks it is asked for again, then becomes an
 `invalid_output` row that keeps the raw answer.
 
+Every request goes through the task's `Governor` (`udfs.limits`): a 429, a 503 or an endpoint that
+takes no connection pauses the task until one probe is answered, and such a row is retried as long as
+its `row_budget_s` lasts, not `max_attempts` times; when the breaker opens, the rows still waiting
+fail at once as `endpoint_unavailable`. With refreshable credentials (`udfs.auth.Credentials`) a token
+due to expire is refreshed before it is sent, and a 401/403 refreshes it and retries once.
+
 Example::
 
     caller = Caller(spec, transport, AdaptiveLimiter(8), RateLimiter())
@@ -22,8 +28,9 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from udfs import reasons
-from udfs.auth import scrub
-from udfs.limits import AdaptiveLimiter, RateLimiter
+from udfs.auth import CredentialError, Secret, scrub
+from udfs.limits import (OVERLOAD, TRANSIENT, UNAVAILABLE, AdaptiveLimiter, EndpointUnavailable, Governor,
+                         OutOfTime, RateLimiter)
 from udfs.outcome import MAX_ERROR_CHARS, Outcome
 from udfs.protocols import BadResponse, Parsed, Protocol, make_protocol
 from udfs.retry import Failure, backoff, http_failure
@@ -33,8 +40,13 @@ from udfs.transforms import import_function
 from udfs.transport import TransportError
 
 
+# A refused token: these statuses get one retry with a fresh token when the credentials can refresh.
+AUTH_STATUSES = (401, 403)
+
+
 class Caller:
-    def __init__(self, spec: EngineSpec, transport: Any, limiter: AdaptiveLimiter, rate: RateLimiter) -> None:
+    def __init__(self, spec: EngineSpec, transport: Any, limiter: AdaptiveLimiter, rate: RateLimiter,
+                 governor: Governor | None = None) -> None:
         self.spec = spec
         schema = spec.response_schema
         self.protocol: Protocol = make_protocol(
@@ -49,7 +61,16 @@ class Caller:
         self._transport = transport
         self.limiter = limiter
         self.rate = rate
-        self._secrets = spec.secrets()
+        self.governor = governor or Governor(
+            rate=spec.start_requests_per_s, ceiling=spec.requests_per_s, learn=spec.adaptive,
+            breaker_s=spec.retry.breaker_s, half_open=spec.endpoint_down)
+        self._credentials = spec.credentials
+        self._refreshing: asyncio.Future[None] | None = None
+        self._refresh_failed: tuple[float, CredentialError] | None = None
+        self._static_secrets = [v for v in spec.headers.values() if isinstance(v, Secret)]
+        max_tokens = spec.model_kwargs.get("max_tokens")
+        # AI Gateway reserves max_tokens for a request before it runs; so does the token bucket.
+        self._max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 0
         # The first fatal transport error met (udfs.transport.FATAL_KINDS): not retried, and the
         # engine's pipeline sends nothing more and raises it.
         self.fatal: TransportError | None = None
@@ -74,22 +95,50 @@ class Caller:
         sent: list[float] = []  # when the first attempt left: queueing before it is not latency
         attempts = 0
         policy = self.spec.retry
+        last: Failure | None = None
+        auth_retried = False
         while True:
             attempts += 1
             try:
                 parsed = await self._attempt(payload, prompts, sent)
+            except (EndpointUnavailable, OutOfTime) as stop:  # this attempt was never sent
+                attempts -= 1
+                elapsed = time.monotonic() - sent[0] if sent else 0.0
+                latency = round(elapsed * 1000, 3) if sent else None
+                if isinstance(stop, OutOfTime) and last is not None:
+                    reason = self._clean(last.reason(), f"(gave up after {attempts} attempts, {elapsed:.1f}s)")
+                else:
+                    reason = self._clean(f"{reasons.ENDPOINT_UNAVAILABLE}: {stop}")
+                return [Outcome.failed(reason, http_status=last.status if last else None, attempts=attempts,
+                                       latency_ms=latency) for _ in prompts]
             except Failure as f:
+                last = f
                 elapsed = time.monotonic() - sent[0] if sent else 0.0
                 if f.split and len(prompts) > 1:
                     half = len(prompts) // 2
                     return await self._call(prompts[:half], reasks) + await self._call(prompts[half:], reasks)
+                creds = self._credentials
+                if (f.status in AUTH_STATUSES and not auth_retried and creds is not None and creds.refreshable
+                        and f.auth_generation is not None):
+                    auth_retried = True  # one new token, one more try: a refused token is not load
+                    try:
+                        await self._refresh(f.auth_generation)
+                        continue
+                    except CredentialError as exc:
+                        f = last = Failure(reasons.CREDENTIAL_REFUSED, f"{f.reason()}; {exc}", status=f.status)
+                if f.governed and f.retryable and policy.max_attempts > 1 and elapsed < policy.row_budget_s:
+                    continue  # the governor holds the next attempt back until the endpoint answers again
                 wait = backoff(attempts, f.retry_after, policy)
-                if f.retryable and attempts < policy.max_attempts and elapsed + wait <= policy.row_budget_s:
+                if (not f.governed and f.retryable and attempts < policy.max_attempts
+                        and elapsed + wait <= policy.row_budget_s):
                     await asyncio.sleep(wait)  # holds no slot: other rows go meanwhile
                     continue
                 gave_up = f"(gave up after {attempts} attempts, {elapsed:.1f}s)" if f.retryable and attempts > 1 else ""
                 latency = round(elapsed * 1000, 3)
-                reason = self._clean(f.reason(), gave_up)
+                text = f.reason()
+                if f.status in AUTH_STATUSES and auth_retried:
+                    text, gave_up = f"{reasons.CREDENTIAL_REFUSED}: {text}", "(refused again after a token refresh)"
+                reason = self._clean(text, gave_up)
                 return [Outcome.failed(reason, http_status=f.status, attempts=attempts, latency_ms=latency)
                         for _ in prompts]
             latency = round((time.monotonic() - sent[0]) * 1000, 3)
@@ -131,28 +180,90 @@ class Caller:
     async def _attempt(self, payload: bytes, prompts: Sequence[str], sent: list[float]) -> list[Parsed]:
         if self.fatal is not None:  # a row back from a backoff sleep: the task is failing, send nothing
             raise Failure(self.fatal.kind, self.fatal.detail)
-        await self.limiter.acquire()
+        deadline = sent[0] + self.spec.retry.row_budget_s if sent else None
+        reserve = sum(len(p) for p in prompts) // 4 + self._max_tokens
+        while True:
+            probe = await self.governor.acquire(deadline)
+            await self.limiter.acquire()
+            if probe or not (self.governor.paused or self.governor.open_reason):
+                break
+            # Let through before a pause began, then queued for a slot: the pause holds it too.
+            self.limiter.release()
+        reported = False
         overloaded, latency = False, None
         try:
-            await self.rate.acquire()
+            await self.rate.acquire(reserve)
+            auth, generation = await self._auth()
             t0 = time.monotonic()
             if not sent:
                 sent.append(t0)
             try:
-                status, headers, data = await self._transport.post(payload)
+                status, headers, data = await self._transport.post(payload, auth)
             except TransportError as exc:
                 if exc.fatal:
                     self.fatal = self.fatal or exc
-                raise Failure(exc.kind, exc.detail, retryable=not exc.fatal) from None
+                self.governor.failed(UNAVAILABLE if exc.unreachable else TRANSIENT, probe, None,
+                                     self._clean(f"{exc.kind}: {exc.detail}")[:200])
+                reported = True
+                self.rate.refund(reserve)
+                raise Failure(exc.kind, exc.detail, retryable=not exc.fatal,
+                              governed=exc.unreachable and not exc.fatal) from None
             latency = time.monotonic() - t0
             if 200 <= status < 300:
-                return self._parse(data, prompts)
+                self.governor.answered(probe)
+                reported = True
+                return self._parse(data, prompts, reserve)
+            f = http_failure(status, headers, self._text(data), rows=len(prompts), spec=self.spec.retry)
+            f.auth_generation = generation
+            kind = OVERLOAD if status == 429 else UNAVAILABLE if status == 503 else TRANSIENT if status >= 500 else None
+            if kind is None:
+                self.governor.answered(probe)  # it answered, if with a refusal of this request: it is up
+            else:
+                self.governor.failed(kind, probe, f.retry_after, self._clean(f.reason())[:200])
+            reported = True
             overloaded = status in (429, 503)
-            raise http_failure(status, headers, self._text(data), rows=len(prompts), spec=self.spec.retry)
+            self.rate.refund(reserve)
+            raise f
         finally:
+            if probe and not reported:  # cancelled, or no token: the probe did not get an answer
+                self.governor.failed(TRANSIENT, probe)
             self.limiter.release(overloaded=overloaded, latency=None if overloaded else latency)
 
-    def _parse(self, data: bytes, prompts: Sequence[str]) -> list[Parsed]:
+    async def _auth(self) -> tuple[dict[str, str] | None, int | None]:
+        """The Authorization header for this request, refreshed first if it is due."""
+        creds = self._credentials
+        if creds is None:
+            return None, None
+        if creds.due(time.time()):
+            try:
+                await self._refresh(creds.generation)
+            except CredentialError as exc:
+                if creds.header() is None:
+                    raise Failure(reasons.CREDENTIAL_REFUSED, str(exc)) from None
+                # The token held may still be good: the endpoint says if not (401), and that retries.
+        value = creds.header()
+        return ({"Authorization": value.reveal()} if value is not None else None), creds.generation
+
+    async def _refresh(self, seen: int) -> None:
+        """A new token, once for all the requests refused with (or due with) generation `seen`."""
+        creds = self._credentials
+        assert creds is not None
+        pending = self._refreshing
+        if pending is not None and not pending.done():
+            await asyncio.shield(pending)
+            return
+        if creds.generation != seen:
+            return  # another request refreshed it meanwhile
+        if self._refresh_failed is not None and time.monotonic() - self._refresh_failed[0] < 5.0:
+            raise self._refresh_failed[1]  # the token endpoint just failed: do not ask it once per row
+        self._refreshing = asyncio.get_running_loop().run_in_executor(None, creds.refresh)
+        try:
+            await self._refreshing
+        except CredentialError as exc:
+            self._refresh_failed = (time.monotonic(), exc)
+            raise
+
+    def _parse(self, data: bytes, prompts: Sequence[str], reserve: int = 0) -> list[Parsed]:
         try:
             answer = json.loads(data)
         except (ValueError, UnicodeDecodeError):
@@ -171,22 +282,29 @@ class Caller:
             parsed = self.protocol.parse(answer, prompts)
         except BadResponse as exc:
             raise Failure(reasons.BAD_RESPONSE, str(exc), status=200) from None
-        usage = sum((p.prompt_tokens or 0) + (p.completion_tokens or 0) for p in parsed)
-        self.rate.charge_tokens(usage)
+        reported = [p for p in parsed if p.prompt_tokens is not None or p.completion_tokens is not None]
+        self.rate.settle(reserve, sum(p.prompt_tokens or 0 for p in reported) if reported else None,
+                         sum(p.completion_tokens or 0 for p in reported) if reported else None)
         return parsed
 
     def _clean(self, text: str, suffix: str = "") -> str:
         """Secrets out, then the cut, then `suffix`: the endpoint's message is cut, never our own note."""
+        secrets = self._secrets()
         if not suffix:
-            return scrub(text, self._secrets)[:MAX_ERROR_CHARS]
+            return scrub(text, secrets)[:MAX_ERROR_CHARS]
         room = MAX_ERROR_CHARS - len(suffix) - 1
-        return f"{scrub(text, self._secrets)[:room]} {suffix}"
+        return f"{scrub(text, secrets)[:room]} {suffix}"
 
     def _text(self, data: bytes) -> str:
         """A failed answer's start as text, secrets removed. Only the first 16 KiB: messages are read from
         the first 4,000 characters, and a run of a secret cut at the edge is still scrubbed if it is
         8 characters or more (shorter is not a secret's worth)."""
-        return scrub(data[:16384].decode("utf-8", "replace"), self._secrets)
+        return scrub(data[:16384].decode("utf-8", "replace"), self._secrets())
+
+    def _secrets(self) -> list[Secret]:
+        """The headers' secrets and every token the credentials have held (they change during a run)."""
+        held = self._credentials.secrets() if self._credentials is not None else []
+        return self._static_secrets + held
 
 
 def _plus(a: int | None, b: int | None) -> int | None:

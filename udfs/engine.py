@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from udfs import reasons
 from udfs.auth import Secret
 from udfs.caller import Caller
-from udfs.limits import AdaptiveLimiter, RateLimiter
+from udfs.limits import AdaptiveLimiter, Governor, RateLimiter, recall, remember
 from udfs.outcome import Outcome
 from udfs.prompts import is_blank
 from udfs.spec import EngineSpec
@@ -49,7 +49,17 @@ class Engine:
                                          read_timeout=spec.read_timeout_s)
         self.limiter = AdaptiveLimiter(self.max_limit, adaptive=spec.adaptive,
                                        latency_factor=spec.latency_cut_factor)
-        self.caller = Caller(spec, self._transport, self.limiter, RateLimiter(spec.requests_per_s, spec.tokens_per_s))
+        # The task's sending as a whole: pauses and probes, the learned rate, the breaker.
+        self.governor = Governor(rate=spec.start_requests_per_s, ceiling=spec.requests_per_s,
+                                 learn=spec.adaptive, breaker_s=spec.retry.breaker_s,
+                                 half_open=spec.endpoint_down)
+        # The pace an earlier task of this endpoint and share learned in this process (the last chunk).
+        self._learned_key = (spec.url, self.max_limit, spec.requests_per_s)
+        earlier = recall(self._learned_key) if spec.adaptive and not spec.endpoint_down else None
+        if earlier is not None:
+            self.governor.start_from(earlier)
+        self.caller = Caller(spec, self._transport, self.limiter, RateLimiter(spec.requests_per_s, spec.tokens_per_s),
+                             self.governor)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bi-engine", daemon=True)
         self._thread.start()
@@ -60,6 +70,7 @@ class Engine:
     def close(self) -> None:
         if self._loop.is_closed():
             return
+        remember(self._learned_key, self.governor)
         self._run(self._transport.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()

@@ -1,8 +1,9 @@
-"""Flow control for one task: an adaptive in-flight limit and request/token rate limits.
+"""Flow control for one task: the governor (pauses, probes, a learned rate, the breaker), an adaptive
+in-flight limit, and request/token rate limits.
 
-Both live in the engine's event loop (one thread, so no locks). The job gives each task its share of
-the job-wide limits (see `jobs.plan`), so the sum over the tasks running at once never exceeds what
-the config allows.
+All live in the engine's event loop (one thread, so no locks) and take an injected clock. The job
+gives each task its share of the job-wide limits (see `jobs.plan`), so the sum over the tasks running
+at once never exceeds what the config allows.
 
 Example::
 
@@ -14,12 +15,335 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections import deque
-from typing import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Hashable
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What a governor learned of a rate limit: the pace, the rate measured, the window's length."""
+    rate: float
+    measured: float | None
+    window_s: float
+    at: float  # time.monotonic() when it was learned
+
+
+# What the last task of each endpoint (and share of the limit) in this process learned. In executors
+# mode each chunk is a new Spark job, so a new task and a new governor; Python workers are reused
+# across tasks, so the next chunk's task starts at the pace the last one settled at instead of
+# bursting into a window the last chunk may already have used up, and learning it all again.
+_LEARNED: dict[Hashable, Learned] = {}
+LEARNED_TTL_S = 600.0
+
+
+def remember(key: Hashable, governor: Governor) -> None:
+    learned = governor.learned()
+    if learned is not None:
+        _LEARNED[key] = learned
+
+
+def recall(key: Hashable, now: float | None = None) -> Learned | None:
+    """What a governor of `key` learned in this process within `LEARNED_TTL_S`, if anything."""
+    learned = _LEARNED.get(key)
+    now = time.monotonic() if now is None else now
+    return learned if learned is not None and now - learned.at <= LEARNED_TTL_S else None
+
+
+class EndpointUnavailable(Exception):
+    """The task's breaker is open: nothing has answered for `breaker_s`; the rest of the rows fail fast."""
+
+
+class OutOfTime(Exception):
+    """A row's budget would run out while the task waits for the endpoint to come back."""
+
+
+# How a failed request bears on the task's sending (`Governor.failed`).
+OVERLOAD = "overload"        # 429: the rate is over the endpoint's limit; pause, probe, learn the rate
+UNAVAILABLE = "unavailable"  # 503, or no connection at all: pause and probe; not a rate signal
+TRANSIENT = "transient"      # a 5xx, a timeout, a reset: the row retries on its own backoff
+
+
+class Governor:
+    """The task's sending as a whole: one pause for the task, not a retry storm per row.
+
+    - **Pause and probe.** A 429, a 503 or an endpoint that takes no connection pauses every request of
+      the task. After the pause (the server's `Retry-After`, else `probe_first_s`; after a refused
+      probe, half the time paused so far, up to `probe_max_s`) exactly one request goes as a probe;
+      the task resumes when it is answered. Requests already in flight finish; their answers do not end the pause.
+    - **A learned rate (AIMD on the rate).** A pause caused by a 429 ends a *cycle*. If the window
+      stayed closed (a probe was refused), the requests answered since the cycle began, over the time
+      until it reopened (the middle of the last refused probe and the answered one), is the rate the
+      endpoint sustains, its window's pause included; if the first probe got through and the task was
+      paced, the paced rate met the limit as a window turned, and what the last window let through
+      is the limit's rate. The task resumes paced at `decrease` (0.9) times that rate, never less than
+      half the rate it had, climbs back to `settle` (0.95) of it within a quarter of a window, then
+      adds `increase` (2%) of it per window: the window is the limit's own (measured when one stayed
+      closed), so the step is as gentle for a minute's window as for a second's. Under a fixed window the task
+      settles just under the window's rate instead of bursting into it every window. Until the first
+      such 429 the task is unpaced, unless a starting `rate` is known (the endpoint's AI Gateway limits,
+      `limits.requests_per_minute`); `ceiling` (requests/s) is never exceeded. A 429 whose first probe
+      gets through while unpaced is about requests in flight (`AdaptiveLimiter` halves those) and
+      teaches no rate; nor do 503s and lost connections: an endpoint scaling from zero says nothing
+      about its rate. A first probe that got through halves the next pause's first wait (down to
+      50 ms), so that a limit that reopens at once costs little.
+    - **A breaker.** When nothing has answered for `breaker_s` while requests failed, the breaker opens:
+      every waiting and later `acquire` raises `EndpointUnavailable`, and the rows fail fast. Started
+      `half_open` (the run's endpoint was unavailable in an earlier chunk) the task sends one probe
+      first, and the breaker opens if it fails.
+
+    One event loop, no locks; `clock` and `sleep` are injected so that tests run on a fake clock.
+
+    Example::
+
+        probe = await governor.acquire(deadline)      # waits out pauses and pacing
+        ... send ...
+        governor.answered(probe)   # or governor.failed(OVERLOAD, probe, retry_after, "http_429: ...")
+    """
+
+    def __init__(self, *, rate: float | None = None, ceiling: float | None = None, learn: bool = True,
+                 breaker_s: float = 480.0, half_open: str | None = None, probe_first_s: float = 0.5,
+                 probe_max_s: float = 10.0, decrease: float = 0.9, settle: float = 0.95, increase: float = 0.02,
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
+                 jitter: Callable[[float, float], float] = random.uniform) -> None:
+        self._clock, self._sleep, self._jitter = clock, sleep, jitter
+        self.ceiling = ceiling
+        self.rate = min(rate, ceiling) if rate and ceiling else (rate or None)
+        self.learn = learn
+        self.breaker_s = breaker_s
+        self.probe_first_s, self.probe_max_s = probe_first_s, probe_max_s
+        self.decrease, self.settle, self.increase = decrease, settle, increase
+        now = clock()
+        # The breaker: when the endpoint last answered, and what failed since.
+        self._last_alive = now - breaker_s if half_open else now
+        self._failures = 0
+        self._half_open = half_open
+        self._last_failure = ""
+        self.open_reason: str | None = None
+        # The pause: started half-open, the first request is a probe.
+        self.paused = bool(half_open)
+        self._probing = False
+        self._probe_at = now
+        self._probe_delay = probe_first_s
+        self._refused_at = now  # the last moment the endpoint was known to refuse
+        self._paused_at = now
+        self._probes_refused = 0
+        # The first probe's delay: halved each time the first probe got through (a limit that reopens
+        # at once, as a concurrency limit does), back to probe_first_s when one is refused.
+        self._first_probe = probe_first_s
+        self._rate_pause = False
+        # The cycle the rate is measured over, and pacing.
+        self._cycle_start: float | None = None
+        self._cycle_answers = 0
+        self._recent: deque[float] = deque()  # answer times over the last window (`_cycle_len`)
+        self._measured: float | None = None
+        self._base = self.rate  # the rate set at the last decrease
+        self._cycle_len = 60.0  # the last cycle's length; AI Gateway's windows are a minute until measured
+        self._last_increase = now
+        self._next = -math.inf
+        self._waiters: list[asyncio.Future[None]] = []
+        self.pauses = self.probes = self.decreases = 0
+
+    # -- what is learned, to hand on ---------------------------------------------------------------
+
+    def learned(self) -> Learned | None:
+        """The learned pace, if this governor learned one (a 429 cycle measured it)."""
+        if not (self.learn and self.rate and self._measured):
+            return None
+        return Learned(self.rate, self._measured, self._cycle_len, time.monotonic())
+
+    def start_from(self, learned: Learned) -> None:
+        """Start at the pace an earlier governor of the same endpoint and share settled at."""
+        self.rate = self._base = min(learned.rate, self.ceiling) if self.ceiling else learned.rate
+        self._measured, self._cycle_len = learned.measured, learned.window_s
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    async def acquire(self, deadline: float | None = None) -> bool:
+        """Wait until a request may go; True if it goes as the probe of a pause.
+
+        Raises `EndpointUnavailable` once the breaker is open, `OutOfTime` if `deadline` (clock time)
+        passes while the task is paused.
+        """
+        while True:
+            if self.open_reason is not None:
+                raise EndpointUnavailable(self.open_reason)
+            now = self._clock()
+            if self._cycle_start is None:
+                self._cycle_start = self._last_increase = now
+            if self.paused:
+                self._check_breaker(now)
+                if self.open_reason is not None:
+                    continue
+                if not self._probing and now >= self._probe_at:
+                    self._probing = True
+                    self.probes += 1
+                    return True
+                if deadline is not None and now >= deadline:
+                    raise OutOfTime
+                wait = None if self._probing else self._probe_at - now
+                if deadline is not None:
+                    wait = deadline - now if wait is None else min(wait, deadline - now)
+                await self._wait(wait)
+                continue
+            if self.rate:
+                # Paced by reservation, no burst: a fixed window punishes a burst at its start.
+                slot = max(self._next, now)
+                self._next = slot + 1.0 / self.rate
+                if slot > now:
+                    await self._sleep(slot - now)
+                    if self.paused or self.open_reason is not None:
+                        continue  # a pause began meanwhile: the slot is void
+            return False
+
+    def answered(self, probe: bool = False) -> None:
+        """The endpoint answered (a 2xx, or a refusal of this request such as 400 or 401): it is up."""
+        now = self._clock()
+        self._last_alive, self._failures, self._half_open = now, 0, None
+        if probe and self.paused:
+            self._resume(now)
+        self._cycle_answers += 1
+        self._recent.append(now)
+        while self._recent and self._recent[0] < now - self._cycle_len:
+            self._recent.popleft()
+        if self.learn and self.rate and not self.paused:
+            self._add(now)
+
+    def failed(self, kind: str, probe: bool = False, retry_after: float | None = None, reason: str = "") -> None:
+        """A request failed: `OVERLOAD` or `UNAVAILABLE` pause the task, `TRANSIENT` only counts."""
+        now = self._clock()
+        self._failures += 1
+        self._last_failure = reason or self._last_failure
+        wait = None if retry_after is None else retry_after + self._jitter(0, min(1.0, 0.1 + retry_after * 0.05))
+        if probe and self.paused:
+            self._probing = False
+            self._refused_at = now
+            self._probes_refused += 1
+            # Half the time paused so far: a probe comes at most a third late after the limit reopens,
+            # and a minute's window costs about fifteen probes.
+            self._probe_delay = max(self._first_probe, min(self.probe_max_s, 0.5 * (now - self._paused_at)))
+            self._probe_at = now + (wait if wait is not None else self._probe_delay)
+        elif kind in (OVERLOAD, UNAVAILABLE):
+            if not self.paused:
+                self._pause(now, kind == OVERLOAD)
+                self._probe_at = now + (wait if wait is not None else self._probe_delay)
+            elif wait is not None:
+                self._probe_at = max(self._probe_at, now + wait)
+            self._refused_at = now
+        self._check_breaker(now)
+        self._wake()
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _pause(self, now: float, rate_signal: bool) -> None:
+        self.paused = True
+        self.pauses += 1
+        self._paused_at, self._probes_refused = now, 0
+        self._rate_pause = rate_signal
+        self._probe_delay = self._first_probe
+
+    def _resume(self, now: float) -> None:
+        if self.learn and self._rate_pause and self._cycle_start is not None:
+            measured: float | None = None
+            reopened = (self._refused_at + now) / 2
+            closed = self._probes_refused and reopened - self._cycle_start >= 1.0
+            if closed and self._cycle_answers >= 5:
+                # A window that stayed closed: it reopened between the last refused probe and this
+                # answer (take the middle), and what it let through over the cycle is its rate. (A
+                # shorter cycle is a limit on requests in flight seen twice.)
+                self._cycle_len = reopened - self._cycle_start
+                measured = self._cycle_answers / self._cycle_len
+            elif closed and not self.rate:
+                # A window that stayed closed, but other tasks had it: too few answers to measure. The
+                # task stays unpaced; the next window it takes its part and measures it. (A guessed
+                # slow pace would starve it for windows on end; already paced, the task keeps its pace
+                # and cuts it as below: at most by half.)
+                self._cycle_len = reopened - self._cycle_start
+            elif self.rate:
+                # Refused, then open again at the first probe (or a closed window gave this task too few
+                # answers to measure): the pace met the limit as a window turned.
+                # What the last window let through is the limit's rate (the pace, unless the task sent
+                # less than it allowed); the cycle, many windows long, says nothing of the window's
+                # length. (Unpaced, such a 429 is about concurrency, which `AdaptiveLimiter` halves.)
+                start = self._paused_at - self._cycle_len
+                recent = sum(1 for t in self._recent if start <= t <= self._paused_at)
+                span = min(self._cycle_len, self._paused_at - self._cycle_start)
+                measured = min(self.rate, recent / span) if span >= 1.0 else self.rate
+            if measured is not None:
+                new = measured * self.decrease
+                if self.rate:
+                    new = max(new, self.rate * 0.5)  # at most a halving per pause
+                self.rate = self._base = min(new, self.ceiling) if self.ceiling else new
+                self._measured = max(measured, self.rate)
+                self.decreases += 1
+        self._first_probe = (max(0.05, self._first_probe / 2) if self._probes_refused == 0
+                             else self.probe_first_s)
+        self.paused = self._probing = self._rate_pause = False
+        self._cycle_start, self._cycle_answers = now, 0
+        self._last_increase = now
+        self._next = now + (1.0 / self.rate if self.rate else 0.0)  # the probe took this slot
+        self._wake()
+
+    def _add(self, now: float) -> None:
+        """Increase, in the time of the limit's own window (the last cycle's length): back to `settle`
+        of the measured rate within a quarter of a window, then `increase` of it more per window,
+        doubling for each window without a 429."""
+        assert self.rate
+        dt = now - self._last_increase
+        self._last_increase = now
+        measured = self._measured or self.rate
+        target = self.settle * measured
+        dt = min(dt, self._cycle_len)  # a task that sent nothing for a while learned nothing meanwhile
+        if self.rate < target:
+            step = (target - (self._base or self.rate)) * dt / (self._cycle_len / 4)
+            self.rate = min(target, self.rate + max(step, 0.0))
+        else:
+            # Twice the step for each whole window without a 429 (at most 8 times): near the limit
+            # the steps stay small, and a share another task left (its rows done) is taken back in
+            # a few windows, not dozens.
+            windows = (now - self._cycle_start) / self._cycle_len if self._cycle_start is not None else 0.0
+            growth = 2.0 ** min(3, int(windows))
+            self.rate = self.rate + growth * self.increase * max(measured, self.rate) * dt / self._cycle_len
+        if self.ceiling:
+            self.rate = min(self.rate, self.ceiling)
+
+    def _check_breaker(self, now: float) -> None:
+        if self.open_reason is None and self._failures and now - self._last_alive >= self.breaker_s:
+            if self._half_open is not None:
+                reason = f"{self._half_open}; probed again in this chunk"
+            else:
+                reason = f"nothing answered for {now - self._last_alive:.0f}s"
+            self.open_reason = f"{reason} (last: {self._last_failure})" if self._last_failure else reason
+            self._wake()
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until `_wake` (a pause ended, a probe failed, the breaker opened) or `timeout` seconds."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            if timeout is None:
+                await fut
+                return
+            sleeper = asyncio.ensure_future(self._sleep(max(0.0, timeout)))
+            try:
+                await asyncio.wait({fut, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+        finally:
+            if not fut.done():
+                fut.cancel()
+                self._waiters = [w for w in self._waiters if w is not fut]
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
 
 class AdaptiveLimiter:
@@ -110,8 +434,10 @@ class RateLimiter:
     """Requests per second and tokens per second for one task; `None` means unlimited.
 
     Requests are paced by reservation (each caller books the next free slot), with a burst of one
-    second's worth. Tokens are charged after the answer reports usage, so the bucket may go below
-    zero; new requests then wait until it refills.
+    second's worth. Tokens are counted as AI Gateway counts them: a request reserves its estimated
+    prompt tokens plus `max_tokens` (when set) before it is sent, and the answer's `usage` (prompt and
+    completion tokens, counted separately) then replaces the reservation. The bucket may go below zero;
+    new requests then wait until it refills.
     """
 
     def __init__(self, requests_per_s: float | None = None, tokens_per_s: float | None = None, *,
@@ -124,13 +450,16 @@ class RateLimiter:
         self._capacity = max(1.0, (tokens_per_s or 0.0) * 10)  # ten seconds of tokens
         self._tokens = self._capacity
         self._stamp = clock()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
 
-    async def acquire(self) -> float:
-        """Wait until a request may go; returns the seconds waited."""
+    async def acquire(self, reserve: int = 0) -> float:
+        """Wait until a request may go, then reserve `reserve` tokens for it; returns the seconds waited."""
         waited = 0.0
         while self._tps:
             self._refill()
             if self._tokens > 0:
+                self._tokens -= reserve
                 break
             pause = (1 - self._tokens) / self._tps
             await self._sleep(pause)
@@ -143,6 +472,20 @@ class RateLimiter:
                 await self._sleep(slot - now)
                 waited += slot - now
         return waited
+
+    def settle(self, reserved: int, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """The answer's usage replaces the reservation; without usage the reservation stands."""
+        self.prompt_tokens += prompt_tokens or 0
+        self.completion_tokens += completion_tokens or 0
+        if self._tps and (prompt_tokens is not None or completion_tokens is not None):
+            self._refill()
+            self._tokens += reserved - (prompt_tokens or 0) - (completion_tokens or 0)
+
+    def refund(self, reserved: int) -> None:
+        """A request that was refused (429, an error) consumed nothing: its reservation comes back."""
+        if self._tps and reserved:
+            self._refill()
+            self._tokens += reserved
 
     def charge_tokens(self, n: int | None) -> None:
         if self._tps and n:

@@ -21,6 +21,10 @@ NULL_FIELD = "null_field"
 HTTP = "http_<status>"
 TIMEOUT = "timeout"
 CONNECTION_ERROR = "connection_error"
+# Not sent, or given up, because the endpoint as a whole was down (the task's breaker).
+ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
+# The endpoint refused the token (401/403) even after a fresh one, or no fresh one could be had.
+CREDENTIAL_REFUSED = "credential_refused"
 # An answer came back but could not be used.
 BAD_RESPONSE = "bad_response"
 DIMENSION_MISMATCH = "dimension_mismatch"
@@ -43,6 +47,10 @@ MEANING: dict[str, str] = {
     HTTP: "the endpoint answered this HTTP status (after retries, for a retried status)",
     TIMEOUT: "no answer within `limits.read_timeout_s` (or no connection within `connect_timeout_s`)",
     CONNECTION_ERROR: "the connection failed or was reset before a whole answer came",
+    ENDPOINT_UNAVAILABLE: "nothing answered for `retry.breaker_s` (429, 503, no connection): the rest of the "
+                          "task's rows failed fast, some never sent; a rerun sends them again",
+    CREDENTIAL_REFUSED: "the endpoint answered 401/403 to a token refreshed for the retry, or no new token "
+                        "could be had (OAuth); the detail says which",
     BAD_RESPONSE: "the answer is not JSON, or not the shape the task's protocol expects",
     DIMENSION_MISMATCH: "an embedding whose length is not the run's dimension",
     INVALID_OUTPUT: "the answer is not JSON or breaks `endpoint.response_format` (first failing path "

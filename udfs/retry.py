@@ -27,6 +27,8 @@ from udfs.spec import RetrySpec
 # Statuses that refuse a batched request as a whole (too large, one bad input): the batch is split in
 # halves until only the bad rows fail.
 SPLIT_STATUSES = (400, 413, 422)
+# Statuses that speak for the endpoint as a whole, not for the request: the task pauses (`udfs.limits`).
+GOVERNED_STATUSES = (429, 503)
 
 _RETRY_AFTER = Retry(total=None, respect_retry_after_header=True, retry_after_max=3600)
 
@@ -35,10 +37,15 @@ class Failure(Exception):
     """One attempt's failure: `kind` is the reason code, `retry_after` the server's wish if any."""
 
     def __init__(self, kind: str, detail: str = "", *, status: int | None = None, retryable: bool = False,
-                 retry_after: float | None = None, split: bool = False) -> None:
+                 retry_after: float | None = None, split: bool = False, governed: bool = False) -> None:
         super().__init__(kind)
         self.kind, self.detail, self.status = kind, detail, status
         self.retryable, self.retry_after, self.split = retryable, retry_after, split
+        # A 429, a 503 or no connection: the task's governor holds the retry back until the endpoint
+        # answers again, and the row's time budget (not `max_attempts`) bounds it.
+        self.governed = governed
+        # Which token the refused request carried (`udfs.auth.Credentials.generation`), for a 401/403.
+        self.auth_generation: int | None = None
 
     def reason(self, note: str = "") -> str:
         # With no detail, a note reads `timeout: (gave up ...)`, as with one: `code: detail (note)`.
@@ -61,7 +68,7 @@ def http_failure(status: int, headers: Mapping[str, str], body_text: str, *, row
     batch of `rows` was refused as a whole."""
     return Failure(reasons.http(status), error_message(body_text), status=status,
                    retryable=status in spec.statuses, retry_after=parse_retry_after(headers.get("retry-after")),
-                   split=rows > 1 and status in SPLIT_STATUSES)
+                   split=rows > 1 and status in SPLIT_STATUSES, governed=status in GOVERNED_STATUSES)
 
 
 def backoff(attempt: int, retry_after: float | None, spec: RetrySpec,

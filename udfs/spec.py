@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from udfs.auth import Secret
+from udfs.auth import Credentials, Secret
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,12 @@ class RetrySpec:
     max_attempts: int = 6
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
+    # Per row, across attempts and waits: what bounds the retries of 429 and 503, which the task's
+    # governor holds back until the endpoint answers again (`max_attempts` bounds the others).
     row_budget_s: float = 600.0
+    # The breaker: nothing answered for this long and the rest of the task's rows fail fast as
+    # `endpoint_unavailable`. Longer than a five-minute cold start; shorter than the row budget.
+    breaker_s: float = 480.0
     # Structured output: times an answer that breaks the response schema is asked for again.
     invalid_output_attempts: int = 1
 
@@ -35,6 +40,8 @@ class EngineSpec:
     task: str = "custom"
     endpoint_type: str = "serving"
     headers: dict[str, Secret | str] = field(default_factory=dict)
+    # The Authorization header when it can change during the run (OAuth): `udfs.auth.Credentials`.
+    credentials: Credentials | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     stop: tuple[str, ...] = ()
     system_prompt: str | None = None
@@ -44,6 +51,11 @@ class EngineSpec:
     max_concurrency: int = 8
     requests_per_s: float | None = None
     tokens_per_s: float | None = None
+    # Where the governor's learned rate starts (requests/s), below a limit the endpoint declares
+    # (its AI Gateway rate limits); None: unpaced until the first 429.
+    start_requests_per_s: float | None = None
+    # The run's breaker was open in an earlier chunk (why): tasks probe once before sending.
+    endpoint_down: str | None = None
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 120.0
     adaptive: bool = True
@@ -58,4 +70,5 @@ class EngineSpec:
     response_format_at: str | None = None
 
     def secrets(self) -> list[Secret]:
-        return [v for v in self.headers.values() if isinstance(v, Secret)]
+        held = [v for v in self.headers.values() if isinstance(v, Secret)]
+        return held + (self.credentials.secrets() if self.credentials is not None else [])

@@ -1,8 +1,11 @@
 """HTTP for one task: keep-alive connections to one endpoint, as many as the task's concurrency.
 
-Every transport has one coroutine, `post(body) -> (status, headers, data)` (headers looked up
-case-insensitively), and raises `TransportError(kind, detail)`. `timeout` and `connection_error`
-are worth retrying. `tls_error` and `invalid_header` are fatal: configuration errors that fail every
+Every transport has one coroutine, `post(body, headers=None) -> (status, headers, data)` (answer
+headers looked up case-insensitively; `headers` are added to the transport's own for this request: a
+token that is refreshed), and raises `TransportError(kind, detail)`. `timeout` and `connection_error`
+are worth retrying; those met before a connection was made are `unreachable` (refused, no route, no
+name, a connect timeout), which the engine's governor treats as an endpoint that is down, not as one
+row's bad luck. `tls_error` and `invalid_header` are fatal: configuration errors that fail every
 request the same way, so the engine stops at the first one instead of retrying each row.
 
 Which library does what:
@@ -69,10 +72,12 @@ _TLS_CONFIG_REASONS = frozenset({
 
 
 class TransportError(Exception):
-    def __init__(self, kind: str, detail: str) -> None:
+    def __init__(self, kind: str, detail: str, *, unreachable: bool = False) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+        # No connection was made: nothing was sent, and the endpoint may be down as a whole.
+        self.unreachable = unreachable
 
     @property
     def fatal(self) -> bool:
@@ -181,7 +186,11 @@ def _os_name(exc: BaseException) -> str:
 
 # The same words for the same failure, whichever client met it.
 def _slow_connect(where: str, seconds: float) -> TransportError:
-    return TransportError(reasons.TIMEOUT, f"connect to {where} took over {seconds:g}s")
+    return TransportError(reasons.TIMEOUT, f"connect to {where} took over {seconds:g}s", unreachable=True)
+
+
+def _no_connection(exc: BaseException, where: str) -> TransportError:
+    return TransportError(reasons.CONNECTION_ERROR, f"{_os_name(exc)} connecting to {where}", unreachable=True)
 
 
 def _silent(read: float) -> TransportError:
@@ -227,8 +236,7 @@ def tls_probe(url: str, timeout: float) -> None:
     except TimeoutError:
         raise _slow_connect(f"{host}:{port}", timeout) from None
     except (OSError, http.client.HTTPException) as exc:
-        raise tls_problem(exc) or TransportError(reasons.CONNECTION_ERROR,
-                                                 f"{_os_name(exc)} connecting to {host}:{port}") from None
+        raise tls_problem(exc) or _no_connection(exc, f"{host}:{port}") from None
     finally:
         conn.close()
 
@@ -283,14 +291,17 @@ class AiohttpTransport:
                                      cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",),
                                      trust_env=False)
 
-    async def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+    async def post(self, body: bytes, headers: Mapping[str, str] | None = None
+                   ) -> tuple[int, Mapping[str, str], bytes]:
         import aiohttp
 
+        if headers:
+            check_headers(headers)
         if self._session is None:
             self._session = self._open()
         try:
-            async with self._session.post(self._url, data=body, allow_redirects=False, proxy=self._proxy,
-                                          proxy_auth=self._proxy_auth) as resp:
+            async with self._session.post(self._url, data=body, headers=headers, allow_redirects=False,
+                                          proxy=self._proxy, proxy_auth=self._proxy_auth) as resp:
                 return resp.status, resp.headers, await resp.read()
         except aiohttp.ConnectionTimeoutError:
             raise _slow_connect(self._where, self._connect_timeout) from None
@@ -302,8 +313,7 @@ class AiohttpTransport:
             raise TransportError(reasons.CONNECTION_ERROR,
                                  f"the proxy refused the tunnel (HTTP {exc.status})") from None
         except aiohttp.ClientConnectorError as exc:
-            raise tls_problem(exc) or TransportError(
-                reasons.CONNECTION_ERROR, f"{_os_name(exc)} connecting to {self._where}") from None
+            raise tls_problem(exc) or _no_connection(exc, self._where) from None
         except aiohttp.ServerDisconnectedError:
             raise TransportError(reasons.CONNECTION_ERROR, DROPPED) from None
         except aiohttp.ClientPayloadError:
@@ -375,12 +385,16 @@ class Urllib3Client:
         # which only the manager writes.
         self._manager = urllib3.ProxyManager(proxy, **kw) if proxy else urllib3.PoolManager(**kw)
 
-    def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+    def post(self, body: bytes, headers: Mapping[str, str] | None = None) -> tuple[int, Mapping[str, str], bytes]:
         from urllib3.exceptions import HTTPError
 
+        if headers:
+            check_headers(headers)
         deadline = time.monotonic() + self._whole
         try:
-            r = self._manager.urlopen("POST", self._url, body=body, headers=self._headers, retries=False,
+            r = self._manager.urlopen("POST", self._url, body=body,
+                                      headers={**self._headers, **headers} if headers else self._headers,
+                                      retries=False,
                                       redirect=False, timeout=self._timeout, preload_content=False)
             return r.status, r.headers, _finish(r, deadline, self._whole)
         except TransportError:
@@ -431,14 +445,16 @@ class RequestsClient:
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 
-    def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+    def post(self, body: bytes, headers: Mapping[str, str] | None = None) -> tuple[int, Mapping[str, str], bytes]:
         import requests
         from urllib3.exceptions import HTTPError
 
+        if headers:
+            check_headers(headers)
         deadline = time.monotonic() + self._whole
         try:
-            r = self._session.post(self._url, data=body, timeout=self._timeouts, proxies=self._proxies,
-                                   allow_redirects=False, stream=True)
+            r = self._session.post(self._url, data=body, headers=headers, timeout=self._timeouts,
+                                   proxies=self._proxies, allow_redirects=False, stream=True)
             return r.status_code, r.headers, _finish(r.raw, deadline, self._whole)
         except TransportError:
             raise
@@ -451,12 +467,16 @@ class RequestsClient:
 
 def _threaded_error(exc: BaseException, where: str, connect: float, read: float) -> TransportError:
     """urllib3's and requests' exceptions as a `TransportError`, by what they wrap."""
-    from urllib3.exceptions import ConnectTimeoutError, ProxyError, ReadTimeoutError
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProxyError, ReadTimeoutError
 
     tls = tls_problem(exc)
     if tls is not None:
         return tls
     causes = _causes(exc)
+    # urllib3 2 makes NewConnectionError (refused, no route, no name) a kind of ConnectTimeoutError.
+    if any(isinstance(e, NewConnectionError) for e in causes) and not any(
+            isinstance(e, TimeoutError) for e in causes):
+        return _no_connection(exc, where)
     if any(isinstance(e, ConnectTimeoutError) for e in causes):
         return _slow_connect(where, connect)
     if any(isinstance(e, (ReadTimeoutError, TimeoutError)) for e in causes):
@@ -477,8 +497,9 @@ class ThreadedTransport:
         self._client = client
         self._threads = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="bi-http")
 
-    async def post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        return await asyncio.get_running_loop().run_in_executor(self._threads, self._client.post, body)
+    async def post(self, body: bytes, headers: Mapping[str, str] | None = None
+                   ) -> tuple[int, Mapping[str, str], bytes]:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self._client.post, body, headers)
 
     async def aclose(self) -> None:
         self._threads.shutdown(wait=False)

@@ -172,7 +172,8 @@ def setup_logging() -> None:
 
 
 def execute(argv: list[str] | None = None) -> int:
-    """Run the job; the exit code: 0 done, 1 rows failed under `run.fail_on_error`, 2 bad input."""
+    """Run the job; the exit code: 0 done, 1 rows failed (more than `run.max_error_share` of those sent,
+    or any under `run.fail_on_error`; the last line names the main reason), 2 bad input."""
     setup_logging()
     try:
         inv = parse_args(argv)  # `--help` exits in here, having imported only the stdlib

@@ -1,0 +1,62 @@
+"""The run's view of the endpoint across chunks: the breaker's report, and what the next chunk's tasks
+are told.
+
+Each task has its own breaker (`udfs.limits.Governor`): when nothing has answered for
+`retry.breaker_s`, the rest of its rows fail fast as `endpoint_unavailable`. The driver learns of it
+from the committed chunk (one small query, only for a chunk with errors), says so, and starts the
+next chunk's tasks half-open: each sends one probe first, and fails its rows at once if the probe
+fails too. So an endpoint down for the whole run costs one breaker's time, not one per chunk; a rerun
+sends those rows again. Each chunk's tasks also get the credentials as they are when it starts
+(`udfs.auth.Credentials.for_tasks`).
+
+Example::
+
+    health = EndpointHealth()
+    spec_for_chunk = health.for_chunk(spec)
+    health.after_chunk(spark, "main.gold.completions", run_id, chunk=0, counts={"ok": 0, "error": 1000})
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from pyspark.sql import SparkSession, functions as F
+
+from udfs import reasons
+from udfs.spec import EngineSpec
+
+log = logging.getLogger("batch_inference")
+
+DOWN_EARLIER = "unavailable in an earlier chunk of this run"
+
+
+@dataclass
+class EndpointHealth:
+    # Why the endpoint is down (the first `endpoint_unavailable` detail), None while it answers.
+    down: str | None = None
+    # Rows of this run that failed as `endpoint_unavailable`, so far.
+    unavailable_rows: int = 0
+
+    def for_chunk(self, spec: EngineSpec) -> EngineSpec:
+        """The spec a chunk's tasks get: current credentials, and half-open if the endpoint is down."""
+        creds = spec.credentials.for_tasks() if spec.credentials is not None else None
+        return replace(spec, credentials=creds, endpoint_down=DOWN_EARLIER if self.down else None)
+
+    def after_chunk(self, spark: SparkSession, table: str, run_id: str, chunk: int, counts: dict[str, int]) -> None:
+        if not counts.get("error"):
+            self.down = None
+            return
+        prefix = f"{reasons.ENDPOINT_UNAVAILABLE}:"
+        row = (spark.read.table(table).where((F.col("run_id") == run_id) & F.col("error").startswith(prefix))
+               .agg(F.count(F.lit(1)).alias("n"), F.min("error").alias("example")).collect()[0])
+        new = row["n"] - self.unavailable_rows
+        self.unavailable_rows = row["n"]
+        if new > 0:
+            if self.down is None:
+                self.down = row["example"][len(prefix):].strip()
+            log.warning("chunk %d: the endpoint is unavailable: %d row(s) failed fast as %s (%s); later chunks "
+                        "probe once before sending; rerun to send these rows again",
+                        chunk + 1, new, reasons.ENDPOINT_UNAVAILABLE, self.down)
+        elif counts.get("ok"):
+            self.down = None

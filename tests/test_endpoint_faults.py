@@ -1,0 +1,145 @@
+"""Rate limits that last until the window resets, a cold start, an endpoint that is down and tokens that
+expire: the real job on local Spark against loopback servers that behave as Databricks serving does.
+
+The issue's cases, scaled from minutes to seconds with their ratios kept: a fixed window of 60
+requests per 10 s becomes 20 per 2 s; a 20 s cold start 3 s; the breaker's 480 s 3 s; a one-hour
+token 2 s, in a run longer than three of them. Default retry settings unless a case scales one.
+Nothing here asserts wall time: the requests each server saw, and the rows, say what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import uuid
+
+import yaml
+from pyspark.sql import functions as F
+
+from jobs.local.stand_in import LocalEndpoint
+from jobs.pipeline import run_job
+from tests.conftest import job_config
+from tests.faults import ColdStart, FixedWindow
+from tests.workspace import CLIENT_ID, CLIENT_SECRET, RO_PREFIX, Workspace
+
+DEFAULT_RETRY = {"backoff_base_s": 0.5, "backoff_max_s": 30.0}  # conftest's job_config shortens them
+
+
+def prompts(spark, n: int) -> str:
+    view = f"prompts_{uuid.uuid4().hex[:8]}"
+    spark.createDataFrame([(i, f"question {i}") for i in range(n)], "id long, prompt string") \
+        .createOrReplaceTempView(view)
+    return view
+
+
+def statuses(spark, table: str) -> dict[str, int]:
+    return {r["status"]: r["count"] for r in spark.table(table).groupBy("status").count().collect()}
+
+
+def test_a_fixed_window_without_retry_after_leaves_every_row_ok(spark, table_name):
+    """The issue measured 59 to 76 of 398 rows `http_429` and 473 to 570 refused requests for 400 prompts
+    against 60 per 10 s at max_concurrency 8. Now every row is ok, and few requests are refused."""
+    window = FixedWindow(limit=20, window_s=2.0)
+    with LocalEndpoint(fault=window) as ep:
+        summary = run_job(spark, job_config(
+            input={"table": prompts(spark, 150)}, output={"table": table_name},
+            endpoint={"name": "pay-per-token", "type": "driver_proxy", "url": f"{ep.url}/"},
+            limits={"max_concurrency": 8}, retry=DEFAULT_RETRY))
+    share = window.refused / window.served
+    print(f"\nfixed window 20 per 2 s: {summary.by_status}; {window.served} requests, {window.refused} "
+          f"drew a 429 ({share:.1%}); windows used {sorted(window.per_window.items())}")
+    assert statuses(spark, table_name) == {"ok": 150}
+    # Most 429s here are probes and the first windows' learning: a window of 20 makes each of them
+    # weigh what fifty would in a real minute's window of 1,000. benchmarks/ratelimit.py measures the
+    # share over thirty windows (under 0.05).
+    assert share < 0.25, f"{window.refused} of {window.served} requests drew a 429"
+    assert max(spark.table(table_name).agg(F.max("attempts")).first()) < 6
+
+
+def test_a_cold_start_of_503s_ends_with_every_row_ok(spark, table_name):
+    cold = ColdStart(seconds=3.0)
+    with LocalEndpoint(fault=cold) as ep:
+        run_job(spark, job_config(
+            input={"table": prompts(spark, 40)}, output={"table": table_name},
+            endpoint={"name": "scaled-to-zero", "type": "driver_proxy", "url": f"{ep.url}/"},
+            limits={"max_concurrency": 8}, retry=DEFAULT_RETRY))
+    print(f"\ncold start of 3 s: {cold.requests} requests, {cold.unavailable} answered 503")
+    assert statuses(spark, table_name) == {"ok": 40}
+    # The first requests in flight and one probe at a time per task, not every row retrying on its own.
+    assert cold.unavailable <= 8 + 2 * 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_endpoint_down_fails_fast_exits_non_zero_and_a_rerun_completes(spark, tmp_path, caplog):
+    """Nothing listens: each task's breaker opens after breaker_s (3 s here, 480 s by default) and fails
+    the rest of its rows as `endpoint_unavailable`; later chunks probe once and fail at once; the run
+    exits 1 naming the reason. With the endpoint up, a rerun sends those rows and exits 0."""
+    from jobs.cli.run import execute
+
+    port, table = free_port(), f"test.down_{uuid.uuid4().hex[:8]}"
+    conf = tmp_path / "down.yml"
+    conf.write_text(yaml.safe_dump({
+        "input": {"table": prompts(spark, 60)}, "output": {"table": table},
+        "endpoint": {"name": "down", "type": "driver_proxy", "url": f"http://127.0.0.1:{port}/"},
+        "limits": {"max_concurrency": 4}, "retry": {"breaker_s": 3.0},
+        "run": {"task_slots": 2, "chunk_rows": 20}}))
+    caplog.set_level(logging.INFO, logger="batch_inference")
+
+    assert execute(["--conf", str(conf)]) == 1
+    rows = spark.table(table).select("status", "error", "attempts").collect()
+    assert len(rows) == 60 and {r["status"] for r in rows} == {"error"}
+    assert {r["error"].split(":")[0] for r in rows} == {"endpoint_unavailable"}
+    assert any(re.match(r"endpoint_unavailable: nothing answered for \ds \(last: connection_error: "
+                        r"ConnectionRefusedError connecting to 127\.0\.0\.1:\d+\)$", r["error"]) for r in rows)
+    sent = sum(r["attempts"] for r in rows)
+    print(f"\nendpoint down: 60 rows, {sent} connection attempts; e.g. {rows[0]['error']!r}")
+    # Probes, not 6 attempts per row: two tasks, 4 in flight and a probe every few seconds, then one
+    # probe per task in each later chunk.
+    assert sent <= 4 + 2 * 6 + 2 * 2
+    last = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][-1]
+    assert "failed: 60 of the 60 rows it sent failed (100%, above run.max_error_share 0.5); main reason: " \
+           "endpoint_unavailable (60 rows)" in last
+    assert any("later chunks probe once before sending" in r.getMessage() for r in caplog.records)
+
+    with LocalEndpoint(port=port):
+        assert execute(["--conf", str(conf)]) == 0
+    assert statuses(spark, table) == {"ok": 60}
+
+
+def test_tokens_that_expire_are_refreshed_for_a_run_longer_than_three_of_their_lives(spark, table_name,
+                                                                                         monkeypatch, caplog):
+    """A service principal's OAuth through databricks-sdk against a loopback workspace: tokens live 2 s
+    (an hour, scaled) and are refused after; the run paces at the endpoint's AI Gateway limit for over
+    6 s. Each task mints its own tokens before they lapse. The endpoint is route-optimized: it is called
+    at its own URL, which the workspace's definition gives."""
+    for name in ("DATABRICKS_TOKEN", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", "/nonexistent/.databrickscfg")
+    monkeypatch.setenv("DATABRICKS_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", CLIENT_SECRET)
+    caplog.set_level(logging.INFO, logger="batch_inference")
+    with Workspace(token_life_s=2.0) as ws:
+        ws.definition = {
+            "name": "llm", "route_optimized": True, "state": {"ready": "READY"},
+            "endpoint_url": f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations",
+            "ai_gateway": {"rate_limits": [{"calls": 480, "key": "endpoint", "renewal_period": "minute"}]}}
+        summary = run_job(spark, job_config(
+            input={"table": prompts(spark, 60)}, output={"table": table_name},
+            endpoint={"name": "llm", "type": "serving", "task": "llm/v1/chat", "host": ws.url, "auth": "databricks"},
+            limits={"max_concurrency": 4}, retry=DEFAULT_RETRY))
+        calls = ws.invocations()
+    tokens = {n for _, n in calls}
+    print(f"\nexpiring tokens: {summary.by_status} in {summary.seconds:.1f}s; {len(calls)} calls with "
+          f"{len(tokens)} tokens, {ws.refused} refused")
+    assert statuses(spark, table_name) == {"ok": 60}
+    assert {p for p, _ in calls} == {f"{RO_PREFIX}/serving-endpoints/llm/invocations"}
+    assert len(tokens) >= 4 and None not in tokens
+    log = caplog.text
+    assert "AI Gateway limits: 480 calls/min per endpoint" in log and "route-optimized: calling" in log
+    assert CLIENT_SECRET not in log and "oauth-" not in log

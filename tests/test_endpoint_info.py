@@ -1,0 +1,106 @@
+"""The serving endpoint's definition from the workspace (`GET /api/2.0/serving-endpoints/{name}`, a
+loopback stand-in): which AI Gateway limits apply and where the job starts under them, a route-optimized
+endpoint called at its own URL with an OAuth token, and a workspace that cannot be read."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from jobs.config import ConfigError
+from jobs.endpoint_info import parse_endpoint
+from jobs.resolve import engine_spec
+from tests.conftest import job_config
+from tests.workspace import CLIENT_ID, CLIENT_SECRET, RO_PREFIX, Workspace
+from udfs.auth import OAuthM2M
+
+LIMITS = [
+    {"calls": 600, "key": "endpoint", "renewal_period": "minute"},
+    {"calls": 300, "tokens": 60000, "key": "service_principal", "renewal_period": "minute"},
+    {"calls": 30, "key": "service_principal", "principal": "another-sp", "renewal_period": "minute"},
+    {"calls": 10, "key": "user_group", "principal": "analysts", "renewal_period": "minute"},
+]
+
+
+def test_the_lowest_limit_that_applies_to_this_caller_is_the_one():
+    info = parse_endpoint({"name": "llm", "ai_gateway": {"rate_limits": LIMITS}}, principal=CLIENT_ID)
+    assert (info.calls_per_minute, info.tokens_per_minute) == (300, 60000)
+    assert info.limits == ("600 calls/min per endpoint", "300 calls/min, 60000 tokens/min per service_principal")
+    assert info.ignored == ("30 calls/min per service_principal another-sp", "10 calls/min per user_group analysts")
+    mine = parse_endpoint({"name": "llm", "ai_gateway": {"rate_limits": [
+        {**LIMITS[2], "principal": CLIENT_ID}, LIMITS[0]]}}, principal=CLIENT_ID)
+    assert mine.calls_per_minute == 30  # a limit naming this service principal applies to it
+
+
+@pytest.fixture
+def oauth_env(monkeypatch):
+    for name in [n for n in os.environ if n.startswith(("DATABRICKS_", "ARM_", "AZURE_", "GOOGLE_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", "/nonexistent/.databrickscfg")
+    monkeypatch.setenv("DATABRICKS_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", CLIENT_SECRET)
+
+
+def serving(ws: Workspace, **kw) -> dict:
+    return {"name": "llm", "type": "serving", "task": "llm/v1/chat", "host": ws.url, **kw}
+
+
+@pytest.mark.usefixtures("oauth_env")
+def test_the_job_starts_under_the_gateway_s_limits_and_calls_a_route_optimized_endpoint_at_its_url(caplog):
+    caplog.set_level(logging.INFO, logger="batch_inference")
+    with Workspace() as ws:
+        ws.definition = {"name": "llm", "route_optimized": True, "state": {"ready": "READY"},
+                         "endpoint_url": f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations",
+                         "config": {"served_entities": [{"name": "e", "scale_to_zero_enabled": True}]},
+                         "ai_gateway": {"rate_limits": LIMITS}}
+        spec = engine_spec(job_config(endpoint=serving(ws, auth="databricks")))
+        gets = [(m, p, n) for m, p, n in ws.requests if p.startswith("/api/")]
+    assert spec.url == f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations"
+    assert isinstance(spec.credentials, OAuthM2M) and spec.credentials.header().reveal().startswith("Bearer oauth-")
+    assert gets == [("GET", "/api/2.0/serving-endpoints/llm", 1)]  # read with the OAuth token
+    assert spec.requests_per_s == pytest.approx(300 / 60) and spec.start_requests_per_s == pytest.approx(0.9 * 5)
+    assert spec.tokens_per_s == pytest.approx(0.9 * 60000 / 60)
+    assert "route-optimized at" in caplog.text and "scales to zero" in caplog.text
+    assert "starting at 270 requests/min (0.9 of its AI Gateway limit), never above 300" in caplog.text
+
+
+@pytest.mark.usefixtures("oauth_env")
+def test_the_config_s_limits_override_the_gateway_s():
+    with Workspace() as ws:
+        ws.definition = {"name": "llm", "ai_gateway": {"rate_limits": LIMITS}}
+        spec = engine_spec(job_config(endpoint=serving(ws, auth="databricks"),
+                                      limits={"requests_per_minute": 120, "tokens_per_minute": 1000}))
+    assert (spec.requests_per_s, spec.start_requests_per_s, spec.tokens_per_s) == (2.0, None, pytest.approx(1000 / 60))
+    assert spec.url == f"{ws.url}/serving-endpoints/llm/invocations"
+
+
+def test_a_personal_access_token_is_refused_for_a_route_optimized_endpoint(monkeypatch):
+    monkeypatch.setenv("BI_TEST_PAT", "dapi0123456789abcdef0123456789abcdef")
+    with Workspace() as ws:
+        ws.tokens["dapi0123456789abcdef0123456789abcdef"] = (0, float("inf"))  # the workspace takes it
+        ws.definition = {"name": "llm", "route_optimized": True,
+                         "endpoint_url": f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations"}
+        with pytest.raises(ConfigError, match=r"^endpoint llm is route-optimized: Databricks accepts only OAuth "
+                                              r"tokens at its URL, and endpoint.token_env \(environment variable "
+                                              r"BI_TEST_PAT\) gives a personal access token"):
+            engine_spec(job_config(endpoint=serving(ws, token_env="BI_TEST_PAT")))
+
+
+def test_a_workspace_that_cannot_be_read_is_logged_unless_the_definition_is_required(monkeypatch, caplog):
+    monkeypatch.setenv("BI_TEST_TOKEN", "tok-not-issued-by-this-workspace")
+    with Workspace() as ws:
+        ws.definition = {"name": "llm"}
+        spec = engine_spec(job_config(endpoint=serving(ws, token_env="BI_TEST_TOKEN")))
+        assert spec.url == f"{ws.url}/serving-endpoints/llm/invocations" and spec.requests_per_s is None
+        assert "could not read its definition (GET " in caplog.text and "HTTP 401: " in caplog.text
+        with pytest.raises(ConfigError, match=r"^endpoint.read_definition: GET .* HTTP 401"):
+            engine_spec(job_config(endpoint=serving(ws, token_env="BI_TEST_TOKEN", read_definition=True)))
+    assert "tok-not-issued" not in caplog.text
+
+
+def test_endpoints_with_a_url_of_their_own_are_not_looked_up():
+    with Workspace() as ws:
+        engine_spec(job_config(endpoint={"name": "local", "type": "driver_proxy", "url": f"{ws.url}/"}))
+        assert ws.requests == []

@@ -1,0 +1,144 @@
+"""A stand-in Databricks workspace on 127.0.0.1: OAuth for service principals, the serving-endpoints API
+and the endpoint itself, for the tests of expiring tokens, AI Gateway limits and route optimization.
+
+- `/.well-known/databricks-config` and `/oidc/.well-known/oauth-authorization-server`: where
+  databricks-sdk discovers the token endpoint (as `tests/test_resolve.py`'s workspace does);
+- `POST /oidc/v1/token`: the client-credentials grant, HTTP Basic `client_id:client_secret`; each
+  token is new and lives `token_life_s` (`expires_in`), as a real one lives an hour;
+- `GET /api/2.0/serving-endpoints/{name}`: the endpoint's definition (`definition`, a
+  `ServingEndpointDetailed` as JSON), for a bearer token it issued;
+- `POST /serving-endpoints/{name}/invocations`, and the same under `/ro/1234/` (a route-optimized
+  endpoint's own URL): the toy model's answer for a token issued less than `token_life_s` ago, else
+  401 as Databricks writes it.
+
+Every request is recorded (`requests`: method, path, the token's number or None).
+
+Example::
+
+    with Workspace(token_life_s=2.0) as ws:
+        ws.definition = {"name": "llm", "route_optimized": True, "endpoint_url": ws.url + "/ro/1234/..."}
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from jobs.local.stand_in import answer
+
+CLIENT_ID, CLIENT_SECRET = "sp-application-id", "sp-client-secret-Zq7wkx9R"
+RO_PREFIX = "/ro/1234"
+
+
+class Workspace(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, token_life_s: float = 3600.0) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.token_life_s = token_life_s
+        self.definition: dict[str, Any] | None = None
+        self.tokens: dict[str, tuple[int, float]] = {}  # token -> (its number, issued at)
+        self.requests: list[tuple[str, str, int | None]] = []
+        self.refused = 0  # invocations answered 401
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def issue(self) -> dict[str, Any]:
+        with self._lock:
+            n = next(self._numbers)
+            token = f"oauth-{n}-{base64.b32encode(n.to_bytes(4, 'big')).decode().rstrip('=')}-access"
+            self.tokens[token] = (n, time.monotonic())
+        return {"access_token": token, "token_type": "Bearer", "expires_in": self.token_life_s,
+                "scope": "all-apis"}
+
+    def token_of(self, header: str | None) -> tuple[int | None, bool]:
+        """The number of the bearer token in `header`, and whether it is still valid."""
+        token = (header or "").removeprefix("Bearer ")
+        with self._lock:
+            found = self.tokens.get(token)
+        if found is None:
+            return None, False
+        n, issued = found
+        return n, time.monotonic() - issued < self.token_life_s
+
+    def invocations(self) -> list[tuple[str, int | None]]:
+        return [(p, n) for m, p, n in self.requests if m == "POST" and p.endswith("/invocations")]
+
+    def __enter__(self) -> Workspace:
+        threading.Thread(target=self.serve_forever, name="workspace", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server: Workspace
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _answer(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _record(self) -> tuple[int | None, bool]:
+        n, valid = self.server.token_of(self.headers.get("Authorization"))
+        with self.server._lock:
+            self.server.requests.append((self.command, urlsplit(self.path).path, n))
+        return n, valid
+
+    def do_GET(self) -> None:
+        n, valid = self._record()
+        path, ws = urlsplit(self.path).path, self.server
+        if path == "/.well-known/databricks-config":
+            return self._answer(200, {"oidc_endpoint": f"{ws.url}/oidc", "workspace_id": "1234"})
+        if path == "/oidc/.well-known/oauth-authorization-server":
+            return self._answer(200, {"authorization_endpoint": f"{ws.url}/oidc/v1/authorize",
+                                      "token_endpoint": f"{ws.url}/oidc/v1/token"})
+        m = re.fullmatch(r"/api/2.0/serving-endpoints/([^/]+)", path)
+        if m and ws.definition is not None and m.group(1) == ws.definition.get("name"):
+            if not valid:
+                return self._answer(401, {"error_code": "UNAUTHENTICATED", "message": "Invalid access token."})
+            return self._answer(200, ws.definition)
+        self._answer(404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"no route {path}"})
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        n, valid = self._record()
+        path, ws = urlsplit(self.path).path, self.server
+        if path == "/oidc/v1/token":
+            form = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
+            basic = self.headers.get("Authorization", "")
+            pair = base64.b64decode(basic.split()[1]).decode() if basic.startswith("Basic ") else ""
+            if form.get("grant_type") != "client_credentials" or pair != f"{CLIENT_ID}:{CLIENT_SECRET}":
+                return self._answer(401, {"error": "invalid_client", "error_description": "Client authentication failed"})
+            return self._answer(200, ws.issue())
+        invocation = path.removeprefix(RO_PREFIX)
+        if re.fullmatch(r"/serving-endpoints/[^/]+/invocations", invocation):
+            if not valid:
+                with ws._lock:
+                    ws.refused += 1
+                return self._answer(401, {"error_code": "UNAUTHENTICATED",
+                                          "message": "Token expired or invalid; send a fresh OAuth token."})
+            status, value = answer(invocation, json.loads(raw))
+            return self._answer(status, value)
+        self._answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"no route {path}"})
