@@ -105,7 +105,12 @@ def make_app(latency_s: float, per_text_s: float = 0.0, window_limit: int = 0,
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_post("/", invoke)
     app.router.add_post("/serving-endpoints/{name}/invocations", embed)
+    async def definition(request: web.Request) -> web.Response:  # what the job reads before a run
+        return web.json_response({"name": request.match_info["name"], "route_optimized": False,
+                                  "state": {"ready": "READY", "config_update": "NOT_UPDATING"}})
+
     app.router.add_get("/stats", get_stats)
+    app.router.add_get("/api/2.0/serving-endpoints/{name}", definition)
     app.router.add_post("/reset", reset)
     return app
 

@@ -104,3 +104,17 @@ def test_endpoints_with_a_url_of_their_own_are_not_looked_up():
     with Workspace() as ws:
         engine_spec(job_config(endpoint={"name": "local", "type": "driver_proxy", "url": f"{ws.url}/"}))
         assert ws.requests == []
+
+
+def test_the_local_stand_in_answers_its_definition_so_the_demo_reads_it_without_a_warning(monkeypatch, caplog):
+    """`make demo`'s serving endpoints are the stand-in: its definition reads as ready, with no limits."""
+    from jobs.local.stand_in import LocalEndpoint
+
+    monkeypatch.setenv("DEMO_TOKEN", "not-a-real-token-but-long")
+    caplog.set_level(logging.INFO, logger="batch_inference")
+    with LocalEndpoint() as ep:
+        spec = engine_spec(job_config(endpoint={"name": "local-embeddings", "type": "serving", "host": ep.url,
+                                                "task": "llm/v1/embeddings", "token_env": "DEMO_TOKEN"}))
+    assert spec.url == f"{ep.url}/serving-endpoints/local-embeddings/invocations"
+    assert "endpoint local-embeddings: state READY; AI Gateway limits: none" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -218,8 +218,14 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        definition = re.fullmatch(r"/api/2\.0/serving-endpoints/([^/?]+)", self.path)
         if self.path == "/health":
             self._send(200, {}, b'"ok"')
+        elif definition:
+            # The serving endpoint's definition, as the workspace gives it: ready, no AI Gateway limits
+            # (this stand-in has none), not route-optimized.
+            self._send(200, {}, json.dumps({"name": definition.group(1), "route_optimized": False,
+                                            "state": {"ready": "READY", "config_update": "NOT_UPDATING"}}).encode())
         else:
             self._send(404, {}, b'{"message": "not found"}')
 
