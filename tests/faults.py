@@ -143,53 +143,63 @@ def reset_mid_body() -> Reply:
 
 # -- the endpoint as a whole: rate-limit windows and cold starts (tests/test_endpoint_faults.py) ---------
 
-class FixedWindow:
+class _SinceFirst:
+    """A fault whose behaviour depends on the time since the first request it saw."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._lock = threading.Lock()
+
+    def _elapsed(self) -> float:
+        """Seconds since the first request (0 for that one); call with `_lock` held."""
+        now = time.monotonic()
+        self._start = self._start if self._start is not None else now
+        return now - self._start
+
+
+class FixedWindow(_SinceFirst):
     """A fault: at most `limit` requests per `window_s`, windows counted from the first request; past
     it 429 `REQUEST_LIMIT_EXCEEDED` with no `Retry-After`, until the window resets (as AI Gateway and
     pay-per-token endpoints answer). `served` and `refused` count requests."""
 
     def __init__(self, limit: int, window_s: float) -> None:
+        super().__init__()
         self.limit, self.window_s = limit, window_s
         self.served = self.refused = 0
         self.per_window: Counter[int] = Counter()
         self.log: list[tuple[float, bool]] = []
-        self._start: float | None = None
-        self._lock = threading.Lock()
 
     def __call__(self, req: Request) -> Reply:
         with self._lock:
-            now = time.monotonic()
-            self._start = self._start if self._start is not None else now
-            window = int((now - self._start) // self.window_s)
+            t = self._elapsed()
+            window = int(t // self.window_s)
             self.per_window[window] += 1
             over = self.per_window[window] > self.limit
             self.refused += over
             self.served += 1
-            self.log.append((round(now - self._start, 3), over))
+            self.log.append((round(t, 3), over))
         if over:
             return json_error(429, "Exceeded the endpoint's rate limit of requests per window",
                               code="REQUEST_LIMIT_EXCEEDED")
         return None
 
 
-class ColdStart:
+class ColdStart(_SinceFirst):
     """A fault: 503 for `seconds` after the first request (an endpoint scaling from zero), then answers."""
 
     def __init__(self, seconds: float) -> None:
+        super().__init__()
         self.seconds = seconds
         self.unavailable = self.requests = 0
         self.log: list[tuple[float, list[str], bool]] = []
-        self._start: float | None = None
-        self._lock = threading.Lock()
 
     def __call__(self, req: Request) -> Reply:
         with self._lock:
-            now = time.monotonic()
-            self._start = self._start if self._start is not None else now
-            cold = now - self._start < self.seconds
+            t = self._elapsed()
+            cold = t < self.seconds
             self.requests += 1
             self.unavailable += cold
-            self.log.append((round(now - self._start, 3), prompts_of(req.body)[:1], cold))
+            self.log.append((round(t, 3), prompts_of(req.body)[:1], cold))
         if cold:
             return json_error(503, "The endpoint is scaling up from zero; retry later",
                               code="TEMPORARILY_UNAVAILABLE")

@@ -9,11 +9,10 @@ service principal's OAuth client-credentials flow through `Config`.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
@@ -26,6 +25,7 @@ from jobs.pipeline import run_job
 from jobs.resolve import auth_headers, engine_spec, fatal_in, preflight
 from tests.conftest import job_config
 from tests.http_servers import ENV_PROXY, ENV_TLS, PROXY_HOST, AioServer, ForwardProxy, throwaway_ca
+from tests.workspace import JsonHandler
 from udfs.spec import EngineSpec
 
 SECRETS = {("batch-inference", "endpoint-token"): "tok-from-scope-42"}
@@ -43,28 +43,14 @@ class Workspace(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: Workspace
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _answer(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self) -> None:
         self.server.requests.append(("GET", self.path, dict(self.headers.items()), ""))
         url = urlsplit(self.path)
-        if url.path == "/.well-known/databricks-config":  # where databricks-sdk discovers OAuth from
-            return self._answer(200, {"oidc_endpoint": f"{self.server.url}/oidc", "workspace_id": "1234"})
-        if url.path == "/oidc/.well-known/oauth-authorization-server":
-            return self._answer(200, {"authorization_endpoint": f"{self.server.url}/oidc/v1/authorize",
-                                      "token_endpoint": f"{self.server.url}/oidc/v1/token"})
+        if self._discovery(url.path, self.server.url):
+            return
         if url.path == "/api/2.0/secrets/get":
             if self.headers.get("Authorization") != "Bearer workspace-pat":
                 return self._answer(401, {"error_code": "UNAUTHENTICATED", "message": "no"})

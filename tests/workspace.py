@@ -84,10 +84,12 @@ class Workspace(ThreadingHTTPServer):
         self.server_close()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class JsonHandler(BaseHTTPRequestHandler):
+    """A quiet handler that answers JSON, and the OIDC discovery a workspace serves databricks-sdk: the
+    base of the stand-in workspaces (this one, and `tests/test_resolve.py`'s for secret scopes)."""
+
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
-    server: Workspace
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -100,6 +102,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _discovery(self, path: str, base: str) -> bool:
+        """Answer where databricks-sdk discovers OAuth from, if `path` asks; True if it did."""
+        if path == "/.well-known/databricks-config":
+            self._answer(200, {"oidc_endpoint": f"{base}/oidc", "workspace_id": "1234"})
+        elif path == "/oidc/.well-known/oauth-authorization-server":
+            self._answer(200, {"authorization_endpoint": f"{base}/oidc/v1/authorize",
+                               "token_endpoint": f"{base}/oidc/v1/token"})
+        else:
+            return False
+        return True
+
+
+class _Handler(JsonHandler):
+    server: Workspace
+
     def _record(self) -> tuple[int | None, bool]:
         n, valid = self.server.token_of(self.headers.get("Authorization"))
         with self.server._lock:
@@ -109,11 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         n, valid = self._record()
         path, ws = urlsplit(self.path).path, self.server
-        if path == "/.well-known/databricks-config":
-            return self._answer(200, {"oidc_endpoint": f"{ws.url}/oidc", "workspace_id": "1234"})
-        if path == "/oidc/.well-known/oauth-authorization-server":
-            return self._answer(200, {"authorization_endpoint": f"{ws.url}/oidc/v1/authorize",
-                                      "token_endpoint": f"{ws.url}/oidc/v1/token"})
+        if self._discovery(path, ws.url):
+            return
         m = re.fullmatch(r"/api/2.0/serving-endpoints/([^/]+)", path)
         if m and ws.definition is not None and m.group(1) == ws.definition.get("name"):
             if not valid:
