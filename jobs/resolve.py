@@ -151,11 +151,15 @@ def _oauth_m2m(config: Any) -> OAuthM2M:
     return creds
 
 
+def current_headers(headers: Mapping[str, Secret | str], creds: Credentials | None) -> dict[str, Secret | str]:
+    """The static headers with the credentials' token as it is at this moment, if they give one."""
+    current = creds.header() if creds is not None else None
+    return {**headers, "Authorization": current} if current is not None else dict(headers)
+
+
 def auth_headers(e: EndpointConfig, url: str) -> dict[str, Secret | str]:
     """Every header the credentials give now (a refreshable token as it is at this moment)."""
-    headers, creds = credentials(e, url)
-    current = creds.header() if creds is not None else None
-    return {**headers, "Authorization": current} if current is not None else headers
+    return current_headers(*credentials(e, url))
 
 
 def check_transforms(e: EndpointConfig) -> None:
@@ -177,12 +181,10 @@ def _credential_source(e: EndpointConfig) -> str:
     return "endpoint.auth (the credentials databricks-sdk resolved)"
 
 
-def check_headers(e: EndpointConfig, headers: Mapping[str, Secret | str | None]) -> None:
+def check_headers(e: EndpointConfig, headers: Mapping[str, Secret | str]) -> None:
     """A header value with a line break would inject headers (a token file's trailing newline): refuse
     it here, naming where the value came from and never the value."""
     for name, value in headers.items():
-        if value is None:
-            continue
         problem = header_problem(name, value.reveal() if isinstance(value, Secret) else value)
         if problem:
             raise ConfigError(f"{_credential_source(e)}: {problem}")
@@ -221,8 +223,7 @@ def endpoint_definition(e: EndpointConfig, url: str, headers: Mapping[str, Secre
     if wanted is False or (wanted is None and (e.type != "serving" or e.url)):
         return None
     host = normalize_host(e.host) if e.host else f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
-    current = creds.header() if creds is not None else None
-    auth = {**headers, "Authorization": current} if current is not None else dict(headers)
+    auth = current_headers(headers, creds)
     principal = creds.client_id if isinstance(creds, OAuthM2M) else None
     try:
         info = read_endpoint(host, e.name, auth, principal=principal)
@@ -272,8 +273,7 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
     check_transforms(e)
     url = endpoint_url(e, spark)
     headers, creds = credentials(e, url)
-    current = creds.header() if creds is not None else None
-    check_headers(e, {**headers, "Authorization": current} if current is not None else headers)
+    check_headers(e, current_headers(headers, creds))
     info = endpoint_definition(e, url, headers, creds)
     if info is not None and info.invocation_url and not e.url:
         _require_oauth(e, headers, creds)
