@@ -34,6 +34,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CA bundle and no proxy from the machine: each case sets what it tests."""
+    from tests.http_servers import ENV_PROXY, ENV_TLS
+
+    for var in ENV_TLS + ENV_PROXY:
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory):
+    """A throwaway certificate authority: its PEM file, and a server TLS context it signed."""
+    from tests.http_servers import throwaway_ca
+
+    authority, server_ctx = throwaway_ca()
+    pem = tmp_path_factory.mktemp("ca") / "ca.pem"
+    authority.cert_pem.write_to_path(str(pem))
+    return pem, server_ctx
+
+
 @pytest.fixture(scope="session")
 def connect_url() -> str:
     return f"sc://127.0.0.1:{free_port()}"

@@ -114,6 +114,12 @@ def json_answer(value: Any) -> Reply:
     return 200, {}, json.dumps(value).encode()
 
 
+def chat_answer(content: str, usage: dict[str, int] | None = None) -> Reply:
+    """An `llm/v1/chat` answer whose message is `content`, with `usage` if given."""
+    return json_answer({"choices": [{"message": {"role": "assistant", "content": content}}],
+                        **({"usage": usage} if usage else {})})
+
+
 def html_page(status: int) -> Reply:
     return status, {"Content-Type": "text/html; charset=utf-8"}, HTML_PAGE
 

@@ -15,6 +15,7 @@ from email.utils import format_datetime
 import pytest
 
 from jobs.local.stand_in import LocalEndpoint, fit
+from tests import faults
 from tests.test_structured import REVIEW
 from udfs.engine import Engine
 from udfs.spec import EngineSpec, RetrySpec
@@ -128,9 +129,7 @@ def chat_spec(ep: LocalEndpoint, **kw) -> EngineSpec:
 
 
 def chat_answer(content: str) -> tuple[int, dict[str, str], bytes]:
-    body = {"choices": [{"message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 7}}
-    return 200, {}, json.dumps(body).encode()
+    return faults.chat_answer(content, usage={"prompt_tokens": 5, "completion_tokens": 7})
 
 
 def flaky(bad: str, times: int = 1):

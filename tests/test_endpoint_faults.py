@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import uuid
 
 import yaml
@@ -19,7 +18,7 @@ from pyspark.sql import functions as F
 
 from jobs.local.stand_in import LocalEndpoint
 from jobs.pipeline import run_job
-from tests.conftest import job_config
+from tests.conftest import free_port, job_config
 from tests.faults import ColdStart, FixedWindow
 from tests.workspace import CLIENT_ID, CLIENT_SECRET, RO_PREFIX, Workspace
 
@@ -68,12 +67,6 @@ def test_a_cold_start_of_503s_ends_with_every_row_ok(spark, table_name):
     assert statuses(spark, table_name) == {"ok": 40}
     # The first requests in flight and one probe at a time per task, not every row retrying on its own.
     assert cold.unavailable <= 8 + 2 * 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_an_endpoint_down_fails_fast_exits_non_zero_and_a_rerun_completes(spark, tmp_path, caplog):

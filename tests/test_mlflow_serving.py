@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,9 @@ import requests
 from chispa import assert_df_equality
 
 from jobs.pipeline import run_job
-from tests.conftest import job_config
+from tests.conftest import free_port, job_config
 
 ASSETS = Path(__file__).parent / "assets"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def scoring_server(tmp_path_factory):
         params=ParamSchema([ParamSpec("prefix", "string", "echo")]),
     )
     mlflow.pyfunc.save_model(str(model_dir), python_model=str(ASSETS / "echo_model.py"), signature=signature)
-    port = _free_port()
+    port = free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": ""}
     proc = subprocess.Popen(

@@ -14,6 +14,7 @@ from jobs.local.stand_in import LocalEndpoint
 from jobs.errors import InputError, JobFailed
 from jobs.pipeline import run_job
 from tests.conftest import job_config
+from tests.faults import chat_answer
 
 OUTCOME_COLS = ["id", "prompt", "response", "status", "error", "http_status", "attempts",
                 "prompt_tokens", "completion_tokens"]
@@ -333,11 +334,6 @@ PARSED = ("struct<sentiment:string,refund_requested:boolean,stars:bigint,"
 
 def chat(ep: LocalEndpoint, **extra):
     return serving(ep, "llm/v1/chat", name="local-chat", **extra)
-
-
-def chat_answer(content: str) -> tuple[int, dict[str, str], bytes]:
-    body = {"choices": [{"message": {"role": "assistant", "content": content}}]}
-    return 200, {}, json.dumps(body).encode()
 
 
 @pytest.mark.parametrize("calls_from", ["executors", "driver"])

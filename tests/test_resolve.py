@@ -24,7 +24,7 @@ from jobs.config import ConfigError, EndpointConfig
 from jobs.pipeline import run_job
 from jobs.resolve import auth_headers, engine_spec, fatal_in, preflight
 from tests.conftest import job_config
-from tests.http_servers import ENV_PROXY, ENV_TLS, PROXY_HOST, AioServer, ForwardProxy, throwaway_ca
+from tests.http_servers import PROXY_HOST, AioServer, ForwardProxy, throwaway_ca
 from tests.workspace import JsonHandler
 from udfs.spec import EngineSpec
 
@@ -136,21 +136,6 @@ def test_service_principal_oauth_through_databricks_sdk_config(workspace, monkey
 # -- what the driver refuses before any row is sent (issue #11) -----------------------------------------
 # A header value with a line break; a TLS certificate the job does not trust (the pre-flight); and a
 # task that meets a fatal transport error anyway stops the run with one message.
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No CA bundle and no proxy from the machine: each case sets what it tests."""
-    for var in ENV_TLS + ENV_PROXY:
-        monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory):
-    authority, server_ctx = throwaway_ca()
-    pem = tmp_path_factory.mktemp("ca") / "ca.pem"
-    authority.cert_pem.write_to_path(str(pem))
-    return pem, server_ctx
-
 
 # -- headers ---------------------------------------------------------------------------------------
 

@@ -14,8 +14,6 @@ import pytest
 
 from jobs.config import parse_config
 from tests.http_servers import (
-    ENV_PROXY,
-    ENV_TLS,
     PROXY_HOST,
     AioServer,
     ForwardProxy,
@@ -29,7 +27,6 @@ from tests.http_servers import (
     no_content,
     ok_answer,
     reset_mid_body,
-    throwaway_ca,
 )
 from udfs.auth import Secret
 from udfs.engine import Engine
@@ -40,24 +37,12 @@ CLIENTS = ["aiohttp", "urllib3", "requests"]
 FAST_RETRY = RetrySpec(backoff_base_s=0.01, backoff_max_s=0.05, max_attempts=3)
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No CA bundle and no proxy from the machine: each case sets what it tests."""
-    for var in ENV_TLS + ENV_PROXY:
-        monkeypatch.delenv(var, raising=False)
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/conftest.py: no CA bundle or proxy from the machine
 
 
 @pytest.fixture(params=CLIENTS)
 def client(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory):
-    authority, server_ctx = throwaway_ca()
-    pem = tmp_path_factory.mktemp("ca") / "ca.pem"
-    authority.cert_pem.write_to_path(str(pem))
-    return pem, server_ctx
 
 
 def spec(url: str, client: str, **kw) -> EngineSpec:
