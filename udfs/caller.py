@@ -40,6 +40,13 @@ from udfs.transforms import import_function
 from udfs.transport import TransportError
 
 
+def governor_for(spec: EngineSpec) -> Governor:
+    """The task's governor as the spec sets it: a starting rate and a ceiling, learning, the breaker,
+    half-open if the endpoint was down in an earlier chunk."""
+    return Governor(rate=spec.start_requests_per_s, ceiling=spec.requests_per_s, learn=spec.adaptive,
+                    breaker_s=spec.retry.breaker_s, half_open=spec.endpoint_down)
+
+
 # A refused token: these statuses get one retry with a fresh token when the credentials can refresh.
 AUTH_STATUSES = (401, 403)
 
@@ -61,9 +68,7 @@ class Caller:
         self._transport = transport
         self.limiter = limiter
         self.rate = rate
-        self.governor = governor or Governor(
-            rate=spec.start_requests_per_s, ceiling=spec.requests_per_s, learn=spec.adaptive,
-            breaker_s=spec.retry.breaker_s, half_open=spec.endpoint_down)
+        self.governor = governor or governor_for(spec)
         self._credentials = spec.credentials
         self._refreshing: asyncio.Future[None] | None = None
         self._refresh_failed: tuple[float, CredentialError] | None = None

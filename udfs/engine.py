@@ -30,8 +30,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from udfs import reasons
 from udfs.auth import Secret
-from udfs.caller import Caller
-from udfs.limits import AdaptiveLimiter, Governor, RateLimiter, recall, remember
+from udfs.caller import Caller, governor_for
+from udfs.limits import AdaptiveLimiter, RateLimiter, recall, remember
 from udfs.outcome import Outcome
 from udfs.prompts import is_blank
 from udfs.spec import EngineSpec
@@ -50,9 +50,7 @@ class Engine:
         self.limiter = AdaptiveLimiter(self.max_limit, adaptive=spec.adaptive,
                                        latency_factor=spec.latency_cut_factor)
         # The task's sending as a whole: pauses and probes, the learned rate, the breaker.
-        self.governor = Governor(rate=spec.start_requests_per_s, ceiling=spec.requests_per_s,
-                                 learn=spec.adaptive, breaker_s=spec.retry.breaker_s,
-                                 half_open=spec.endpoint_down)
+        self.governor = governor_for(spec)
         # The pace an earlier task of this endpoint and share learned in this process (the last chunk).
         self._learned_key = (spec.url, self.max_limit, spec.requests_per_s)
         earlier = recall(self._learned_key) if spec.adaptive and not spec.endpoint_down else None
