@@ -289,8 +289,9 @@ class LimitsConfig(_Strict):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     read_timeout_s: float = Field(default=120.0, gt=0)
     adaptive: bool = True
-    # Cut the in-flight limit when latency exceeds this multiple of the best latency seen.
-    latency_cut_factor: float = Field(default=3.0, gt=1)
+    # Cut the in-flight limit by a quarter when the latency per unit of work (per output token, per
+    # embedded row) exceeds this multiple of the lowest recently seen (udfs/limits.py).
+    latency_cut_factor: float = Field(default=1.5, gt=1)
     # The engine's HTTP client (udfs/transport.py). `asyncio`, the name of a client of our own that
     # aiohttp replaced (benchmarks/README.md), still parses so that existing configs keep working.
     http_client: Literal["aiohttp", "urllib3", "requests", "asyncio"] = "aiohttp"

@@ -1,14 +1,17 @@
 """Flow control on an injected clock: rates and AIMD are arithmetic, not wall time.
 
 Each test drives the limiters with a `FakeClock` whose `sleep` advances time instantly, so the
-numbers asserted are the README's own ("a 429/503 halves the in-flight limit", "latency above 3 times
-the best seen cuts it by a quarter, at most once per round trip", "never above the configured share").
+numbers asserted are the README's own ("a 429/503 halves the in-flight limit", "latency per unit of
+work above 1.5 times the lowest window cuts it by a quarter, at most once per round trip", "never above
+the configured share").
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import math
+import random
 import time
 
 import pytest
@@ -152,20 +155,124 @@ def test_the_limit_never_goes_below_one():
     assert limiter.limit == 1
 
 
-def test_latency_above_three_times_the_best_cuts_by_a_quarter_once():
+def llm_tokens(i: int) -> int:
+    """Output tokens of answer `i`: heavy-tailed (lognormal, median 25, a few over 800), fixed per i."""
+    return max(1, int(25 * math.exp(1.04 * random.Random(i).gauss(0.0, 1.0))))
+
+
+def serve(limiter: AdaptiveLimiter, n: int, seconds_per_token, *, work: bool = True) -> VirtualTime:
+    """`n` requests through `limiter` on a virtual clock, as many at once as it lets through; answer i
+    takes its tokens times `seconds_per_token(in flight when it was sent)`, plus 50 ms."""
+    clock = VirtualTime()
+    limiter._clock = clock
+
+    async def one(i: int) -> None:
+        await limiter.acquire()
+        sent, inflight = clock.now, limiter.inflight
+        tokens = llm_tokens(i)
+        latency = 0.05 + tokens * seconds_per_token(inflight)
+        await clock.sleep(latency)
+        limiter.release(latency=latency, work=tokens if work else None, sent_at=sent)
+
+    async def go() -> None:
+        await asyncio.gather(*(one(i) for i in range(n)))
+    clock.run(go())
+    return clock
+
+
+def test_answers_of_any_length_at_a_steady_rate_per_token_never_cut_the_limit():
+    """From 0.05 s to 20 s an answer: a long answer is not overload (the defect of issue 20)."""
+    limiter = AdaptiveLimiter(64, slow_start=True)
+    serve(limiter, 3000, lambda inflight: 0.02)
+    assert (limiter.cuts, limiter.limit, limiter.peak) == (0, 64, 64)
+
+
+def test_raw_latency_without_a_measure_of_work_never_cuts():
+    """A custom model's answer is a string: its latency alone says nothing about load."""
+    limiter = AdaptiveLimiter(64)
+    serve(limiter, 2000, lambda inflight: 0.02 * (4 if inflight > 16 else 1), work=False)
+    assert (limiter.cuts, limiter.limit) == (0, 64)
+
+
+def test_a_latency_per_token_that_doubles_past_k_in_flight_cuts_the_limit_toward_k():
+    """An endpoint overloaded past 16 in flight: slow start measures it unloaded, the cut follows."""
+    overloaded = lambda inflight: 0.02 * (2 if inflight > 16 else 1)  # noqa: E731
+    limiter = AdaptiveLimiter(64, slow_start=True)
+    serve(limiter, 3000, overloaded)
+    assert limiter.latency_cuts >= 1 and limiter.limit <= 24
+    assert limiter.limit >= limiter.floor == 16  # latency alone never below a quarter of the share
+    fixed = AdaptiveLimiter(64, adaptive=False)
+    serve(fixed, 3000, overloaded)
+    assert fixed.limit == 64
+
+
+def answers(limiter: AdaptiveLimiter, n: int, latency: float, tokens: int, sent_at: float) -> None:
+    for _ in range(n):
+        held(limiter, 1)
+        limiter.release(latency=latency, work=tokens, sent_at=sent_at)
+
+
+def test_slow_start_doubles_per_window_from_an_eighth_and_hands_over_to_the_next_task():
     clock = FakeClock()
-    limiter = AdaptiveLimiter(16, clock=clock)
-    for _ in range(25):
-        held(limiter, 1)
-        limiter.release(latency=0.05)
-    limits = []
-    for _ in range(40):  # the endpoint slows to 0.5 s: the average passes 3 x 0.05 after a few answers
-        held(limiter, 1)
-        limiter.release(latency=0.5)
-        limits.append(limiter.limit)
-        clock.now += 0.01
-    assert 12 in limits and 16 > min(limits) >= 12  # cut by a quarter, once
-    assert limiter.cuts == 1  # the new latency is then the norm: no cut after cut
+    limiter = AdaptiveLimiter(64, slow_start=True, clock=clock)
+    assert limiter.limit == 8
+    answers(limiter, 8, 1.0, 50, 0.0)  # a round trip at the start limit: the baseline, 20 ms a token
+    assert (limiter.limit, limiter.slow_start, limiter.baseline) == (16, True, 0.02)
+    clock.now = 1.0
+    answers(limiter, 15, 1.0, 50, 0.5)  # sent before the step: not this step's window
+    assert limiter.limit == 16
+    answers(limiter, 16, 1.0, 50, 1.0)
+    assert (limiter.limit, limiter.slow_start) == (32, True)
+    clock.now = 2.0
+    answers(limiter, 16, 1.0, 50, 2.0)  # windows stay at 16 answers past 16 in flight
+    assert (limiter.limit, limiter.slow_start) == (64, False)
+    after = AdaptiveLimiter(64, slow_start=True, clock=clock)
+    after.start_from(limiter.state())
+    assert (after.limit, after.slow_start, after.baseline) == (64, False, 0.02)
+
+
+def test_a_slow_window_in_slow_start_steps_back_to_the_last_calm_limit():
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(64, slow_start=True, clock=clock)
+    answers(limiter, 8, 1.0, 50, 0.0)
+    clock.now = 1.0
+    answers(limiter, 16, 1.6, 50, 1.0)  # at 16 in flight, 32 ms a token: over 1.5 times 20 ms
+    assert (limiter.limit, limiter.slow_start, limiter.calm, limiter.latency_cuts) == (8, False, 8, 1)
+
+
+def test_three_slow_windows_in_a_row_cut_by_a_quarter_and_count_only_answers_sent_after_the_cut():
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(64, clock=clock)
+    answers(limiter, 16, 1.0, 50, 0.0)  # 20 ms a token
+    clock.now = 10.0
+    answers(limiter, 32, 2.0, 50, 9.0)  # 40 ms a token: two slow windows are not yet load
+    assert (limiter.limit, limiter.latency_cuts) == (64, 0)
+    answers(limiter, 16, 1.0, 50, 9.0)  # a calm window between: the count starts again
+    answers(limiter, 32, 2.0, 50, 9.0)
+    assert limiter.latency_cuts == 0
+    answers(limiter, 16, 2.0, 50, 9.0)  # the third slow window in a row
+    assert (limiter.limit, limiter.latency_cuts) == (48, 1)
+    answers(limiter, 64, 2.0, 50, 9.5)  # slow answers sent before the cut: the cut answered them
+    assert limiter.latency_cuts == 1
+    grown = limiter.limit  # a run of answers added back one per limit's worth meanwhile
+    answers(limiter, 48, 2.0, 50, 10.5)  # still slow after the cut: once more
+    assert (limiter.limit, limiter.latency_cuts) == (0.75 * (grown + 1), 2)
+    assert limiter.baseline == 0.02  # slow windows above the floor never teach the baseline
+
+
+def test_a_lasting_slowdown_at_the_floor_becomes_the_norm():
+    """Latency alone never cuts below a quarter: a slowdown that cutting does not cure is the endpoint's."""
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(64, clock=clock)
+    answers(limiter, 16, 1.0, 50, 0.0)
+    for step in range(1, 200):
+        clock.now = float(step)
+        answers(limiter, 16, 2.0, 50, step - 0.5)
+    assert limiter.limit >= limiter.floor == 16
+    assert limiter.baseline == 0.04  # the new norm: then no more cuts, and the limit climbs back
+    cuts = limiter.latency_cuts
+    answers(limiter, 64 * 40, 2.0, 50, 500.0)
+    assert limiter.latency_cuts == cuts and limiter.limit == 64
 
 
 def test_successes_add_back_one_at_a_time_never_above_the_share():

@@ -195,7 +195,7 @@ class Caller:
             # Let through before a pause began, then queued for a slot: the pause holds it too.
             self.limiter.release()
         reported = False
-        overloaded, latency = False, None
+        overloaded, latency, work, t0 = False, None, None, None
         try:
             await self.rate.acquire(reserve)
             auth, generation = await self._auth()
@@ -217,7 +217,9 @@ class Caller:
             if 200 <= status < 300:
                 self.governor.answered(probe)
                 reported = True
-                return self._parse(data, prompts, reserve)
+                parsed = self._parse(data, prompts, reserve)
+                work = self._work(parsed)
+                return parsed
             f = http_failure(status, headers, self._text(data), rows=len(prompts), spec=self.spec.retry)
             f.auth_generation = generation
             kind = OVERLOAD if status == 429 else UNAVAILABLE if status == 503 else TRANSIENT if status >= 500 else None
@@ -232,7 +234,16 @@ class Caller:
         finally:
             if probe and not reported:  # cancelled, or no token: the probe did not get an answer
                 self.governor.failed(TRANSIENT, probe)
-            self.limiter.release(overloaded=overloaded, latency=None if overloaded else latency)
+            self.limiter.release(overloaded=overloaded, latency=None if overloaded else latency, work=work,
+                                 sent_at=t0)
+
+    def _work(self, parsed: list[Parsed]) -> float | None:
+        """How much an answer was, for the limiter's latency per unit: the rows of an embeddings request,
+        the output tokens of a completion (from `usage`); None when the answer does not say."""
+        if self.protocol.embeddings:
+            return float(len(parsed))
+        tokens = [p.completion_tokens for p in parsed if p.completion_tokens]
+        return float(sum(tokens)) if tokens else None
 
     async def _auth(self) -> tuple[dict[str, str] | None, int | None]:
         """The Authorization header for this request, refreshed first if it is due."""

@@ -31,9 +31,10 @@ from typing import Any, Iterable, Iterator, Sequence
 from udfs import reasons
 from udfs.auth import Secret
 from udfs.caller import Caller, governor_for
-from udfs.limits import AdaptiveLimiter, RateLimiter, recall, remember
+from udfs.limits import AdaptiveLimiter, RateLimiter, recall, recall_limit, remember, remember_limit
 from udfs.outcome import Outcome
 from udfs.prompts import is_blank
+from udfs.protocols import is_embeddings_task
 from udfs.spec import EngineSpec
 from udfs.transport import make_transport
 
@@ -47,15 +48,22 @@ class Engine:
         self._transport = make_transport(spec.http_client, spec.url, headers, pool_size=self.max_limit,
                                          connect_timeout=spec.connect_timeout_s,
                                          read_timeout=spec.read_timeout_s)
+        # Latency says something about load only per unit of work: output tokens (LLM tasks, from
+        # `usage`) or rows (embeddings). Such a limit starts slow, to measure the endpoint unloaded.
         self.limiter = AdaptiveLimiter(self.max_limit, adaptive=spec.adaptive,
-                                       latency_factor=spec.latency_cut_factor)
+                                       latency_factor=spec.latency_cut_factor,
+                                       slow_start=measures_work(spec.task))
         # The task's sending as a whole: pauses and probes, the learned rate, the breaker.
         self.governor = governor_for(spec)
-        # The pace an earlier task of this endpoint and share learned in this process (the last chunk).
+        # What an earlier task of this endpoint and share learned in this process (the last chunk):
+        # the pace, and the in-flight limit with its latency baseline.
         self._learned_key = (spec.url, self.max_limit, spec.requests_per_s)
         earlier = recall(self._learned_key) if spec.adaptive and not spec.endpoint_down else None
         if earlier is not None:
             self.governor.start_from(earlier)
+        limit = recall_limit(self._learned_key) if spec.adaptive else None
+        if limit is not None:
+            self.limiter.start_from(limit)
         self.caller = Caller(spec, self._transport, self.limiter, RateLimiter(spec.requests_per_s, spec.tokens_per_s),
                              self.governor)
         self._loop = asyncio.new_event_loop()
@@ -69,6 +77,7 @@ class Engine:
         if self._loop.is_closed():
             return
         remember(self._learned_key, self.governor)
+        remember_limit(self._learned_key, self.limiter)
         self._run(self._transport.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
@@ -178,6 +187,11 @@ class Engine:
                 positions, texts = [], []
         if texts:
             yield positions, texts
+
+
+def measures_work(task: str) -> bool:
+    """Whether answers of `task` say how much work they were: output tokens in `usage`, or rows."""
+    return task in ("llm/v1/chat", "llm/v1/completions") or is_embeddings_task(task)
 
 
 async def _make_queue() -> asyncio.Queue:

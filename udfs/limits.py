@@ -7,8 +7,8 @@ at once never exceeds what the config allows.
 
 Example::
 
-    limiter = AdaptiveLimiter(16)
-    await limiter.acquire(); ...; limiter.release(overloaded=False, latency=0.05)
+    limiter = AdaptiveLimiter(16, slow_start=True)
+    await limiter.acquire(); ...; limiter.release(latency=2.4, work=120, sent_at=t0)  # 120 output tokens
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -346,32 +347,90 @@ class Governor:
                 w.set_result(None)
 
 
+# Latency cuts (`AdaptiveLimiter`): the per-unit latency of a window of answers against the lowest of
+# the recent windows. An LLM's answer takes time in proportion to what it generates, so only latency
+# per unit of work (per output token, per embedded row) says anything about load.
+LATENCY_WINDOW = 16        # answers per window (sent after the last cut)
+BASELINE_WINDOWS = 64      # windows the baseline (their median per-unit latency) remembers
+SLOW_WINDOWS = 3           # consecutive slow windows before a cut: one is noise (a mix of prompts)
+LATENCY_FLOOR_SHARE = 0.25  # latency alone never takes the limit below this share of the maximum
+SLOW_START_SHARE = 0.125    # where a limit that measures latency starts: 1/8 of its maximum
+
+
+@dataclass(frozen=True)
+class LimiterState:
+    """What a task's in-flight limit learned, handed to the next chunk's task (as `Learned` is)."""
+    limit: float
+    baseline: float | None
+    calm: float
+    slow_start: bool
+    at: float
+
+
+_LIMITS: dict[Hashable, LimiterState] = {}
+
+
 class AdaptiveLimiter:
     """AIMD on the number of requests in flight, never above `max_limit` nor below 1.
 
-    An overload signal (429/503) halves the limit; latency above `latency_factor` times the best seen
-    cuts it by a quarter. At most one cut per round trip, as TCP does, so a burst of 429s answering
-    requests sent together counts once. A run of `limit` successes adds one.
+    - **Overload said by the endpoint** (429, 503): the limit halves, at most once per round trip, as
+      TCP does, so a burst of 429s answering requests sent together counts once.
+    - **Overload seen in latency, per unit of work**: each answer reports its latency and its work
+      (output tokens from `usage`, rows for embeddings; none for a custom model's string). Answers are
+      taken in windows of `LATENCY_WINDOW`; a window's latency per unit is its summed latency over its
+      summed work, which a few long answers of an LLM dominate as they dominate its time. The
+      baseline is the median of the last `BASELINE_WINDOWS` windows. `SLOW_WINDOWS` windows in a
+      row above `latency_factor` times the baseline cut the limit by a quarter (one slow window is a
+      mix of prompts, not load), and only requests sent after a cut count toward the next (at most
+      one cut per round trip). Latency alone never cuts below `LATENCY_FLOOR_SHARE` of `max_limit`:
+      it cannot tell our load from the endpoint's other users, so a lasting slowdown of the
+      endpoint's own becomes the norm once it fills half the baseline's windows, and meanwhile costs
+      at most three quarters of the limit. Raw latency never cuts: a long answer is not overload.
+    - **Slow start** (`slow_start`, for a limiter that measures work): the limit starts at
+      `SLOW_START_SHARE` of its maximum and doubles after each window of answers sent at it (one round
+      trip: as many answers as the limit, 4 to `LATENCY_WINDOW`) that is not slow, until it reaches the maximum; a slow window halves it back to the last good step and
+      ends slow start. So the baseline is measured at low load, before we could overload the
+      endpoint, and a knee in the endpoint's latency is found on the way up.
+    - **Additive increase**: after slow start, a run of `limit` answers adds one.
     """
 
-    def __init__(self, max_limit: int, *, adaptive: bool = True, latency_factor: float = 3.0,
-                 clock: Clock = time.monotonic) -> None:
+    def __init__(self, max_limit: int, *, adaptive: bool = True, latency_factor: float = 1.5,
+                 slow_start: bool = False, clock: Clock = time.monotonic) -> None:
         if max_limit < 1:
             raise ValueError("max_limit must be >= 1")
         self._clock = clock
         self.max_limit = max_limit
-        self.limit = float(max_limit)
         self.adaptive = adaptive
+        self.slow_start = adaptive and slow_start and max_limit > 1
+        self.limit = float(max(1, math.ceil(max_limit * SLOW_START_SHARE)) if self.slow_start else max_limit)
         self.latency_factor = latency_factor
+        self.floor = max(1.0, math.floor(max_limit * LATENCY_FLOOR_SHARE))
         self.inflight = 0
         self.peak = 0
-        self.cuts = 0
+        self.cuts = self.latency_cuts = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._streak = 0
-        self._best = math.inf
         self._ewma: float | None = None
-        self._samples = 0
-        self._last_cut = -math.inf
+        # Since when answers count toward a window: the last cut or slow-start step (once per round trip).
+        self._epoch = -math.inf
+        self._window = [0.0, 0.0, 0]  # latency, work, answers
+        self._windows: deque[float] = deque(maxlen=BASELINE_WINDOWS)  # per-unit latency of each window
+        self._slow = 0  # consecutive windows above the baseline's bound
+        self.calm = float(max_limit)  # the highest limit known not to slow the endpoint down
+        self._floored = False  # latency cut the limit to the floor, and windows are slow still
+        self.baseline: float | None = None
+
+    def state(self) -> LimiterState:
+        return LimiterState(self.limit, self.baseline, self.calm, self.slow_start, time.monotonic())
+
+    def start_from(self, state: LimiterState) -> None:
+        """Go on where the last task of the same endpoint and share left off (no second slow start)."""
+        self.limit = min(float(self.max_limit), max(1.0, state.limit))
+        self.slow_start = self.slow_start and state.slow_start
+        self.calm = min(float(self.max_limit), state.calm)
+        if state.baseline is not None:
+            self.baseline = state.baseline
+            self._windows.append(state.baseline)
 
     async def acquire(self) -> None:
         """A slot, first come first served: a request that waited is never overtaken by a newer one.
@@ -393,9 +452,12 @@ class AdaptiveLimiter:
                 raise
         self.peak = max(self.peak, self.inflight)
 
-    def release(self, *, overloaded: bool = False, latency: float | None = None) -> None:
+    def release(self, *, overloaded: bool = False, latency: float | None = None, work: float | None = None,
+                sent_at: float | None = None) -> None:
+        """A request is done: `overloaded` (429/503), or answered after `latency` seconds for `work`
+        units (None: the answer does not say), sent at `sent_at` (the limiter's clock)."""
         if self.adaptive:
-            self._adapt(overloaded, latency)
+            self._adapt(overloaded, latency, work, sent_at)
         self._hand_over(self.inflight - 1)
 
     def _hand_over(self, inflight: int) -> None:
@@ -406,28 +468,83 @@ class AdaptiveLimiter:
                 self.inflight += 1
                 waiter.set_result(None)
 
-    def _adapt(self, overloaded: bool, latency: float | None) -> None:
-        slow = False
-        if latency is not None and not overloaded:
-            self._samples += 1
-            self._best = min(self._best, latency)
-            self._ewma = latency if self._ewma is None else 0.9 * self._ewma + 0.1 * latency
-            slow = self._samples > 20 and self._ewma > self.latency_factor * self._best
-        if overloaded or slow:
+    def _adapt(self, overloaded: bool, latency: float | None, work: float | None, sent_at: float | None) -> None:
+        if overloaded:
             now = self._clock()
             rtt = self._ewma if self._ewma is not None else 0.1
-            if now - self._last_cut >= rtt:
-                self.limit = max(1.0, self.limit * (0.5 if overloaded else 0.75))
-                self._last_cut = now
-                self.cuts += 1
-                if slow:  # the new normal is the current latency; do not keep cutting on it
-                    self._best = self._ewma or self._best
+            if now - self._epoch >= rtt:
+                self._cut(0.5, 1.0, now)
             self._streak = 0
-        elif latency is not None:
-            self._streak += 1
-            if self._streak >= int(self.limit) and self.limit < self.max_limit:
-                self.limit = min(float(self.max_limit), math.floor(self.limit) + 1.0)
-                self._streak = 0
+            return
+        if latency is None:
+            return
+        self._ewma = latency if self._ewma is None else 0.9 * self._ewma + 0.1 * latency
+        if work and work > 0 and (sent_at is None or sent_at >= self._epoch):
+            self._window_add(latency, work)
+        if self.slow_start:
+            return  # slow start steps once per window (`_window_end`)
+        self._streak += 1
+        if self._streak >= int(self.limit) and self.limit < self.max_limit:
+            self.limit = min(float(self.max_limit), math.floor(self.limit) + 1.0)
+            self._streak = 0
+
+    def _window_add(self, latency: float, work: float) -> None:
+        w = self._window
+        w[0], w[1], w[2] = w[0] + latency, w[1] + work, w[2] + 1
+        # In slow start a step lasts one round trip (a window as large as the limit, at least 4 answers),
+        # so a small limit does not send for long at a fraction of its share.
+        if w[2] >= (min(LATENCY_WINDOW, max(4, int(self.limit))) if self.slow_start else LATENCY_WINDOW):
+            self._window = [0.0, 0.0, 0]
+            self._window_end(w[0] / w[1])
+
+    def _window_end(self, per_unit: float) -> None:
+        """A window of answers sent since the last change of the limit: compare, then step or cut."""
+        base = self.baseline
+        slow = base is not None and per_unit > self.latency_factor * base
+        # The baseline learns from windows that were not slow at a load known to be calm (at most the
+        # last step of slow start that was not slow: above it, a latency creeping up with the load
+        # would become the norm step by step), and from windows at the floor: there cutting is over,
+        # so a slowdown is the endpoint's own, and it becomes the norm.
+        if (not slow and self.limit <= self.calm) or (slow and self._floored):
+            self._windows.append(per_unit)
+            self.baseline = statistics.median(self._windows)
+        self._floored = self._floored and slow
+        now = self._clock()
+        if self.slow_start:
+            if slow:  # back to the last step's limit, which was not slow
+                self._cut(0.5, 1.0, now)
+                self.calm = self.limit
+                self.latency_cuts += 1
+            else:
+                self.limit = min(float(self.max_limit), 2 * self.limit)
+                self.slow_start = self.limit < self.max_limit
+                self._epoch = now
+            return
+        self._slow = self._slow + 1 if slow else 0
+        if self._slow >= SLOW_WINDOWS and not self._floored:
+            self._cut(0.75, self.floor, now)
+            self._floored = self.limit <= self.floor
+            self.latency_cuts += 1
+
+    def _cut(self, factor: float, floor: float, now: float) -> None:
+        self.limit = max(floor, self.limit * factor)
+        self._epoch = now
+        self.cuts += 1
+        self.slow_start = False
+        self._streak = self._slow = 0
+        self._window = [0.0, 0.0, 0]
+
+
+def remember_limit(key: Hashable, limiter: AdaptiveLimiter) -> None:
+    if limiter.adaptive:
+        _LIMITS[key] = limiter.state()
+
+
+def recall_limit(key: Hashable, now: float | None = None) -> LimiterState | None:
+    """What a limiter of `key` learned in this process within `LEARNED_TTL_S`, if anything."""
+    state = _LIMITS.get(key)
+    now = time.monotonic() if now is None else now
+    return state if state is not None and now - state.at <= LEARNED_TTL_S else None
 
 
 class RateLimiter:

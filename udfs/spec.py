@@ -59,7 +59,7 @@ class EngineSpec:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 120.0
     adaptive: bool = True
-    latency_cut_factor: float = 3.0
+    latency_cut_factor: float = 1.5
     http_client: str = "aiohttp"
     retry: RetrySpec = field(default_factory=RetrySpec)
     # Structured output (`udfs.structured`): the JSON Schema every answer must match, the name and
