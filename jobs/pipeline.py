@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
@@ -45,7 +48,7 @@ from jobs.endpoint_health import EndpointHealth
 from jobs.errors import InputError
 from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
-from jobs.plan import plan_tasks, task_slots
+from jobs.plan import TaskPlan, plan_tasks, task_slots
 from jobs.read import check_ids, column, read_requests
 from jobs.resolve import engine_spec, preflight
 from jobs.session import is_connect
@@ -165,7 +168,9 @@ class _Run:
         self.dim_why = "endpoint.embedding_dim"
         self.called_rows, self.calling_s = 0, 0.0
         self.latency_s: float | None = None
+        self.tail_s: float | None = None  # the p99 latency of the last chunk's answers
         self.health = EndpointHealth()  # executors: the breaker's report across chunks
+        self._lock = threading.Lock()  # commits land from the committer or chunk threads
 
     # -- shared -------------------------------------------------------------------------------------
 
@@ -181,22 +186,28 @@ class _Run:
             return self.cfg.limits.max_concurrency * self.cfg.endpoint.rows_per_request / self.latency_s
         return self.called_rows / self.calling_s if self.calling_s > 0 and self.called_rows else None
 
-    def answered(self, latency_ms: float | None) -> None:
-        """The mean latency (retries included) of a chunk's answered requests."""
-        if latency_ms:
-            self.latency_s = latency_ms / 1000
+    def learn_latency(self, mean_ms: float | None, p99_ms: float | None) -> None:
+        """A chunk's latency (retries included) over its answered requests: the mean sizes the rate,
+        the p99 the chunk (`ChunkPlanner.seconds_for`)."""
+        if mean_ms:
+            self.latency_s = mean_ms / 1000
+        if p99_ms:
+            self.tail_s = p99_ms / 1000
+        self.progress.calls_rate, self.progress.tail_s = self.rate(), self.tail_s
 
     def next_chunk(self) -> Chunk | None:
-        chunk = self.planner.next(self.rate())
-        log.debug("next: %s at %s rows/s", chunk, self.rate())
-        self.progress.total_chunks = self.planner.estimate(self.rate())
+        rate = self.rate()
+        chunk = self.planner.next(rate, self.tail_s)
+        log.debug("next: %s at %s rows/s, p99 %s s", chunk, rate, self.tail_s)
+        self.progress.total_chunks = self.planner.estimate(rate, self.tail_s)
         return chunk
 
     def committed(self, counts: dict[str, int]) -> None:
-        for status, n in counts.items():
-            self.summary.by_status[status] = self.summary.by_status.get(status, 0) + n
-        self.summary.chunks += 1
-        self.progress.chunk_done(counts)
+        with self._lock:
+            for status, n in counts.items():
+                self.summary.by_status[status] = self.summary.by_status.get(status, 0) + n
+            self.summary.chunks += 1
+            self.progress.chunk_done(counts)
 
     # -- driver ---------------------------------------------------------------------------------------
 
@@ -237,8 +248,7 @@ class _Run:
                     # Calls run back to back across chunks: the rate is rows over time since the first.
                     self.called_rows += chunk.rows
                     self.calling_s = time.monotonic() - first_call[0]
-                    sent = [o.latency_ms for o in outcomes if o.latency_ms is not None]
-                    self.answered(sum(sent) / len(sent) if sent else None)
+                    self.learn_latency(*latency_stats([o.latency_ms for o in outcomes if o.latency_ms is not None]))
                     committer.submit(self._driver_commit(chunk, todo, outcomes), self.committed)
             finally:
                 stop.set()
@@ -281,36 +291,68 @@ class _Run:
     def from_executors(self, outcomes_table: str) -> None:
         """Per chunk ONE Spark job: the UDF calls, and the same job appends the outcomes to Delta.
 
-        No separate commit job, so none waits for slots held by calling tasks; what is left between
-        chunks is the end of one job (its write and Delta's log commit) and the start of the next.
-        Counts by status come from an `Observation` of that same job. A chunk holding ids the
-        table already has needs a MERGE, whose source must be stable: its outcomes are written once to
-        a scratch table and merged from there (two jobs, no overlap: a MERGE queued behind the next
-        chunk's calling tasks would wait for all of them).
+        No separate commit job, so none waits for slots held by calling tasks. Two chunk jobs are
+        in flight at once (`overlap_chunks`): while chunk k's last tasks wait for their slowest
+        answers, chunk k+1's tasks take each task slot as it frees, so a chunk's tail does not leave
+        the endpoint idle. The job-wide limit holds all the same: every task keeps `C // S` in
+        flight and the cluster runs at most `S` tasks at once, whichever chunk they belong to.
+        Counts by status come from an `Observation` of each job. A chunk holding ids the table
+        already has needs a MERGE, whose source must be stable: its outcomes are written once to a
+        scratch table and merged from there, with no other chunk in flight (MERGE reads the table
+        that concurrent appends would change).
         """
         plan = plan_tasks(self.cfg.limits.max_concurrency, task_slots(self.spark, self.cfg.run.task_slots))
-        log.info("executors: %d task(s) x %s in flight", plan.partitions,
-                 "/".join(map(str, sorted(set(plan.per_task)))))
+        depth = 2 if overlap_chunks(plan) else 1
+        if depth > 1:
+            plan = plan.even()
+        log.info("executors: %d task(s) x %s in flight%s", plan.partitions,
+                 "/".join(map(str, sorted(set(plan.per_task)))),
+                 ", chunks overlapping" if depth > 1 else "")
         outcomes = with_outcomes(self.spec, plan, self.parsed_type, self.health)
+        running: deque[tuple[Chunk, float, Future]] = deque()
+        with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="bi-chunk") as pool:
+            try:
+                while (chunk := self.next_chunk()) is not None:
+                    alone = chunk.exists or (self.embeddings and self.dim is None and self.summary.chunks == 0)
+                    while running and (alone or len(running) >= depth):
+                        self._landed(*running.popleft())
+                    t0 = time.monotonic()
+                    if alone:  # a MERGE, or the first chunk of vectors (it fixes their length)
+                        self._landed(chunk, t0, pool.submit(self._call_chunk, chunk, outcomes, outcomes_table, depth))
+                    else:
+                        running.append((chunk, t0, pool.submit(self._call_chunk, chunk, outcomes, outcomes_table,
+                                                               depth)))
+                while running:
+                    self._landed(*running.popleft())
+            finally:
+                for _, _, f in running:  # a failed chunk: let the others finish, then raise
+                    f.cancel()
+                wait([f for _, _, f in running])
+
+    def _call_chunk(self, chunk: Chunk, outcomes: Callable[[DataFrame], DataFrame], outcomes_table: str,
+                    depth: int) -> tuple[dict[str, int], float | None, float | None]:
+        """One chunk's Spark job (two with a MERGE): counts by status, mean and p99 latency."""
+        landed = (chunk.of(self.staged).select(*self.columns).transform(outcomes)
+                  .transform(self._dims_step()).transform(self.finish))
         out = self.cfg.output.table
-        while (chunk := self.next_chunk()) is not None:
-            t0 = time.monotonic()
-            landed = (chunk.of(self.staged).select(*self.columns).transform(outcomes)
-                      .transform(self._dims_step()).transform(self.finish))
-            if chunk.exists:
-                (landed.withColumn("_chunk", F.lit(chunk.index))
-                 .write.format("delta").mode("append").saveAsTable(outcomes_table))  # the calls
-                stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
-                counts = commit_chunk(self.spark, out, stable, self.run_id, chunk.index)
-            else:
-                counts, latency_ms = append_observed(landed.drop("_exists"), out, self.run_id, chunk.index)
-                self.answered(latency_ms)
-            self.called_rows += chunk.rows
-            self.calling_s += time.monotonic() - t0
-            log.debug("chunk %d: %d rows called and committed in %.1fs", chunk.index + 1, chunk.rows,
-                      time.monotonic() - t0)
-            self.health.after_chunk(self.spark, out, self.run_id, chunk.index, counts)
-            self.committed(counts)
+        if chunk.exists:
+            (landed.withColumn("_chunk", F.lit(chunk.index))
+             .write.format("delta").mode("append").saveAsTable(outcomes_table))  # the calls
+            stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
+            return commit_chunk(self.spark, out, stable, self.run_id, chunk.index), None, None
+        # One txnAppId per lane of chunks in flight: a lane's chunks commit in order, lanes in any order.
+        return append_observed(landed.drop("_exists"), out, f"{self.run_id}.{chunk.index % depth}",
+                               chunk.index)
+
+    def _landed(self, chunk: Chunk, t0: float, future: Future) -> None:
+        counts, mean_ms, p99_ms = future.result()
+        self.learn_latency(mean_ms, p99_ms)
+        self.called_rows += chunk.rows
+        self.calling_s += time.monotonic() - t0
+        log.debug("chunk %d: %d rows called and committed in %.1fs", chunk.index + 1, chunk.rows,
+                  time.monotonic() - t0)
+        self.health.after_chunk(self.spark, self.cfg.output.table, self.run_id, chunk.index, counts)
+        self.committed(counts)
 
     def _dims_step(self) -> Callable[[DataFrame], DataFrame]:
         """The run's vector length: pinned, else what its first chunk landed (committed before the next)."""
@@ -324,23 +366,44 @@ class _Run:
         return with_dimension_check(self.dim, self.dim_why) if self.dim is not None else with_dimension_check(None)
 
 
-def append_observed(landed: DataFrame, name: str, run_id: str, chunk: int) -> tuple[dict[str, int], float | None]:
-    """Append `landed` (ids new to the table) in one job, idempotent per (run, chunk); counts by status
-    and the mean latency of its answered rows.
+def append_observed(landed: DataFrame, name: str, app_id: str,
+                    chunk: int) -> tuple[dict[str, int], float | None, float | None]:
+    """Append `landed` (ids new to the table) in one job, idempotent per (`app_id`, chunk); counts by
+    status, and the mean and p99 latency of its answered rows.
 
+    Delta skips a write whose `txnVersion` is not above the last one committed for its `txnAppId`, so
+    chunks that may commit out of order must use different app ids (`from_executors`: one per lane).
     `writeTo(...).append()`: its plan keeps the `Observation` (on classic Spark `saveAsTable` runs
     Delta's write in a nested query, and the observed counts never arrive).
     """
-    seen = Observation(f"chunk_{run_id}_{chunk}")
+    seen = Observation(re.sub(r"\W", "_", f"chunk_{app_id}_{chunk}"))
     (landed.observe(seen, F.count(F.lit(1)).alias("rows"), F.count_if(F.col("status") == "ok").alias("ok"),
-                    F.avg("latency_ms").alias("latency_ms"))
-     .writeTo(name).option("txnAppId", run_id).option("txnVersion", str(chunk)).append())
+                    F.avg("latency_ms").alias("latency_ms"),
+                    F.percentile_approx("latency_ms", 0.99).alias("p99_ms"))
+     .writeTo(name).option("txnAppId", app_id).option("txnVersion", str(chunk)).append())
     try:
         got = seen.get
     except Exception:  # nothing ran: Delta skipped a (run, chunk) it had already committed
         got = {}
     rows, ok = got.get("rows") or 0, got.get("ok") or 0
-    return {k: n for k, n in (("ok", ok), ("error", rows - ok)) if n}, got.get("latency_ms")
+    return ({k: n for k, n in (("ok", ok), ("error", rows - ok)) if n}, got.get("latency_ms"),
+            got.get("p99_ms"))
+
+
+def latency_stats(latencies_ms: list[float]) -> tuple[float | None, float | None]:
+    """Mean and p99 of a chunk's latencies (the driver has them as a list)."""
+    if not latencies_ms:
+        return None, None
+    ordered = sorted(latencies_ms)
+    return sum(ordered) / len(ordered), ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def overlap_chunks(plan: TaskPlan) -> bool:
+    """Whether two chunk jobs may be in flight at once without passing the job-wide limit: only when
+    there is one task per slot (the cluster then runs at most `partitions` tasks at once, of any
+    chunk). With unknown slots, or fewer partitions than slots (C < S), a second chunk's tasks
+    would run beside the first's."""
+    return plan.slots is not None and plan.partitions == plan.slots
 
 
 class Committer:

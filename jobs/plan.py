@@ -36,6 +36,11 @@ class TaskPlan:
     per_task: tuple[int, ...]
     slots: int | None
 
+    def even(self) -> TaskPlan:
+        """Every task the same share, `C // P`: when tasks of two chunks may run together, any `P` of
+        them must stay within `C`, not only the `P` of one chunk."""
+        return replace(self, per_task=(min(self.per_task),) * self.partitions)
+
     def per_task_spec(self, spec: EngineSpec) -> EngineSpec:
         """Split the job-wide rate limits evenly over the tasks."""
         p = self.partitions

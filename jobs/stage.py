@@ -13,7 +13,8 @@
 - `ChunkPlanner`: chunks are runs of consecutive buckets. Identical requests share a bucket (the
   bucket is a hash of `request_hash`), so each is sent once per run. With `run.chunk_rows` set,
   chunks hold about that many rows; unset, the first chunk is small (32 requests per slot of the
-  limit: it measures the endpoint), and each next one holds `run.chunk_seconds` of calls at the rate
+  limit: it measures the endpoint), and each next one holds `run.chunk_seconds` of calls (and at least
+  `TAIL_CHUNK_FACTOR` times the p99 latency: a chunk ends waiting for its slowest answers) at the rate
   measured (the pipeline's: `C` requests in flight, one mean latency apart), at most 8 times the
   previous one and at most `run.max_chunk_rows`; a remainder under a quarter of that joins the chunk
   before it.
@@ -38,6 +39,10 @@ from pyspark.sql.window import Window
 from jobs.read import with_limit, with_pending
 
 log = logging.getLogger("batch_inference")
+
+# A chunk's calls last at least this many times the slowest answers' latency (p99): the end of a
+# chunk waits for them with fewer requests in flight, and an LLM's slowest answers take tens of seconds.
+TAIL_CHUNK_FACTOR = 10.0
 
 # Hash buckets of request_hash: the grain of chunks. 4096 keeps the histogram small for the driver
 # and a chunk's rows within a fraction of a percent of its target for any input of 10^6 rows or more.
@@ -168,20 +173,27 @@ class ChunkPlanner:
         self.next_bucket, self.index, self.planned = 0, 0, 0
         self.last_target: int | None = None
 
-    def target(self, rate: float | None) -> int:
+    def seconds_for(self, tail_s: float | None) -> float:
+        """A chunk's calls last `seconds`, and at least `TAIL_CHUNK_FACTOR` times the latency tail: a
+        chunk ends waiting for its slowest answers, so that wait must be a small share of it."""
+        return max(self.seconds, TAIL_CHUNK_FACTOR * (tail_s or 0.0))
+
+    def target(self, rate: float | None, tail_s: float | None = None) -> int:
         if self.fixed:
             return self.fixed
         if rate is None or self.last_target is None:
             return max(1, min(self.first, self.max_rows))
-        return max(1, int(min(self.max_rows, 8 * self.last_target, max(self.first, rate * self.seconds))))
+        wanted = rate * self.seconds_for(tail_s)
+        return max(1, int(min(self.max_rows, 8 * self.last_target, max(self.first, wanted))))
 
-    def next(self, rate: float | None = None) -> Chunk | None:
-        """The next chunk; `rate` is the rows per second of calls measured so far (None: not yet)."""
+    def next(self, rate: float | None = None, tail_s: float | None = None) -> Chunk | None:
+        """The next chunk; `rate` is the rows per second of calls measured so far (None: not yet),
+        `tail_s` the latency of the slowest answers (p99)."""
         while self.next_bucket < BUCKETS and not self.counts[self.next_bucket]:
             self.next_bucket += 1
         if self.next_bucket >= BUCKETS:
             return None
-        target = self.last_target = self.target(rate)
+        target = self.last_target = self.target(rate, tail_s)
         lo, rows, b = self.next_bucket, 0, self.next_bucket
         while b < BUCKETS and (rows == 0 or rows + self.counts[b] <= target):
             rows += self.counts[b]
@@ -195,13 +207,13 @@ class ChunkPlanner:
         self.planned += rows
         return chunk
 
-    def estimate(self, rate: float | None = None) -> int:
+    def estimate(self, rate: float | None = None, tail_s: float | None = None) -> int:
         """Chunks in all: exact with `run.chunk_rows`; with sizing by rate, the count so far plus the rest
         at the current target."""
         if self.fixed:
             return self._simulate(self.fixed)
         left = self.total - self.planned
-        return self.index + (math.ceil(left / self.target(rate)) if left else 0)
+        return self.index + (math.ceil(left / self.target(rate, tail_s)) if left else 0)
 
     def _simulate(self, target: int) -> int:
         n, rows = 0, 0

@@ -98,6 +98,7 @@ def endpoint() -> Iterator[LocalEndpoint]:
 def fresh_endpoint(endpoint: LocalEndpoint) -> LocalEndpoint:
     endpoint.reset()
     endpoint.latency_s = 0.0
+    endpoint.latency_of = None
     return endpoint
 
 

@@ -10,7 +10,7 @@ import pytest
 from chispa import assert_df_equality
 
 from jobs.config import ConfigError
-from jobs.local.stand_in import LocalEndpoint
+from jobs.local.stand_in import LocalEndpoint, llm_latency
 from jobs.errors import InputError, JobFailed
 from jobs.pipeline import run_job
 from tests.conftest import job_config
@@ -304,6 +304,24 @@ def test_the_next_chunk_calls_while_the_last_one_commits_and_the_limit_holds(spa
     expected = spark.createDataFrame([(i, f"Answer to: overlap {i}") for i in range(60)], "id long, response string")
     assert_df_equality(spark.table(table_name).select("id", "response"), expected, ignore_row_order=True,
                        ignore_nullable=True)
+
+
+@pytest.mark.parametrize("calls_from", ["executors", "driver"])
+def test_answers_from_50_ms_to_2_s_keep_the_endpoint_at_its_limit(spark, fresh_endpoint, table_name, calls_from):
+    """Issue 20, scaled down: LLM-like latency per prompt (heavy-tailed, 0.05 s to 2 s) must not shrink
+    the job to a few requests in flight. The server's own count: the peak reaches C and never passes
+    it, and over the calls the time-weighted mean in flight is at least 0.7 C (two chunks: their
+    boundary must not leave the endpoint idle)."""
+    fresh_endpoint.latency_of = lambda raw: llm_latency(raw, 0.1, 0.05, 2.0)
+    src = view(spark, [(i, f"question {i}") for i in range(480)])
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=serving(fresh_endpoint, "llm/v1/chat"),
+                     limits={"max_concurrency": 8}, run={"calls_from": calls_from, "chunk_rows": None})
+    summary = run_job(spark, cfg)
+
+    assert summary.by_status == {"ok": 480} and summary.chunks == 2
+    assert fresh_endpoint.peak_inflight == 8
+    assert fresh_endpoint.mean_inflight() >= 0.7 * 8, fresh_endpoint.mean_inflight()
 
 
 def test_null_ids_stop_the_job_before_any_call(spark, fresh_endpoint, table_name):

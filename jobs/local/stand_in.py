@@ -32,9 +32,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from statistics import NormalDist
 from typing import Any, Callable
 
 EMBEDDING_DIM = 16
+# With an LLM-like latency per prompt, `usage.completion_tokens` says what the time says: 50 tokens/s.
+SECONDS_PER_TOKEN = 0.02
 
 
 def generate(prompt: str, stop: list[str] | None = None, max_tokens: int | None = None) -> str:
@@ -54,6 +57,17 @@ def embed(text: str, dim: int = EMBEDDING_DIM) -> list[float]:
         vec[h % dim] += 1.0 if (h >> 32) & 1 else -1.0
     norm = math.sqrt(sum(v * v for v in vec)) or 1.0
     return [round(v / norm, 6) for v in vec]
+
+
+def llm_latency(key: bytes, median_s: float, low_s: float | None = None, high_s: float | None = None) -> float:
+    """An LLM-like answer time fixed by the request: lognormal around `median_s` (sigma 1: a few answers
+    take ten times the median), kept within [`low_s`, `high_s`] (default: a tenth of the median, forty
+    times it). An answer's time is its length, and lengths vary by prompt."""
+    h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+    z = NormalDist().inv_cdf((h + 0.5) / 2.0 ** 64)
+    low = median_s / 10 if low_s is None else low_s
+    high = median_s * 40 if high_s is None else high_s
+    return min(high, max(low, median_s * math.exp(z)))
 
 
 def _tokens(text: str) -> int:
@@ -239,8 +253,9 @@ class _Handler(BaseHTTPRequestHandler):
         req = Request("POST", self.path, dict(self.headers.items()), body)
         ep._enter(req)
         try:
-            if ep.latency_s:
-                time.sleep(ep.latency_s)
+            delay = ep.latency_s + (ep.latency_of(raw) if ep.latency_of else 0.0)
+            if delay:
+                time.sleep(delay)
             reply = ep.fault(req) if ep.fault else None
             if callable(reply):
                 self.close_connection = True  # the raw reply owns the socket; nothing may follow it
@@ -248,6 +263,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if reply is None:
                 status, value = answer(self.path, body)
+                if ep.latency_of and isinstance(value, dict) and "completion_tokens" in value.get("usage", {}):
+                    # As an LLM's: the answer's length is its time (50 tokens a second).
+                    value["usage"]["completion_tokens"] = max(1, round(delay / SECONDS_PER_TOKEN))
                 reply = (status, {}, json.dumps(value).encode())
             self._send(*reply)
         finally:
@@ -273,12 +291,18 @@ class LocalEndpoint:
     """The stand-in endpoint on 127.0.0.1, in a background thread."""
 
     def __init__(self, port: int = 0, *, latency_s: float = 0.0, fault: Fault | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", latency_of: Callable[[bytes], float] | None = None) -> None:
         self.latency_s = latency_s
+        # Per request (its raw body), on top of `latency_s`: e.g. `lambda raw: llm_latency(raw, 0.3)`.
+        self.latency_of = latency_of
         self.fault = fault
         self.received: list[Request] = []
         self.inflight = 0
         self.peak_inflight = 0
+        # Requests in flight integrated over time, from the first request to the last answer.
+        self.inflight_area = 0.0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
         self._server.endpoint = self
@@ -295,17 +319,32 @@ class LocalEndpoint:
     def _enter(self, req: Request) -> None:
         with self._lock:
             self.received.append(req)
-            self.inflight += 1
+            self._flow(+1)
             self.peak_inflight = max(self.peak_inflight, self.inflight)
 
     def _leave(self) -> None:
         with self._lock:
-            self.inflight -= 1
+            self._flow(-1)
+
+    def _flow(self, delta: int) -> None:
+        now = time.monotonic()
+        if self.last_at is not None:
+            self.inflight_area += self.inflight * (now - self.last_at)
+        self.first_at = self.first_at if self.first_at is not None else now
+        self.last_at = now
+        self.inflight += delta
+
+    def mean_inflight(self) -> float:
+        """Requests in flight on average (weighted by time) from the first request to the last answer."""
+        with self._lock:
+            span = (self.last_at or 0.0) - (self.first_at or 0.0)
+            return self.inflight_area / span if span > 0 else 0.0
 
     def reset(self) -> None:
         with self._lock:
             self.received.clear()
             self.peak_inflight = self.inflight
+            self.inflight_area, self.first_at, self.last_at = 0.0, None, None
         self.fault = None
 
     def start(self) -> LocalEndpoint:
@@ -328,9 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the local stand-in endpoint (not a real model).")
     parser.add_argument("--port", type=int, default=7777)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="every answer takes this long")
+    parser.add_argument("--llm-latency-ms", type=float, default=0.0,
+                        help="answers take about this long (the median), varying per prompt as an LLM's do")
     args = parser.parse_args(argv)
-    ep = LocalEndpoint(args.port, latency_s=args.latency_ms / 1000, host=args.host)
+    median = args.llm_latency_ms / 1000
+    ep = LocalEndpoint(args.port, latency_s=args.latency_ms / 1000, host=args.host,
+                       latency_of=(lambda raw: llm_latency(raw, median)) if median else None)
     print(f"local endpoint (a stand-in, not a model) on http://{args.host}:{ep.port}", flush=True)
     try:
         ep._server.serve_forever()

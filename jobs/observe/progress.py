@@ -45,6 +45,10 @@ class Progress:
         self.started = self.clock()
         self.done = self.errors = 0
         self.timeline: list[ChunkTiming] = []
+        # What the endpoint's answers say of the rest (set by the run from each chunk's latency): rows/s
+        # at the limit in flight (C over the mean latency), and the p99 latency that the last wait takes.
+        self.calls_rate: float | None = None
+        self.tail_s: float | None = None
 
     def chunk_done(self, by_status: dict[str, int]) -> str:
         rows = sum(by_status.values())
@@ -68,8 +72,16 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         pct = 100.0 * self.done / self.total_rows if self.total_rows else 100.0
         left = max(0, self.total_rows - self.done)
-        eta = _clock_text(left / rate) if rate > 0 else ("0:00:00" if not left else "?")
-        return pct, rate, eta
+        return pct, rate, (_clock_text(s) if (s := self.seconds_left(left, rate)) is not None else "?")
+
+    def seconds_left(self, left: int, rate: float) -> float | None:
+        """The rest at the rate the endpoint's latency allows, then the wait for the slowest answers;
+        before any latency is known, at the rate so far (the first chunk's start-up slows that one)."""
+        if not left:
+            return 0.0
+        if self.calls_rate:
+            return left / self.calls_rate + (self.tail_s or 0.0)
+        return left / rate if rate > 0 else None
 
     def line(self, elapsed: float) -> str:
         pct, rate, eta = self._numbers(elapsed)
