@@ -353,6 +353,7 @@ class Governor:
 LATENCY_WINDOW = 16        # answers per window (sent after the last cut)
 BASELINE_WINDOWS = 64      # windows the baseline (their median per-unit latency) remembers
 SLOW_WINDOWS = 3           # consecutive slow windows before a cut: one is noise (a mix of prompts)
+ABOVE_CALM_SLOWER = 8      # additive increase past the last calm limit: once per 8 round trips
 LATENCY_FLOOR_SHARE = 0.25  # latency alone never takes the limit below this share of the maximum
 SLOW_START_SHARE = 0.125    # where a limit that measures latency starts: 1/8 of its maximum
 
@@ -391,7 +392,8 @@ class AdaptiveLimiter:
       trip: as many answers as the limit, 4 to `LATENCY_WINDOW`) that is not slow, until it reaches the maximum; a slow window halves it back to the last good step and
       ends slow start. So the baseline is measured at low load, before we could overload the
       endpoint, and a knee in the endpoint's latency is found on the way up.
-    - **Additive increase**: after slow start, a run of `limit` answers adds one.
+    - **Additive increase**: after slow start, a run of `limit` answers adds one; past `calm` (the
+      limit a latency cut last came down to), a run of `ABOVE_CALM_SLOWER` times as many.
     """
 
     def __init__(self, max_limit: int, *, adaptive: bool = True, latency_factor: float = 1.5,
@@ -484,7 +486,10 @@ class AdaptiveLimiter:
         if self.slow_start:
             return  # slow start steps once per window (`_window_end`)
         self._streak += 1
-        if self._streak >= int(self.limit) and self.limit < self.max_limit:
+        # Past the last calm limit, where latency was seen to climb, the limit grows 8 times slower: a
+        # probe above a knee costs windows of slow answers.
+        if self._streak >= int(self.limit) * (ABOVE_CALM_SLOWER if self.limit >= self.calm else 1) \
+                and self.limit < self.max_limit:
             self.limit = min(float(self.max_limit), math.floor(self.limit) + 1.0)
             self._streak = 0
 
@@ -508,6 +513,8 @@ class AdaptiveLimiter:
         if (not slow and self.limit <= self.calm) or (slow and self._floored):
             self._windows.append(per_unit)
             self.baseline = statistics.median(self._windows)
+            if slow and per_unit <= self.latency_factor * self.baseline:
+                self.calm = float(self.max_limit)  # the slowdown is the norm now: no knee known
         self._floored = self._floored and slow
         now = self._clock()
         if self.slow_start:
@@ -524,6 +531,7 @@ class AdaptiveLimiter:
         if self._slow >= SLOW_WINDOWS and not self._floored:
             self._cut(0.75, self.floor, now)
             self._floored = self.limit <= self.floor
+            self.calm = self.limit
             self.latency_cuts += 1
 
     def _cut(self, factor: float, floor: float, now: float) -> None:
