@@ -81,7 +81,7 @@ def test_layers_apply_in_order_and_later_wins():
     assert inv.overrides == ["limits.max_concurrency=4", "run.limit=3", "limits.max_concurrency=6",
                              "run.limit=7"]
     kept, _ = config_of(["--conf", DEMO, "--set", "run.limit=3", "--limit="])
-    assert (kept.run.limit, kept.limits.max_concurrency) == (3, 8)  # 8: conf/demo.yml's own value
+    assert (kept.run.limit, kept.limits.max_concurrency) == (3, 16)  # 16: conf/demo.yml's own value
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from jobs.config import JobConfig, load_config
 from jobs.cli.run import setup_logging
-from jobs.local.stand_in import LocalEndpoint
+from jobs.local.stand_in import LocalEndpoint, llm_latency
 from jobs.tables import ensure_schema
 
 ROOT = Path(__file__).resolve().parents[2]
+DEMO_LATENCY_S = 0.3  # the stand-in's median answer time
 
 # Cosine similarity in plain Spark SQL: the nearest other prompt to each of the first three.
 NEAREST = """
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     completions, embeddings, classify = configs(port, list(argv or []))
     spark = get_spark("batch-inference-demo")
     seed_prompts(spark, completions.input.table or "demo.prompts", ROOT / "data" / "prompts.jsonl")
-    with LocalEndpoint(port) as endpoint:
+    # Answers take what an LLM's take, varying per prompt (median 0.3 s, a few seconds at most): the
+    # engine keeps `limits.max_concurrency` in flight across them.
+    with LocalEndpoint(port, latency_of=lambda raw: llm_latency(raw, DEMO_LATENCY_S, 0.05, 3.0)) as endpoint:
         summaries = [run_job(spark, cfg) for cfg in (completions, embeddings, classify)]
     print()
     print(f"Local endpoint on {endpoint.url} served {len(endpoint.received)} requests "
