@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs import secret_rules
+from udfs.budget import DEFAULT_RESERVE_OUTPUT_TOKENS
 from udfs.protocols import is_embeddings_task, make_protocol
 from udfs.structured import UnsupportedSchema, check_schema, wire_format
 
@@ -321,6 +322,24 @@ class RetryConfig(_Strict):
     invalid_output_attempts: int = Field(default=1, ge=0, le=10)
 
 
+class BudgetConfig(_Strict):
+    """`run.budget`: the most one run may spend; any of the four (unset: no cap on that). When it is
+    spent the run sends nothing more, commits what was answered, leaves the rest pending and exits 3."""
+    # In the currency of `endpoint.price_per_1k_*_tokens` (both must be set).
+    max_cost: float | None = Field(default=None, gt=0)
+    max_input_tokens: int | None = Field(default=None, ge=1)
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    max_requests: int | None = Field(default=None, ge=1)
+    # Output tokens a request reserves while in flight when `endpoint.model_kwargs.max_tokens` is unset.
+    reserve_output_tokens: int = Field(default=DEFAULT_RESERVE_OUTPUT_TOKENS, ge=1)
+
+    @property
+    def caps(self) -> dict[str, float]:
+        return {k: v for k, v in (("max_cost", self.max_cost), ("max_input_tokens", self.max_input_tokens),
+                                  ("max_output_tokens", self.max_output_tokens),
+                                  ("max_requests", self.max_requests)) if v is not None}
+
+
 class RunConfig(_Strict):
     # Where the endpoint is called from: `executors` (the pandas UDF, classic clusters), `driver` (the
     # job's own process: serverless and Spark Connect, whose UDFs cannot reach the internet), or
@@ -342,6 +361,7 @@ class RunConfig(_Strict):
     # Task slots running at once (cores that run tasks); discovered from the session when unset.
     task_slots: int | None = Field(default=None, ge=1)
     dry_run: bool = False
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
 
 class MlflowConfig(_Strict):
@@ -363,6 +383,15 @@ class JobConfig(_Strict):
     retry: RetryConfig = Field(default_factory=RetryConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _budget_prices(self) -> JobConfig:
+        e = self.endpoint
+        if self.run.budget.max_cost is not None and (e.price_per_1k_prompt_tokens is None
+                                                     or e.price_per_1k_completion_tokens is None):
+            raise ValueError("run.budget.max_cost needs endpoint.price_per_1k_prompt_tokens and "
+                             "endpoint.price_per_1k_completion_tokens (cost is counted from tokens)")
+        return self
 
     def config_hash(self) -> str:
         """A digest of the whole effective config, so runs made with the same settings group together."""

@@ -38,6 +38,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, Observation, SparkSession, functions as F
 
 from jobs.call import DriverChunk, common_dim, status_counts, with_dimension_check, with_outcomes, with_parsed
@@ -56,7 +57,9 @@ from jobs.stage import (Chunk, ChunkPlanner, Survey, drop_stale_scratch, histogr
                         scratch_table, stage_pending, survey)
 from jobs.summary import RunSummary
 from jobs.verdict import judge
+from udfs.budget import Spend
 from udfs.engine import Engine
+from udfs.outcome import UNSENT
 from udfs.spec import EngineSpec
 
 log = logging.getLogger("batch_inference")
@@ -171,6 +174,10 @@ class _Run:
         self.tail_s: float | None = None  # the p99 latency of the last chunk's answers
         self.health = EndpointHealth()  # executors: the breaker's report across chunks
         self._lock = threading.Lock()  # commits land from the committer or chunk threads
+        self.spent = Spend()  # executors: what committed chunks spent, against `spec.budget`
+        if spec.budget is not None:
+            summary.budget = cfg.run.budget.caps
+            progress.spend = lambda: spend_text(self.summary.spent or {}, self.summary.budget or {})
 
     # -- shared -------------------------------------------------------------------------------------
 
@@ -202,11 +209,14 @@ class _Run:
         self.progress.total_chunks = self.planner.estimate(rate, self.tail_s)
         return chunk
 
-    def committed(self, counts: dict[str, int]) -> None:
+    def committed(self, counts: dict[str, int], unsent: int = 0) -> None:
         with self._lock:
             for status, n in counts.items():
                 self.summary.by_status[status] = self.summary.by_status.get(status, 0) + n
             self.summary.chunks += 1
+            if unsent:
+                self.summary.stopped = "budget"
+                self.summary.unsent_rows += unsent
             self.progress.chunk_done(counts)
 
     # -- driver ---------------------------------------------------------------------------------------
@@ -245,12 +255,19 @@ class _Run:
                 for outcomes in engine.map_batches(batches()):
                     chunk, todo = chunks.pop(0)
                     log.debug("chunk %d: answered", chunk.index + 1)
+                    spent = any(o.status == UNSENT for o in outcomes)
+                    if engine.caller.budget is not None:
+                        self.summary.spent = engine.caller.budget.spent.as_dict()
                     # Calls run back to back across chunks: the rate is rows over time since the first.
                     self.called_rows += chunk.rows
                     self.calling_s = time.monotonic() - first_call[0]
                     self.learn_latency(*latency_stats([o.latency_ms for o in outcomes if o.latency_ms is not None]))
-                    committer.submit(self._driver_commit(chunk, todo, outcomes), self.committed)
+                    committer.submit(self._driver_commit(chunk, todo, outcomes), lambda counts: self.committed(*counts))
+                    if spent:  # run.budget: nothing more is sent; what was answered is committed
+                        break
             finally:
+                if engine.caller.budget is not None:
+                    self.summary.spent = engine.caller.budget.spent.as_dict()
                 stop.set()
                 while fetcher.is_alive():  # unblock a fetcher waiting to hand over a chunk
                     try:
@@ -272,18 +289,22 @@ class _Run:
             return
         _put(fetched, None, stop)
 
-    def _driver_commit(self, chunk: Chunk, todo: DriverChunk, outcomes: list) -> Callable[[], dict[str, int]]:
-        def commit() -> dict[str, int]:
+    def _driver_commit(self, chunk: Chunk, todo: DriverChunk,
+                       outcomes: list) -> Callable[[], tuple[dict[str, int], int]]:
+        def commit() -> tuple[dict[str, int], int]:
             if self.embeddings and self.dim is None:
                 self.dim = common_dim(outcomes)
                 self.dim_why = "the most common length in the run's first chunk with vectors"
             table = todo.landed(outcomes, self.dim, self.dim_why)
+            sent = pc.not_equal(table.column("status"), UNSENT)
+            unsent = len(table) - pc.sum(sent).as_py() if len(table) else 0
+            table = table.filter(sent)  # not sent (run.budget): never written, so still pending
             landed = self.spark.createDataFrame(table)
             if self.parsed_type is not None:
                 landed = landed.transform(with_parsed(self.parsed_type))
             landed = landed.transform(self.finish)
             return commit_chunk(self.spark, self.cfg.output.table, landed, self.run_id, chunk.index,
-                                counts=status_counts(table))
+                                counts=status_counts(table)), unsent
         return commit
 
     # -- executors ------------------------------------------------------------------------------------
@@ -302,26 +323,27 @@ class _Run:
         that concurrent appends would change).
         """
         plan = plan_tasks(self.cfg.limits.max_concurrency, task_slots(self.spark, self.cfg.run.task_slots))
-        depth = 2 if overlap_chunks(plan) else 1
+        # With run.budget, one chunk at a time: each chunk's tasks share what the committed ones left.
+        depth = 2 if overlap_chunks(plan) and self.spec.budget is None else 1
         if depth > 1:
             plan = plan.even()
         log.info("executors: %d task(s) x %s in flight%s", plan.partitions,
                  "/".join(map(str, sorted(set(plan.per_task)))),
                  ", chunks overlapping" if depth > 1 else "")
-        outcomes = with_outcomes(self.spec, plan, self.parsed_type, self.health)
+        self.plan = plan
         running: deque[tuple[Chunk, float, Future]] = deque()
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="bi-chunk") as pool:
             try:
-                while (chunk := self.next_chunk()) is not None:
+                while self.summary.stopped is None and (chunk := self.next_chunk()) is not None:
                     alone = chunk.exists or (self.embeddings and self.dim is None and self.summary.chunks == 0)
                     while running and (alone or len(running) >= depth):
                         self._landed(*running.popleft())
                     t0 = time.monotonic()
-                    if alone:  # a MERGE, or the first chunk of vectors (it fixes their length)
-                        self._landed(chunk, t0, pool.submit(self._call_chunk, chunk, outcomes, outcomes_table, depth))
+                    call = pool.submit(self._call_chunk, chunk, outcomes_table, depth)
+                    if alone or self.spec.budget is not None:  # a MERGE, the first chunk of vectors (it
+                        self._landed(chunk, t0, call)           # fixes their length), or a budget to settle
                     else:
-                        running.append((chunk, t0, pool.submit(self._call_chunk, chunk, outcomes, outcomes_table,
-                                                               depth)))
+                        running.append((chunk, t0, call))
                 while running:
                     self._landed(*running.popleft())
             finally:
@@ -329,30 +351,40 @@ class _Run:
                     f.cancel()
                 wait([f for _, _, f in running])
 
-    def _call_chunk(self, chunk: Chunk, outcomes: Callable[[DataFrame], DataFrame], outcomes_table: str,
-                    depth: int) -> tuple[dict[str, int], float | None, float | None]:
-        """One chunk's Spark job (two with a MERGE): counts by status, mean and p99 latency."""
+    def _call_chunk(self, chunk: Chunk, outcomes_table: str, depth: int) -> tuple[dict[str, int], dict[str, Any]]:
+        """One chunk's Spark job (two with a MERGE): counts by status, and what `observed` saw."""
+        spec = self.spec
+        if spec.budget is not None:  # each task's share of what the committed chunks left
+            spec = replace(spec, budget=spec.budget.less(self.spent).share(self.plan.partitions))
+        outcomes = with_outcomes(spec, self.plan, self.parsed_type, self.health)
         landed = (chunk.of(self.staged).select(*self.columns).transform(outcomes)
                   .transform(self._dims_step()).transform(self.finish))
         out = self.cfg.output.table
+        seen = Observation(re.sub(r"\W", "_", f"chunk_{self.run_id}_{chunk.index}"))
+        landed = observed(landed, seen)
         if chunk.exists:
             (landed.withColumn("_chunk", F.lit(chunk.index))
              .write.format("delta").mode("append").saveAsTable(outcomes_table))  # the calls
             stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
-            return commit_chunk(self.spark, out, stable, self.run_id, chunk.index), None, None
+            return commit_chunk(self.spark, out, stable, self.run_id, chunk.index), _observed(seen)
         # One txnAppId per lane of chunks in flight: a lane's chunks commit in order, lanes in any order.
-        return append_observed(landed.drop("_exists"), out, f"{self.run_id}.{chunk.index % depth}",
-                               chunk.index)
+        return append_once(landed.drop("_exists"), out, f"{self.run_id}.{chunk.index % depth}", chunk.index,
+                           seen)
 
     def _landed(self, chunk: Chunk, t0: float, future: Future) -> None:
-        counts, mean_ms, p99_ms = future.result()
-        self.learn_latency(mean_ms, p99_ms)
+        counts, got = future.result()
+        self.learn_latency(got.get("latency_ms"), got.get("p99_ms"))
+        self.spent.add(Spend(got.get("input_tokens") or 0, got.get("output_tokens") or 0, got.get("requests") or 0))
+        self.spent.cost = self.spec.budget.cost(self.spent.input_tokens, self.spent.output_tokens) \
+            if self.spec.budget is not None else 0.0
+        if self.spec.budget is not None:
+            self.summary.spent = self.spent.as_dict()
         self.called_rows += chunk.rows
         self.calling_s += time.monotonic() - t0
         log.debug("chunk %d: %d rows called and committed in %.1fs", chunk.index + 1, chunk.rows,
                   time.monotonic() - t0)
         self.health.after_chunk(self.spark, self.cfg.output.table, self.run_id, chunk.index, counts)
-        self.committed(counts)
+        self.committed(counts, got.get("unsent") or 0)
 
     def _dims_step(self) -> Callable[[DataFrame], DataFrame]:
         """The run's vector length: pinned, else what its first chunk landed (committed before the next)."""
@@ -366,28 +398,57 @@ class _Run:
         return with_dimension_check(self.dim, self.dim_why) if self.dim is not None else with_dimension_check(None)
 
 
-def append_observed(landed: DataFrame, name: str, app_id: str,
-                    chunk: int) -> tuple[dict[str, int], float | None, float | None]:
-    """Append `landed` (ids new to the table) in one job, idempotent per (`app_id`, chunk); counts by
-    status, and the mean and p99 latency of its answered rows.
+def observed(landed: DataFrame, seen: Observation) -> DataFrame:
+    """`landed` with `seen` counting it as it passes (rows, ok, unsent, latency, what it spent), then
+    without its unsent rows (run.budget: never written, so they stay pending)."""
+    tokens_in = F.coalesce(F.col("prompt_tokens"), F.ceil(F.length("prompt") / 4))
+    tokens_out = (F.coalesce(F.col("completion_tokens"), F.ceil(F.coalesce(F.length("response"), F.lit(0)) / 4))
+                  if "response" in landed.columns else F.lit(0))
+    sent = F.col("attempts") > 0
+    return (landed.observe(seen, F.count(F.lit(1)).alias("rows"), F.count_if(F.col("status") == "ok").alias("ok"),
+                           F.count_if(F.col("status") == UNSENT).alias("unsent"),
+                           F.avg("latency_ms").alias("latency_ms"),
+                           F.percentile_approx("latency_ms", 0.99).alias("p99_ms"),
+                           F.sum(F.when(sent, tokens_in)).alias("input_tokens"),
+                           F.sum(F.when(sent, tokens_out)).alias("output_tokens"),
+                           F.sum("attempts").alias("requests"))
+            .where(F.col("status") != UNSENT))
+
+
+def append_once(landed: DataFrame, name: str, app_id: str, chunk: int,
+                seen: Observation) -> tuple[dict[str, int], dict[str, Any]]:
+    """Append `landed` (ids new to the table; `observed` by `seen`) in one job, idempotent per
+    (`app_id`, chunk); counts by status, and what `seen` saw.
 
     Delta skips a write whose `txnVersion` is not above the last one committed for its `txnAppId`, so
     chunks that may commit out of order must use different app ids (`from_executors`: one per lane).
     `writeTo(...).append()`: its plan keeps the `Observation` (on classic Spark `saveAsTable` runs
     Delta's write in a nested query, and the observed counts never arrive).
     """
-    seen = Observation(re.sub(r"\W", "_", f"chunk_{app_id}_{chunk}"))
-    (landed.observe(seen, F.count(F.lit(1)).alias("rows"), F.count_if(F.col("status") == "ok").alias("ok"),
-                    F.avg("latency_ms").alias("latency_ms"),
-                    F.percentile_approx("latency_ms", 0.99).alias("p99_ms"))
-     .writeTo(name).option("txnAppId", app_id).option("txnVersion", str(chunk)).append())
+    landed.writeTo(name).option("txnAppId", app_id).option("txnVersion", str(chunk)).append()
+    got = _observed(seen)
+    rows, ok, unsent = got.get("rows") or 0, got.get("ok") or 0, got.get("unsent") or 0
+    return {k: n for k, n in (("ok", ok), ("error", rows - ok - unsent)) if n}, got
+
+
+def _observed(seen: Observation) -> dict[str, Any]:
+    """What an `Observation` saw; nothing when no job ran (Delta skipped a chunk it had committed)."""
     try:
-        got = seen.get
-    except Exception:  # nothing ran: Delta skipped a (run, chunk) it had already committed
-        got = {}
-    rows, ok = got.get("rows") or 0, got.get("ok") or 0
-    return ({k: n for k, n in (("ok", ok), ("error", rows - ok)) if n}, got.get("latency_ms"),
-            got.get("p99_ms"))
+        return seen.get
+    except Exception:
+        return {}
+
+
+def spend_text(spent: dict[str, float], caps: dict[str, float]) -> str:
+    """`spent 1,180 of 5,000 output tokens, 12 of 100 requests`: each capped quantity."""
+    names = {"max_cost": ("cost", "cost"), "max_input_tokens": ("input_tokens", "input tokens"),
+             "max_output_tokens": ("output_tokens", "output tokens"), "max_requests": ("requests", "requests")}
+    parts = []
+    for cap, limit in caps.items():
+        key, label = names[cap]
+        used = spent.get(key, 0.0)
+        parts.append(f"{used:,.4f} of {limit:,.4f} {label}" if key == "cost" else f"{used:,.0f} of {limit:,.0f} {label}")
+    return "spent " + ", ".join(parts)
 
 
 def latency_stats(latencies_ms: list[float]) -> tuple[float | None, float | None]:

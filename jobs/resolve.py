@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from jobs.config import ConfigError, EndpointConfig, JobConfig, LimitsConfig
 from jobs.endpoint_info import DefinitionUnavailable, EndpointInfo, read_endpoint
 from jobs.session import conf_get, on_databricks
+from udfs.budget import BudgetSpec
 from udfs.auth import CredentialError, Credentials, OAuthM2M, SdkCredentials, Secret, bearer
 from udfs.spec import EngineSpec, RetrySpec
 from udfs.transforms import import_function
@@ -310,4 +311,17 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         response_format_name="response" if rf is None else rf.name,
         response_format_strict=True if rf is None else rf.strict,
         response_format_at=None if rf is None else rf.send_at,
+        budget=budget_spec(cfg),
     )
+
+
+def budget_spec(cfg: JobConfig) -> BudgetSpec | None:
+    """`run.budget` for the engine, prices per token; None without a cap."""
+    b, e = cfg.run.budget, cfg.endpoint
+    if not b.caps:
+        return None
+    return BudgetSpec(max_cost=b.max_cost, max_input_tokens=b.max_input_tokens,
+                      max_output_tokens=b.max_output_tokens, max_requests=b.max_requests,
+                      price_in=(e.price_per_1k_prompt_tokens or 0.0) / 1000,
+                      price_out=(e.price_per_1k_completion_tokens or 0.0) / 1000,
+                      reserve_output_tokens=b.reserve_output_tokens)

@@ -30,6 +30,12 @@ class RunSummary:
     stats: RunStats | None = None
     # A dry run's checks and estimates (run.dry_run); nothing else ran.
     dry_run: DryRunReport | None = None
+    # `budget` when run.budget was spent: the rows not sent stay pending (exit code 3).
+    stopped: str | None = None
+    # run.budget's caps, and what the run spent against them (tokens, requests, cost).
+    budget: dict[str, float] | None = None
+    spent: dict[str, float] | None = None
+    unsent_rows: int = 0
 
     @property
     def errors(self) -> int:

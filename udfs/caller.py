@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from udfs import reasons
 from udfs.auth import CredentialError, Secret, scrub
+from udfs.budget import Budget, BudgetSpent, estimate_tokens
 from udfs.limits import (OVERLOAD, TRANSIENT, UNAVAILABLE, AdaptiveLimiter, EndpointUnavailable, Governor,
                          OutOfTime, RateLimiter)
 from udfs.outcome import MAX_ERROR_CHARS, Outcome
@@ -53,8 +54,10 @@ AUTH_STATUSES = (401, 403)
 
 class Caller:
     def __init__(self, spec: EngineSpec, transport: Any, limiter: AdaptiveLimiter, rate: RateLimiter,
-                 governor: Governor | None = None) -> None:
+                 governor: Governor | None = None, budget: Budget | None = None) -> None:
         self.spec = spec
+        # `run.budget`: every attempt reserves its worst case first; none is sent once it is spent.
+        self.budget = budget if budget is not None else (Budget(spec.budget) if spec.budget else None)
         schema = spec.response_schema
         self.protocol: Protocol = make_protocol(
             spec.task, spec.endpoint_type, model_kwargs=spec.model_kwargs, stop=spec.stop,
@@ -106,6 +109,8 @@ class Caller:
             attempts += 1
             try:
                 parsed = await self._attempt(payload, prompts, sent)
+            except BudgetSpent:  # not sent: the rows stay pending for the next run
+                return [Outcome.unsent(attempts - 1) for _ in prompts]
             except (EndpointUnavailable, OutOfTime) as stop:  # this attempt was never sent
                 attempts -= 1
                 elapsed = time.monotonic() - sent[0] if sent else 0.0
@@ -196,13 +201,18 @@ class Caller:
             self.limiter.release()
         reported = False
         overloaded, latency, work, t0 = False, None, None, None
+        held, usage = None, None  # the budget's reservation; (prompt, completion) tokens once answered
         try:
+            if self.budget is not None:
+                held = await self.budget.reserve(estimate_tokens(sum(len(p) for p in prompts)),
+                                                 0 if self.protocol.embeddings else (self._max_tokens or None))
             await self.rate.acquire(reserve)
             auth, generation = await self._auth()
             t0 = time.monotonic()
             if not sent:
                 sent.append(t0)
             try:
+                usage = (0, 0)  # sent: a request that gets no answer still counts as one
                 status, headers, data = await self._transport.post(payload, auth)
             except TransportError as exc:
                 if exc.fatal:
@@ -217,8 +227,10 @@ class Caller:
             if 200 <= status < 300:
                 self.governor.answered(probe)
                 reported = True
+                usage = (None, None)  # answered: until its usage is read, the reservation stands
                 parsed = self._parse(data, prompts, reserve)
                 work = self._work(parsed)
+                usage = _usage(parsed)
                 return parsed
             f = http_failure(status, headers, self._text(data), rows=len(prompts), spec=self.spec.retry)
             f.auth_generation = generation
@@ -232,6 +244,8 @@ class Caller:
             self.rate.refund(reserve)
             raise f
         finally:
+            if held is not None and self.budget is not None:
+                self.budget.settle(held, *(usage or (None, None)), sent=usage is not None)
             if probe and not reported:  # cancelled, or no token: the probe did not get an answer
                 self.governor.failed(TRANSIENT, probe)
             self.limiter.release(overloaded=overloaded, latency=None if overloaded else latency, work=work,
@@ -321,6 +335,14 @@ class Caller:
         """The headers' secrets and every token the credentials have held (they change during a run)."""
         held = self._credentials.secrets() if self._credentials is not None else []
         return self._static_secrets + held
+
+
+def _usage(parsed: list[Parsed]) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens an answer reports, None where it reports none."""
+    reported = [p for p in parsed if p.prompt_tokens is not None or p.completion_tokens is not None]
+    if not reported:
+        return None, None
+    return sum(p.prompt_tokens or 0 for p in reported), sum(p.completion_tokens or 0 for p in reported)
 
 
 def _plus(a: int | None, b: int | None) -> int | None:

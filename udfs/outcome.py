@@ -14,6 +14,8 @@ from typing import Any
 
 # The `error` column holds at most this many characters (README: "cut to 500 characters").
 MAX_ERROR_CHARS = 500
+# A row the run did not send because `run.budget` was spent: it is never written, so it stays pending.
+UNSENT = "unsent"
 
 
 @dataclass
@@ -29,6 +31,10 @@ class Outcome:
     completion_tokens: int | None = None
     # Structured output: the valid answer as canonical JSON, for the job's `parsed` column.
     parsed_json: str | None = None
+
+    @classmethod
+    def unsent(cls, attempts: int = 0) -> Outcome:
+        return cls(status=UNSENT, attempts=attempts)
 
     @classmethod
     def failed(cls, reason: str, **kw: Any) -> Outcome:

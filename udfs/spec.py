@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from udfs.auth import Credentials, Secret
+from udfs.budget import BudgetSpec
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class EngineSpec:
     response_format_name: str = "response"
     response_format_strict: bool = True
     response_format_at: str | None = None
+    # `run.budget`: this task's share of what the run may still spend (None: no cap).
+    budget: BudgetSpec | None = None
 
     def secrets(self) -> list[Secret]:
         held = [v for v in self.headers.values() if isinstance(v, Secret)]

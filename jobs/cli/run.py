@@ -171,9 +171,14 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# A run that spent its `run.budget` and stopped cleanly: neither done (0) nor failed (1).
+EXIT_BUDGET = 3
+
+
 def execute(argv: list[str] | None = None) -> int:
     """Run the job; the exit code: 0 done, 1 rows failed (more than `run.max_error_share` of those sent,
-    or any under `run.fail_on_error`; the last line names the main reason), 2 bad input."""
+    or any under `run.fail_on_error`; the last line names the main reason), 2 bad input, 3 stopped
+    because `run.budget` was spent (rows left pending; the next run resumes)."""
     setup_logging()
     try:
         inv = parse_args(argv)  # `--help` exits in here, having imported only the stdlib
@@ -218,6 +223,10 @@ def execute(argv: list[str] | None = None) -> int:
     print(json.dumps({"run_id": summary.run_id, "output_table": summary.output_table,
                       "pending_rows": summary.pending_rows, "by_status": summary.by_status,
                       "seconds": round(summary.seconds, 1)}))
+    if summary.stopped == "budget":
+        log.warning("stopped: budget: spent %s of %s; %d row(s) left pending: the next run sends them",
+                    summary.spent, summary.budget, summary.pending_rows - sum(summary.by_status.values()))
+        return EXIT_BUDGET
     return 0
 
 

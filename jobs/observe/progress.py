@@ -49,6 +49,8 @@ class Progress:
         # at the limit in flight (C over the mean latency), and the p99 latency that the last wait takes.
         self.calls_rate: float | None = None
         self.tail_s: float | None = None
+        # run.budget: what the run has spent against it, as text (`spent 1,200 of 5,000 output tokens`).
+        self.spend: Callable[[], str] | None = None
 
     def chunk_done(self, by_status: dict[str, int]) -> str:
         rows = sum(by_status.values())
@@ -86,7 +88,8 @@ class Progress:
     def line(self, elapsed: float) -> str:
         pct, rate, eta = self._numbers(elapsed)
         return (f"chunk {len(self.timeline)}/{self.total_chunks}: {self.done}/{self.total_rows} rows "
-                f"({pct:.1f}%), {rate:.1f} rows/s, ETA {eta}, errors {self.errors}")
+                f"({pct:.1f}%), {rate:.1f} rows/s, ETA {eta}, errors {self.errors}"
+                + (f", {self.spend()}" if self.spend else ""))
 
     def bar(self, elapsed: float) -> str:
         pct, rate, eta = self._numbers(elapsed)

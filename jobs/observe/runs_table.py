@@ -67,6 +67,11 @@ RUNS_SCHEMA = T.StructType([
     T.StructField("job_id", T.StringType()), T.StructField("job_run_id", T.StringType()),
     T.StructField("task_run_id", T.StringType()), T.StructField("task_key", T.StringType()),
     T.StructField("mlflow_run_id", T.StringType()),
+    # run.budget: why the run stopped early (`budget`), its caps and what it spent (tokens, requests,
+    # cost). Added after the first release: older tables gain them on the next append (mergeSchema).
+    T.StructField("stopped", T.StringType()),
+    T.StructField("budget", T.MapType(T.StringType(), T.DoubleType())),
+    T.StructField("spent", T.MapType(T.StringType(), T.DoubleType())),
 ])
 
 
@@ -88,6 +93,9 @@ def run_record(cfg: JobConfig, summary: RunSummary, stats: RunStats, started_at:
         "total_tokens": stats.total_tokens, "estimated_token_requests": stats.estimated_token_requests,
         "estimated_cost": estimate_cost(cfg.endpoint, stats.prompt_tokens, stats.completion_tokens),
         **{k: ids.get(k) for k in JOB_KEYS}, "mlflow_run_id": None,
+        "stopped": summary.stopped,
+        "budget": {k: float(v) for k, v in summary.budget.items()} if summary.budget else None,
+        "spent": {k: float(v) for k, v in summary.spent.items()} if summary.spent else None,
     }
 
 

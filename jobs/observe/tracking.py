@@ -113,6 +113,8 @@ def _log_run(client: Any, mid: str, cfg: JobConfig, record: dict[str, Any], stat
     metrics += [Metric("chunk_rows_per_s", rate, now, c.chunk)
                 for c, rate in zip(timeline, chunk_rates(timeline))]
     tags = [RunTag(f"databricks.{k}", v) for k, v in record.items() if k in JOB_KEYS and v]
+    if record.get("stopped"):
+        tags.append(RunTag("batch_inference.stopped", record["stopped"]))
     params = [Param(k, v) for k, v in mlflow_params(cfg).items()]
     client.log_batch(mid, metrics=metrics[:1000], params=params[:100], tags=tags)
     for i in range(1000, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
@@ -130,4 +132,6 @@ def _metric_values(record: dict[str, Any]) -> dict[str, float]:
     # Reasons are codes (`http_429`, `timeout`); anything else MLflow refuses in a name becomes `_`.
     for reason, n in record["errors_by_reason"].items():
         out["errors." + re.sub(r"[^\w.\- /]", "_", reason)] = n
+    for kind in ("budget", "spent"):  # run.budget's caps and spend: `budget.max_cost`, `spent.cost`
+        out.update({f"{kind}.{k}": v for k, v in (record.get(kind) or {}).items()})
     return out
