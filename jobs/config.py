@@ -358,9 +358,15 @@ class RunConfig(_Strict):
     retry_errors: bool = True
     max_prompt_chars: int = Field(default=200_000, ge=1)
     limit: int | None = Field(default=None, ge=1)
+    # Which pending rows `run.limit` takes: the lowest ids (consecutive runs walk the table), or
+    # `spread` over the table by a hash of the request (a sample, as the dry run's forecast takes).
+    limit_order: Literal["id", "spread"] = "id"
     # Task slots running at once (cores that run tasks); discovered from the session when unset.
     task_slots: int | None = Field(default=None, ge=1)
     dry_run: bool = False
+    # --dry-run sends this many pending rows for real (their outcomes are committed, so no row is paid
+    # for twice) and extrapolates tokens, cost and time to the rest; 0: a dry run writes nothing.
+    forecast_rows: int = Field(default=20, ge=0)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
 

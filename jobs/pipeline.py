@@ -47,6 +47,7 @@ from jobs.config import JobConfig
 from jobs.dryrun import dry_run
 from jobs.endpoint_health import EndpointHealth
 from jobs.errors import InputError
+from jobs.forecast import forecast_from, forecast_lines, sample_config
 from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
 from jobs.plan import TaskPlan, plan_tasks, task_slots
@@ -85,7 +86,14 @@ def calls_from(spark: SparkSession, setting: str) -> tuple[str, str]:
 def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -> RunSummary:
     run_id = run_id or uuid.uuid4().hex
     if cfg.run.dry_run:  # before anything is created: checks, counts, one probe request, no write
-        return dry_run(spark, cfg, run_id=run_id)
+        summary = dry_run(spark, cfg, run_id=run_id)
+        if cfg.run.forecast_rows and summary.pending_rows:  # then a few rows for real, kept
+            sample = run_job(spark, sample_config(cfg, summary.pending_rows), run_id=run_id)
+            sent = sum(sample.by_status.values())
+            summary.dry_run.forecast = forecast_from(spark, cfg, run_id, max(0, summary.pending_rows - sent))
+            for line in forecast_lines(summary.dry_run.forecast, cfg) if summary.dry_run.forecast else []:
+                log.info("forecast: %s", line)
+        return summary
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
     spec = engine_spec(cfg, spark)  # resolves URL and credentials: fails here, before any call
     preflight(spec)  # an untrusted TLS certificate stops the run here, not in every task
@@ -118,7 +126,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
         scratch = [scratch_table(out, run_id, kind) for kind in ("pending", "outcomes")]
         try:
             staged, planner = _chunks(spark, cfg, found, pending_rows(requests, prior, cfg.run.retry_errors,
-                                                                      cfg.run.limit), scratch[0])
+                                                                      cfg.run.limit, cfg.run.limit_order), scratch[0])
             run = _Run(spark, cfg, spec, run_id, landing, staged, planner, progress, summary)
             if mode == "driver":
                 run.from_driver()

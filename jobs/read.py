@@ -144,15 +144,19 @@ def read_requests(spark: SparkSession, cfg: JobConfig, *, check: bool = True) ->
     return inputs, requests
 
 
-def with_limit(limit: int | None) -> Transform:
-    """At most `limit` rows, the lowest ids first.
+def with_limit(limit: int | None, order: str = "id") -> Transform:
+    """At most `limit` rows, the lowest ids first (`order` "id"), or spread over the whole table by a
+    hash of the request (`order` "spread": the forecast's sample, which the first ids could bias).
 
     Applied to *pending* rows, after the final ones are removed: a limit taken before that would pick
     the same first ids on every run, find them done, and send nothing. In id order, consecutive runs
     with the same limit walk through the whole table.
     """
     def step(df: DataFrame) -> DataFrame:
-        return df.orderBy("id").limit(limit) if limit else df
+        if not limit:
+            return df
+        keys = [F.xxhash64("request_hash"), "id"] if order == "spread" else ["id"]
+        return df.orderBy(*keys).limit(limit)
     return step
 
 

@@ -122,11 +122,11 @@ def drop_stale_scratch(spark: SparkSession, output: str) -> list[str]:
 
 
 def pending_rows(requests: DataFrame, prior: DataFrame | None, retry_errors: bool,
-                 limit: int | None) -> DataFrame:
+                 limit: int | None, limit_order: str = "id") -> DataFrame:
     """The rows this run calls (cut to `run.limit`), with their `_bucket`: the query `stage_pending` writes.
     Every column of `requests` stays, the kept input columns among them."""
     return (requests.transform(with_pending(prior, retry_errors)).where(F.col("_pending"))
-            .transform(with_limit(limit))
+            .transform(with_limit(limit, limit_order))
             .drop("_pending").withColumn("_bucket", bucket_of()))
 
 

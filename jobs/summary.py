@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from jobs.observe.stats import RunStats
 from udfs.outcome import Outcome
@@ -63,6 +64,8 @@ class DryRunReport:
     completion_tokens: int | None = None
     token_basis: str = ""
     cost: float | None = None
+    # run.forecast_rows sent for real, then the rest extrapolated (jobs.forecast.Forecast).
+    forecast: Any = None
 
     @property
     def ok(self) -> bool:

@@ -41,7 +41,8 @@ def test_dry_run_counts_pending_rows_probes_once_and_writes_nothing(spark, fresh
     cfg = job_config(input={"table": grown}, output={"table": table_name, "runs_table": runs_table},
                      endpoint=serving(fresh_endpoint, price_per_1k_prompt_tokens=1.0,
                                       price_per_1k_completion_tokens=2.0),
-                     run={"dry_run": True}, mlflow={"enabled": True, "tracking_uri": f"sqlite:///{db}"})
+                     run={"dry_run": True, "forecast_rows": 0},
+                     mlflow={"enabled": True, "tracking_uri": f"sqlite:///{db}"})
     summary = run_job(spark, cfg)
 
     [probe] = fresh_endpoint.received
@@ -84,7 +85,8 @@ def test_dry_run_with_a_limit_counts_the_pending_rows_a_run_would_take(spark, fr
     fresh_endpoint.reset()
     with caplog.at_level("INFO", logger="batch_inference"):
         summary = run_job(spark, job_config(input={"table": src}, output={"table": table_name},
-                                            endpoint=serving(fresh_endpoint), run={"limit": 3, "dry_run": True}))
+                                            endpoint=serving(fresh_endpoint),
+                                            run={"limit": 3, "dry_run": True, "forecast_rows": 0}))
     assert (summary.input_rows, summary.pending_rows, summary.dry_run.requests) == (7, 3, 3)
     [probe] = fresh_endpoint.received
     assert probe.body["prompt"] == "p4"  # the lowest pending id, not the first id of the table
@@ -100,7 +102,8 @@ def test_a_dry_run_names_the_columns_a_run_would_add_and_probes_the_schema_once(
     version = last_version(spark, table_name)
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
     cfg = job_config(input={"table": src, "keep_columns": ["country"]}, output={"table": table_name},
-                     endpoint=serving(fresh_endpoint, response_format=schema), run={"dry_run": True})
+                     endpoint=serving(fresh_endpoint, response_format=schema),
+                     run={"dry_run": True, "forecast_rows": 0})
 
     checks = {c.name: c.detail for c in run_job(spark, cfg).dry_run.checks}
     assert "; a run adds columns `country`, `parsed`" in checks["output"]
@@ -113,3 +116,32 @@ def test_a_dry_run_names_the_columns_a_run_would_add_and_probes_the_schema_once(
     assert len(fresh_endpoint.received) == 1  # one probe, no re-ask
     assert fresh_endpoint.received[0].body["response_format"]["json_schema"]["schema"] == schema
     assert last_version(spark, table_name) == version and "parsed" not in spark.table(table_name).columns
+
+
+def test_the_forecast_sends_a_sample_for_real_keeps_it_and_extrapolates_within_10_percent(
+        spark, fresh_endpoint, table_name):
+    """An endpoint whose answers are known: row i answers 80 + i % 41 output tokens (mean 100). The
+    forecast from 20 rows, sent and committed, is within 10 % of the true total over 1,000 rows, and
+    the run after it sends the other 980 only."""
+    def answer(req):
+        n = 80 + int(req.body["prompt"].split()[-1]) % 41
+        body = {"choices": [{"text": "x " * n}], "usage": {"prompt_tokens": 3, "completion_tokens": n}}
+        return 200, {}, json.dumps(body).encode()
+
+    fresh_endpoint.fault = answer
+    src = view(spark, [(i, f"tell me {i}") for i in range(1000)])
+    cfg = job_config(input={"table": src}, output={"table": table_name},
+                     endpoint=serving(fresh_endpoint, price_per_1k_prompt_tokens=1.0,
+                                      price_per_1k_completion_tokens=2.0),
+                     limits={"max_concurrency": 8}, run={"dry_run": True})
+    f = run_job(spark, cfg).dry_run.forecast
+
+    assert (f.sampled, f.rest, spark.table(table_name).count()) == (20, 980, 20)  # kept: committed
+    truth = sum(80 + i % 41 for i in range(1000))
+    assert abs(f.output_tokens["mean"] - truth) <= 0.1 * truth
+    assert f.output_tokens["p50"] <= f.output_tokens["p95"] and f.input_tokens["mean"] == 3000
+    assert f.cost["mean"] == pytest.approx(3.0 + 2 * f.output_tokens["mean"] / 1000, rel=1e-3)
+    fresh_endpoint.reset()
+    fresh_endpoint.fault = answer
+    run_job(spark, cfg.model_copy(update={"run": cfg.run.model_copy(update={"dry_run": False})}))
+    assert len(fresh_endpoint.received) == 980  # the sample is not paid for twice
