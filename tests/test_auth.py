@@ -161,3 +161,4 @@ def test_a_token_with_a_line_break_stops_the_task_before_it_is_sent(client, when
     assert (o.status, o.http_status) == ("error", None)
     assert o.error.startswith("invalid_header: ") and err.value.kind == "invalid_header" and err.value.fatal
     assert "line break" in o.error and "oauth-" not in o.error + str(err.value)
+    assert o.error.startswith(f"invalid_header: OAuthM2M(client_id='{CLIENT_ID}', ")  # where the token came from

@@ -37,7 +37,7 @@ from udfs.retry import Failure, backoff, http_failure
 from udfs.spec import EngineSpec
 from udfs.structured import AnswerChecker, InvalidOutput, wire_format
 from udfs.transforms import import_function
-from udfs.transport import TransportError
+from udfs.transport import TransportError, header_problem
 
 
 def governor_for(spec: EngineSpec) -> Governor:
@@ -72,6 +72,7 @@ class Caller:
         self._credentials = spec.credentials
         self._refreshing: asyncio.Future[None] | None = None
         self._refresh_failed: tuple[float, CredentialError] | None = None
+        self._checked_generation: int | None = None  # the last token found fit to send
         self._static_secrets = [v for v in spec.headers.values() if isinstance(v, Secret)]
         max_tokens = spec.model_kwargs.get("max_tokens")
         # AI Gateway reserves max_tokens for a request before it runs; so does the token bucket.
@@ -247,6 +248,15 @@ class Caller:
                     raise Failure(reasons.CREDENTIAL_REFUSED, str(exc)) from None
                 # The token held may still be good: the endpoint says if not (401), and that retries.
         value = creds.header()
+        if value is not None and creds.generation != self._checked_generation:
+            # A token minted during the run was never seen by the driver's check (`jobs.resolve`): one
+            # with a line break would inject headers, and fails every request alike, so it is fatal
+            # here, whichever client would send it.
+            problem = header_problem("Authorization", value.reveal())
+            if problem:
+                self.fatal = self.fatal or TransportError(reasons.INVALID_HEADER, f"{creds!r} gave a token: {problem}")
+                raise Failure(self.fatal.kind, self.fatal.detail)
+            self._checked_generation = creds.generation
         return ({"Authorization": value.reveal()} if value is not None else None), creds.generation
 
     async def _refresh(self, seen: int) -> None:
