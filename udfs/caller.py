@@ -32,6 +32,7 @@ from udfs.auth import CredentialError, Secret, scrub
 from udfs.limits import (OVERLOAD, TRANSIENT, UNAVAILABLE, AdaptiveLimiter, EndpointUnavailable, Governor,
                          OutOfTime, RateLimiter)
 from udfs.outcome import MAX_ERROR_CHARS, Outcome
+from udfs.prompts import CHARS_PER_TOKEN
 from udfs.protocols import BadResponse, Parsed, Protocol, make_protocol
 from udfs.retry import Failure, backoff, http_failure
 from udfs.spec import EngineSpec
@@ -187,7 +188,7 @@ class Caller:
         if self.fatal is not None:  # a row back from a backoff sleep: the task is failing, send nothing
             raise Failure(self.fatal.kind, self.fatal.detail)
         deadline = sent[0] + self.spec.retry.row_budget_s if sent else None
-        reserve = sum(len(p) for p in prompts) // 4 + self._max_tokens
+        reserve = sum(len(p) for p in prompts) // CHARS_PER_TOKEN + self._max_tokens
         while True:
             probe = await self.governor.acquire(deadline)
             await self.limiter.acquire()

@@ -17,6 +17,7 @@ from typing import Any
 from pyspark.sql import SparkSession, functions as F
 
 from jobs.config import EndpointConfig
+from udfs.prompts import CHARS_PER_TOKEN
 
 
 @dataclass
@@ -35,7 +36,7 @@ class RunStats:
     latency_p99_ms: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # Answered requests without reported usage, whose tokens are estimated as characters / 4.
+    # Answered requests without reported usage, whose tokens are estimated as characters / CHARS_PER_TOKEN.
     estimated_token_requests: int = 0
     # (centroid in ms, requests): Spark's histogram_numeric, 64 uneven bins, for the latency plot.
     latency_histogram: list[tuple[float, float]] = field(default_factory=list)
@@ -46,7 +47,7 @@ class RunStats:
 
 
 def _chars_to_tokens(chars: Any) -> Any:
-    return F.ceil(chars / 4).cast("long")
+    return F.ceil(chars / CHARS_PER_TOKEN).cast("long")
 
 
 def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) -> RunStats:
