@@ -34,7 +34,7 @@ from udfs.limits import (OVERLOAD, TRANSIENT, UNAVAILABLE, AdaptiveLimiter, Endp
 from udfs.outcome import MAX_ERROR_CHARS, Outcome
 from udfs.prompts import CHARS_PER_TOKEN
 from udfs.protocols import BadResponse, Parsed, Protocol, make_protocol
-from udfs.retry import Failure, backoff, http_failure
+from udfs.retry import RATE_LIMITED, Failure, backoff, http_failure
 from udfs.spec import EngineSpec
 from udfs.structured import AnswerChecker, InvalidOutput, wire_format
 from udfs.transforms import import_function
@@ -222,13 +222,14 @@ class Caller:
                 return self._parse(data, prompts, reserve)
             f = http_failure(status, headers, self._text(data), rows=len(prompts), spec=self.spec.retry)
             f.auth_generation = generation
-            kind = OVERLOAD if status == 429 else UNAVAILABLE if status == 503 else TRANSIENT if status >= 500 else None
+            kind = ((OVERLOAD if status == RATE_LIMITED else UNAVAILABLE) if f.governed
+                    else TRANSIENT if status >= 500 else None)
             if kind is None:
                 self.governor.answered(probe)  # it answered, if with a refusal of this request: it is up
             else:
                 self.governor.failed(kind, probe, f.retry_after, self._clean(f.reason())[:200])
             reported = True
-            overloaded = status in (429, 503)
+            overloaded = f.governed  # a 429 or a 503 (`GOVERNED_STATUSES`): AIMD halves the in-flight limit
             self.rate.refund(reserve)
             raise f
         finally:
