@@ -38,6 +38,10 @@ from udfs.transport import FATAL_KINDS, TransportError, header_problem, tls_prob
 
 log = logging.getLogger("batch_inference")
 
+# Under an endpoint's AI Gateway limits the learned request rate starts, and tokens are paced, at this
+# fraction of them; the request rate's ceiling stays the limit itself.
+GATEWAY_START_FRACTION = 0.9
+
 
 def normalize_host(host: str) -> str:
     """`adb-1.azuredatabricks.net/` -> `https://adb-1.azuredatabricks.net` (a prefix, not lstrip)."""
@@ -253,18 +257,19 @@ def _require_oauth(e: EndpointConfig, headers: Mapping[str, Secret | str], creds
 def _rates(e: EndpointConfig, lim: LimitsConfig, info: EndpointInfo | None
            ) -> tuple[float | None, float | None, float | None]:
     """Requests/s (a ceiling), tokens/s, and where the learned rate starts: the config's limits, else
-    the endpoint's own (the ceiling at its limit, the start and the tokens at 0.9 of it)."""
+    the endpoint's own (the ceiling at its limit, the start and the tokens at `GATEWAY_START_FRACTION`)."""
     rps = lim.requests_per_minute / 60 if lim.requests_per_minute else None
     tps = lim.tokens_per_minute / 60 if lim.tokens_per_minute else None
     start = None
     if info is not None and info.calls_per_minute and not lim.requests_per_minute:
-        rps, start = info.calls_per_minute / 60, 0.9 * info.calls_per_minute / 60
-        log.info("endpoint %s: starting at %.0f requests/min (0.9 of its AI Gateway limit), never above %d; "
-                 "limits.requests_per_minute overrides", e.name, start * 60, info.calls_per_minute)
+        rps, start = info.calls_per_minute / 60, GATEWAY_START_FRACTION * info.calls_per_minute / 60
+        log.info("endpoint %s: starting at %.0f requests/min (%g of its AI Gateway limit), never above %d; "
+                 "limits.requests_per_minute overrides", e.name, start * 60, GATEWAY_START_FRACTION,
+                 info.calls_per_minute)
     if info is not None and info.tokens_per_minute and not lim.tokens_per_minute:
-        tps = 0.9 * info.tokens_per_minute / 60
-        log.info("endpoint %s: pacing tokens at %.0f/min (0.9 of its AI Gateway limit); "
-                 "limits.tokens_per_minute overrides", e.name, tps * 60)
+        tps = GATEWAY_START_FRACTION * info.tokens_per_minute / 60
+        log.info("endpoint %s: pacing tokens at %.0f/min (%g of its AI Gateway limit); "
+                 "limits.tokens_per_minute overrides", e.name, tps * 60, GATEWAY_START_FRACTION)
     return rps, tps, start
 
 
