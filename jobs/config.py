@@ -389,8 +389,10 @@ class JobConfig(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def redacted(self) -> dict[str, Any]:
-        """The effective config for printing: secret references are shown as references."""
-        return self.model_dump(mode="json")
+        """The effective config for printing: every URL's password and query values masked
+        (`secret_rules.redact`). Secrets themselves are never in a config, only references to them,
+        which are shown as they are."""
+        return secret_rules.redact(self.model_dump(mode="json"))
 
 
 _ADVICE = {

@@ -33,6 +33,14 @@ def test_defaults_work_out_of_the_box():
     assert (cfg.run.calls_from, cfg.run.chunk_seconds, cfg.run.max_chunk_rows) == ("auto", 30.0, 100_000)
 
 
+def test_redacted_masks_what_a_url_may_carry_and_shows_references_as_they_are():
+    cfg = parse_config(with_("endpoint", url="https://gw.example.com/v1?sig=s3cr3tvalue&region=eu",
+                             token_env="BI_ENDPOINT_TOKEN"))
+    shown = cfg.redacted()["endpoint"]
+    assert (shown["url"], shown["token_env"]) == ("https://gw.example.com/v1?sig=****&region=****", "BI_ENDPOINT_TOKEN")
+    assert "s3cr3tvalue" not in json.dumps(cfg.redacted())
+
+
 def test_the_config_s_defaults_are_the_engine_s_own():
     """`udfs.spec` writes each default once: a config that sets nothing gives the engine its own."""
     cfg = parse_config(VALID)
