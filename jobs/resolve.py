@@ -136,7 +136,7 @@ def credentials(e: EndpointConfig, url: str) -> tuple[dict[str, Secret | str], C
     config = _sdk_config(e.host and normalize_host(e.host) or host)
     try:
         if config.auth_type == "oauth-m2m" and config.client_id and config.client_secret:
-            return {}, _oauth_m2m(config)
+            return {}, _oauth_m2m_from_sdk(config)
         return {}, SdkCredentials(config)
     except CredentialError as exc:
         raise ConfigError(f"endpoint.auth: {exc}") from None
@@ -144,7 +144,7 @@ def credentials(e: EndpointConfig, url: str) -> tuple[dict[str, Secret | str], C
         raise ConfigError(f"endpoint.auth: Databricks authentication failed: {type(exc).__name__}") from None
 
 
-def _oauth_m2m(config: Any) -> OAuthM2M:
+def _oauth_m2m_from_sdk(config: Any) -> OAuthM2M:
     """The service principal's client credentials, as databricks-sdk's `oauth-m2m` strategy uses them
     (its token endpoint, scopes, group), minted here once: a bad secret fails before any row."""
     group = getattr(config, "group_id", None)
@@ -185,9 +185,10 @@ def _credential_source(e: EndpointConfig) -> str:
     return "endpoint.auth (the credentials databricks-sdk resolved)"
 
 
-def check_headers(e: EndpointConfig, headers: Mapping[str, Secret | str]) -> None:
+def refuse_unsendable_headers(e: EndpointConfig, headers: Mapping[str, Secret | str]) -> None:
     """A header value with a line break would inject headers (a token file's trailing newline): refuse
-    it here, naming where the value came from and never the value."""
+    it here, as a `ConfigError` naming where the value came from and never the value. The same rule
+    as `udfs.transport.check_headers`, which refuses it again where it is sent."""
     for name, value in headers.items():
         problem = header_problem(name, value.reveal() if isinstance(value, Secret) else value)
         if problem:
@@ -278,7 +279,7 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
     check_transforms(e)
     url = endpoint_url(e, spark)
     headers, creds = credentials(e, url)
-    check_headers(e, current_headers(headers, creds))
+    refuse_unsendable_headers(e, current_headers(headers, creds))
     info = endpoint_definition(e, url, headers, creds)
     if info is not None and info.invocation_url and not e.url:
         _require_oauth(e, headers, creds)
