@@ -308,10 +308,8 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         adaptive=lim.adaptive,
         latency_cut_factor=lim.latency_cut_factor,
         http_client=lim.http_client,
-        retry=RetrySpec(statuses=tuple(r.statuses), max_attempts=r.max_attempts,
-                        backoff_base_s=r.backoff_base_s, backoff_max_s=r.backoff_max_s,
-                        row_budget_s=r.row_budget_s, breaker_s=r.breaker_s,
-                        invalid_output_attempts=r.invalid_output_attempts),
+        # RetryConfig and RetrySpec have the same fields (tests/test_config.py holds them equal).
+        retry=RetrySpec(**{**r.model_dump(), "statuses": tuple(r.statuses)}),
         response_schema=None if rf is None else rf.json_schema,
         response_format_name="response" if rf is None else rf.name,
         response_format_strict=True if rf is None else rf.strict,
