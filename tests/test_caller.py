@@ -117,15 +117,16 @@ def test_an_overload_answer_halves_the_task_s_in_flight_limit(ep, status):
 @pytest.mark.parametrize("status, learns", [(429, True), (503, False)])
 def test_a_window_that_stays_closed_teaches_the_task_a_rate_after_a_429_never_after_a_503(ep, status, learns):
     """The caller tells the governor which refusal it met: a 429 is a rate limit, a 503 an endpoint
-    scaling from zero. Ten rows answered, then every request refused for 1.2 s: the row retries as the
-    task's probes, and the task resumes paced after a 429, unpaced after a 503."""
+    scaling from zero. Ten rows answered, then every request refused for 2.5 s: the row retries as the
+    task's probes (at 0.5, 1, 1.5, 2.25 and 3.4 s), and the task resumes paced after a 429, unpaced
+    after a 503. (Long enough that the window measured stays over a second however late the probes.)"""
     refusing: list[float] = []
 
     def fault(req):
         now = time.monotonic()
         if req.body["prompt"] == "refused" and not refusing:
             refusing.append(now)
-        if refusing and now - refusing[0] < 1.2:
+        if refusing and now - refusing[0] < 2.5:
             return status, {}, b'{"message": "not now"}'
         return None
 
