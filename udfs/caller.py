@@ -11,7 +11,8 @@ Every request goes through the task's `Governor` (`udfs.limits`): a 429, a 503 o
 takes no connection pauses the task until one probe is answered, and such a row is retried as long as
 its `row_budget_s` lasts, not `max_attempts` times; when the breaker opens, the rows still waiting
 fail at once as `endpoint_unavailable`. With refreshable credentials (`udfs.auth.Credentials`) a token
-due to expire is refreshed before it is sent, and a 401/403 refreshes it and retries once.
+due to expire is refreshed before it is sent, and a 401/403 refreshes it and retries once; a new token
+that would inject headers (a line break) is a fatal `invalid_header`, never sent.
 
 Example::
 
