@@ -100,8 +100,9 @@ def ensure_output_table(spark: SparkSession, name: str, schema: T.StructType) ->
     return spark.table(name).schema
 
 
-def status_counts(outcomes: DataFrame) -> list[tuple[str, bool, int]]:
-    """(status, _exists, rows) of a chunk's outcomes: one small aggregation."""
+def spark_status_counts(outcomes: DataFrame) -> list[tuple[str, bool, int]]:
+    """(status, _exists, rows) of a chunk's outcomes: one small aggregation, a Spark job. (The driver
+    counts an Arrow chunk it holds without one: `jobs.call.status_counts`.)"""
     return [(r["status"], bool(r["_exists"]), r["count"])
             for r in outcomes.groupBy("status", "_exists").count().collect()]
 
@@ -116,7 +117,7 @@ def commit_chunk(spark: SparkSession, name: str, outcomes: DataFrame, run_id: st
     not called here, and MERGE may read its source twice. `counts` ((status, _exists, rows), known to
     the driver in driver mode) saves the aggregation that otherwise finds them.
     """
-    counts = status_counts(outcomes) if counts is None else counts
+    counts = spark_status_counts(outcomes) if counts is None else counts
     if any(not exists and n for _, exists, n in counts):
         (outcomes.where(~F.col("_exists")).drop("_exists").write.format("delta").mode("append")
          .option("txnAppId", run_id).option("txnVersion", chunk).saveAsTable(name))

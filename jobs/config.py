@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs import secret_rules
 from udfs.budget import DEFAULT_RESERVE_OUTPUT_TOKENS
 from udfs.protocols import is_embeddings_task, make_protocol
+from udfs.spec import EngineSpec, RetrySpec
 from udfs.structured import UnsupportedSchema, check_schema, wire_format
 
 TASKS = ("custom", "llm/v1/completions", "llm/v1/chat", "llm/v1/embeddings", "custom/embeddings")
@@ -282,17 +283,22 @@ class EndpointConfig(_Strict):
         return is_embeddings_task(self.task)
 
 
+# The engine's defaults are written once, in `udfs.spec` (`EngineSpec`, `RetrySpec`); the config's fields
+# read them there, so a default changed in one place is changed for both.
+_RETRY = RetrySpec()
+
+
 class LimitsConfig(_Strict):
     # The most requests in flight against the endpoint for the whole job, summed over all tasks.
-    max_concurrency: int = Field(default=8, ge=1, le=4096)
+    max_concurrency: int = Field(default=EngineSpec.max_concurrency, ge=1, le=4096)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    read_timeout_s: float = Field(default=120.0, gt=0)
-    adaptive: bool = True
+    connect_timeout_s: float = Field(default=EngineSpec.connect_timeout_s, gt=0)
+    read_timeout_s: float = Field(default=EngineSpec.read_timeout_s, gt=0)
+    adaptive: bool = EngineSpec.adaptive
     # Cut the in-flight limit by a quarter when the latency per unit of work (per output token, per
-    # embedded row) exceeds this multiple of the lowest recently seen (udfs/limits.py).
-    latency_cut_factor: float = Field(default=1.5, gt=1)
+    # embedded row) exceeds this multiple of the recent median, three windows in a row (udfs/limits.py).
+    latency_cut_factor: float = Field(default=EngineSpec.latency_cut_factor, gt=1)
     # The engine's HTTP client (udfs/transport.py). `asyncio`, the name of a client of our own that
     # aiohttp replaced (benchmarks/README.md), still parses so that existing configs keep working.
     http_client: Literal["aiohttp", "urllib3", "requests", "asyncio"] = "aiohttp"
@@ -308,18 +314,18 @@ class LimitsConfig(_Strict):
 
 
 class RetryConfig(_Strict):
-    statuses: list[int] = Field(default_factory=lambda: [429, 500, 502, 503, 504])
-    max_attempts: int = Field(default=6, ge=1, le=100)
-    backoff_base_s: float = Field(default=0.5, ge=0)
-    backoff_max_s: float = Field(default=30.0, ge=0)
+    statuses: list[int] = Field(default_factory=lambda: list(_RETRY.statuses))
+    max_attempts: int = Field(default=_RETRY.max_attempts, ge=1, le=100)
+    backoff_base_s: float = Field(default=_RETRY.backoff_base_s, ge=0)
+    backoff_max_s: float = Field(default=_RETRY.backoff_max_s, ge=0)
     # Total time one row may spend across attempts and waits before it becomes an error row; what
     # bounds the retries of 429 and 503 (a one-minute window, a five-minute cold start).
-    row_budget_s: float = Field(default=600.0, gt=0)
+    row_budget_s: float = Field(default=_RETRY.row_budget_s, gt=0)
     # The breaker: when nothing has answered for this long, the rest of the chunk fails fast as
     # `endpoint_unavailable`, and later chunks probe once before sending.
-    breaker_s: float = Field(default=480.0, gt=0)
+    breaker_s: float = Field(default=_RETRY.breaker_s, gt=0)
     # Structured output: times an answer that breaks `endpoint.response_format` is asked for again.
-    invalid_output_attempts: int = Field(default=1, ge=0, le=10)
+    invalid_output_attempts: int = Field(default=_RETRY.invalid_output_attempts, ge=0, le=10)
 
 
 class BudgetConfig(_Strict):
@@ -419,8 +425,10 @@ class JobConfig(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def redacted(self) -> dict[str, Any]:
-        """The effective config for printing: secret references are shown as references."""
-        return self.model_dump(mode="json")
+        """The effective config for printing: every URL's password and query values masked
+        (`secret_rules.redact`). Secrets themselves are never in a config, only references to them,
+        which are shown as they are."""
+        return secret_rules.redact(self.model_dump(mode="json"))
 
 
 _ADVICE = {

@@ -32,6 +32,7 @@ from jobs.secret_rules import redact_url
 from jobs.summary import DryRunReport, RunSummary
 from jobs.tables import schema_changes
 from udfs.engine import Engine
+from udfs.prompts import CHARS_PER_TOKEN
 from udfs.spec import EngineSpec
 
 log = logging.getLogger("batch_inference")
@@ -190,8 +191,8 @@ def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None
 
 
 def _estimate(r: DryRunReport, cfg: JobConfig) -> None:
-    """Prompt tokens at the probe's reported tokens per character, else characters / 4; completion tokens
-    as if every answer were as long as the probe's; cost at the configured prices."""
+    """Prompt tokens at the probe's reported tokens per character, else characters / `CHARS_PER_TOKEN`;
+    completion tokens as if every answer were as long as the probe's; cost at the configured prices."""
     if r.requests is None or r.prompt_chars is None:
         return
     p = r.probe if r.probe is not None and r.probe.status == "ok" else None
@@ -199,9 +200,11 @@ def _estimate(r: DryRunReport, cfg: JobConfig) -> None:
         r.prompt_tokens = math.ceil(r.prompt_chars * p.prompt_tokens / r.probe_prompt_chars)
         r.token_basis = f"at the probe's {p.prompt_tokens} tokens for {r.probe_prompt_chars} characters"
     else:
-        r.prompt_tokens, r.token_basis = math.ceil(r.prompt_chars / 4), "characters / 4"
+        r.prompt_tokens = math.ceil(r.prompt_chars / CHARS_PER_TOKEN)
+        r.token_basis = f"characters / {CHARS_PER_TOKEN}"
     per_answer = 0 if p is None or p.response is None else (
-        p.completion_tokens if p.completion_tokens is not None else math.ceil(len(p.response) / 4))
+        p.completion_tokens if p.completion_tokens is not None
+        else math.ceil(len(p.response) / CHARS_PER_TOKEN))
     r.completion_tokens = per_answer * r.requests
     r.cost = estimate_cost(cfg.endpoint, r.prompt_tokens, r.completion_tokens)
     cost = (f"estimated cost {r.cost:.4f}" if r.cost is not None

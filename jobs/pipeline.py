@@ -59,6 +59,7 @@ from jobs.stage import (Chunk, ChunkPlanner, Survey, drop_stale_scratch, histogr
 from jobs.summary import RunSummary
 from jobs.verdict import judge
 from udfs.budget import Spend
+from udfs.prompts import CHARS_PER_TOKEN
 from udfs.engine import Engine
 from udfs.outcome import UNSENT
 from udfs.spec import EngineSpec
@@ -409,8 +410,8 @@ class _Run:
 def observed(landed: DataFrame, seen: Observation) -> DataFrame:
     """`landed` with `seen` counting it as it passes (rows, ok, unsent, latency, what it spent), then
     without its unsent rows (run.budget: never written, so they stay pending)."""
-    tokens_in = F.coalesce(F.col("prompt_tokens"), F.ceil(F.length("prompt") / 4))
-    tokens_out = (F.coalesce(F.col("completion_tokens"), F.ceil(F.coalesce(F.length("response"), F.lit(0)) / 4))
+    tokens_in = F.coalesce(F.col("prompt_tokens"), F.ceil(F.length("prompt") / CHARS_PER_TOKEN))
+    tokens_out = (F.coalesce(F.col("completion_tokens"), F.ceil(F.coalesce(F.length("response"), F.lit(0)) / CHARS_PER_TOKEN))
                   if "response" in landed.columns else F.lit(0))
     sent = F.col("attempts") > 0
     return (landed.observe(seen, F.count(F.lit(1)).alias("rows"), F.count_if(F.col("status") == "ok").alias("ok"),

@@ -39,6 +39,10 @@ from udfs.transport import FATAL_KINDS, TransportError, header_problem, tls_prob
 
 log = logging.getLogger("batch_inference")
 
+# Under an endpoint's AI Gateway limits the learned request rate starts, and tokens are paced, at this
+# fraction of them; the request rate's ceiling stays the limit itself.
+GATEWAY_START_FRACTION = 0.9
+
 
 def normalize_host(host: str) -> str:
     """`adb-1.azuredatabricks.net/` -> `https://adb-1.azuredatabricks.net` (a prefix, not lstrip)."""
@@ -133,7 +137,7 @@ def credentials(e: EndpointConfig, url: str) -> tuple[dict[str, Secret | str], C
     config = _sdk_config(e.host and normalize_host(e.host) or host)
     try:
         if config.auth_type == "oauth-m2m" and config.client_id and config.client_secret:
-            return {}, _oauth_m2m(config)
+            return {}, _oauth_m2m_from_sdk(config)
         return {}, SdkCredentials(config)
     except CredentialError as exc:
         raise ConfigError(f"endpoint.auth: {exc}") from None
@@ -141,7 +145,7 @@ def credentials(e: EndpointConfig, url: str) -> tuple[dict[str, Secret | str], C
         raise ConfigError(f"endpoint.auth: Databricks authentication failed: {type(exc).__name__}") from None
 
 
-def _oauth_m2m(config: Any) -> OAuthM2M:
+def _oauth_m2m_from_sdk(config: Any) -> OAuthM2M:
     """The service principal's client credentials, as databricks-sdk's `oauth-m2m` strategy uses them
     (its token endpoint, scopes, group), minted here once: a bad secret fails before any row."""
     group = getattr(config, "group_id", None)
@@ -182,9 +186,10 @@ def _credential_source(e: EndpointConfig) -> str:
     return "endpoint.auth (the credentials databricks-sdk resolved)"
 
 
-def check_headers(e: EndpointConfig, headers: Mapping[str, Secret | str]) -> None:
+def refuse_unsendable_headers(e: EndpointConfig, headers: Mapping[str, Secret | str]) -> None:
     """A header value with a line break would inject headers (a token file's trailing newline): refuse
-    it here, naming where the value came from and never the value."""
+    it here, as a `ConfigError` naming where the value came from and never the value. The same rule
+    as `udfs.transport.check_headers`, which refuses it again where it is sent."""
     for name, value in headers.items():
         problem = header_problem(name, value.reveal() if isinstance(value, Secret) else value)
         if problem:
@@ -254,18 +259,19 @@ def _require_oauth(e: EndpointConfig, headers: Mapping[str, Secret | str], creds
 def _rates(e: EndpointConfig, lim: LimitsConfig, info: EndpointInfo | None
            ) -> tuple[float | None, float | None, float | None]:
     """Requests/s (a ceiling), tokens/s, and where the learned rate starts: the config's limits, else
-    the endpoint's own (the ceiling at its limit, the start and the tokens at 0.9 of it)."""
+    the endpoint's own (the ceiling at its limit, the start and the tokens at `GATEWAY_START_FRACTION`)."""
     rps = lim.requests_per_minute / 60 if lim.requests_per_minute else None
     tps = lim.tokens_per_minute / 60 if lim.tokens_per_minute else None
     start = None
     if info is not None and info.calls_per_minute and not lim.requests_per_minute:
-        rps, start = info.calls_per_minute / 60, 0.9 * info.calls_per_minute / 60
-        log.info("endpoint %s: starting at %.0f requests/min (0.9 of its AI Gateway limit), never above %d; "
-                 "limits.requests_per_minute overrides", e.name, start * 60, info.calls_per_minute)
+        rps, start = info.calls_per_minute / 60, GATEWAY_START_FRACTION * info.calls_per_minute / 60
+        log.info("endpoint %s: starting at %.0f requests/min (%g of its AI Gateway limit), never above %d; "
+                 "limits.requests_per_minute overrides", e.name, start * 60, GATEWAY_START_FRACTION,
+                 info.calls_per_minute)
     if info is not None and info.tokens_per_minute and not lim.tokens_per_minute:
-        tps = 0.9 * info.tokens_per_minute / 60
-        log.info("endpoint %s: pacing tokens at %.0f/min (0.9 of its AI Gateway limit); "
-                 "limits.tokens_per_minute overrides", e.name, tps * 60)
+        tps = GATEWAY_START_FRACTION * info.tokens_per_minute / 60
+        log.info("endpoint %s: pacing tokens at %.0f/min (%g of its AI Gateway limit); "
+                 "limits.tokens_per_minute overrides", e.name, tps * 60, GATEWAY_START_FRACTION)
     return rps, tps, start
 
 
@@ -274,7 +280,7 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
     check_transforms(e)
     url = endpoint_url(e, spark)
     headers, creds = credentials(e, url)
-    check_headers(e, current_headers(headers, creds))
+    refuse_unsendable_headers(e, current_headers(headers, creds))
     info = endpoint_definition(e, url, headers, creds)
     if info is not None and info.invocation_url and not e.url:
         _require_oauth(e, headers, creds)
@@ -303,10 +309,8 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         adaptive=lim.adaptive,
         latency_cut_factor=lim.latency_cut_factor,
         http_client=lim.http_client,
-        retry=RetrySpec(statuses=tuple(r.statuses), max_attempts=r.max_attempts,
-                        backoff_base_s=r.backoff_base_s, backoff_max_s=r.backoff_max_s,
-                        row_budget_s=r.row_budget_s, breaker_s=r.breaker_s,
-                        invalid_output_attempts=r.invalid_output_attempts),
+        # RetryConfig and RetrySpec have the same fields (tests/test_config.py holds them equal).
+        retry=RetrySpec(**{**r.model_dump(), "statuses": tuple(r.statuses)}),
         response_schema=None if rf is None else rf.json_schema,
         response_format_name="response" if rf is None else rf.name,
         response_format_strict=True if rf is None else rf.strict,

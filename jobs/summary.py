@@ -1,7 +1,8 @@
 """What a run reports back: `RunSummary` for every run, `DryRunReport` for a dry run's checks.
 
-Plain data, no Spark: `jobs.pipeline` and `jobs.dryrun` fill them, the entry point prints them, and
-`jobs.observe` reads them for the runs table and MLflow.
+Plain data that holds no Spark object: `jobs.pipeline` and `jobs.dryrun` fill them, the entry point
+prints them, and `jobs.observe` reads them for the runs table and MLflow. (Importing it imports pyspark
+all the same: `RunStats` lives in `jobs.observe.stats`, beside the query that computes it.)
 
 Example::
 

@@ -19,6 +19,7 @@ from pyspark.sql import SparkSession, functions as F
 
 from jobs.config import JobConfig
 from jobs.errors import JobFailed
+from jobs.observe.stats import reason_code
 from jobs.summary import RunSummary
 from udfs import reasons
 
@@ -30,7 +31,7 @@ NOT_SENT = frozenset({reasons.EMPTY_PROMPT, reasons.PROMPT_TOO_LONG, reasons.NUL
 
 def errors_by_reason(spark: SparkSession, table: str, run_id: str) -> dict[str, tuple[int, str]]:
     """This run's failed rows per reason code: (rows, one example `error`), in one aggregation."""
-    code = F.substring_index(F.col("error"), ":", 1)
+    code = reason_code(F.col("error"))
     rows = (spark.read.table(table).where((F.col("run_id") == run_id) & (F.col("status") != "ok"))
             .groupBy(code.alias("reason")).agg(F.count(F.lit(1)).alias("n"), F.min("error").alias("example"))
             .collect())

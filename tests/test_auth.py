@@ -12,6 +12,7 @@ from tests.workspace import CLIENT_ID, CLIENT_SECRET, Workspace
 from udfs.auth import CredentialError, OAuthM2M, Secret, bearer, scrub
 from udfs.engine import Engine
 from udfs.spec import EngineSpec, RetrySpec
+from udfs.transport import TransportError
 
 # Not hex, so no run id or hash can contain a piece of it by chance.
 TOKEN = "dapi-TEST-Zq7w-SECRET-kx9R-v4lue-0042"
@@ -69,6 +70,17 @@ def test_oauth_m2m_mints_a_token_and_is_due_a_quarter_of_its_life_before_it_expi
     assert CLIENT_SECRET not in repr(creds) and "oauth-" not in repr(creds)
 
 
+@pytest.mark.parametrize("life_s, margin_s", [(40.0, 10.0), (3600.0, 300.0)], ids=["a quarter", "5 minutes at most"])
+def test_an_oauth_token_is_refreshed_a_quarter_of_its_life_before_it_expires_and_at_most_5_minutes(life_s, margin_s):
+    """Not before, not after: a 40 s token 10 s ahead, a one-hour token at 55 minutes (not 45)."""
+    with Workspace(token_life_s=life_s) as ws:
+        creds = m2m(ws)
+        creds.refresh()
+    due_at = creds.expires_at - margin_s
+    assert creds.expires_at - creds.issued_at == pytest.approx(life_s, abs=1.0)
+    assert not creds.due(due_at - 0.5) and creds.due(due_at + 0.5)
+
+
 def test_oauth_m2m_travels_to_a_task_with_its_token_and_mints_its_own_there():
     with Workspace(token_life_s=40.0) as ws:
         creds = m2m(ws)
@@ -94,8 +106,10 @@ def chat(ws, creds, **kw) -> EngineSpec:
                       retry=RetrySpec(backoff_base_s=0.01), **kw)
 
 
-def test_a_401_refreshes_the_token_once_and_the_row_goes_through():
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_token_is_refreshed_once_and_the_row_goes_through(status):
     with Workspace(token_life_s=60.0) as ws:
+        ws.refuse_with = status
         creds = m2m(ws)
         creds.refresh()
         ws.tokens.clear()  # the workspace forgot the token: it is refused, as an expired one would be
@@ -125,3 +139,26 @@ def test_a_static_token_refused_is_an_http_401_row_as_before():
             [o] = engine.call(["x"])
     assert (o.status, o.attempts, o.error) == (
         "error", 1, "http_401: UNAUTHENTICATED: Token expired or invalid; send a fresh OAuth token.")
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "urllib3", "requests"])
+@pytest.mark.parametrize("when", ["first", "after a 401"])
+def test_a_token_with_a_line_break_stops_the_task_before_it_is_sent(client, when):
+    """A token endpoint that sends CR/LF in a token would inject headers: the task stops at once with a
+    fatal `invalid_header` that shows no token, and no request carries it, whichever client sends."""
+    with Workspace(token_life_s=60.0) as ws:
+        creds = m2m(ws)
+        if when == "after a 401":
+            creds.refresh()
+            ws.tokens.clear()  # the token held is refused: the caller refreshes it
+        ws.token_suffix = "\r\nX-Injected: 1"
+        with Engine(chat(ws, creds, http_client=client)) as engine:
+            [o] = engine.call(["x"])
+            with pytest.raises(TransportError) as err:
+                list(engine.map_batches([["a", "b", "c"]]))
+        calls = ws.invocations()
+    assert calls == ([] if when == "first" else [("/serving-endpoints/llm/invocations", None)])
+    assert (o.status, o.http_status) == ("error", None)
+    assert o.error.startswith("invalid_header: ") and err.value.kind == "invalid_header" and err.value.fatal
+    assert "line break" in o.error and "oauth-" not in o.error + str(err.value)
+    assert o.error.startswith(f"invalid_header: OAuthM2M(client_id='{CLIENT_ID}', ")  # where the token came from

@@ -279,7 +279,7 @@ def test_the_wheel_leaves_spark_to_the_databricks_runtime(wheel):
 def test_the_console_script_runs_help_from_a_fresh_venv(wheel, tmp_path):
     """The bundle's entry point, installed from the wheel alone into an empty venv.
 
-    `--no-deps` and no site packages: the help path imports only the standard library (jobs/run.py
+    `--no-deps` and no site packages: the help path imports only the standard library (jobs/cli/run.py
     imports its config, pydantic and Spark after parsing), so this proves the wheel's console script
     is wired and importable without installing pyspark or anything else, in about a second. The
     venv's pip would be the slow part, so the running pip installs into it with `--python`.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -113,6 +114,30 @@ def test_an_overload_answer_halves_the_task_s_in_flight_limit(ep, status):
         assert (o.status, engine.limiter.limit, engine.limiter.cuts) == ("ok", 4, 1)
 
 
+@pytest.mark.parametrize("status, learns", [(429, True), (503, False)])
+def test_a_window_that_stays_closed_teaches_the_task_a_rate_after_a_429_never_after_a_503(ep, status, learns):
+    """The caller tells the governor which refusal it met: a 429 is a rate limit, a 503 an endpoint
+    scaling from zero. Ten rows answered, then every request refused for 2.5 s: the row retries as the
+    task's probes (at 0.5, 1, 1.5, 2.25 and 3.4 s), and the task resumes paced after a 429, unpaced
+    after a 503. (Long enough that the window measured stays over a second however late the probes.)"""
+    refusing: list[float] = []
+
+    def fault(req):
+        now = time.monotonic()
+        if req.body["prompt"] == "refused" and not refusing:
+            refusing.append(now)
+        if refusing and now - refusing[0] < 2.5:
+            return status, {}, b'{"message": "not now"}'
+        return None
+
+    ep.fault = fault
+    with Engine(spec(ep, max_concurrency=1, retry=RetrySpec(backoff_base_s=0.01))) as engine:
+        out = [o for p in [f"p{i}" for i in range(10)] + ["refused"] for o in engine.call([p])]
+        governor = engine.governor
+    assert [o.status for o in out] == ["ok"] * 11 and out[-1].attempts >= 3  # refused, probes refused, answered
+    assert (governor.pauses, governor.decreases, governor.rate is not None) == (1, int(learns), learns)
+
+
 def test_a_server_error_is_retried_without_cutting_the_limit(ep):
     ep.fault = lambda req: (500, {}, b'{"message": "bug"}') if len(ep.received) == 1 else None
     with Engine(spec(ep, max_concurrency=8, retry=RetrySpec(backoff_base_s=0.01))) as engine:
@@ -191,3 +216,34 @@ def test_in_a_batch_only_the_invalid_rows_are_asked_again():
     assert [(o.status, o.attempts) for o in out] == [("ok", 1), ("ok", 2), ("ok", 1)]
     assert calls == [["a", "b", "c"], ["b"]]
     assert ep.received[0].body["params"] == {"response_format": wire_format(REVIEW)}
+
+
+BAD_REVIEW = '{"sentiment": "ecstatic", "refund_requested": false}'
+
+
+def invalid_then(reply):
+    """A fault: each prompt's first answer breaks the schema; the re-ask gets `reply`."""
+    seen: set[str] = set()
+
+    def fault(req):
+        prompt = req.body["messages"][-1]["content"]
+        if prompt not in seen:
+            seen.add(prompt)
+            return chat_answer(BAD_REVIEW)
+        return reply
+    return fault
+
+
+@pytest.mark.parametrize("reply, read_timeout_s", [(faults.server_error(500), 120.0), (faults.stall(2.0), 0.3)],
+                         ids=["500", "timeout"])
+def test_a_re_ask_that_fails_otherwise_keeps_the_first_answer(reply, read_timeout_s):
+    """A re-ask that meets a 500 or a time-out says nothing about the row's answer: the row stays
+    `invalid_output` with the answer it got, and both attempts are counted."""
+    policy = RetrySpec(max_attempts=1, backoff_base_s=0.01)
+    with LocalEndpoint(fault=invalid_then(reply)) as ep, \
+            Engine(chat_spec(ep, retry=policy, read_timeout_s=read_timeout_s)) as engine:
+        [o] = engine.call(["so good"])
+        assert len(ep.received) == 2
+    assert (o.status, o.response, o.http_status, o.attempts, o.prompt_tokens) == (
+        "error", BAD_REVIEW, 200, 2, 5)
+    assert o.error == "invalid_output: $.sentiment: 'ecstatic' is not one of ['positive', 'negative', 'neutral']"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -12,6 +13,7 @@ from pyspark.sql import types as T
 from jobs.commit import output_schema
 from jobs.config import RESERVED_COLUMNS, ConfigError, load_config, parse_config, parse_overrides
 from tests.conftest import job_config
+from udfs.spec import EngineSpec, RetrySpec
 
 VALID = {
     "input": {"table": "main.raw.prompts"},
@@ -29,6 +31,25 @@ def test_defaults_work_out_of_the_box():
     assert (cfg.limits.max_concurrency, cfg.run.chunk_rows, cfg.retry.statuses, cfg.endpoint.rows_per_request) == (
         8, None, [429, 500, 502, 503, 504], 1)  # chunk_rows unset: chunks follow the measured rate
     assert (cfg.run.calls_from, cfg.run.chunk_seconds, cfg.run.max_chunk_rows) == ("auto", 30.0, 100_000)
+
+
+def test_redacted_masks_what_a_url_may_carry_and_shows_references_as_they_are():
+    cfg = parse_config(with_("endpoint", url="https://gw.example.com/v1?sig=s3cr3tvalue&region=eu",
+                             token_env="BI_ENDPOINT_TOKEN"))
+    shown = cfg.redacted()["endpoint"]
+    assert (shown["url"], shown["token_env"]) == ("https://gw.example.com/v1?sig=****&region=****", "BI_ENDPOINT_TOKEN")
+    assert "s3cr3tvalue" not in json.dumps(cfg.redacted())
+
+
+def test_the_config_s_defaults_are_the_engine_s_own():
+    """`udfs.spec` writes each default once: a config that sets nothing gives the engine its own."""
+    cfg = parse_config(VALID)
+    assert {**cfg.retry.model_dump(), "statuses": tuple(cfg.retry.statuses)} == dataclasses.asdict(RetrySpec())
+    engine = {f.name: f.default for f in dataclasses.fields(EngineSpec)}
+    assert {k: v for k, v in cfg.limits.model_dump().items() if k in engine} == {
+        k: engine[k] for k in ("max_concurrency", "connect_timeout_s", "read_timeout_s", "adaptive",
+                               "latency_cut_factor", "http_client")}
+    assert set(cfg.limits.model_dump()) - set(engine) == {"requests_per_minute", "tokens_per_minute"}
 
 
 @pytest.mark.parametrize("data, message", [

@@ -38,22 +38,28 @@ def statuses(spark, table: str) -> dict[str, int]:
 
 def test_a_fixed_window_without_retry_after_leaves_every_row_ok(spark, table_name):
     """The issue measured 59 to 76 of 398 rows `http_429` and 473 to 570 refused requests for 400 prompts
-    against 60 per 10 s at max_concurrency 8. Now every row is ok, and few requests are refused."""
+    (over one per row) against 60 per 10 s at max_concurrency 8. Now every row is ok, the task pauses and
+    probes instead of each row retrying on its own, and every request the server saw is an attempt a
+    row counts.
+
+    What this run cannot show is the learned rate: seven windows of 20, shared by two tasks that each
+    learn alone, are over before learning pays (measured: 17-20% of the requests drew a 429 learning,
+    25% with `limits.adaptive: false`), and the share moves with the machine's load. The rate's rules are
+    pinned on a virtual clock instead (tests/test_limits.py, the fixed-window tests), and
+    benchmarks/ratelimit.py measures the share over thirty windows (under 0.05)."""
     window = FixedWindow(limit=20, window_s=2.0)
     with LocalEndpoint(fault=window) as ep:
         summary = run_job(spark, job_config(
             input={"table": prompts(spark, 150)}, output={"table": table_name},
             endpoint={"name": "pay-per-token", "type": "driver_proxy", "url": f"{ep.url}/"},
             limits={"max_concurrency": 8}, retry=DEFAULT_RETRY))
-    share = window.refused / window.served
     print(f"\nfixed window 20 per 2 s: {summary.by_status}; {window.served} requests, {window.refused} "
-          f"drew a 429 ({share:.1%}); windows used {sorted(window.per_window.items())}")
+          f"drew a 429 ({window.refused / window.served:.1%}); windows used {sorted(window.per_window.items())}")
     assert statuses(spark, table_name) == {"ok": 150}
-    # Most 429s here are probes and the first windows' learning: a window of 20 makes each of them
-    # weigh what fifty would in a real minute's window of 1,000. benchmarks/ratelimit.py measures the
-    # share over thirty windows (under 0.05).
-    assert share < 0.25, f"{window.refused} of {window.served} requests drew a 429"
-    assert max(spark.table(table_name).agg(F.max("attempts")).first()) < 6
+    assert spark.table(table_name).agg(F.sum("attempts")).first()[0] == window.served
+    # Paused and probed: measured 31 to 50 refusals for 150 rows, with learning or without; rows
+    # retrying on their own drew more than one each.
+    assert window.refused < 0.5 * 150, f"{window.refused} of {window.served} requests drew a 429"
 
 
 def test_a_cold_start_of_503s_ends_with_every_row_ok(spark, table_name):

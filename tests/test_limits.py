@@ -476,17 +476,76 @@ def test_a_known_rate_paces_from_the_first_request():
     assert run(go()) == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
-def test_a_503_pauses_but_teaches_no_rate():
+@pytest.mark.parametrize("kind, learns", [(OVERLOAD, True), (UNAVAILABLE, False)], ids=["429", "503"])
+def test_a_window_that_stays_closed_teaches_a_rate_after_a_429_never_after_a_503(kind, learns):
+    """Ten answers in the first second, then refusals until a probe is answered at 2 s: after a 429
+    that is a window of 10 per 1.75 s (the middle of the refused probe and the answered one); after a
+    503 (an endpoint scaling from zero) it says nothing of a rate, and the task resumes unpaced."""
     clock = FakeClock()
     gov = governor(clock)
 
     async def go() -> None:
-        for _ in range(20):
+        for _ in range(10):
             gov.answered(await gov.acquire())
-        gov.failed(UNAVAILABLE, False, None, "http_503")
-        gov.answered(await gov.acquire())
+            clock.now += 0.1
+        await gov.acquire()
+        gov.failed(kind, False, None, "refused")         # at 1.0 s: the task pauses
+        assert await gov.acquire() is True                # the probe, at 1.5 s: refused too
+        gov.failed(kind, True, None, "refused")
+        assert await gov.acquire() is True                # the next, at 2.0 s: answered
+        gov.answered(True)
     run(go())
-    assert (gov.pauses, gov.rate, gov.decreases) == (1, None, 0)
+    assert (clock.now, gov.pauses, gov.probes, gov.paused) == (2.0, 1, 2, False)
+    if learns:
+        assert gov.decreases == 1
+        assert gov.rate == pytest.approx(0.9 * 10 / 1.75)  # `decrease` times the rate measured
+    else:
+        assert (gov.rate, gov.decreases, gov.learned()) == (None, 0, None)
+
+
+def test_above_the_settled_rate_the_increase_doubles_per_quiet_window_up_to_eight_times():
+    """README: `increase` (2%) of the rate per window, doubling for each whole window without a 429, at
+    most 8 times: near the limit the steps stay small, a share another task left is taken back fast."""
+    clock = FakeClock()
+    gov = governor(clock)
+    gov.start_from(Learned(rate=10.0, measured=10.0, window_s=10.0, at=0.0))  # settled: above 0.95 of 10/s
+
+    async def go() -> None:
+        await gov.acquire()  # the cycle starts at 0 s
+    run(go())
+    growth = []
+    for _ in range(60):  # an answer a second for six windows of 10 s
+        before = gov.rate
+        clock.now += 1.0
+        gov.answered()
+        # One second of a 10 s window: the step is `increase` x rate x 1/10, times the window's growth.
+        growth.append(round((gov.rate - before) / (0.02 * before * 1.0 / 10.0), 6))
+    per_window = [sorted(set(growth[w * 10:(w + 1) * 10])) for w in range(6)]
+    # The answer at the window's end (10 s, 20 s, ...) already counts the window as whole.
+    assert per_window == [[1.0, 2.0], [2.0, 4.0], [4.0, 8.0], [8.0], [8.0], [8.0]]
+
+
+def test_a_first_probe_that_gets_through_halves_the_next_pause_s_first_wait_down_to_50_ms():
+    """A limit that reopens at once (on requests in flight) costs less each time; one refused probe puts
+    the first wait back at `probe_first_s`."""
+    clock = FakeClock()
+    gov = governor(clock)
+
+    async def pause(refused: bool = False) -> float:
+        await gov.acquire()
+        gov.failed(UNAVAILABLE, False, None, "http_503")
+        start = clock.now
+        assert await gov.acquire() is True
+        waited = clock.now - start
+        if refused:
+            gov.failed(UNAVAILABLE, True, None, "http_503")
+            assert await gov.acquire() is True
+        gov.answered(True)
+        return round(waited, 6)
+
+    async def go() -> list[float]:
+        return [await pause() for _ in range(6)] + [await pause(refused=True), await pause()]
+    assert run(go()) == [0.5, 0.25, 0.125, 0.0625, 0.05, 0.05, 0.05, 0.5]
 
 
 def test_the_breaker_opens_when_nothing_answered_for_breaker_s_and_fails_every_waiter():

@@ -217,7 +217,7 @@ def test_a_slow_answer_is_a_timeout(client):
 
 # -- TLS -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("var", ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"])
+@pytest.mark.parametrize("var", ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
 def test_tls_with_a_ca_bundle_from_the_environment(client, ca, var, monkeypatch):
     pem, server_ctx = ca
     monkeypatch.setenv(var, str(pem))
@@ -225,6 +225,21 @@ def test_tls_with_a_ca_bundle_from_the_environment(client, ca, var, monkeypatch)
         out = call_each(spec(srv.url + "/", client, max_concurrency=1), ["a", "b"])
         assert summary(out) == [("ok", "Answer to: a", None, 1), ("ok", "Answer to: b", None, 1)]
         assert len(srv.connections) == 1
+
+
+def test_requests_ca_bundle_is_read_before_curl_ca_bundle(ca, tmp_path, monkeypatch):
+    """requests' order, for every client alike (one TLS context): REQUESTS_CA_BUNDLE, then CURL_CA_BUNDLE."""
+    pem, server_ctx = ca
+    missing = tmp_path / "missing.pem"
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pem))
+    monkeypatch.setenv("CURL_CA_BUNDLE", str(missing))  # never read: REQUESTS_CA_BUNDLE comes first
+    with AioServer(tls=server_ctx) as srv:
+        [o] = call_each(spec(srv.url + "/", "aiohttp", max_concurrency=1), ["a"])
+        assert (o.status, o.response) == ("ok", "Answer to: a")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(missing))
+    monkeypatch.setenv("CURL_CA_BUNDLE", str(pem))
+    with pytest.raises(TransportError, match="^tls_error: REQUESTS_CA_BUNDLE="):
+        Engine(spec("https://127.0.0.1:9/", "aiohttp"))
 
 
 def test_an_untrusted_certificate_stops_at_once(client, ca):

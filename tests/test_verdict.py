@@ -36,12 +36,18 @@ def summary_of(rows, run_id: str = "r1") -> RunSummary:
     return s
 
 
-def test_more_than_half_of_the_rows_sent_failed_fails_the_run_naming_the_main_reason(spark):
-    view = landed(spark, ROWS)
+UNSENT = ["empty_prompt", "prompt_too_long: 250001 chars > run.max_prompt_chars 200000", "null_field: product is null"]
+
+
+@pytest.mark.parametrize("unsent", UNSENT, ids=lambda e: e.split(":")[0])
+def test_more_than_half_of_the_rows_sent_failed_fails_the_run_naming_the_main_reason(spark, unsent):
+    rows = ROWS[:4] + [(5, "error", unsent), (6, "error", unsent)]
+    view = landed(spark, rows)
     cfg = job_config(output={"table": view}, run={"max_error_share": 0.5})
     with pytest.raises(JobFailed) as err:
-        judge(spark, cfg, summary_of(ROWS))
-    # Rows 5 and 6 were never sent: 3 of the 4 sent failed.
+        judge(spark, cfg, summary_of(rows))
+    # Rows 5 and 6 were never sent (a blank prompt, one too long, a null template field): 3 of the 4
+    # sent failed.
     assert str(err.value).startswith(
         "run r1 failed: 3 of the 4 rows it sent failed (75%, above run.max_error_share 0.5); main reason: "
         "endpoint_unavailable (2 rows), e.g. 'endpoint_unavailable: nothing answered for 480s (last: "

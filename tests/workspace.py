@@ -9,7 +9,7 @@ and the endpoint itself, for the tests of expiring tokens, AI Gateway limits and
   `ServingEndpointDetailed` as JSON), for a bearer token it issued;
 - `POST /serving-endpoints/{name}/invocations`, and the same under `/ro/1234/` (a route-optimized
   endpoint's own URL): the toy model's answer for a token issued less than `token_life_s` ago, else
-  401 as Databricks writes it.
+  401 as Databricks writes it (or `refuse_with`, 403, as some gateways answer).
 
 Every request is recorded (`requests`: method, path, the token's number or None).
 
@@ -47,6 +47,10 @@ class Workspace(ThreadingHTTPServer):
         self.tokens: dict[str, tuple[int, float]] = {}  # token -> (its number, issued at)
         self.requests: list[tuple[str, str, int | None]] = []
         self.refused = 0  # invocations answered 401
+        self.refuse_with = 401
+        # Appended to every access token issued: a token endpoint that sends a line break (tests of
+        # header injection).
+        self.token_suffix = ""
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -57,7 +61,7 @@ class Workspace(ThreadingHTTPServer):
     def issue(self) -> dict[str, Any]:
         with self._lock:
             n = next(self._numbers)
-            token = f"oauth-{n}-{base64.b32encode(n.to_bytes(4, 'big')).decode().rstrip('=')}-access"
+            token = f"oauth-{n}-{base64.b32encode(n.to_bytes(4, 'big')).decode().rstrip('=')}-access{self.token_suffix}"
             self.tokens[token] = (n, time.monotonic())
         return {"access_token": token, "token_type": "Bearer", "expires_in": self.token_life_s,
                 "scope": "all-apis"}
@@ -151,8 +155,8 @@ class _Handler(JsonHandler):
             if not valid:
                 with ws._lock:
                     ws.refused += 1
-                return self._answer(401, {"error_code": "UNAUTHENTICATED",
-                                          "message": "Token expired or invalid; send a fresh OAuth token."})
+                return self._answer(ws.refuse_with, {"error_code": "UNAUTHENTICATED",
+                                                     "message": "Token expired or invalid; send a fresh OAuth token."})
             status, value = answer(invocation, json.loads(raw))
             return self._answer(status, value)
         self._answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"no route {path}"})

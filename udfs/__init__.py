@@ -3,10 +3,12 @@
 - `inference`: the pandas UDF, the one module that imports Spark;
 - `engine`: a task's runner (event loop, requests in flight across input batches);
 - `caller`: one request (limits, retries, splitting, parsing), `retry`: the retry policy;
-- `protocols`: the wire formats, `transport`: HTTP, `limits`: AIMD and rate limits;
+- `protocols`: the wire formats, `transport`: HTTP, `limits`: the governor (pauses, probes, a learned
+  rate, the breaker), AIMD and rate limits;
 - `structured`: response schemas (structured output): what has a column type, and answers checked;
 - `spec`, `outcome`, `reasons`: the data a task gets, what each row gets, and the error codes;
-- `auth` (secrets that never print), `prompts` (the blank rule), `transforms`, `loopback`.
+- `auth` (secrets that never print), `prompts` (the blank rule, and characters per token), `transforms`,
+  `loopback`.
 """
 
 from udfs.auth import Secret

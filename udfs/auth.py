@@ -181,7 +181,7 @@ class OAuthM2M(Credentials):
     def __reduce__(self) -> tuple:
         # The client secret travels inside a Secret (as a token does), with the token held now, so
         # that a task starts with it and mints its own only when it is due.
-        return (_oauth_m2m, (self.token_url, self.client_id, self._client_secret, self.scopes,
+        return (_unpickle_oauth_m2m, (self.token_url, self.client_id, self._client_secret, self.scopes,
                              self._endpoint_params, self._token, self.issued_at, self.expires_at))
 
     def header(self) -> Secret | None:
@@ -225,9 +225,10 @@ class OAuthM2M(Credentials):
         return self
 
 
-def _oauth_m2m(token_url: str, client_id: str, client_secret: Secret, scopes: str,
-               endpoint_params: dict[str, str], token: Secret | None, issued_at: float,
-               expires_at: float) -> OAuthM2M:
+def _unpickle_oauth_m2m(token_url: str, client_id: str, client_secret: Secret, scopes: str,
+                        endpoint_params: dict[str, str], token: Secret | None, issued_at: float,
+                        expires_at: float) -> OAuthM2M:
+    """`OAuthM2M` as a task receives it: with the token the driver held, minting none."""
     creds = OAuthM2M(token_url, client_id, client_secret, scopes=scopes, endpoint_params=endpoint_params)
     creds._token, creds.issued_at, creds.expires_at = token, issued_at, expires_at
     return creds

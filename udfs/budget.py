@@ -25,6 +25,8 @@ import asyncio
 import math
 from dataclasses import dataclass, replace
 
+from udfs.prompts import CHARS_PER_TOKEN
+
 # Output tokens a request reserves when the endpoint's `max_tokens` is unset (`run.budget`).
 DEFAULT_RESERVE_OUTPUT_TOKENS = 1024
 
@@ -141,5 +143,5 @@ class Budget:
 
 
 def estimate_tokens(chars: int) -> int:
-    """Tokens of a text from its length: characters / 4, as the job estimates them everywhere."""
-    return math.ceil(chars / 4)
+    """Tokens of a text from its length, as the job estimates them everywhere (`CHARS_PER_TOKEN`)."""
+    return math.ceil(chars / CHARS_PER_TOKEN)

@@ -11,7 +11,8 @@ Every request goes through the task's `Governor` (`udfs.limits`): a 429, a 503 o
 takes no connection pauses the task until one probe is answered, and such a row is retried as long as
 its `row_budget_s` lasts, not `max_attempts` times; when the breaker opens, the rows still waiting
 fail at once as `endpoint_unavailable`. With refreshable credentials (`udfs.auth.Credentials`) a token
-due to expire is refreshed before it is sent, and a 401/403 refreshes it and retries once.
+due to expire is refreshed before it is sent, and a 401/403 refreshes it and retries once; a new token
+that would inject headers (a line break) is a fatal `invalid_header`, never sent.
 
 Example::
 
@@ -33,12 +34,13 @@ from udfs.budget import Budget, BudgetSpent, estimate_tokens
 from udfs.limits import (OVERLOAD, TRANSIENT, UNAVAILABLE, AdaptiveLimiter, EndpointUnavailable, Governor,
                          OutOfTime, RateLimiter)
 from udfs.outcome import MAX_ERROR_CHARS, Outcome
+from udfs.prompts import CHARS_PER_TOKEN
 from udfs.protocols import BadResponse, Parsed, Protocol, make_protocol
-from udfs.retry import Failure, backoff, http_failure
+from udfs.retry import RATE_LIMITED, Failure, backoff, http_failure
 from udfs.spec import EngineSpec
 from udfs.structured import AnswerChecker, InvalidOutput, wire_format
 from udfs.transforms import import_function
-from udfs.transport import TransportError
+from udfs.transport import TransportError, header_problem
 
 
 def governor_for(spec: EngineSpec) -> Governor:
@@ -75,6 +77,7 @@ class Caller:
         self._credentials = spec.credentials
         self._refreshing: asyncio.Future[None] | None = None
         self._refresh_failed: tuple[float, CredentialError] | None = None
+        self._checked_generation: int | None = None  # the last token found fit to send
         self._static_secrets = [v for v in spec.headers.values() if isinstance(v, Secret)]
         max_tokens = spec.model_kwargs.get("max_tokens")
         # AI Gateway reserves max_tokens for a request before it runs; so does the token bucket.
@@ -191,7 +194,7 @@ class Caller:
         if self.fatal is not None:  # a row back from a backoff sleep: the task is failing, send nothing
             raise Failure(self.fatal.kind, self.fatal.detail)
         deadline = sent[0] + self.spec.retry.row_budget_s if sent else None
-        reserve = sum(len(p) for p in prompts) // 4 + self._max_tokens
+        reserve = sum(len(p) for p in prompts) // CHARS_PER_TOKEN + self._max_tokens
         while True:
             probe = await self.governor.acquire(deadline)
             await self.limiter.acquire()
@@ -234,13 +237,14 @@ class Caller:
                 return parsed
             f = http_failure(status, headers, self._text(data), rows=len(prompts), spec=self.spec.retry)
             f.auth_generation = generation
-            kind = OVERLOAD if status == 429 else UNAVAILABLE if status == 503 else TRANSIENT if status >= 500 else None
+            kind = ((OVERLOAD if status == RATE_LIMITED else UNAVAILABLE) if f.governed
+                    else TRANSIENT if status >= 500 else None)
             if kind is None:
                 self.governor.answered(probe)  # it answered, if with a refusal of this request: it is up
             else:
                 self.governor.failed(kind, probe, f.retry_after, self._clean(f.reason())[:200])
             reported = True
-            overloaded = status in (429, 503)
+            overloaded = f.governed  # a 429 or a 503 (`GOVERNED_STATUSES`): AIMD halves the in-flight limit
             self.rate.refund(reserve)
             raise f
         finally:
@@ -272,6 +276,15 @@ class Caller:
                     raise Failure(reasons.CREDENTIAL_REFUSED, str(exc)) from None
                 # The token held may still be good: the endpoint says if not (401), and that retries.
         value = creds.header()
+        if value is not None and creds.generation != self._checked_generation:
+            # A token minted during the run was never seen by the driver's check (`jobs.resolve`): one
+            # with a line break would inject headers, and fails every request alike, so it is fatal
+            # here, whichever client would send it.
+            problem = header_problem("Authorization", value.reveal())
+            if problem:
+                self.fatal = self.fatal or TransportError(reasons.INVALID_HEADER, f"{creds!r} gave a token: {problem}")
+                raise Failure(self.fatal.kind, self.fatal.detail)
+            self._checked_generation = creds.generation
         return ({"Authorization": value.reveal()} if value is not None else None), creds.generation
 
     async def _refresh(self, seen: int) -> None:

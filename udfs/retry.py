@@ -28,7 +28,9 @@ from udfs.spec import RetrySpec
 # halves until only the bad rows fail.
 SPLIT_STATUSES = (400, 413, 422)
 # Statuses that speak for the endpoint as a whole, not for the request: the task pauses (`udfs.limits`).
-GOVERNED_STATUSES = (429, 503)
+# Of these only a 429 speaks of a rate (the governor learns one); a 503 is an endpoint not up yet.
+RATE_LIMITED = 429
+GOVERNED_STATUSES = (RATE_LIMITED, 503)
 
 _RETRY_AFTER = Retry(total=None, respect_retry_after_header=True, retry_after_max=3600)
 

@@ -31,8 +31,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from jobs.secret_rules import redact  # standard library only: `--help` stays light
-
 if TYPE_CHECKING:
     from jobs.config import JobConfig
 
@@ -161,7 +159,7 @@ def effective_config_text(cfg: JobConfig, inv: Invocation) -> str:
         head += ", overridden: " + ", ".join(o.split("=", 1)[0] for o in inv.overrides)
     if inv.ignored:
         head += "; ignored job parameters: " + ", ".join(inv.ignored)
-    return head + "\n" + json.dumps(redact(cfg.redacted()), indent=2, sort_keys=True)
+    return head + "\n" + json.dumps(cfg.redacted(), indent=2, sort_keys=True)
 
 
 def setup_logging() -> None:

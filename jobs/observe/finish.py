@@ -23,6 +23,7 @@ from jobs.observe.runs_table import append_run, databricks_ids, run_record
 from jobs.observe.stats import RunStats, run_stats
 from jobs.observe.tracking import log_to_mlflow
 from jobs.summary import RunSummary
+from udfs.prompts import CHARS_PER_TOKEN
 
 log = logging.getLogger("batch_inference")
 
@@ -67,5 +68,5 @@ def summary_text(record: dict[str, Any]) -> str:
     cost = record["estimated_cost"]
     return (f"{record['rows']} rows ({record['rows_ok']} ok, {record['rows_error']} error), {rate} rows/s, "
             f"latency p50/p95/p99 {lat} ms, {record['total_tokens']} tokens"
-            + (f" ({est} requests estimated as chars/4)" if est else "")
+            + (f" ({est} requests estimated as chars/{CHARS_PER_TOKEN})" if est else "")
             + (f", estimated cost {cost:.4f}" if cost is not None else ""))

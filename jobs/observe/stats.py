@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyspark.sql import SparkSession, functions as F
+from pyspark.sql import Column, SparkSession, functions as F
 
 from jobs.config import EndpointConfig
+from udfs.prompts import CHARS_PER_TOKEN
 
 
 @dataclass
@@ -35,7 +36,7 @@ class RunStats:
     latency_p99_ms: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # Answered requests without reported usage, whose tokens are estimated as characters / 4.
+    # Answered requests without reported usage, whose tokens are estimated as characters / CHARS_PER_TOKEN.
     estimated_token_requests: int = 0
     # (centroid in ms, requests): Spark's histogram_numeric, 64 uneven bins, for the latency plot.
     latency_histogram: list[tuple[float, float]] = field(default_factory=list)
@@ -45,8 +46,13 @@ class RunStats:
         return self.prompt_tokens + self.completion_tokens
 
 
+def reason_code(error: Column) -> Column:
+    """An error's reason code (`udfs.reasons`): `http_503: busy (gave up ...)` -> `http_503`."""
+    return F.substring_index(error, ":", 1)
+
+
 def _chars_to_tokens(chars: Any) -> Any:
-    return F.ceil(chars / 4).cast("long")
+    return F.ceil(chars / CHARS_PER_TOKEN).cast("long")
 
 
 def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) -> RunStats:
@@ -64,7 +70,7 @@ def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) ->
     per_request = rows.groupBy("request_hash").agg(
         F.count("*").alias("n"),
         F.max("status").alias("status"),
-        F.max(F.when(~ok, F.substring_index("error", ":", 1))).alias("reason"),
+        F.max(F.when(~ok, reason_code(F.col("error")))).alias("reason"),
         F.max("latency_ms").alias("latency_ms"),
         F.max("attempts").alias("attempts"),
         F.max(F.when(ok, F.coalesce("prompt_tokens", _chars_to_tokens(F.length(text))))
