@@ -21,6 +21,7 @@ from dataclasses import replace
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, functions as F
 
+from jobs.chunking import estimate_chunks
 from jobs.commit import growable_columns, table_schema
 from jobs.config import ConfigError, JobConfig
 from jobs.errors import InputError, JobFailed, first_line
@@ -54,7 +55,7 @@ def dry_run(spark: SparkSession, cfg: JobConfig, *, run_id: str) -> RunSummary:
     pending = report.pending_rows or 0
     summary = RunSummary(run_id=run_id, output_table=cfg.output.table, input_rows=report.input_rows or 0,
                          pending_rows=pending,
-                         chunks=math.ceil(pending / (cfg.run.chunk_rows or cfg.run.max_chunk_rows)),
+                         chunks=estimate_chunks(cfg, pending),
                          seconds=time.monotonic() - started, dry_run=report)
     if not report.ok:
         failed = [c.name for c in report.checks if not c.ok]

@@ -1,9 +1,11 @@
 """The batch job, top to bottom: read, survey, stage, call, commit, observe.
 
 `run_job` reads the requests, counts and checks them in one pass (`jobs.stage.survey`), writes the
-pending rows once to a scratch table, then calls the endpoint chunk by chunk and commits each
-chunk's outcomes to Delta (`jobs.commit`), reporting progress and, at the end, the run's summary
-(`jobs.observe`). `run.dry_run` goes to `jobs.dryrun` instead, before anything is created.
+pending rows once to a scratch table when the run takes more than one chunk (`jobs.chunking`), then
+calls the endpoint chunk by chunk and commits each chunk's outcomes to Delta (`jobs.commit`),
+from the driver (`jobs.driver_calls`) or the executors (`jobs.executor_calls`), reporting progress
+and, at the end, the run's summary (`jobs.observe`) and verdict (`jobs.verdict`). `run.dry_run` goes
+to `jobs.dryrun` instead (then `jobs.forecast`'s sample, for real).
 
 Calls come from the executors (the pandas UDF) or from the driver (`run.calls_from`; `auto` picks
 the driver on Spark Connect, where UDFs cannot reach the internet). What overlaps:
@@ -12,12 +14,12 @@ the driver on Spark Connect, where UDFs cannot reach the internet). What overlap
   are fetched ahead), and chunk k is committed on the committer thread while chunk k+1 calls;
   the commit holds no request and no task slot the calls need;
 - executors: one Spark job per chunk calls and appends (the write of its rows and Delta's log
-  commit are the end of the same job), so no commit job ever waits for task slots held by the next
-  chunk's calling tasks; between chunks stand only that job's end and the next one's start.
-  Chunks that need a MERGE stage their outcomes and merge in turn.
+  commit are the end of the same job), and two chunk jobs are in flight, so the next chunk's tasks
+  take each slot the last one's slowest answers free. Chunks that need a MERGE stage their outcomes
+  and merge alone.
 
-Commits stay in chunk order, each chunk once; a crash loses at most the chunks in flight (driver:
-one calling, one committing, one waiting; executors: the one calling).
+Each chunk is committed once; a crash loses at most the chunks in flight (driver: one calling, one
+committing, one waiting; executors: the two calling).
 
 Example::
 
@@ -27,51 +29,32 @@ Example::
 from __future__ import annotations
 
 import logging
-import queue
-import re
-import threading
 import time
 import uuid
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import replace
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
-import pyarrow.compute as pc
-from pyspark.sql import DataFrame, Observation, SparkSession, functions as F
+from pyspark.sql import DataFrame, SparkSession, types as T
 
-from jobs.call import DriverChunk, common_dim, status_counts, with_dimension_check, with_outcomes, with_parsed
-from jobs.commit import commit_chunk, ensure_output_table, table_schema, with_run_columns
+from jobs.chunking import plan_chunks
+from jobs.commit import ensure_output_table, table_schema
 from jobs.config import JobConfig
+from jobs.driver_calls import DriverRun
 from jobs.dryrun import dry_run
-from jobs.endpoint_health import EndpointHealth
 from jobs.errors import InputError
+from jobs.executor_calls import ExecutorsRun
 from jobs.forecast import forecast_from, forecast_lines, sample_config
 from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
-from jobs.plan import TaskPlan, plan_tasks, task_slots
-from jobs.read import check_ids, column, read_requests
+from jobs.read import check_ids, read_requests
 from jobs.resolve import engine_spec, preflight
 from jobs.session import is_connect
-from jobs.stage import (Chunk, ChunkPlanner, Survey, drop_stale_scratch, histogram, pending_rows,
-                        scratch_table, stage_pending, survey)
+from jobs.stage import Survey, drop_stale_scratch, pending_rows, scratch_table, survey
 from jobs.summary import RunSummary
 from jobs.verdict import judge
-from udfs.budget import Spend
-from udfs.prompts import CHARS_PER_TOKEN
-from udfs.engine import Engine
-from udfs.outcome import UNSENT
-from udfs.spec import EngineSpec
 
 log = logging.getLogger("batch_inference")
-
-PENDING_COLS = ("id", "prompt", "request_hash", "precheck", "_exists")
-
-
-def pending_columns(cfg: JobConfig) -> list:
-    """What each chunk reads of the pending rows: the request columns and the kept input columns."""
-    return [column(c) for c in (*PENDING_COLS, *cfg.input.keep_columns)]
 
 
 def calls_from(spark: SparkSession, setting: str) -> tuple[str, str]:
@@ -86,24 +69,40 @@ def calls_from(spark: SparkSession, setting: str) -> tuple[str, str]:
 
 def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -> RunSummary:
     run_id = run_id or uuid.uuid4().hex
-    if cfg.run.dry_run:  # before anything is created: checks, counts, one probe request, no write
-        summary = dry_run(spark, cfg, run_id=run_id)
-        if cfg.run.forecast_rows and summary.pending_rows:  # then a few rows for real, kept
-            sample = run_job(spark, sample_config(cfg, summary.pending_rows), run_id=run_id)
-            sent = sum(sample.by_status.values())
-            summary.dry_run.forecast = forecast_from(spark, cfg, run_id, max(0, summary.pending_rows - sent))
-            for line in forecast_lines(summary.dry_run.forecast, cfg) if summary.dry_run.forecast else []:
-                log.info("forecast: %s", line)
-        return summary
+    if cfg.run.dry_run:  # before anything is created: checks, counts, one probe; then the forecast
+        return forecast_run(spark, cfg, run_id)
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
     spec = engine_spec(cfg, spark)  # resolves URL and credentials: fails here, before any call
     preflight(spec)  # an untrusted TLS certificate stops the run here, not in every task
     summary = RunSummary(run_id=run_id, output_table=cfg.output.table)
-    out = cfg.output.table
+    found, requests, prior, landing = read_and_survey(spark, cfg)
+    summary.input_rows, summary.pending_rows = found.input_rows, found.pending
+    mode, why = calls_from(spark, cfg.run.calls_from)
+    log.info("run %s: %d input rows, %d pending -> %s; calls from the %s (%s)", run_id, found.input_rows,
+             found.pending, cfg.output.table, mode, why)
+    progress = Progress(found.pending, 0)
+    if found.pending:
+        with scratch_tables(spark, cfg.output.table, run_id) as (pending_table, outcomes_table):
+            pending = pending_rows(requests, prior, cfg.run.retry_errors, cfg.run.limit, cfg.run.limit_order)
+            staged, planner = plan_chunks(spark, cfg, found, pending, pending_table)
+            args = (spark, cfg, spec, run_id, landing, staged, planner, progress, summary)
+            DriverRun(*args).call() if mode == "driver" else ExecutorsRun(*args).call(outcomes_table)
+    progress.close()
+    summary.seconds = time.monotonic() - started
+    log.info("run %s finished in %.1fs: %s", run_id, summary.seconds,
+             ", ".join(f"{s}={n}" for s, n in sorted(summary.by_status.items())) or "nothing to do")
+    summary.stats = finish_run(spark, cfg, summary, progress.timeline, started_at)
+    judge(spark, cfg, summary)  # after every row is committed: fail_on_error, max_error_share
+    return summary
 
+
+def read_and_survey(spark: SparkSession, cfg: JobConfig) -> tuple[Survey, DataFrame, DataFrame | None, T.StructType]:
+    """The requests, the output table as it was (None: new), the landing schema, and the survey: one
+    counting pass; null or repeated ids stop the run here, naming them, before any call."""
+    out = cfg.output.table
     inputs, requests = read_requests(spark, cfg, check=False)
     schema = table_schema(cfg, inputs.schema)
-    prior = None
+    prior, landing = None, None
     if spark.catalog.tableExists(out):
         # An existing table of another schema stops the run here; one a config grows gains its columns.
         landing = ensure_output_table(spark, out, schema)
@@ -114,419 +113,33 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     if found.null_ids or found.repeated_ids:
         check_ids(inputs)  # names them; a second pass only when the job stops anyway
         raise InputError("the input's ids are null or repeated; ids must be unique")
-    if prior is None:
+    if landing is None:
         landing = ensure_output_table(spark, out, schema)
     drop_stale_scratch(spark, out)
-    summary.input_rows, summary.pending_rows = found.input_rows, found.pending
-    mode, why = calls_from(spark, cfg.run.calls_from)
-    log.info("run %s: %d input rows, %d pending -> %s; calls from the %s (%s)", run_id, found.input_rows,
-             found.pending, out, mode, why)
-
-    progress = Progress(found.pending, 0)
-    if found.pending:
-        scratch = [scratch_table(out, run_id, kind) for kind in ("pending", "outcomes")]
-        try:
-            staged, planner = _chunks(spark, cfg, found, pending_rows(requests, prior, cfg.run.retry_errors,
-                                                                      cfg.run.limit, cfg.run.limit_order), scratch[0])
-            run = _Run(spark, cfg, spec, run_id, landing, staged, planner, progress, summary)
-            if mode == "driver":
-                run.from_driver()
-            else:
-                run.from_executors(scratch[1])
-        finally:
-            for name in scratch:
-                if spark.catalog.tableExists(name):
-                    spark.sql(f"DROP TABLE IF EXISTS {name}")
-    progress.close()
-    summary.seconds = time.monotonic() - started
-    log.info("run %s finished in %.1fs: %s", run_id, summary.seconds,
-             ", ".join(f"{s}={n}" for s, n in sorted(summary.by_status.items())) or "nothing to do")
-    summary.stats = finish_run(spark, cfg, summary, progress.timeline, started_at)
-    judge(spark, cfg, summary)  # after every row is committed: fail_on_error, max_error_share
-    return summary
+    return found, requests, prior, landing
 
 
-def _chunks(spark: SparkSession, cfg: JobConfig, found: Survey, pending: DataFrame,
-            scratch: str) -> tuple[DataFrame, ChunkPlanner]:
-    """The rows chunks read (staged once, unless one chunk takes them all) and the chunk planner."""
-    first_rows = 32 * cfg.limits.max_concurrency * cfg.endpoint.rows_per_request
-    sizing: dict[str, Any] = dict(fixed_rows=cfg.run.chunk_rows, max_rows=cfg.run.max_chunk_rows,
-                                  seconds=cfg.run.chunk_seconds, first_rows=first_rows)
-    if found.pending <= (cfg.run.chunk_rows or first_rows):
-        # One chunk: its own job reads the pending rows once; nothing to stage. (`exists` may count
-        # rows run.limit leaves out: at worst a MERGE where an append would do.)
-        return pending, ChunkPlanner({0: found.pending}, **{**sizing, "fixed_rows": found.pending},
-                                     exists={0: sum(found.exists.values())})
-    t0 = time.monotonic()
-    staged = stage_pending(spark, pending, scratch, found.pending)
-    log.debug("staged %d pending rows in %.1fs", found.pending, time.monotonic() - t0)
-    counts, exists = histogram(staged) if found.pending < found.pending_all else (found.histogram, found.exists)
-    return staged, ChunkPlanner(counts, exists=exists, **sizing)
-
-
-class _Run:
-    """The chunk loop of one run, in either mode; commits go through a `Committer`."""
-
-    def __init__(self, spark: SparkSession, cfg: JobConfig, spec: EngineSpec, run_id: str, schema: Any,
-                 staged: DataFrame, planner: ChunkPlanner, progress: Progress, summary: RunSummary) -> None:
-        self.spark, self.cfg, self.spec, self.run_id = spark, cfg, spec, run_id
-        self.staged, self.planner, self.progress, self.summary = staged, planner, progress, summary
-        # What chunks land: the table's columns, with any an earlier config added.
-        self.finish = with_run_columns(cfg.endpoint.name, run_id, schema)
-        self.parsed_type = schema["parsed"].dataType if cfg.endpoint.response_format else None
-        self.columns = pending_columns(cfg)
-        self.embeddings = cfg.endpoint.is_embeddings
-        self.dim: int | None = cfg.endpoint.embedding_dim
-        self.dim_why = "endpoint.embedding_dim"
-        self.called_rows, self.calling_s = 0, 0.0
-        self.latency_s: float | None = None
-        self.tail_s: float | None = None  # the p99 latency of the last chunk's answers
-        self.health = EndpointHealth()  # executors: the breaker's report across chunks
-        self._lock = threading.Lock()  # commits land from the committer or chunk threads
-        self.spent = Spend()  # executors: what committed chunks spent, against `spec.budget`
-        if spec.budget is not None:
-            summary.budget = cfg.run.budget.caps
-            progress.spend = lambda: spend_text(self.summary.spent or {}, self.summary.budget or {})
-
-    # -- shared -------------------------------------------------------------------------------------
-
-    def rate(self) -> float | None:
-        """Rows per second of calls, to size the next chunk.
-
-        From the latency the endpoint answers with (`C` requests in flight of `rows_per_request` rows
-        each, one latency apart): what the calls take, not what the run around them takes. Measured
-        wall time would count chunk boundaries and commits, and a run of small chunks would keep
-        measuring itself small.
-        """
-        if self.latency_s:
-            return self.cfg.limits.max_concurrency * self.cfg.endpoint.rows_per_request / self.latency_s
-        return self.called_rows / self.calling_s if self.calling_s > 0 and self.called_rows else None
-
-    def learn_latency(self, mean_ms: float | None, p99_ms: float | None) -> None:
-        """A chunk's latency (retries included) over its answered requests: the mean sizes the rate,
-        the p99 the chunk (`ChunkPlanner.seconds_for`)."""
-        if mean_ms:
-            self.latency_s = mean_ms / 1000
-        if p99_ms:
-            self.tail_s = p99_ms / 1000
-        self.progress.calls_rate, self.progress.tail_s = self.rate(), self.tail_s
-
-    def next_chunk(self) -> Chunk | None:
-        rate = self.rate()
-        chunk = self.planner.next(rate, self.tail_s)
-        log.debug("next: %s at %s rows/s, p99 %s s", chunk, rate, self.tail_s)
-        self.progress.total_chunks = self.planner.estimate(rate, self.tail_s)
-        return chunk
-
-    def committed(self, counts: dict[str, int], unsent: int = 0) -> None:
-        with self._lock:
-            for status, n in counts.items():
-                self.summary.by_status[status] = self.summary.by_status.get(status, 0) + n
-            self.summary.chunks += 1
-            if unsent:
-                self.summary.stopped = "budget"
-                self.summary.unsent_rows += unsent
-            self.progress.chunk_done(counts)
-
-    # -- driver ---------------------------------------------------------------------------------------
-
-    def from_driver(self) -> None:
-        """One engine in this process, `C` in flight across chunks; rows come and go as Arrow.
-
-        Its governor spans the run: once its breaker opens (nothing answered for `retry.breaker_s`),
-        every row left fails fast as `endpoint_unavailable`, and a rerun sends them again. Refreshable
-        credentials refresh themselves in this process.
-        """
-        c = self.cfg.limits.max_concurrency
-        fetched: queue.Queue = queue.Queue(maxsize=1)  # the next chunk's rows, read while this one calls
-        stop = threading.Event()
-        fetcher = threading.Thread(target=self._fetch, args=(fetched, stop), name="bi-fetch", daemon=True)
-        chunks: list[tuple[Chunk, DriverChunk]] = []
-        first_call: list[float] = []
-
-        def batches() -> Iterator[list[str]]:
-            while True:
-                item = fetched.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                chunk, rows = item
-                log.debug("chunk %d: to the engine", chunk.index + 1)
-                todo = DriverChunk(rows, self.embeddings, structured=self.parsed_type is not None)
-                chunks.append((chunk, todo))
-                first_call[:] = first_call or [time.monotonic()]
-                yield todo.prompts
-
-        with Committer() as committer, Engine(replace(self.spec, max_concurrency=c), max_limit=c) as engine:
-            fetcher.start()
-            try:
-                for outcomes in engine.map_batches(batches()):
-                    chunk, todo = chunks.pop(0)
-                    log.debug("chunk %d: answered", chunk.index + 1)
-                    spent = any(o.status == UNSENT for o in outcomes)
-                    if engine.caller.budget is not None:
-                        self.summary.spent = engine.caller.budget.spent.as_dict()
-                    # Calls run back to back across chunks: the rate is rows over time since the first.
-                    self.called_rows += chunk.rows
-                    self.calling_s = time.monotonic() - first_call[0]
-                    self.learn_latency(*latency_stats([o.latency_ms for o in outcomes if o.latency_ms is not None]))
-                    committer.submit(self._driver_commit(chunk, todo, outcomes), lambda counts: self.committed(*counts))
-                    if spent:  # run.budget: nothing more is sent; what was answered is committed
-                        break
-            finally:
-                if engine.caller.budget is not None:
-                    self.summary.spent = engine.caller.budget.spent.as_dict()
-                stop.set()
-                while fetcher.is_alive():  # unblock a fetcher waiting to hand over a chunk
-                    try:
-                        fetched.get_nowait()
-                    except queue.Empty:
-                        pass
-                    fetcher.join(0.05)
-
-    def _fetch(self, fetched: queue.Queue, stop: threading.Event) -> None:
-        try:
-            while not stop.is_set():
-                chunk = self.next_chunk()
-                if chunk is None:
-                    break
-                rows = chunk.of(self.staged).select(*self.columns).toArrow()
-                _put(fetched, (chunk, rows), stop)
-        except BaseException as exc:  # handed to the caller's thread, which raises it
-            _put(fetched, exc, stop)
-            return
-        _put(fetched, None, stop)
-
-    def _driver_commit(self, chunk: Chunk, todo: DriverChunk,
-                       outcomes: list) -> Callable[[], tuple[dict[str, int], int]]:
-        def commit() -> tuple[dict[str, int], int]:
-            if self.embeddings and self.dim is None:
-                self.dim = common_dim(outcomes)
-                self.dim_why = "the most common length in the run's first chunk with vectors"
-            table = todo.landed(outcomes, self.dim, self.dim_why)
-            sent = pc.not_equal(table.column("status"), UNSENT)
-            unsent = len(table) - pc.sum(sent).as_py() if len(table) else 0
-            table = table.filter(sent)  # not sent (run.budget): never written, so still pending
-            landed = self.spark.createDataFrame(table)
-            if self.parsed_type is not None:
-                landed = landed.transform(with_parsed(self.parsed_type))
-            landed = landed.transform(self.finish)
-            return commit_chunk(self.spark, self.cfg.output.table, landed, self.run_id, chunk.index,
-                                counts=status_counts(table)), unsent
-        return commit
-
-    # -- executors ------------------------------------------------------------------------------------
-
-    def from_executors(self, outcomes_table: str) -> None:
-        """Per chunk ONE Spark job: the UDF calls, and the same job appends the outcomes to Delta.
-
-        No separate commit job, so none waits for slots held by calling tasks. Two chunk jobs are
-        in flight at once (`overlap_chunks`): while chunk k's last tasks wait for their slowest
-        answers, chunk k+1's tasks take each task slot as it frees, so a chunk's tail does not leave
-        the endpoint idle. The job-wide limit holds all the same: every task keeps `C // S` in
-        flight and the cluster runs at most `S` tasks at once, whichever chunk they belong to.
-        Counts by status come from an `Observation` of each job. A chunk holding ids the table
-        already has needs a MERGE, whose source must be stable: its outcomes are written once to a
-        scratch table and merged from there, with no other chunk in flight (MERGE reads the table
-        that concurrent appends would change).
-        """
-        plan = plan_tasks(self.cfg.limits.max_concurrency, task_slots(self.spark, self.cfg.run.task_slots))
-        # With run.budget, one chunk at a time: each chunk's tasks share what the committed ones left.
-        depth = 2 if overlap_chunks(plan) and self.spec.budget is None else 1
-        if depth > 1:
-            plan = plan.even()
-        log.info("executors: %d task(s) x %s in flight%s", plan.partitions,
-                 "/".join(map(str, sorted(set(plan.per_task)))),
-                 ", chunks overlapping" if depth > 1 else "")
-        self.plan = plan
-        running: deque[tuple[Chunk, float, Future]] = deque()
-        with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="bi-chunk") as pool:
-            try:
-                while self.summary.stopped is None and (chunk := self.next_chunk()) is not None:
-                    alone = chunk.exists or (self.embeddings and self.dim is None and self.summary.chunks == 0)
-                    while running and (alone or len(running) >= depth):
-                        self._landed(*running.popleft())
-                    t0 = time.monotonic()
-                    call = pool.submit(self._call_chunk, chunk, outcomes_table, depth)
-                    if alone or self.spec.budget is not None:  # a MERGE, the first chunk of vectors (it
-                        self._landed(chunk, t0, call)           # fixes their length), or a budget to settle
-                    else:
-                        running.append((chunk, t0, call))
-                while running:
-                    self._landed(*running.popleft())
-            finally:
-                for _, _, f in running:  # a failed chunk: let the others finish, then raise
-                    f.cancel()
-                wait([f for _, _, f in running])
-
-    def _call_chunk(self, chunk: Chunk, outcomes_table: str, depth: int) -> tuple[dict[str, int], dict[str, Any]]:
-        """One chunk's Spark job (two with a MERGE): counts by status, and what `observed` saw."""
-        spec = self.spec
-        if spec.budget is not None:  # each task's share of what the committed chunks left
-            spec = replace(spec, budget=spec.budget.less(self.spent).share(self.plan.partitions))
-        outcomes = with_outcomes(spec, self.plan, self.parsed_type, self.health)
-        landed = (chunk.of(self.staged).select(*self.columns).transform(outcomes)
-                  .transform(self._dims_step()).transform(self.finish))
-        out = self.cfg.output.table
-        seen = Observation(re.sub(r"\W", "_", f"chunk_{self.run_id}_{chunk.index}"))
-        landed = observed(landed, seen)
-        if chunk.exists:
-            (landed.withColumn("_chunk", F.lit(chunk.index))
-             .write.format("delta").mode("append").saveAsTable(outcomes_table))  # the calls
-            stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
-            return commit_chunk(self.spark, out, stable, self.run_id, chunk.index), _observed(seen)
-        # One txnAppId per lane of chunks in flight: a lane's chunks commit in order, lanes in any order.
-        return append_once(landed.drop("_exists"), out, f"{self.run_id}.{chunk.index % depth}", chunk.index,
-                           seen)
-
-    def _landed(self, chunk: Chunk, t0: float, future: Future) -> None:
-        counts, got = future.result()
-        self.learn_latency(got.get("latency_ms"), got.get("p99_ms"))
-        self.spent.add(Spend(got.get("input_tokens") or 0, got.get("output_tokens") or 0, got.get("requests") or 0))
-        self.spent.cost = self.spec.budget.cost(self.spent.input_tokens, self.spent.output_tokens) \
-            if self.spec.budget is not None else 0.0
-        if self.spec.budget is not None:
-            self.summary.spent = self.spent.as_dict()
-        self.called_rows += chunk.rows
-        self.calling_s += time.monotonic() - t0
-        log.debug("chunk %d: %d rows called and committed in %.1fs", chunk.index + 1, chunk.rows,
-                  time.monotonic() - t0)
-        self.health.after_chunk(self.spark, self.cfg.output.table, self.run_id, chunk.index, counts)
-        self.committed(counts, got.get("unsent") or 0)
-
-    def _dims_step(self) -> Callable[[DataFrame], DataFrame]:
-        """The run's vector length: pinned, else what its first chunk landed (committed before the next)."""
-        if not self.embeddings:
-            return _unchanged
-        if self.dim is None and self.summary.chunks:
-            row = (self.spark.table(self.cfg.output.table)
-                   .where((F.col("run_id") == self.run_id) & (F.col("status") == "ok")).select("dim").limit(1).collect())
-            if row:
-                self.dim, self.dim_why = row[0]["dim"], "the length this run already wrote"
-        return with_dimension_check(self.dim, self.dim_why) if self.dim is not None else with_dimension_check(None)
-
-
-def observed(landed: DataFrame, seen: Observation) -> DataFrame:
-    """`landed` with `seen` counting it as it passes (rows, ok, unsent, latency, what it spent), then
-    without its unsent rows (run.budget: never written, so they stay pending)."""
-    tokens_in = F.coalesce(F.col("prompt_tokens"), F.ceil(F.length("prompt") / CHARS_PER_TOKEN))
-    tokens_out = (F.coalesce(F.col("completion_tokens"), F.ceil(F.coalesce(F.length("response"), F.lit(0)) / CHARS_PER_TOKEN))
-                  if "response" in landed.columns else F.lit(0))
-    sent = F.col("attempts") > 0
-    return (landed.observe(seen, F.count(F.lit(1)).alias("rows"), F.count_if(F.col("status") == "ok").alias("ok"),
-                           F.count_if(F.col("status") == UNSENT).alias("unsent"),
-                           F.avg("latency_ms").alias("latency_ms"),
-                           F.percentile_approx("latency_ms", 0.99).alias("p99_ms"),
-                           F.sum(F.when(sent, tokens_in)).alias("input_tokens"),
-                           F.sum(F.when(sent, tokens_out)).alias("output_tokens"),
-                           F.sum("attempts").alias("requests"))
-            .where(F.col("status") != UNSENT))
-
-
-def append_once(landed: DataFrame, name: str, app_id: str, chunk: int,
-                seen: Observation) -> tuple[dict[str, int], dict[str, Any]]:
-    """Append `landed` (ids new to the table; `observed` by `seen`) in one job, idempotent per
-    (`app_id`, chunk); counts by status, and what `seen` saw.
-
-    Delta skips a write whose `txnVersion` is not above the last one committed for its `txnAppId`, so
-    chunks that may commit out of order must use different app ids (`from_executors`: one per lane).
-    `writeTo(...).append()`: its plan keeps the `Observation` (on classic Spark `saveAsTable` runs
-    Delta's write in a nested query, and the observed counts never arrive).
-    """
-    landed.writeTo(name).option("txnAppId", app_id).option("txnVersion", str(chunk)).append()
-    got = _observed(seen)
-    rows, ok, unsent = got.get("rows") or 0, got.get("ok") or 0, got.get("unsent") or 0
-    return {k: n for k, n in (("ok", ok), ("error", rows - ok - unsent)) if n}, got
-
-
-def _observed(seen: Observation) -> dict[str, Any]:
-    """What an `Observation` saw; nothing when no job ran (Delta skipped a chunk it had committed)."""
+@contextmanager
+def scratch_tables(spark: SparkSession, output: str, run_id: str) -> Iterator[tuple[str, str]]:
+    """The run's scratch tables beside the output (pending rows, MERGE sources), dropped at the end."""
+    names = (scratch_table(output, run_id, "pending"), scratch_table(output, run_id, "outcomes"))
     try:
-        return seen.get
-    except Exception:
-        return {}
+        yield names
+    finally:
+        for name in names:
+            if spark.catalog.tableExists(name):
+                spark.sql(f"DROP TABLE IF EXISTS {name}")
 
 
-def spend_text(spent: dict[str, float], caps: dict[str, float]) -> str:
-    """`spent 1,180 of 5,000 output tokens, 12 of 100 requests`: each capped quantity."""
-    names = {"max_cost": ("cost", "cost"), "max_input_tokens": ("input_tokens", "input tokens"),
-             "max_output_tokens": ("output_tokens", "output tokens"), "max_requests": ("requests", "requests")}
-    parts = []
-    for cap, limit in caps.items():
-        key, label = names[cap]
-        used = spent.get(key, 0.0)
-        parts.append(f"{used:,.4f} of {limit:,.4f} {label}" if key == "cost" else f"{used:,.0f} of {limit:,.0f} {label}")
-    return "spent " + ", ".join(parts)
-
-
-def latency_stats(latencies_ms: list[float]) -> tuple[float | None, float | None]:
-    """Mean and p99 of a chunk's latencies (the driver has them as a list)."""
-    if not latencies_ms:
-        return None, None
-    ordered = sorted(latencies_ms)
-    return sum(ordered) / len(ordered), ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-
-
-def overlap_chunks(plan: TaskPlan) -> bool:
-    """Whether two chunk jobs may be in flight at once without passing the job-wide limit: only when
-    there is one task per slot (the cluster then runs at most `partitions` tasks at once, of any
-    chunk). With unknown slots, or fewer partitions than slots (C < S), a second chunk's tasks
-    would run beside the first's."""
-    return plan.slots is not None and plan.partitions == plan.slots
-
-
-class Committer:
-    """Commits chunks in order on one thread of its own while the caller goes on calling.
-
-    `submit` waits while one commit runs and another waits (bounded memory, bounded loss on a crash)
-    and raises the first commit's failure, so a broken commit stops the calls too.
-    """
-
-    def __init__(self, depth: int = 1) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="bi-commit", daemon=True)
-        self._thread.start()
-
-    def submit(self, commit: Callable[[], Any], then: Callable[[Any], None]) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put((commit, then))
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    item[1](item[0]())
-                except BaseException as exc:
-                    self._error = exc
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def __enter__(self) -> Committer:
-        return self
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-        if kind is None:
-            self.close()
-        else:  # the caller failed: let committed chunks stand, raise the caller's error
-            self._queue.put(None)
-            self._thread.join()
-
-
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
-
-
-def _unchanged(df: DataFrame) -> DataFrame:
-    return df
+def forecast_run(spark: SparkSession, cfg: JobConfig, run_id: str) -> RunSummary:
+    """The dry run's checks; then, if they pass, `run.forecast_rows` pending rows for real, and the
+    forecast for the rest from them (`jobs.forecast`)."""
+    summary = dry_run(spark, cfg, run_id=run_id)
+    if cfg.run.forecast_rows and summary.pending_rows:
+        sample = run_job(spark, sample_config(cfg, summary.pending_rows), run_id=run_id)
+        sent = sum(sample.by_status.values())
+        report = summary.dry_run
+        report.forecast = forecast_from(spark, cfg, run_id, max(0, summary.pending_rows - sent))
+        for line in forecast_lines(report.forecast, cfg) if report.forecast else []:
+            log.info("forecast: %s", line)
+    return summary

@@ -10,27 +10,18 @@
   alike, and it survives a lost executor (a `localCheckpoint` does neither: serverless restricts it,
   and on a classic cluster it dies with its executor). Scratch tables are dropped at the end of the
   run, and a crashed run's are dropped by the next run on the same output table.
-- `ChunkPlanner`: chunks are runs of consecutive buckets. Identical requests share a bucket (the
-  bucket is a hash of `request_hash`), so each is sent once per run. With `run.chunk_rows` set,
-  chunks hold about that many rows; unset, the first chunk is small (32 requests per slot of the
-  limit: it measures the endpoint), and each next one holds `run.chunk_seconds` of calls (and at least
-  `TAIL_CHUNK_FACTOR` times the p99 latency: a chunk ends waiting for its slowest answers) at the rate
-  measured (the pipeline's: `C` requests in flight, one mean latency apart), at most 8 times the
-  previous one and at most `run.max_chunk_rows`; a remainder under a quarter of that joins the chunk
-  before it.
+- chunks (`jobs.chunking`) are runs of consecutive buckets: identical requests share a bucket (the
+  bucket is a hash of `request_hash`), so each is sent once per run.
 
 Example::
 
     found = survey(requests, prior, retry_errors=True, limit=None)
     pending = stage_pending(spark, pending_rows(requests, prior, True, None), "main.gold.`t__bi_pending_0123`", found.pending)
-    planner = ChunkPlanner(found.histogram, fixed_rows=None, first_rows=1024)
-    chunk = planner.next(rate=None)       # Chunk(index=0, lo=0, hi=311, rows=1021)
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 from pyspark.sql import DataFrame, SparkSession, functions as F
@@ -39,10 +30,6 @@ from pyspark.sql.window import Window
 from jobs.read import with_limit, with_pending
 
 log = logging.getLogger("batch_inference")
-
-# A chunk's calls last at least this many times the slowest answers' latency (p99): the end of a
-# chunk waits for them with fewer requests in flight, and an LLM's slowest answers take tens of seconds.
-TAIL_CHUNK_FACTOR = 10.0
 
 # Hash buckets of request_hash: the grain of chunks. 4096 keeps the histogram small for the driver
 # and a chunk's rows within a fraction of a percent of its target for any input of 10^6 rows or more.
@@ -147,80 +134,3 @@ def histogram(staged: DataFrame) -> tuple[dict[int, int], dict[int, int]]:
     """Rows per bucket of a staged table (after `run.limit` cut the pending rows), and rows to MERGE."""
     rows = staged.groupBy("_bucket").agg(F.count(F.lit(1)).alias("n"), F.count_if("_exists").alias("e")).collect()
     return {r["_bucket"]: r["n"] for r in rows}, {r["_bucket"]: r["e"] for r in rows if r["e"]}
-
-
-@dataclass(frozen=True)
-class Chunk:
-    index: int
-    lo: int  # first bucket
-    hi: int  # last bucket, inclusive
-    rows: int
-    exists: int = 0  # rows whose id the output table holds: they need a MERGE
-
-    def of(self, staged: DataFrame) -> DataFrame:
-        return staged.where(F.col("_bucket").between(self.lo, self.hi))
-
-
-class ChunkPlanner:
-    """Consecutive bucket ranges of about `fixed_rows`, or sized by the measured rate (see module doc)."""
-
-    def __init__(self, histogram: dict[int, int], *, fixed_rows: int | None, first_rows: int,
-                 max_rows: int = 100_000, seconds: float = 30.0, exists: dict[int, int] | None = None) -> None:
-        self.counts = [histogram.get(b, 0) for b in range(BUCKETS)]
-        self.exists = exists or {}
-        self.total = sum(self.counts)
-        self.fixed, self.first, self.max_rows, self.seconds = fixed_rows, first_rows, max_rows, seconds
-        self.next_bucket, self.index, self.planned = 0, 0, 0
-        self.last_target: int | None = None
-
-    def seconds_for(self, tail_s: float | None) -> float:
-        """A chunk's calls last `seconds`, and at least `TAIL_CHUNK_FACTOR` times the latency tail: a
-        chunk ends waiting for its slowest answers, so that wait must be a small share of it."""
-        return max(self.seconds, TAIL_CHUNK_FACTOR * (tail_s or 0.0))
-
-    def target(self, rate: float | None, tail_s: float | None = None) -> int:
-        if self.fixed:
-            return self.fixed
-        if rate is None or self.last_target is None:
-            return max(1, min(self.first, self.max_rows))
-        wanted = rate * self.seconds_for(tail_s)
-        return max(1, int(min(self.max_rows, 8 * self.last_target, max(self.first, wanted))))
-
-    def next(self, rate: float | None = None, tail_s: float | None = None) -> Chunk | None:
-        """The next chunk; `rate` is the rows per second of calls measured so far (None: not yet),
-        `tail_s` the latency of the slowest answers (p99)."""
-        while self.next_bucket < BUCKETS and not self.counts[self.next_bucket]:
-            self.next_bucket += 1
-        if self.next_bucket >= BUCKETS:
-            return None
-        target = self.last_target = self.target(rate, tail_s)
-        lo, rows, b = self.next_bucket, 0, self.next_bucket
-        while b < BUCKETS and (rows == 0 or rows + self.counts[b] <= target):
-            rows += self.counts[b]
-            b += 1
-        left = self.total - self.planned - rows
-        if not self.fixed and left < target // 4:  # no runt last chunk: its commit would not overlap anything
-            rows, b = rows + left, BUCKETS
-        self.next_bucket = b
-        chunk = Chunk(self.index, lo, b - 1, rows, sum(n for k, n in self.exists.items() if lo <= k < b))
-        self.index += 1
-        self.planned += rows
-        return chunk
-
-    def estimate(self, rate: float | None = None, tail_s: float | None = None) -> int:
-        """Chunks in all: exact with `run.chunk_rows`; with sizing by rate, the count so far plus the rest
-        at the current target."""
-        if self.fixed:
-            return self._simulate(self.fixed)
-        left = self.total - self.planned
-        return self.index + (math.ceil(left / self.target(rate, tail_s)) if left else 0)
-
-    def _simulate(self, target: int) -> int:
-        n, rows = 0, 0
-        for c in self.counts:
-            if not c:
-                continue
-            if rows and rows + c > target:
-                n, rows = n + 1, 0
-            rows += c
-        return n + (1 if rows else 0)

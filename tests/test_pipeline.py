@@ -277,10 +277,10 @@ def test_the_next_chunk_calls_while_the_last_one_commits_and_the_limit_holds(spa
     (Executors mode commits inside each chunk's own calling job: nothing separate to overlap.)"""
     import time
 
-    import jobs.pipeline as pipeline
+    import jobs.driver_calls as driver_calls
 
     commits: list[tuple[float, float]] = []
-    real = pipeline.commit_chunk
+    real = driver_calls.commit_chunk
 
     def timed(*args, **kwargs):
         start = time.monotonic()
@@ -289,7 +289,7 @@ def test_the_next_chunk_calls_while_the_last_one_commits_and_the_limit_holds(spa
         finally:
             commits.append((start, time.monotonic()))
 
-    monkeypatch.setattr(pipeline, "commit_chunk", timed)
+    monkeypatch.setattr(driver_calls, "commit_chunk", timed)
     fresh_endpoint.latency_s = 0.05
     src = view(spark, [(i, f"overlap {i}") for i in range(60)])
     cfg = job_config(input={"table": src}, output={"table": table_name}, endpoint=proxy(fresh_endpoint),

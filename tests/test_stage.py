@@ -7,7 +7,8 @@ import uuid
 import pytest
 
 from jobs.read import with_request_hash
-from jobs.stage import BUCKETS, ChunkPlanner, drop_stale_scratch, scratch_table, survey
+from jobs.chunking import ChunkPlanner
+from jobs.stage import BUCKETS, drop_stale_scratch, scratch_table, survey
 
 
 def requests(spark, rows: list[tuple]):

@@ -1,0 +1,91 @@
+"""The chunk loop's shared part: what a run in either calling mode keeps while it walks its chunks.
+
+Example::
+
+    run = DriverRun(spark, cfg, spec, run_id, landing, staged, planner, progress, summary)
+    run.call()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from pyspark.sql import DataFrame, SparkSession, types as T
+
+from jobs.call import REQUEST_COLUMNS
+from jobs.chunking import Chunk, ChunkPlanner, Pace
+from jobs.commit import with_run_columns
+from jobs.config import JobConfig
+from jobs.endpoint_health import EndpointHealth
+from jobs.observe.progress import Progress
+from jobs.read import column
+from jobs.summary import RunSummary
+from udfs.budget import Spend
+from udfs.spec import EngineSpec
+
+log = logging.getLogger("batch_inference")
+
+def pending_columns(cfg: JobConfig) -> list:
+    """What each chunk reads of the pending rows: the request columns and the kept input columns."""
+    return [column(c) for c in (*REQUEST_COLUMNS, *cfg.input.keep_columns)]
+
+
+def spend_text(spent: dict[str, float], caps: dict[str, float]) -> str:
+    """`spent 1,180 of 5,000 output tokens, 12 of 100 requests`: each capped quantity."""
+    names = {"max_cost": ("cost", "cost"), "max_input_tokens": ("input_tokens", "input tokens"),
+             "max_output_tokens": ("output_tokens", "output tokens"), "max_requests": ("requests", "requests")}
+    parts = []
+    for cap, limit in caps.items():
+        key, label = names[cap]
+        used = spent.get(key, 0.0)
+        parts.append(f"{used:,.4f} of {limit:,.4f} {label}" if key == "cost" else f"{used:,.0f} of {limit:,.0f} {label}")
+    return "spent " + ", ".join(parts)
+
+
+class ChunkRun:
+    """What both calling modes share: the chunks, their pace, the summary and progress, the vectors' length.
+
+    `DriverRun` (`jobs.driver_calls`) and `ExecutorsRun` (`jobs.executor_calls`) each add `call()`.
+    `committed` may run on a committer or chunk thread: it holds a lock.
+    """
+
+    def __init__(self, spark: SparkSession, cfg: JobConfig, spec: EngineSpec, run_id: str, landing: T.StructType,
+                 staged: DataFrame, planner: ChunkPlanner, progress: Progress, summary: RunSummary) -> None:
+        self.spark, self.cfg, self.spec, self.run_id = spark, cfg, spec, run_id
+        self.staged, self.planner, self.progress, self.summary = staged, planner, progress, summary
+        # What chunks land: the table's columns, with any an earlier config added.
+        self.finish = with_run_columns(cfg.endpoint.name, run_id, landing)
+        self.parsed_type = landing["parsed"].dataType if cfg.endpoint.response_format else None
+        self.columns = pending_columns(cfg)
+        self.embeddings = cfg.endpoint.is_embeddings
+        self.dim: int | None = cfg.endpoint.embedding_dim
+        self.dim_why = "endpoint.embedding_dim"
+        self.pace = Pace(cfg)
+        self.health = EndpointHealth()  # executors: the breaker's report across chunks
+        self._lock = threading.Lock()  # commits land from the committer or chunk threads
+        self.spent = Spend()  # executors: what committed chunks spent, against `spec.budget`
+        if spec.budget is not None:
+            summary.budget = cfg.run.budget.caps
+            progress.spend = lambda: spend_text(self.summary.spent or {}, self.summary.budget or {})
+
+    def learn_latency(self, mean_ms: float | None, p99_ms: float | None) -> None:
+        self.pace.learn(mean_ms, p99_ms)
+        self.progress.calls_rate, self.progress.tail_s = self.pace.rate(), self.pace.tail_s
+
+    def next_chunk(self) -> Chunk | None:
+        rate, tail = self.pace.rate(), self.pace.tail_s
+        chunk = self.planner.next(rate, tail)
+        log.debug("next: %s at %s rows/s, p99 %s s", chunk, rate, tail)
+        self.progress.total_chunks = self.planner.estimate(rate, tail)
+        return chunk
+
+    def committed(self, counts: dict[str, int], unsent: int = 0) -> None:
+        with self._lock:
+            for status, n in counts.items():
+                self.summary.by_status[status] = self.summary.by_status.get(status, 0) + n
+            self.summary.chunks += 1
+            if unsent:
+                self.summary.stopped = "budget"
+                self.summary.unsent_rows += unsent
+            self.progress.chunk_done(counts)

@@ -1,0 +1,173 @@
+"""Calls from the executors: the pandas UDF in Spark's tasks, one Spark job per chunk that calls and
+appends, two chunk jobs in flight (classic clusters).
+
+Example::
+
+    ExecutorsRun(spark, cfg, spec, run_id, landing, staged, planner, progress, summary).call(scratch)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import replace
+from typing import Any, Callable
+
+from pyspark.sql import DataFrame, Observation, functions as F
+
+from jobs.call import with_dimension_check, with_outcomes
+from jobs.chunk_run import ChunkRun
+from jobs.chunking import Chunk
+from jobs.commit import commit_chunk
+from jobs.plan import TaskPlan, plan_tasks, task_slots
+from udfs.budget import Spend
+from udfs.outcome import UNSENT
+from udfs.prompts import CHARS_PER_TOKEN
+
+log = logging.getLogger("batch_inference")
+
+
+class ExecutorsRun(ChunkRun):
+    def call(self, outcomes_table: str) -> None:
+        """Per chunk ONE Spark job: the UDF calls, and the same job appends the outcomes to Delta.
+
+        No separate commit job, so none waits for slots held by calling tasks. Two chunk jobs are
+        in flight at once (`overlap_chunks`): while chunk k's last tasks wait for their slowest
+        answers, chunk k+1's tasks take each task slot as it frees, so a chunk's tail does not leave
+        the endpoint idle. The job-wide limit holds all the same: every task keeps `C // S` in
+        flight and the cluster runs at most `S` tasks at once, whichever chunk they belong to.
+        Counts by status come from an `Observation` of each job. A chunk holding ids the table
+        already has needs a MERGE, whose source must be stable: its outcomes are written once to a
+        scratch table and merged from there, with no other chunk in flight (MERGE reads the table
+        that concurrent appends would change).
+        """
+        plan = plan_tasks(self.cfg.limits.max_concurrency, task_slots(self.spark, self.cfg.run.task_slots))
+        # With run.budget, one chunk at a time: each chunk's tasks share what the committed ones left.
+        depth = 2 if overlap_chunks(plan) and self.spec.budget is None else 1
+        if depth > 1:
+            plan = plan.even()
+        log.info("executors: %d task(s) x %s in flight%s", plan.partitions,
+                 "/".join(map(str, sorted(set(plan.per_task)))),
+                 ", chunks overlapping" if depth > 1 else "")
+        self.plan = plan
+        running: deque[tuple[Chunk, float, Future]] = deque()
+        with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="bi-chunk") as pool:
+            try:
+                while self.summary.stopped is None and (chunk := self.next_chunk()) is not None:
+                    alone = chunk.exists or (self.embeddings and self.dim is None and self.summary.chunks == 0)
+                    while running and (alone or len(running) >= depth):
+                        self._landed(*running.popleft())
+                    t0 = time.monotonic()
+                    call = pool.submit(self._call_chunk, chunk, outcomes_table, depth)
+                    if alone or self.spec.budget is not None:  # a MERGE, the first chunk of vectors (it
+                        self._landed(chunk, t0, call)           # fixes their length), or a budget to settle
+                    else:
+                        running.append((chunk, t0, call))
+                while running:
+                    self._landed(*running.popleft())
+            finally:
+                for _, _, f in running:  # a failed chunk: let the others finish, then raise
+                    f.cancel()
+                wait([f for _, _, f in running])
+
+    def _call_chunk(self, chunk: Chunk, outcomes_table: str, depth: int) -> tuple[dict[str, int], dict[str, Any]]:
+        """One chunk's Spark job (two with a MERGE): counts by status, and what `observed` saw."""
+        spec = self.spec
+        if spec.budget is not None:  # each task's share of what the committed chunks left
+            spec = replace(spec, budget=spec.budget.less(self.spent).share(self.plan.partitions))
+        outcomes = with_outcomes(spec, self.plan, self.parsed_type, self.health)
+        landed = (chunk.of(self.staged).select(*self.columns).transform(outcomes)
+                  .transform(self._dims_step()).transform(self.finish))
+        out = self.cfg.output.table
+        seen = Observation(re.sub(r"\W", "_", f"chunk_{self.run_id}_{chunk.index}"))
+        landed = observed(landed, seen)
+        if chunk.exists:
+            (landed.withColumn("_chunk", F.lit(chunk.index))
+             .write.format("delta").mode("append").saveAsTable(outcomes_table))  # the calls
+            stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
+            return commit_chunk(self.spark, out, stable, self.run_id, chunk.index), _observed(seen)
+        # One txnAppId per lane of chunks in flight: a lane's chunks commit in order, lanes in any order.
+        return append_once(landed.drop("_exists"), out, f"{self.run_id}.{chunk.index % depth}", chunk.index,
+                           seen)
+
+    def _landed(self, chunk: Chunk, t0: float, future: Future) -> None:
+        counts, got = future.result()
+        self.learn_latency(got.get("latency_ms"), got.get("p99_ms"))
+        self.spent.add(Spend(got.get("input_tokens") or 0, got.get("output_tokens") or 0, got.get("requests") or 0))
+        self.spent.cost = self.spec.budget.cost(self.spent.input_tokens, self.spent.output_tokens) \
+            if self.spec.budget is not None else 0.0
+        if self.spec.budget is not None:
+            self.summary.spent = self.spent.as_dict()
+        self.pace.called_rows += chunk.rows
+        self.pace.calling_s += time.monotonic() - t0
+        log.debug("chunk %d: %d rows called and committed in %.1fs", chunk.index + 1, chunk.rows,
+                  time.monotonic() - t0)
+        self.health.after_chunk(self.spark, self.cfg.output.table, self.run_id, chunk.index, counts)
+        self.committed(counts, got.get("unsent") or 0)
+
+    def _dims_step(self) -> Callable[[DataFrame], DataFrame]:
+        """The run's vector length: pinned, else what its first chunk landed (committed before the next)."""
+        if not self.embeddings:
+            return _unchanged
+        if self.dim is None and self.summary.chunks:
+            row = (self.spark.table(self.cfg.output.table)
+                   .where((F.col("run_id") == self.run_id) & (F.col("status") == "ok")).select("dim").limit(1).collect())
+            if row:
+                self.dim, self.dim_why = row[0]["dim"], "the length this run already wrote"
+        return with_dimension_check(self.dim, self.dim_why) if self.dim is not None else with_dimension_check(None)
+
+
+def observed(landed: DataFrame, seen: Observation) -> DataFrame:
+    """`landed` with `seen` counting it as it passes (rows, ok, unsent, latency, what it spent), then
+    without its unsent rows (run.budget: never written, so they stay pending)."""
+    tokens_in = F.coalesce(F.col("prompt_tokens"), F.ceil(F.length("prompt") / CHARS_PER_TOKEN))
+    tokens_out = (F.coalesce(F.col("completion_tokens"), F.ceil(F.coalesce(F.length("response"), F.lit(0)) / CHARS_PER_TOKEN))
+                  if "response" in landed.columns else F.lit(0))
+    sent = F.col("attempts") > 0
+    return (landed.observe(seen, F.count(F.lit(1)).alias("rows"), F.count_if(F.col("status") == "ok").alias("ok"),
+                           F.count_if(F.col("status") == UNSENT).alias("unsent"),
+                           F.avg("latency_ms").alias("latency_ms"),
+                           F.percentile_approx("latency_ms", 0.99).alias("p99_ms"),
+                           F.sum(F.when(sent, tokens_in)).alias("input_tokens"),
+                           F.sum(F.when(sent, tokens_out)).alias("output_tokens"),
+                           F.sum("attempts").alias("requests"))
+            .where(F.col("status") != UNSENT))
+
+
+def append_once(landed: DataFrame, name: str, app_id: str, chunk: int,
+                seen: Observation) -> tuple[dict[str, int], dict[str, Any]]:
+    """Append `landed` (ids new to the table; `observed` by `seen`) in one job, idempotent per
+    (`app_id`, chunk); counts by status, and what `seen` saw.
+
+    Delta skips a write whose `txnVersion` is not above the last one committed for its `txnAppId`, so
+    chunks that may commit out of order must use different app ids (`from_executors`: one per lane).
+    `writeTo(...).append()`: its plan keeps the `Observation` (on classic Spark `saveAsTable` runs
+    Delta's write in a nested query, and the observed counts never arrive).
+    """
+    landed.writeTo(name).option("txnAppId", app_id).option("txnVersion", str(chunk)).append()
+    got = _observed(seen)
+    rows, ok, unsent = got.get("rows") or 0, got.get("ok") or 0, got.get("unsent") or 0
+    return {k: n for k, n in (("ok", ok), ("error", rows - ok - unsent)) if n}, got
+
+
+def _observed(seen: Observation) -> dict[str, Any]:
+    """What an `Observation` saw; nothing when no job ran (Delta skipped a chunk it had committed)."""
+    try:
+        return seen.get
+    except Exception:
+        return {}
+
+
+def overlap_chunks(plan: TaskPlan) -> bool:
+    """Whether two chunk jobs may be in flight at once without passing the job-wide limit: only when
+    there is one task per slot (the cluster then runs at most `partitions` tasks at once, of any
+    chunk). With unknown slots, or fewer partitions than slots (C < S), a second chunk's tasks
+    would run beside the first's."""
+    return plan.slots is not None and plan.partitions == plan.slots
+
+
+def _unchanged(df: DataFrame) -> DataFrame:
+    return df
