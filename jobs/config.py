@@ -12,13 +12,14 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -478,11 +479,38 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that holds the key at `loc` (`("limits", "max_concurency")` -> `LimitsConfig`)."""
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        kinds = [a for a in (field.annotation, *get_args(field.annotation))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not kinds:
+            return None
+        model = kinds[0]
+    return model
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    """`unknown key; did you mean limits.max_concurrency?`, when a known key is close enough."""
+    model = _section_model(loc)
+    if model is None or not loc:
+        return "unknown key"
+    known = [f.alias or name for name, f in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if not close:
+        return "unknown key"
+    return f"unknown key; did you mean {'.'.join(str(p) for p in (*loc[:-1], close[0]))}?"
+
+
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = _unknown_key(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
         if e["type"] == "missing":
             msg = "missing required field"
         if e["type"] == "value_error":

@@ -86,6 +86,8 @@ def test_layers_apply_in_order_and_later_wins():
 
 @pytest.mark.parametrize("argv, message", [
     (["--limt=5"], r"--limt: unknown; did you mean --limit\?"),
+    (["--limt", "5"], r"unknown arguments: --limt: unknown; did you mean --limit\? \(options"),
+    (["--dryrun"], r"--dryrun: unknown; did you mean --dry-run\?"),
     (["--dryrun=true"], r"--dryrun: unknown; did you mean --dry-run\?"),
     (["--limit.max_concurrency=5"], r"--limit.max_concurrency: unknown; did you mean --limits.KEY=VALUE\?"),
     (["--endpoint=x"], r"--endpoint: unknown; did you mean --endpoint.KEY=VALUE\?"),
@@ -102,7 +104,7 @@ def test_unknown_or_bad_arguments_are_named(argv, message):
 
 
 def test_a_bad_config_key_from_a_parameter_names_the_key():
-    with pytest.raises(Exception, match=r"limits.max_concurency: unknown key"):
+    with pytest.raises(Exception, match=r"limits.max_concurency: unknown key; did you mean limits.max_concurrency\?"):
         config_of(["--conf", DEMO, "--limits.max_concurency=4"])
 
 

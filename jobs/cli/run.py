@@ -125,10 +125,12 @@ def _classify(rest: list[str], sections: list[str]) -> tuple[list[str], list[str
                 value, i = rest[i], i + 1
             overrides.append(f"{name}={value}")
             continue
-        if not name or not _JOB_PARAMETER_NAME.fullmatch(name) or not eq:
+        hint = _near_miss(section, sections) if "." in name else _near_miss(name, options + sections)
+        if name and not eq and i < len(rest) and not rest[i].startswith("--"):
+            i += 1  # the list form's value (`--limt 5`): it belongs to the option, not an error of its own
+        if not name or not _JOB_PARAMETER_NAME.fullmatch(name) or (not eq and not hint):
             errors.append(f"{token}: not an option of batch-inference")
             continue
-        hint = _near_miss(section, sections) if "." in name else _near_miss(name, options + sections)
         if hint:
             shown = f"--{hint}.KEY=VALUE" if hint in sections else f"--{hint.replace('_', '-')}"
             errors.append(f"--{name}: unknown; did you mean {shown}?")
