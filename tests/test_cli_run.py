@@ -92,7 +92,8 @@ def test_layers_apply_in_order_and_later_wins():
     (["--limit.max_concurrency=5"], r"--limit.max_concurrency: unknown; did you mean --limits.KEY=VALUE\?"),
     (["--endpoint=x"], r"--endpoint: unknown; did you mean --endpoint.KEY=VALUE\?"),
     (["stray"], r"stray: not an option of batch-inference"),
-    (["--verbose"], r"--verbose: not an option of batch-inference"),
+    (["--verbos"], r"--verbos: unknown; did you mean --verbose\?"),
+    (["--quiet"], r"--quiet: not an option of batch-inference"),
     (["--limits.max_concurrency"], r"--limits.max_concurrency: expects a value"),
     (["--limit=ten"], r"--limit=ten: expected a positive whole number of rows \(run.limit\), or empty"),
     (["--limit=0"], r"--limit=0: expected a positive whole number"),
@@ -139,7 +140,7 @@ def test_the_effective_config_is_printed_with_credentials_redacted(tmp_path):
 
 
 def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, table_name, monkeypatch,
-                                                        capsys, tmp_path):
+                                                        capsys, caplog, tmp_path):
     """The dev completions task's own arguments, pointed at local stand-ins by later --key=value
     parameters, with the job parameter `limit` set at run time and the token in the variable the job
     cluster fills from the secret scope."""
@@ -155,6 +156,7 @@ def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, t
     # The stand-ins come after the bundle's own named parameters, so they win.
     argv = named[:6] + local + named[6:]
 
+    caplog.set_level(logging.INFO, logger="batch_inference")
     assert execute(argv) == 0
 
     expected = spark.createDataFrame(
@@ -170,8 +172,28 @@ def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, t
     sent = {r.headers.get("Authorization") for r in fresh_endpoint.received}
     assert sent == {"Bearer tok-from-secret-scope-123"}
     out = capsys.readouterr()
-    assert "effective config: --conf" in out.out and "ignored job parameters: run_date" in out.out
-    assert "tok-from-secret-scope-123" not in out.out + out.err
+    # One line at the start instead of the whole config (that takes --verbose).
+    assert out.out == ""
+    lines = [r.getMessage() for r in caplog.records if r.name == "batch_inference" and r.levelno == logging.INFO]
+    assert lines[0] == (f"input {src} (at most 2 rows) -> output {table_name}; endpoint "
+                        f"databricks-meta-llama-3-3-70b-instruct (serving, llm/v1/chat) at {fresh_endpoint.url}"
+                        "/serving-endpoints/databricks-meta-llama-3-3-70b-instruct; C=8; calls from the executors "
+                        "(run.calls_from: auto); --verbose prints the full config")
+    assert "tok-from-secret-scope-123" not in out.out + out.err + caplog.text
+
+
+def test_the_full_effective_config_is_printed_only_with_verbose(monkeypatch, capsys, caplog):
+    monkeypatch.setattr("jobs.session.get_spark", lambda: None)
+    monkeypatch.setattr("jobs.pipeline.calls_from", lambda spark, setting: ("driver", "stand-in"))
+    monkeypatch.setattr("jobs.pipeline.run_job", lambda spark, cfg: None)
+    caplog.set_level(logging.INFO, logger="batch_inference")
+    assert execute(["--conf", DEMO]) == 0
+    assert capsys.readouterr().out == ""
+    assert caplog.records[-1].getMessage().startswith("input demo.prompts -> output demo.completions; ")
+    assert execute(["--conf", DEMO, "--verbose"]) == 0
+    head, body = capsys.readouterr().out.split("\n", 1)
+    assert head == f"effective config: --conf {DEMO}"
+    assert '"max_concurrency": 8' in body
 
 
 def test_the_readme_driver_proxy_parameters_reach_the_driver_proxy_url():

@@ -1,7 +1,8 @@
 """`batch-inference`: the console script a Databricks job (or a laptop) runs.
 
-`main()` only parses arguments, loads and validates the config (before Spark starts), prints it,
-builds the session and calls `jobs.pipeline.run_job`. It takes both forms a `python_wheel_task`
+`main()` only parses arguments, loads and validates the config (before Spark starts), builds the
+session, logs one line of what the run will do (the full effective config with `--verbose`) and calls
+`jobs.pipeline.run_job`. It takes both forms a `python_wheel_task`
 passes:
 
 - `parameters`, a list passed as is: `--conf conf/x.yml --set limits.max_concurrency=16 --limit 100`;
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", nargs="?", const="true", metavar="BOOL",
                    help="job parameter: check config, input and endpoint (one probe request), count pending "
                         "rows, estimate tokens and cost; write nothing (run.dry_run)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print the full effective config (JSON) at the start, and debug logs")
     return p
 
 
@@ -81,6 +84,7 @@ class Invocation:
     conf: str
     overrides: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    verbose: bool = False
 
 
 def _job_parameter_overrides(limit: str | None, dry_run: str | None) -> list[str]:
@@ -109,7 +113,7 @@ def _classify(rest: list[str], sections: list[str]) -> tuple[list[str], list[str
     Ignoring is safe only for the shape Databricks pushes down (`--name=value`, a legal job parameter
     name) when the name is not a near-miss of ours: `--limt=5` silently ignored would run every row.
     """
-    options = ["conf", "set", *JOB_PARAMETERS]
+    options = ["conf", "set", "verbose", *JOB_PARAMETERS]
     overrides, ignored, errors = [], [], []
     i = 0
     while i < len(rest):
@@ -152,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> Invocation:
     keys, ignored = _classify(rest, sections)
     return Invocation(conf=args.conf,
                       overrides=[*args.overrides, *keys, *_job_parameter_overrides(args.limit, args.dry_run)],
-                      ignored=ignored)
+                      ignored=ignored, verbose=args.verbose)
 
 
 def effective_config_text(cfg: JobConfig, inv: Invocation) -> str:
@@ -166,17 +170,20 @@ def effective_config_text(cfg: JobConfig, inv: Invocation) -> str:
     return head + "\n" + json.dumps(redact(cfg.redacted()), indent=2, sort_keys=True)
 
 
-def setup_logging() -> None:
+def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("py4j", "urllib3", "databricks.sdk"):
+    if verbose:
+        logging.getLogger("batch_inference").setLevel(logging.DEBUG)
+    # Their INFO is about themselves (py4j's callbacks, MLflow creating its database tables).
+    for noisy in ("py4j", "urllib3", "databricks.sdk", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def execute(argv: list[str] | None = None) -> int:
     """Run the job; the exit code: 0 done, 1 rows failed (more than `run.max_error_share` of those sent,
     or any under `run.fail_on_error`; the last line names the main reason), 2 bad input."""
-    setup_logging()
+    setup_logging(verbose="--verbose" in (argv or []) or "-v" in (argv or []))
     try:
         inv = parse_args(argv)  # `--help` exits in here, having imported only the stdlib
     except ArgumentsError as exc:
@@ -191,18 +198,23 @@ def execute(argv: list[str] | None = None) -> int:
         return 2
     for name in inv.ignored:
         log.warning("ignoring job parameter --%s: batch-inference does not use it", name)
-    print(effective_config_text(cfg, inv), flush=True)
+    if inv.verbose:
+        print(effective_config_text(cfg, inv), flush=True)
 
     try:
         from jobs.errors import InputError, JobFailed
-        from jobs.pipeline import run_job
+        from jobs.observe.lines import start_line
+        from jobs.pipeline import calls_from, run_job
         from jobs.session import get_spark
     except ImportError as exc:  # the wheel leaves Spark to the Databricks runtime
         log.error("%s: off Databricks, install the local extra: pip install 'spark-batch-inference[local]'",
                   exc)
         return 2
     try:
-        summary = run_job(get_spark(), cfg)
+        spark = get_spark()
+        mode, _ = calls_from(spark, cfg.run.calls_from)
+        log.info("%s", start_line(cfg, mode, f"run.calls_from: {cfg.run.calls_from}"))
+        run_job(spark, cfg)
     except (ConfigError, InputError) as exc:
         log.error("%s", exc)
         return 2
@@ -217,10 +229,7 @@ def execute(argv: list[str] | None = None) -> int:
             raise
         log.error("endpoint: %s (chunks committed before it are kept; rerun to resume)", reason)
         return 2
-    print(json.dumps({"run_id": summary.run_id, "output_table": summary.output_table,
-                      "pending_rows": summary.pending_rows, "by_status": summary.by_status,
-                      "seconds": round(summary.seconds, 1)}))
-    return 0
+    return 0  # the run's last line, what it did and where the results are, is logged by jobs.observe
 
 
 def main(argv: list[str] | None = None) -> int:
