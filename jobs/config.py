@@ -204,9 +204,12 @@ class EndpointConfig(_Strict):
     batch_size: int | None = Field(default=None, ge=1, le=2048)
     # Embeddings: the vector length every `ok` row must have; unset, the run's first vectors set it.
     embedding_dim: int | None = Field(default=None, ge=1, le=65536)
-    # Prices for the cost estimate (runs table, MLflow, dry run), in your currency; unset: no estimate.
+    # Prices for the cost estimates (the closing line, runs table, MLflow, dry run), in
+    # endpoint.price_unit; unset: no estimate.
     price_per_1k_prompt_tokens: float | None = Field(default=None, ge=0)
     price_per_1k_completion_tokens: float | None = Field(default=None, ge=0)
+    # What the prices are in, printed with every cost: a currency (USD, EUR) or DBU.
+    price_unit: str = Field(default="USD", pattern=r"^[A-Za-z$€£¥]{1,8}$")
     # Structured output: the answers' JSON Schema, sent with the request and checked on the answer.
     response_format: ResponseFormatConfig | None = None
     # Read the serving endpoint's definition from the workspace (AI Gateway rate limits, route

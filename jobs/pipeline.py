@@ -124,8 +124,8 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
                     spark.sql(f"DROP TABLE IF EXISTS {name}")
     progress.close()
     summary.seconds = time.monotonic() - started
-    log.info("run %s finished in %.1fs: %s", run_id, summary.seconds,
-             ", ".join(f"{s}={n}" for s, n in sorted(summary.by_status.items())) or "nothing to do")
+    log.debug("run %s finished in %.1fs: %s", run_id, summary.seconds,
+              ", ".join(f"{s}={n}" for s, n in sorted(summary.by_status.items())) or "nothing to do")
     summary.stats = finish_run(spark, cfg, summary, progress.timeline, started_at)
     judge(spark, cfg, summary)  # after every row is committed: fail_on_error, max_error_share
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from chispa import assert_df_equality
@@ -172,13 +173,16 @@ def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, t
     sent = {r.headers.get("Authorization") for r in fresh_endpoint.received}
     assert sent == {"Bearer tok-from-secret-scope-123"}
     out = capsys.readouterr()
-    # One line at the start instead of the whole config (that takes --verbose).
+    # One line at the start instead of the whole config (that takes --verbose), one at the end.
     assert out.out == ""
     lines = [r.getMessage() for r in caplog.records if r.name == "batch_inference" and r.levelno == logging.INFO]
     assert lines[0] == (f"input {src} (at most 2 rows) -> output {table_name}; endpoint "
                         f"databricks-meta-llama-3-3-70b-instruct (serving, llm/v1/chat) at {fresh_endpoint.url}"
                         "/serving-endpoints/databricks-meta-llama-3-3-70b-instruct; C=8; calls from the executors "
                         "(run.calls_from: auto); --verbose prints the full config")
+    assert re.fullmatch(rf"run \w+ finished in [\w. ]+: 2 rows \(2 ok\), [\d.]+ rows/s over the whole run, "
+                        rf"\d+ tokens, no cost \(set endpoint.price_per_1k_prompt_tokens\); results in {table_name} "
+                        rf"\(runs in {table_name}_runs; MLflow run \w+\)", lines[-1]), lines[-1]
     assert "tok-from-secret-scope-123" not in out.out + out.err + caplog.text
 
 
@@ -193,7 +197,7 @@ def test_the_full_effective_config_is_printed_only_with_verbose(monkeypatch, cap
     assert execute(["--conf", DEMO, "--verbose"]) == 0
     head, body = capsys.readouterr().out.split("\n", 1)
     assert head == f"effective config: --conf {DEMO}"
-    assert '"max_concurrency": 8' in body
+    assert '"max_concurrency": 8' in body and '"price_unit": "USD"' in body
 
 
 def test_the_readme_driver_proxy_parameters_reach_the_driver_proxy_url():

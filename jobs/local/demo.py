@@ -10,6 +10,7 @@ in `demo.classified`), and prints where the results are and how to query them.
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -17,9 +18,11 @@ from pathlib import Path
 from jobs.config import JobConfig, load_config
 from jobs.cli.run import setup_logging
 from jobs.local.stand_in import LocalEndpoint
+from jobs.observe.lines import duration, start_line
 from jobs.tables import ensure_schema
 
 ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger("batch_inference")
 
 # Cosine similarity in plain Spark SQL: the nearest other prompt to each of the first three.
 NEAREST = """
@@ -68,23 +71,28 @@ def configs(port: int, argv: list[str]) -> list[JobConfig]:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    from jobs.pipeline import run_job
+    from jobs.pipeline import calls_from, run_job
     from jobs.session import get_spark
 
     port = _free_port(load_config(ROOT / "conf" / "demo.yml").endpoint.port or 7777)
     completions, embeddings, classify = configs(port, list(argv or []))
     spark = get_spark("batch-inference-demo")
     seed_prompts(spark, completions.input.table or "demo.prompts", ROOT / "data" / "prompts.jsonl")
+    summaries = []
     with LocalEndpoint(port) as endpoint:
-        summaries = [run_job(spark, cfg) for cfg in (completions, embeddings, classify)]
+        for cfg in (completions, embeddings, classify):
+            mode, _ = calls_from(spark, cfg.run.calls_from)
+            log.info("%s", start_line(cfg, mode, f"run.calls_from: {cfg.run.calls_from}"))
+            summaries.append(run_job(spark, cfg))
     print()
     print(f"Local endpoint on {endpoint.url} served {len(endpoint.received)} requests "
           "(a stand-in, not a model).")
     for cfg, summary in zip((completions, embeddings, classify), summaries):
         out = cfg.output.table
         location = spark.sql(f"DESCRIBE DETAIL {out}").first()["location"]
-        print(f"Run {summary.run_id}: {summary.by_status} in {summary.seconds:.1f}s")
-        print(f"Results: Delta table {out} at {location}")
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.by_status.items())) or "nothing to do"
+        print(f"Run {summary.run_id}: {counts} in {duration(summary.seconds)}; results in Delta table {out} "
+              f"at {location}")
     out = completions.output.table
     query = f"SELECT id, prompt, response, status, latency_ms FROM {out} ORDER BY id LIMIT 5"
     print("Query them:")

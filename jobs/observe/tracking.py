@@ -70,7 +70,7 @@ def mlflow_params(cfg: JobConfig) -> dict[str, str]:
         "read_timeout_s": lim.read_timeout_s, "max_attempts": r.max_attempts,
         "chunk_rows": cfg.run.chunk_rows, "limit": cfg.run.limit, "retry_errors": cfg.run.retry_errors,
         "input": cfg.input.table or cfg.input.path or "(query)", "output_table": cfg.output.table,
-        "config_hash": cfg.config_hash(),
+        "config_hash": cfg.config_hash(), "cost_unit": e.price_unit,
         **{f"model_kwargs.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in e.model_kwargs.items()},
     }
     return {k: str(v)[:500] for k, v in params.items() if v is not None}
@@ -100,7 +100,7 @@ def log_to_mlflow(spark: SparkSession, cfg: JobConfig, record: dict[str, Any], s
         client.set_terminated(mid, "FAILED")  # not left RUNNING forever in the UI
         raise
     client.set_terminated(mid, "FINISHED")
-    log.info("MLflow: run %s in experiment %s (%s)", mid, name, uri)
+    log.debug("MLflow: run %s in experiment %s (%s)", mid, name, uri)  # the closing line names the run
     return mid
 
 
