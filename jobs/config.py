@@ -345,6 +345,15 @@ class RunConfig(_Strict):
     # Task slots running at once (cores that run tasks); discovered from the session when unset.
     task_slots: int | None = Field(default=None, ge=1)
     dry_run: bool = False
+    # A dry run prices every input row (`--dry-run --all`), as a full re-run would send them, not only
+    # the pending ones: after a finished run the pending rows price at 0.
+    dry_run_all: bool = False
+
+    @model_validator(mode="after")
+    def _all_is_for_dry_runs(self) -> RunConfig:
+        if self.dry_run_all and not self.dry_run:
+            raise ValueError("run.dry_run_all (--all) applies to a dry run: add --dry-run")
+        return self
 
 
 class MlflowConfig(_Strict):

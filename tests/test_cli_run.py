@@ -75,6 +75,13 @@ def test_list_and_named_forms_give_the_same_config():
         4, "toy", 5, True)
 
 
+def test_all_prices_every_row_in_a_dry_run_and_only_there():
+    cfg, _ = config_of(["--conf", DEMO, "--dry-run", "--all"])
+    assert (cfg.run.dry_run, cfg.run.dry_run_all) == (True, True)
+    with pytest.raises(Exception, match=r"run.dry_run_all \(--all\) applies to a dry run: add --dry-run"):
+        config_of(["--conf", DEMO, "--all"])
+
+
 def test_layers_apply_in_order_and_later_wins():
     cfg, inv = config_of(["--conf", DEMO, "--set", "limits.max_concurrency=4", "--set", "run.limit=3",
                           "--limits.max_concurrency=6", "--limit=7"])

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", nargs="?", const="true", metavar="BOOL",
                    help="job parameter: check config, input and endpoint (one probe request), count pending "
                         "rows, estimate tokens and cost; write nothing (run.dry_run)")
+    p.add_argument("--all", dest="dry_run_all", action="store_true",
+                   help="with --dry-run: price every input row, as a full re-run would, not only the pending "
+                        "ones (run.dry_run_all)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print the full effective config (JSON) at the start, and debug logs")
     return p
@@ -113,7 +116,7 @@ def _classify(rest: list[str], sections: list[str]) -> tuple[list[str], list[str
     Ignoring is safe only for the shape Databricks pushes down (`--name=value`, a legal job parameter
     name) when the name is not a near-miss of ours: `--limt=5` silently ignored would run every row.
     """
-    options = ["conf", "set", "verbose", *JOB_PARAMETERS]
+    options = ["conf", "set", "verbose", "all", *JOB_PARAMETERS]
     overrides, ignored, errors = [], [], []
     i = 0
     while i < len(rest):
@@ -142,7 +145,7 @@ def _classify(rest: list[str], sections: list[str]) -> tuple[list[str], list[str
             ignored.append(name)
     if errors:
         raise ArgumentsError("unknown arguments: " + "; ".join(errors)
-                             + " (options: --conf, --set, --limit, --dry-run, "
+                             + " (options: --conf, --set, --limit, --dry-run, --all, --verbose, "
                              + f"--<{'|'.join(sections)}>.KEY=VALUE)")
     return overrides, ignored
 
@@ -155,7 +158,8 @@ def parse_args(argv: list[str] | None = None) -> Invocation:
     sections = list(JobConfig.model_fields)
     keys, ignored = _classify(rest, sections)
     return Invocation(conf=args.conf,
-                      overrides=[*args.overrides, *keys, *_job_parameter_overrides(args.limit, args.dry_run)],
+                      overrides=[*args.overrides, *keys, *_job_parameter_overrides(args.limit, args.dry_run),
+                                 *(["run.dry_run_all=true"] if args.dry_run_all else [])],
                       ignored=ignored, verbose=args.verbose)
 
 
