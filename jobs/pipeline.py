@@ -45,6 +45,7 @@ from jobs.endpoint_health import EndpointHealth
 from jobs.errors import InputError
 from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
+from jobs.observe.waiting import Waiting
 from jobs.plan import plan_tasks, task_slots
 from jobs.read import check_ids, column, read_requests
 from jobs.resolve import engine_spec, preflight
@@ -107,7 +108,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     log.info("run %s: %d input rows, %d pending -> %s; calls from the %s (%s)", run_id, found.input_rows,
              found.pending, out, mode, why)
 
-    progress = Progress(found.pending, 0)
+    progress = Progress(found.pending, 0, watch=Waiting(spec.url, cfg.retry.breaker_s))
     if found.pending:
         scratch = [scratch_table(out, run_id, kind) for kind in ("pending", "outcomes")]
         try:
@@ -119,6 +120,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
             else:
                 run.from_executors(scratch[1])
         finally:
+            progress.close()
             for name in scratch:
                 if spark.catalog.tableExists(name):
                     spark.sql(f"DROP TABLE IF EXISTS {name}")
