@@ -82,6 +82,15 @@ def test_all_prices_every_row_in_a_dry_run_and_only_there():
         config_of(["--conf", DEMO, "--all"])
 
 
+def test_set_takes_several_keys_as_the_readme_quickstart_gives_them():
+    cfg, _ = config_of(["--conf", DEMO, "--set", "endpoint.type=serving", "endpoint.name=databricks-meta-llama",
+                        "endpoint.task=llm/v1/chat", "--limit", "3"])
+    assert (cfg.endpoint.type, cfg.endpoint.name, cfg.endpoint.task, cfg.run.limit) == (
+        "serving", "databricks-meta-llama", "llm/v1/chat", 3)
+    with pytest.raises(Exception, match=r"--set 'stray': expected key=value"):
+        config_of(["--conf", DEMO, "--set", "run.limit=3", "stray"])
+
+
 def test_layers_apply_in_order_and_later_wins():
     cfg, inv = config_of(["--conf", DEMO, "--set", "limits.max_concurrency=4", "--set", "run.limit=3",
                           "--limits.max_concurrency=6", "--limit=7"])

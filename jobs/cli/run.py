@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "Other --name=value job parameters Databricks pushes down are ignored with a "
                        "warning; near-misses of the options above are errors.")
     p.add_argument("--conf", required=True, help="YAML config, e.g. conf/demo.yml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted), e.g. --set limits.max_concurrency=16; repeatable")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys (dotted), e.g. --set limits.max_concurrency=16 run.limit=10; "
+                        "takes several, and repeats")
     p.add_argument("--limit", metavar="ROWS",
                    help="job parameter: process at most ROWS pending rows (run.limit); empty: no change")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", nargs="?", const="true", metavar="BOOL",
