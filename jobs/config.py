@@ -40,7 +40,9 @@ class _Strict(BaseModel):
 
 
 class SecretRef(_Strict):
+    # The secret scope.
     scope: str
+    # The secret's key in the scope.
     key: str
 
 
@@ -73,10 +75,15 @@ def template_parts(template: str) -> list[tuple[str, str | None]]:
 
 
 class InputConfig(_Strict):
+    # The input table (catalog.schema.table); give exactly one of table, path or query.
     table: str | None = None
+    # A Delta table by path instead of by name.
     path: str | None = None
+    # A SQL query whose rows are the input (shape or rename columns here).
     query: str | None = None
+    # The column that identifies a row: unique, never null; resume keys on it.
     id_col: str = "id"
+    # The column sent as the prompt (or the text to embed).
     prompt_col: str = "prompt"
     # The prompt built from several columns: `"Classify this review of {product}: {body}"`.
     template: str | None = None
@@ -125,6 +132,7 @@ class InputConfig(_Strict):
 
 
 class OutputConfig(_Strict):
+    # The Delta table the outcomes land in, one row per input id; created if missing.
     table: str
     # One row per run (counts, latency, tokens, cost): `jobs.observe`. Unset: no runs table.
     runs_table: str | None = None
@@ -152,10 +160,12 @@ class ResponseFormatConfig(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
 
-    # `schema` is a name pydantic's BaseModel already uses: the field is json_schema, spelt schema.
+    # The JSON Schema every answer must match; it also gives the `parsed` column its type. (`schema`
+    # is a name pydantic's BaseModel already uses: the field is json_schema, spelt schema.)
     json_schema: dict[str, Any] = Field(alias="schema")
-    # OpenAI's rule for the name, which Databricks passes on: letters, digits, _ and -, 64 at most.
+    # The json_schema's name: letters, digits, _ and -, 64 at most (OpenAI's rule, which Databricks passes on).
     name: str = Field(default="response", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Ask the endpoint to follow the schema strictly (OpenAI's `strict`).
     strict: bool = True
     # Where in the request body a custom model or driver-proxy app takes it (`params.response_format`);
     # unset, they are sent nothing. Chat and completions always take it as `response_format`.
@@ -183,30 +193,44 @@ class ResponseFormatConfig(_Strict):
 
 
 class EndpointConfig(_Strict):
+    # The serving endpoint's name (or a name for a driver-proxy app, written in each row).
     name: str
+    # `serving` (Databricks model serving) or `driver_proxy` (an app on a cluster's driver).
     type: Literal["serving", "driver_proxy"] = "serving"
+    # The wire format: custom, llm/v1/completions, llm/v1/chat, llm/v1/embeddings, custom/embeddings.
     task: Task = "custom"
     # Workspace URL for serving endpoints and the driver proxy; default: databricks-sdk's Config().host.
     host: str | None = None
     # Full base URL, overriding what host/name/port would give (a local app, a gateway).
     url: str | None = None
+    # A driver-proxy app's port (3000-8000); locally, http://127.0.0.1:<port>/.
     port: int | None = Field(default=None, ge=3000, le=8000)
+    # The cluster a driver-proxy app runs on; default: this cluster's id from the Spark conf.
     cluster_id: str | None = None
+    # `auto`: none for 127.0.0.1, else databricks-sdk's unified auth; `none`; `databricks`.
     auth: Literal["auto", "none", "databricks"] = "auto"
+    # The environment variable holding a bearer token (never the token itself).
     token_env: str | None = None
+    # A Databricks secret scope and key holding a bearer token: {scope, key}.
     token_secret: SecretRef | None = None
+    # Sent with every request: temperature, max_tokens, ... (custom models: as `params`).
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Stop sequences sent with every request.
     stop: list[str] = Field(default_factory=list)
+    # llm/v1/chat only: the system message sent before each prompt.
     system_prompt: str | None = None
+    # `module:function` that rewrites each request body (dict -> dict), on the executors.
     transform_input: str | None = None
+    # `module:function` that turns each decoded answer into the response text.
     transform_output: str | None = None
     # Rows per request: custom models take several `dataframe_records`, embeddings several inputs.
     batch_size: int | None = Field(default=None, ge=1, le=2048)
     # Embeddings: the vector length every `ok` row must have; unset, the run's first vectors set it.
     embedding_dim: int | None = Field(default=None, ge=1, le=65536)
-    # Prices for the cost estimates (the closing line, runs table, MLflow, dry run), in
-    # endpoint.price_unit; unset: no estimate.
+    # The price of 1,000 prompt tokens, in endpoint.price_unit, for the cost estimates (the closing line,
+    # runs table, MLflow, dry run); with neither price set: no estimate.
     price_per_1k_prompt_tokens: float | None = Field(default=None, ge=0)
+    # The price of 1,000 completion tokens, in endpoint.price_unit.
     price_per_1k_completion_tokens: float | None = Field(default=None, ge=0)
     # What the prices are in, printed with every cost: a currency (USD, EUR) or DBU.
     price_unit: str = Field(default="USD", pattern=r"^[A-Za-z$€£¥]{1,8}$")
@@ -288,10 +312,15 @@ class EndpointConfig(_Strict):
 class LimitsConfig(_Strict):
     # The most requests in flight against the endpoint for the whole job, summed over all tasks.
     max_concurrency: int = Field(default=8, ge=1, le=4096)
+    # Job-wide pacing of requests, split over the tasks; unset: the endpoint's AI Gateway limit, if any.
     requests_per_minute: float | None = Field(default=None, gt=0)
+    # Job-wide pacing of tokens (prompt + completion), from the usage the endpoint reports.
     tokens_per_minute: float | None = Field(default=None, gt=0)
+    # Per attempt: the most seconds connecting may take (TCP, proxy tunnel, TLS).
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Per attempt: the most seconds the answer may fall silent.
     read_timeout_s: float = Field(default=120.0, gt=0)
+    # AIMD on requests in flight: a 429/503 or a latency spike cuts it, successes add back.
     adaptive: bool = True
     # Cut the in-flight limit when latency exceeds this multiple of the best latency seen.
     latency_cut_factor: float = Field(default=3.0, gt=1)
@@ -310,9 +339,13 @@ class LimitsConfig(_Strict):
 
 
 class RetryConfig(_Strict):
+    # HTTP statuses retried (timeouts and connection errors are retried too).
     statuses: list[int] = Field(default_factory=lambda: [429, 500, 502, 503, 504])
+    # Attempts per row for retryable failures other than 429, 503 and no connection.
     max_attempts: int = Field(default=6, ge=1, le=100)
+    # The first backoff; it doubles per attempt, with full jitter.
     backoff_base_s: float = Field(default=0.5, ge=0)
+    # The longest backoff (a Retry-After is waited for in full).
     backoff_max_s: float = Field(default=30.0, ge=0)
     # Total time one row may spend across attempts and waits before it becomes an error row; what
     # bounds the retries of 429 and 503 (a one-minute window, a five-minute cold start).
@@ -332,18 +365,24 @@ class RunConfig(_Strict):
     # Rows per chunk; unset, chunks follow the work: a small first chunk, then `chunk_seconds` of
     # calls at the measured rate each, at most `max_chunk_rows` (what a crash can lose is bounded).
     chunk_rows: int | None = Field(default=None, ge=1)
+    # Seconds of calls per chunk when chunks are sized by the measured rate.
     chunk_seconds: float = Field(default=30.0, gt=0)
+    # The most rows in a chunk (what a crash can lose is bounded).
     max_chunk_rows: int = Field(default=100_000, ge=1)
     # Any failed row fails the run (exit 1), after every row is written.
     fail_on_error: bool = False
     # The run fails (exit 1, after every row is written) when more than this share of the rows it sent
     # failed: an endpoint down for the whole run must not show green. 1 never fails on errors.
     max_error_share: float = Field(default=0.5, ge=0, le=1)
+    # A rerun sends the rows that failed before again; false: only new rows.
     retry_errors: bool = True
+    # A longer prompt is never sent: the row is `prompt_too_long`.
     max_prompt_chars: int = Field(default=200_000, ge=1)
+    # At most this many pending rows per run, lowest ids first (`--limit`).
     limit: int | None = Field(default=None, ge=1)
     # Task slots running at once (cores that run tasks); discovered from the session when unset.
     task_slots: int | None = Field(default=None, ge=1)
+    # Check config, input and endpoint (one probe request), estimate cost; write nothing (`--dry-run`).
     dry_run: bool = False
     # A dry run prices every input row (`--dry-run --all`), as a full re-run would send them, not only
     # the pending ones: after a finished run the pending rows price at 0.
@@ -359,11 +398,12 @@ class RunConfig(_Strict):
 class MlflowConfig(_Strict):
     """MLflow tracking of each run (params, summary metrics, plots). Off unless `enabled`."""
 
+    # Record each run in MLflow: params, metrics, plots.
     enabled: bool = False
-    # Default: $MLFLOW_TRACKING_URI, else the workspace on Databricks, else
+    # Where runs are recorded. Default: $MLFLOW_TRACKING_URI, else the workspace on Databricks, else
     # `sqlite:///<working dir>/mlruns/mlflow.db` (artifacts in mlruns/artifacts).
     tracking_uri: str | None = None
-    # Default: `batch-inference` locally, `/Users/<you>/batch-inference` on Databricks.
+    # The experiment. Default: `batch-inference` locally, `/Users/<you>/batch-inference` on Databricks.
     experiment: str | None = None
 
 
