@@ -36,7 +36,8 @@ def finish_run(spark: SparkSession, cfg: JobConfig, summary: RunSummary, timelin
     A failure here is logged, never raised: the run's outcomes are committed already, and a job
     retried for a broken tracking server would call the endpoint for nothing.
     """
-    stats: RunStats | None = None
+    # A no-op rerun is recorded as one (zeros; MLflow tags it and draws no plots), without a query.
+    stats: RunStats | None = None if summary.pending_rows else RunStats()
     mlflow_run_id = None
     if summary.pending_rows:
         try:
