@@ -188,12 +188,14 @@ def setup_logging(verbose: bool = False) -> None:
 def execute(argv: list[str] | None = None) -> int:
     """Run the job; the exit code: 0 done, 1 rows failed (more than `run.max_error_share` of those sent,
     or any under `run.fail_on_error`; the last line names the main reason), 2 bad input."""
-    setup_logging(verbose="--verbose" in (argv or []) or "-v" in (argv or []))
+    setup_logging()
     try:
         inv = parse_args(argv)  # `--help` exits in here, having imported only the stdlib
     except ArgumentsError as exc:
         log.error("bad arguments: %s", exc)
         return 2
+    if inv.verbose:
+        setup_logging(verbose=True)
     from jobs.config import ConfigError, load_config
 
     try:
