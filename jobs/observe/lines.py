@@ -47,7 +47,7 @@ def start_line(cfg: JobConfig, mode: str, why: str) -> str:
     """input -> output; endpoint; concurrency; calling mode: one line instead of the whole config."""
     e = cfg.endpoint
     dry = "dry run (one probe request, nothing written): " if cfg.run.dry_run else ""
-    limit = f" (at most {cfg.run.limit} rows)" if cfg.run.limit else ""
+    limit = f" (at most {cfg.run.limit} row{'s' if cfg.run.limit != 1 else ''})" if cfg.run.limit else ""
     return (f"{dry}input {input_name(cfg)}{limit} -> output {cfg.output.table}; endpoint {e.name} ({e.type}, "
             f"{e.task}) at {where(e)}; C={cfg.limits.max_concurrency}; calls from the {mode} ({why}); "
             "--verbose prints the full config")
