@@ -27,6 +27,7 @@ import argparse
 import difflib
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -180,7 +181,9 @@ def setup_logging(verbose: bool = False) -> None:
                         stream=sys.stderr)
     if verbose:
         logging.getLogger("batch_inference").setLevel(logging.DEBUG)
-    # Their INFO is about themselves (py4j's callbacks, MLflow creating its database tables).
+    # Their INFO is about themselves (py4j's callbacks, MLflow creating its database tables). MLflow sets
+    # its loggers' level when imported, from MLFLOW_LOGGING_LEVEL: a level set here before would not last.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for noisy in ("py4j", "urllib3", "databricks.sdk", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -128,7 +128,8 @@ def show_runs(spark, cfg: JobConfig) -> None:
     if runs and spark.catalog.tableExists(runs):
         location = spark.sql(f"DESCRIBE DETAIL {runs}").first()["location"]
         print(f"Runs: Delta table {runs} at {location}, one row per run (README: Watching a run)")
-        query = (f"SELECT endpoint, rows, rows_error, latency_p95_ms, rows_per_s, total_tokens, estimated_cost "
+        query = ("SELECT endpoint, rows, rows_error, latency_p95_ms, rows_per_s, total_tokens, estimated_cost, "
+                 "cost_unit "
                  f"FROM {runs} ORDER BY started_at DESC LIMIT 4")
         print(f'  spark.sql("{query}").show()')
         spark.sql(query).show(truncate=False)

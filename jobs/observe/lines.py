@@ -40,7 +40,7 @@ def where(e: EndpointConfig) -> str:
 
 def input_name(cfg: JobConfig) -> str:
     i = cfg.input
-    return i.table or i.path or "input.query"
+    return i.table or i.path or "(input.query)"
 
 
 def start_line(cfg: JobConfig, mode: str, why: str) -> str:
