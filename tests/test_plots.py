@@ -43,3 +43,15 @@ def test_a_no_op_rerun_is_an_mlflow_run_tagged_so_without_plots(tmp_path):
     run = client.get_run(mid)
     assert run.data.tags["batch_inference.noop"] == "true" and run.info.run_name.endswith("-noop")
     assert [a.path for a in client.list_artifacts(mid)] == ["run_summary.json"]
+
+
+def test_errors_over_time_get_an_axis_of_their_own_only_when_there_are_errors():
+    from matplotlib.figure import Figure
+
+    from jobs.observe.plots import _draw_throughput
+
+    for timeline, axes in (([ChunkTiming(1, 2.0, 10, 0)], 1), ([ChunkTiming(1, 2.0, 10, 0), ChunkTiming(2, 4.0, 10, 3)], 2)):
+        fig = Figure()
+        _draw_throughput(fig.add_subplot(), timeline, "run r, e, C=8")
+        assert len(fig.axes) == axes
+        assert fig.axes[0].get_title() == f"Throughput ({len(timeline)} chunks)\nrun r, e, C=8"

@@ -92,6 +92,13 @@ def _draw_throughput(ax: Any, timeline: list[ChunkTiming], about: str = "") -> N
         ax.plot(t[1:], average, "o--", color="#f58518", label="rows/s since start")
         ax.set_ylim(bottom=0)
         ax.legend(loc="lower right")
+        if any(c.errors for c in timeline):  # errors over time: when the endpoint failed, not only how often
+            errors = ax.twinx()
+            errors.stairs([c.errors for c in timeline], t, color="#e45756", fill=True, alpha=0.3,
+                          label="error rows per chunk")
+            errors.set_ylabel("error rows", color="#e45756")
+            errors.set_ylim(bottom=0)
+            errors.legend(loc="upper right")
     ax.set_title(f"Throughput ({len(timeline)} chunks)" + (f"\n{about}" if about else ""), fontsize=10)
     ax.set_xlabel("seconds since the first chunk started")
     ax.set_ylabel("rows / s")
