@@ -12,13 +12,14 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,7 +42,9 @@ class _Strict(BaseModel):
 
 
 class SecretRef(_Strict):
+    # The secret scope.
     scope: str
+    # The secret's key in the scope.
     key: str
 
 
@@ -74,10 +77,15 @@ def template_parts(template: str) -> list[tuple[str, str | None]]:
 
 
 class InputConfig(_Strict):
+    # The input table (catalog.schema.table); give exactly one of table, path or query.
     table: str | None = None
+    # A Delta table by path instead of by name.
     path: str | None = None
+    # A SQL query whose rows are the input (shape or rename columns here).
     query: str | None = None
+    # The column that identifies a row: unique, never null; resume keys on it.
     id_col: str = "id"
+    # The column sent as the prompt (or the text to embed).
     prompt_col: str = "prompt"
     # The prompt built from several columns: `"Classify this review of {product}: {body}"`.
     template: str | None = None
@@ -126,6 +134,7 @@ class InputConfig(_Strict):
 
 
 class OutputConfig(_Strict):
+    # The Delta table the outcomes land in, one row per input id; created if missing.
     table: str
     # One row per run (counts, latency, tokens, cost): `jobs.observe`. Unset: no runs table.
     runs_table: str | None = None
@@ -153,10 +162,12 @@ class ResponseFormatConfig(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
 
-    # `schema` is a name pydantic's BaseModel already uses: the field is json_schema, spelt schema.
+    # The JSON Schema every answer must match; it also gives the `parsed` column its type. (`schema`
+    # is a name pydantic's BaseModel already uses: the field is json_schema, spelt schema.)
     json_schema: dict[str, Any] = Field(alias="schema")
-    # OpenAI's rule for the name, which Databricks passes on: letters, digits, _ and -, 64 at most.
+    # The json_schema's name: letters, digits, _ and -, 64 at most (OpenAI's rule, which Databricks passes on).
     name: str = Field(default="response", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Ask the endpoint to follow the schema strictly (OpenAI's `strict`).
     strict: bool = True
     # Where in the request body a custom model or driver-proxy app takes it (`params.response_format`);
     # unset, they are sent nothing. Chat and completions always take it as `response_format`.
@@ -184,30 +195,47 @@ class ResponseFormatConfig(_Strict):
 
 
 class EndpointConfig(_Strict):
+    # The serving endpoint's name (or a name for a driver-proxy app, written in each row).
     name: str
+    # `serving` (Databricks model serving) or `driver_proxy` (an app on a cluster's driver).
     type: Literal["serving", "driver_proxy"] = "serving"
+    # The wire format: custom, llm/v1/completions, llm/v1/chat, llm/v1/embeddings, custom/embeddings.
     task: Task = "custom"
     # Workspace URL for serving endpoints and the driver proxy; default: databricks-sdk's Config().host.
     host: str | None = None
     # Full base URL, overriding what host/name/port would give (a local app, a gateway).
     url: str | None = None
+    # A driver-proxy app's port (3000-8000); locally, http://127.0.0.1:<port>/.
     port: int | None = Field(default=None, ge=3000, le=8000)
+    # The cluster a driver-proxy app runs on; default: this cluster's id from the Spark conf.
     cluster_id: str | None = None
+    # `auto`: none for 127.0.0.1, else databricks-sdk's unified auth; `none`; `databricks`.
     auth: Literal["auto", "none", "databricks"] = "auto"
+    # The environment variable holding a bearer token (never the token itself).
     token_env: str | None = None
+    # A Databricks secret scope and key holding a bearer token: {scope, key}.
     token_secret: SecretRef | None = None
+    # Sent with every request: temperature, max_tokens, ... (custom models: as `params`).
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Stop sequences sent with every request.
     stop: list[str] = Field(default_factory=list)
+    # llm/v1/chat only: the system message sent before each prompt.
     system_prompt: str | None = None
+    # `module:function` that rewrites each request body (dict -> dict), on the executors.
     transform_input: str | None = None
+    # `module:function` that turns each decoded answer into the response text.
     transform_output: str | None = None
     # Rows per request: custom models take several `dataframe_records`, embeddings several inputs.
     batch_size: int | None = Field(default=None, ge=1, le=2048)
     # Embeddings: the vector length every `ok` row must have; unset, the run's first vectors set it.
     embedding_dim: int | None = Field(default=None, ge=1, le=65536)
-    # Prices for the cost estimate (runs table, MLflow, dry run), in your currency; unset: no estimate.
+    # The price of 1,000 prompt tokens, in endpoint.price_unit, for the cost estimates (the closing line,
+    # runs table, MLflow, dry run); with neither price set: no estimate.
     price_per_1k_prompt_tokens: float | None = Field(default=None, ge=0)
+    # The price of 1,000 completion tokens, in endpoint.price_unit.
     price_per_1k_completion_tokens: float | None = Field(default=None, ge=0)
+    # What the prices are in, printed with every cost: a currency (USD, EUR) or DBU.
+    price_unit: str = Field(default="USD", pattern=r"^[A-Za-z$€£¥]{1,8}$")
     # Structured output: the answers' JSON Schema, sent with the request and checked on the answer.
     response_format: ResponseFormatConfig | None = None
     # Read the serving endpoint's definition from the workspace (AI Gateway rate limits, route
@@ -291,10 +319,15 @@ _RETRY = RetrySpec()
 class LimitsConfig(_Strict):
     # The most requests in flight against the endpoint for the whole job, summed over all tasks.
     max_concurrency: int = Field(default=EngineSpec.max_concurrency, ge=1, le=4096)
+    # Job-wide pacing of requests, split over the tasks; unset: the endpoint's AI Gateway limit, if any.
     requests_per_minute: float | None = Field(default=None, gt=0)
+    # Job-wide pacing of tokens (prompt + completion), from the usage the endpoint reports.
     tokens_per_minute: float | None = Field(default=None, gt=0)
+    # Per attempt: the most seconds connecting may take (TCP, proxy tunnel, TLS).
     connect_timeout_s: float = Field(default=EngineSpec.connect_timeout_s, gt=0)
+    # Per attempt: the most seconds the answer may fall silent.
     read_timeout_s: float = Field(default=EngineSpec.read_timeout_s, gt=0)
+    # AIMD on requests in flight: a 429/503 or a latency per unit of work that grows cuts it, answers add back.
     adaptive: bool = EngineSpec.adaptive
     # Cut the in-flight limit by a quarter when the latency per unit of work (per output token, per
     # embedded row) exceeds this multiple of the recent median, three windows in a row (udfs/limits.py).
@@ -314,9 +347,13 @@ class LimitsConfig(_Strict):
 
 
 class RetryConfig(_Strict):
+    # HTTP statuses retried (timeouts and connection errors are retried too).
     statuses: list[int] = Field(default_factory=lambda: list(_RETRY.statuses))
+    # Attempts per row for retryable failures other than 429, 503 and no connection.
     max_attempts: int = Field(default=_RETRY.max_attempts, ge=1, le=100)
+    # The first backoff; it doubles per attempt, with full jitter.
     backoff_base_s: float = Field(default=_RETRY.backoff_base_s, ge=0)
+    # The longest backoff (a Retry-After is waited for in full).
     backoff_max_s: float = Field(default=_RETRY.backoff_max_s, ge=0)
     # Total time one row may spend across attempts and waits before it becomes an error row; what
     # bounds the retries of 429 and 503 (a one-minute window, a five-minute cold start).
@@ -331,10 +368,13 @@ class RetryConfig(_Strict):
 class BudgetConfig(_Strict):
     """`run.budget`: the most one run may spend; any of the four (unset: no cap on that). When it is
     spent the run sends nothing more, commits what was answered, leaves the rest pending and exits 3."""
-    # In the currency of `endpoint.price_per_1k_*_tokens` (both must be set).
+    # The most the run may cost, in `endpoint.price_unit` at `endpoint.price_per_1k_*_tokens` (both set).
     max_cost: float | None = Field(default=None, gt=0)
+    # The most input (prompt) tokens the run may send, as the endpoint's `usage` counts them.
     max_input_tokens: int | None = Field(default=None, ge=1)
+    # The most output (completion) tokens the run may be answered with.
     max_output_tokens: int | None = Field(default=None, ge=1)
+    # The most requests (attempts) the run may send.
     max_requests: int | None = Field(default=None, ge=1)
     # Output tokens a request reserves while in flight when `endpoint.model_kwargs.max_tokens` is unset.
     reserve_output_tokens: int = Field(default=DEFAULT_RESERVE_OUTPUT_TOKENS, ge=1)
@@ -354,36 +394,54 @@ class RunConfig(_Strict):
     # Rows per chunk; unset, chunks follow the work: a small first chunk, then `chunk_seconds` of
     # calls at the measured rate each, at most `max_chunk_rows` (what a crash can lose is bounded).
     chunk_rows: int | None = Field(default=None, ge=1)
+    # Seconds of calls per chunk when chunks are sized by the measured rate.
     chunk_seconds: float = Field(default=30.0, gt=0)
+    # The most rows in a chunk (what a crash can lose is bounded).
     max_chunk_rows: int = Field(default=100_000, ge=1)
     # Any failed row fails the run (exit 1), after every row is written.
     fail_on_error: bool = False
     # The run fails (exit 1, after every row is written) when more than this share of the rows it sent
     # failed: an endpoint down for the whole run must not show green. 1 never fails on errors.
     max_error_share: float = Field(default=0.5, ge=0, le=1)
+    # A rerun sends the rows that failed before again; false: only new rows.
     retry_errors: bool = True
+    # A longer prompt is never sent: the row is `prompt_too_long`.
     max_prompt_chars: int = Field(default=200_000, ge=1)
+    # At most this many pending rows per run, lowest ids first (`--limit`).
     limit: int | None = Field(default=None, ge=1)
     # Which pending rows `run.limit` takes: the lowest ids (consecutive runs walk the table), or
     # `spread` over the table by a hash of the request (a sample, as the dry run's forecast takes).
     limit_order: Literal["id", "spread"] = "id"
     # Task slots running at once (cores that run tasks); discovered from the session when unset.
     task_slots: int | None = Field(default=None, ge=1)
+    # Check config, input and endpoint (one probe request), estimate cost; write nothing (`--dry-run`).
     dry_run: bool = False
     # --dry-run sends this many pending rows for real (their outcomes are committed, so no row is paid
     # for twice) and extrapolates tokens, cost and time to the rest; 0: a dry run writes nothing.
     forecast_rows: int = Field(default=20, ge=0)
+    # The most one run may spend (cost, input/output tokens, requests); spent, the run stops (exit 3).
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+    # A dry run prices every input row (`--dry-run --all`), as a full re-run would send them, not only
+    # the pending ones: after a finished run the pending rows price at 0.
+    dry_run_all: bool = False
+
+    @model_validator(mode="after")
+    def _all_is_for_dry_runs(self) -> RunConfig:
+        if self.dry_run_all and not self.dry_run:
+            raise ValueError("run.dry_run_all (--all) applies to a dry run: add --dry-run")
+        return self
 
 
 class MlflowConfig(_Strict):
     """MLflow tracking of each run (params, summary metrics, plots). Off unless `enabled`."""
 
+    # Record each run in MLflow: params, metrics, plots.
     enabled: bool = False
-    # Default: $MLFLOW_TRACKING_URI, else the workspace on Databricks, else
+    # Where runs are recorded. Default: $MLFLOW_TRACKING_URI, else the workspace on Databricks, else
     # `sqlite:///<working dir>/mlruns/mlflow.db` (artifacts in mlruns/artifacts).
     tracking_uri: str | None = None
-    # Default: `batch-inference` locally, `/Users/<you>/batch-inference` on Databricks.
+    # The experiment. Default: `batch-inference` locally, `/Users/<you>/batch-inference` on Databricks.
     experiment: str | None = None
 
 
@@ -522,11 +580,38 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that holds the key at `loc` (`("limits", "max_concurency")` -> `LimitsConfig`)."""
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        kinds = [a for a in (field.annotation, *get_args(field.annotation))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not kinds:
+            return None
+        model = kinds[0]
+    return model
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    """`unknown key; did you mean limits.max_concurrency?`, when a known key is close enough."""
+    model = _section_model(loc)
+    if model is None or not loc:
+        return "unknown key"
+    known = [f.alias or name for name, f in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if not close:
+        return "unknown key"
+    return f"unknown key; did you mean {'.'.join(str(p) for p in (*loc[:-1], close[0]))}?"
+
+
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = _unknown_key(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
         if e["type"] == "missing":
             msg = "missing required field"
         if e["type"] == "value_error":

@@ -6,9 +6,12 @@ prompt tokens and cost, and sends exactly one probe request, without retries. No
 no table is written, no MLflow run is logged. Unless every check passes it raises `DryRunFailed` (the
 entry point's exit code 1) after logging them all.
 
+`--all` prices every input row (a full re-run), not only the pending ones.
+
 Example::
 
     batch-inference --conf conf/demo.yml --dry-run
+    batch-inference --conf conf/demo.yml --dry-run --all
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from jobs.chunking import estimate_chunks
 from jobs.commit import growable_columns, table_schema
 from jobs.config import ConfigError, JobConfig
 from jobs.errors import InputError, JobFailed, first_line
+from jobs.observe.lines import money
 from jobs.observe.stats import estimate_cost
 from jobs.observe.tracking import tracking_uri
 from jobs.read import read_requests, with_limit, without_final
@@ -73,9 +77,10 @@ def check(spark: SparkSession, cfg: JobConfig) -> DryRunReport:
     prior = _output(r, spark, cfg, requests)
     pending = None
     if requests is not None:
-        unlimited = requests.transform(without_final(prior, cfg.run.retry_errors))
+        # --all: every input row, as if the output table held none (a full re-run's price).
+        unlimited = requests if cfg.run.dry_run_all else requests.transform(without_final(prior, cfg.run.retry_errors))
         pending = unlimited.transform(with_limit(cfg.run.limit))
-        _count(r, pending, unlimited if cfg.run.limit else None)
+        _count(r, pending, unlimited if cfg.run.limit else None, every_row=cfg.run.dry_run_all)
     if spec is not None:
         _probe(r, spec, cfg, _first_prompt(pending))
     _estimate(r, cfg)
@@ -134,8 +139,9 @@ def _output(r: DryRunReport, spark: SparkSession, cfg: JobConfig,
     return prior
 
 
-def _count(r: DryRunReport, pending: DataFrame, unlimited: DataFrame | None) -> None:
-    """`pending` is what this run would take; `unlimited` every pending row, when `run.limit` cuts it."""
+def _count(r: DryRunReport, pending: DataFrame, unlimited: DataFrame | None, every_row: bool = False) -> None:
+    """`pending` is what this run would take; `unlimited` every pending row, when `run.limit` cuts it;
+    `every_row`: they are every input row (`--all`), final or not."""
     # Per request first: identical prompts are sent once, and their characters count once.
     per_request = pending.groupBy("request_hash").agg(
         F.count("*").alias("n"), F.max(F.col("precheck").isNull()).alias("sent"),
@@ -148,8 +154,10 @@ def _count(r: DryRunReport, pending: DataFrame, unlimited: DataFrame | None) -> 
     all_pending = unlimited.count() if unlimited is not None else r.pending_rows
     done = (r.input_rows or 0) - all_pending
     cut = f", this run takes the first {r.pending_rows} by id (run.limit)" if unlimited is not None else ""
+    which = (f"all {all_pending} input rows priced (--all), final ones too" if every_row
+             else f"{all_pending} of {r.input_rows} rows pending ({done} already final in the output table)")
     r.add("pending", True,
-          f"{all_pending} of {r.input_rows} rows pending ({done} already final in the output table){cut}; "
+          f"{which}{cut}; "
           f"{r.requests} distinct requests to send, {r.prompt_chars} prompt characters; "
           f"{row['not_sent'] or 0} rows fail the prechecks (empty, or over run.max_prompt_chars) "
           "and are not sent")
@@ -208,7 +216,7 @@ def _estimate(r: DryRunReport, cfg: JobConfig) -> None:
         else math.ceil(len(p.response) / CHARS_PER_TOKEN))
     r.completion_tokens = per_answer * r.requests
     r.cost = estimate_cost(cfg.endpoint, r.prompt_tokens, r.completion_tokens)
-    cost = (f"estimated cost {r.cost:.4f}" if r.cost is not None
+    cost = (f"estimated cost {money(r.cost, cfg.endpoint.price_unit)}" if r.cost is not None
             else "no cost: set endpoint.price_per_1k_prompt_tokens / price_per_1k_completion_tokens")
     answers = f" + ~{r.completion_tokens} completion tokens (answers as long as the probe's)" if p else ""
     r.add("estimate", True, f"~{r.prompt_tokens} prompt tokens ({r.token_basis}){answers}; {cost}")

@@ -47,6 +47,7 @@ from jobs.executor_calls import ExecutorsRun
 from jobs.forecast import forecast_from, forecast_lines, sample_config
 from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
+from jobs.observe.waiting import Waiting
 from jobs.read import check_ids, read_requests
 from jobs.resolve import engine_spec, preflight
 from jobs.session import is_connect
@@ -80,17 +81,20 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     mode, why = calls_from(spark, cfg.run.calls_from)
     log.info("run %s: %d input rows, %d pending -> %s; calls from the %s (%s)", run_id, found.input_rows,
              found.pending, cfg.output.table, mode, why)
-    progress = Progress(found.pending, 0)
+    progress = Progress(found.pending, 0, watch=Waiting(spec.url, cfg.retry.breaker_s))
     if found.pending:
         with scratch_tables(spark, cfg.output.table, run_id) as (pending_table, outcomes_table):
-            pending = pending_rows(requests, prior, cfg.run.retry_errors, cfg.run.limit, cfg.run.limit_order)
-            staged, planner = plan_chunks(spark, cfg, found, pending, pending_table)
-            args = (spark, cfg, spec, run_id, landing, staged, planner, progress, summary)
-            DriverRun(*args).call() if mode == "driver" else ExecutorsRun(*args).call(outcomes_table)
+            try:
+                pending = pending_rows(requests, prior, cfg.run.retry_errors, cfg.run.limit, cfg.run.limit_order)
+                staged, planner = plan_chunks(spark, cfg, found, pending, pending_table)
+                args = (spark, cfg, spec, run_id, landing, staged, planner, progress, summary)
+                DriverRun(*args).call() if mode == "driver" else ExecutorsRun(*args).call(outcomes_table)
+            finally:
+                progress.close()  # stops the waiting watch, whatever happened
     progress.close()
     summary.seconds = time.monotonic() - started
-    log.info("run %s finished in %.1fs: %s", run_id, summary.seconds,
-             ", ".join(f"{s}={n}" for s, n in sorted(summary.by_status.items())) or "nothing to do")
+    log.debug("run %s finished in %.1fs: %s", run_id, summary.seconds,
+              ", ".join(f"{s}={n}" for s, n in sorted(summary.by_status.items())) or "nothing to do")
     summary.stats = finish_run(spark, cfg, summary, progress.timeline, started_at)
     judge(spark, cfg, summary)  # after every row is committed: fail_on_error, max_error_share
     return summary
@@ -135,7 +139,7 @@ def forecast_run(spark: SparkSession, cfg: JobConfig, run_id: str) -> RunSummary
     """The dry run's checks; then, if they pass, `run.forecast_rows` pending rows for real, and the
     forecast for the rest from them (`jobs.forecast`)."""
     summary = dry_run(spark, cfg, run_id=run_id)
-    if cfg.run.forecast_rows and summary.pending_rows:
+    if cfg.run.forecast_rows and summary.pending_rows and not cfg.run.dry_run_all:
         sample = run_job(spark, sample_config(cfg, summary.pending_rows), run_id=run_id)
         sent = sum(sample.by_status.values())
         report = summary.dry_run

@@ -16,7 +16,7 @@ route-optimized endpoint, and (`preflight`) a TLS certificate the job does not t
 Example::
 
     spec = engine_spec(cfg, spark)     # spark only to read the cluster id for driver-proxy apps
-    preflight(spec)                    # one TLS handshake with the endpoint, no request
+    preflight(spec)                    # one connection (and TLS handshake), no request
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -35,7 +36,7 @@ from udfs.auth import CredentialError, Credentials, OAuthM2M, SdkCredentials, Se
 from udfs.spec import EngineSpec, RetrySpec
 from udfs.transforms import import_function
 from udfs.loopback import is_loopback
-from udfs.transport import FATAL_KINDS, TransportError, header_problem, tls_probe
+from udfs.transport import FATAL_KINDS, TransportError, connect_probe, header_problem
 
 log = logging.getLogger("batch_inference")
 
@@ -196,19 +197,46 @@ def refuse_unsendable_headers(e: EndpointConfig, headers: Mapping[str, Secret | 
             raise ConfigError(f"{_credential_source(e)}: {problem}")
 
 
-def preflight(spec: EngineSpec) -> None:
-    """Before the first chunk: connect to an https endpoint and complete a TLS handshake (through the
-    proxy if one applies), sending no request. A certificate the job does not trust, or a handshake
-    that cannot succeed, is a `ConfigError` that says so; an endpoint that cannot be reached is only
-    logged, and its rows are retried and reported as usual."""
+# A refused connection at start is tried again for this long (a server still binding its port).
+REACH_RETRY_S = 3.0
+
+
+def preflight(spec: EngineSpec, *, retry_s: float = REACH_RETRY_S) -> None:
+    """Before the first chunk: open one connection to the endpoint (through the proxy if one applies)
+    and, for https, complete the TLS handshake; no request is sent, no row's budget is spent.
+
+    Both ways a run could never succeed are a `ConfigError`, within seconds, before any row:
+
+    - a certificate the job does not trust, or a handshake that cannot succeed;
+    - nothing answering at the endpoint (connection refused, no such host, a connect timeout),
+      tried again for `retry_s`. An endpoint that has never answered is a wrong URL or port or a
+      server not started: `retry.breaker_s` (minutes) is for one that answered once and went away.
+      A serving endpoint scaled to zero passes: its gateway accepts connections and answers 503.
+    """
     parts = urlsplit(spec.url)
     where = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
-    try:
-        tls_probe(spec.url, spec.connect_timeout_s)
-    except TransportError as exc:
-        if exc.fatal:
-            raise ConfigError(f"endpoint {where}: {exc.detail}") from None
-        log.warning("endpoint %s: TLS pre-flight could not connect (%s); going on", where, exc)
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            connect_probe(spec.url, spec.connect_timeout_s)
+            return
+        except TransportError as exc:
+            if exc.fatal:
+                raise ConfigError(f"endpoint {where}: {exc.detail}") from None
+            if not exc.unreachable:  # connected, then cut short: the endpoint is there
+                log.warning("endpoint %s: pre-flight connection: %s; going on", where, exc)
+                return
+            if time.monotonic() >= deadline:
+                raise ConfigError(unreachable_text(where, spec.url, exc)) from None
+        time.sleep(0.5)
+
+
+def unreachable_text(where: str, url: str, exc: TransportError) -> str:
+    """Why the run stops on an endpoint nothing answers at, and what to check."""
+    hint = (" (the local stand-in: python -m jobs.local.stand_in --port "
+            f"{urlsplit(url).port or 80})" if is_loopback(url) else "")
+    return (f"endpoint {where}: nothing answers there ({exc.detail}); no row was sent. Is the endpoint "
+            f"running{hint}, and are its URL, host and port right?")
 
 
 _FATAL_IN_TASK = re.compile(r"TransportError: ((?:%s): [^\n]*)" % "|".join(sorted(FATAL_KINDS)))

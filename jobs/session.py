@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,32 @@ def _with_connect_server(builder: SparkSession.Builder, port: int) -> SparkSessi
             .config("spark.connect.grpc.binding.port", str(port)))
 
 
+# Spark's default log4j profile announces itself, tells how to change the level and lets WARN through
+# from the first line (NativeCodeLoader's "Unable to load native-hadoop library" on every laptop): a
+# page of start-up chatter before a run says anything. Ours starts at WARN, the level Spark gives a
+# Python driver (it counts as a shell, and any other level makes Spark print "Setting default log
+# level"), quiets the known start-up warnings, and `get_spark` then sets BI_SPARK_LOG_LEVEL (ERROR).
+_LOG4J2 = """\
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+logger.hadoop.name = org.apache.hadoop
+logger.hadoop.level = error
+"""
+
+
+def _log4j2_file() -> Path:
+    """Our log4j2 configuration, written where the JVM can read it."""
+    path = Path(tempfile.gettempdir()) / "batch-inference-log4j2.properties"
+    if not path.is_file() or path.read_text() != _LOG4J2:
+        path.write_text(_LOG4J2)
+    return path
+
+
 def _local_builder(master: str, warehouse: Path, app_name: str) -> SparkSession.Builder:
     # Local Spark listens and talks on loopback only: without this it picks the machine's network
     # address ("using 192.0.2.2 instead") and opens its driver and block manager ports there.
@@ -117,6 +144,7 @@ def _local_builder(master: str, warehouse: Path, app_name: str) -> SparkSession.
         .config("spark.driver.bindAddress", LOOPBACK)
         .config("spark.driver.host", LOOPBACK)
         .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
+        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{_log4j2_file()}")
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "4")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from chispa import assert_df_equality
@@ -74,6 +75,22 @@ def test_list_and_named_forms_give_the_same_config():
         4, "toy", 5, True)
 
 
+def test_all_prices_every_row_in_a_dry_run_and_only_there():
+    cfg, _ = config_of(["--conf", DEMO, "--dry-run", "--all"])
+    assert (cfg.run.dry_run, cfg.run.dry_run_all) == (True, True)
+    with pytest.raises(Exception, match=r"run.dry_run_all \(--all\) applies to a dry run: add --dry-run"):
+        config_of(["--conf", DEMO, "--all"])
+
+
+def test_set_takes_several_keys_as_the_readme_quickstart_gives_them():
+    cfg, _ = config_of(["--conf", DEMO, "--set", "endpoint.type=serving", "endpoint.name=databricks-meta-llama",
+                        "endpoint.task=llm/v1/chat", "--limit", "3"])
+    assert (cfg.endpoint.type, cfg.endpoint.name, cfg.endpoint.task, cfg.run.limit) == (
+        "serving", "databricks-meta-llama", "llm/v1/chat", 3)
+    with pytest.raises(Exception, match=r"--set 'stray': expected key=value"):
+        config_of(["--conf", DEMO, "--set", "run.limit=3", "stray"])
+
+
 def test_layers_apply_in_order_and_later_wins():
     cfg, inv = config_of(["--conf", DEMO, "--set", "limits.max_concurrency=4", "--set", "run.limit=3",
                           "--limits.max_concurrency=6", "--limit=7"])
@@ -86,11 +103,14 @@ def test_layers_apply_in_order_and_later_wins():
 
 @pytest.mark.parametrize("argv, message", [
     (["--limt=5"], r"--limt: unknown; did you mean --limit\?"),
+    (["--limt", "5"], r"unknown arguments: --limt: unknown; did you mean --limit\? \(options"),
+    (["--dryrun"], r"--dryrun: unknown; did you mean --dry-run\?"),
     (["--dryrun=true"], r"--dryrun: unknown; did you mean --dry-run\?"),
     (["--limit.max_concurrency=5"], r"--limit.max_concurrency: unknown; did you mean --limits.KEY=VALUE\?"),
     (["--endpoint=x"], r"--endpoint: unknown; did you mean --endpoint.KEY=VALUE\?"),
     (["stray"], r"stray: not an option of batch-inference"),
-    (["--verbose"], r"--verbose: not an option of batch-inference"),
+    (["--verbos"], r"--verbos: unknown; did you mean --verbose\?"),
+    (["--quiet"], r"--quiet: not an option of batch-inference"),
     (["--limits.max_concurrency"], r"--limits.max_concurrency: expects a value"),
     (["--limit=ten"], r"--limit=ten: expected a positive whole number of rows \(run.limit\), or empty"),
     (["--limit=0"], r"--limit=0: expected a positive whole number"),
@@ -102,7 +122,7 @@ def test_unknown_or_bad_arguments_are_named(argv, message):
 
 
 def test_a_bad_config_key_from_a_parameter_names_the_key():
-    with pytest.raises(Exception, match=r"limits.max_concurency: unknown key"):
+    with pytest.raises(Exception, match=r"limits.max_concurency: unknown key; did you mean limits.max_concurrency\?"):
         config_of(["--conf", DEMO, "--limits.max_concurency=4"])
 
 
@@ -137,7 +157,7 @@ def test_the_effective_config_is_printed_with_credentials_redacted(tmp_path):
 
 
 def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, table_name, monkeypatch,
-                                                        capsys, tmp_path):
+                                                        capsys, caplog, tmp_path):
     """The dev completions task's own arguments, pointed at local stand-ins by later --key=value
     parameters, with the job parameter `limit` set at run time and the token in the variable the job
     cluster fills from the secret scope."""
@@ -153,6 +173,7 @@ def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, t
     # The stand-ins come after the bundle's own named parameters, so they win.
     argv = named[:6] + local + named[6:]
 
+    caplog.set_level(logging.INFO, logger="batch_inference")
     assert execute(argv) == 0
 
     expected = spark.createDataFrame(
@@ -168,8 +189,31 @@ def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, t
     sent = {r.headers.get("Authorization") for r in fresh_endpoint.received}
     assert sent == {"Bearer tok-from-secret-scope-123"}
     out = capsys.readouterr()
-    assert "effective config: --conf" in out.out and "ignored job parameters: run_date" in out.out
-    assert "tok-from-secret-scope-123" not in out.out + out.err
+    # One line at the start instead of the whole config (that takes --verbose), one at the end.
+    assert out.out == ""
+    lines = [r.getMessage() for r in caplog.records if r.name == "batch_inference" and r.levelno == logging.INFO]
+    assert lines[0] == (f"input {src} (at most 2 rows) -> output {table_name}; endpoint "
+                        f"databricks-meta-llama-3-3-70b-instruct (serving, llm/v1/chat) at {fresh_endpoint.url}"
+                        "/serving-endpoints/databricks-meta-llama-3-3-70b-instruct; C=8; calls from the executors "
+                        "(run.calls_from: auto); --verbose prints the full config")
+    assert re.fullmatch(rf"run \w+ finished in [\w. ]+: 2 rows \(2 ok\), [\d.]+ rows/s over the whole run, "
+                        rf"\d+ tokens, no cost \(set endpoint.price_per_1k_prompt_tokens\); results in {table_name} "
+                        rf"\(runs in {table_name}_runs; MLflow run \w+\)", lines[-1]), lines[-1]
+    assert "tok-from-secret-scope-123" not in out.out + out.err + caplog.text
+
+
+def test_the_full_effective_config_is_printed_only_with_verbose(monkeypatch, capsys, caplog):
+    monkeypatch.setattr("jobs.session.get_spark", lambda: None)
+    monkeypatch.setattr("jobs.pipeline.calls_from", lambda spark, setting: ("driver", "stand-in"))
+    monkeypatch.setattr("jobs.pipeline.run_job", lambda spark, cfg: None)
+    caplog.set_level(logging.INFO, logger="batch_inference")
+    assert execute(["--conf", DEMO]) == 0
+    assert capsys.readouterr().out == ""
+    assert caplog.records[-1].getMessage().startswith("input demo.prompts -> output demo.completions; ")
+    assert execute(["--conf", DEMO, "--verbose"]) == 0
+    head, body = capsys.readouterr().out.split("\n", 1)
+    assert head == f"effective config: --conf {DEMO}"
+    assert '"max_concurrency": 8' in body and '"price_unit": "USD"' in body
 
 
 def test_the_readme_driver_proxy_parameters_reach_the_driver_proxy_url():

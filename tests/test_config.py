@@ -69,6 +69,21 @@ def test_errors_name_the_key(data, message):
         parse_config(data)
 
 
+@pytest.mark.parametrize("data, message", [
+    (with_("limits", max_concurency=4), "limits.max_concurency: unknown key; did you mean limits.max_concurrency?"),
+    ({**VALID, "limit": {"max_concurrency": 4}}, "limit: unknown key; did you mean limits?"),
+    (with_("endpoint", tokenenv="X"), "endpoint.tokenenv: unknown key; did you mean endpoint.token_env?"),
+    (with_("endpoint", response_format={"schema": {"type": "object", "properties": {"a": {"type": "string"}}},
+                                        "sent_at": "x"}),
+     "endpoint.response_format.sent_at: unknown key; did you mean endpoint.response_format.send_at?"),
+    (with_("run", zzzz=1), "run.zzzz: unknown key"),  # nothing close: no guess
+])
+def test_an_unknown_key_suggests_the_nearest_known_one(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert str(err.value) == f"config: {message}"
+
+
 @pytest.mark.parametrize("data, key", [
     (with_("endpoint", token="dapi0123456789abcdef0123456789abcdef"), "endpoint.token"),
     (with_("endpoint", model_kwargs={"api_key": "abc123"}), "endpoint.model_kwargs.api_key"),

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from jobs.dryrun import DryRunFailed
+from jobs.observe.lines import money
 from jobs.pipeline import run_job
 from jobs.cli.run import execute
 from tests.conftest import job_config
@@ -92,6 +93,24 @@ def test_dry_run_with_a_limit_counts_the_pending_rows_a_run_would_take(spark, fr
     assert probe.body["prompt"] == "p4"  # the lowest pending id, not the first id of the table
     assert "4 of 7 rows pending (3 already final in the output table), this run takes the first 3" in caplog.text
 
+
+
+def test_dry_run_all_prices_every_input_row_after_a_finished_run(spark, fresh_endpoint, table_name, caplog):
+    src = view(spark, [(1, "one two"), (2, "three"), (3, "")])
+    sections = dict(input={"table": src}, output={"table": table_name},
+                    endpoint=serving(fresh_endpoint, price_per_1k_prompt_tokens=0.5, price_unit="EUR"))
+    run_job(spark, job_config(**sections))
+    fresh_endpoint.reset()
+    pending = run_job(spark, job_config(**sections, run={"dry_run": True})).dry_run
+    # Only the empty prompt's error row is pending again, and it is never sent: nothing to price.
+    assert (pending.pending_rows, pending.requests, pending.cost) == (1, 0, 0.0)
+    with caplog.at_level("INFO", logger="batch_inference"):
+        every = run_job(spark, job_config(**sections, run={"dry_run": True, "dry_run_all": True})).dry_run
+    assert (every.pending_rows, every.requests) == (3, 2)  # the empty prompt is never sent
+    assert [r.body["prompt"] for r in fresh_endpoint.received] == ["ping", "one two"]  # nothing pending: ping
+    assert every.cost == round(every.prompt_tokens * 0.5 / 1000, 6) and every.cost > 0
+    assert "all 3 input rows priced (--all), final ones too" in caplog.text
+    assert f"estimated cost {money(every.cost, 'EUR')}" in caplog.text and "estimated cost EUR 0.00" in caplog.text
 
 
 def test_a_dry_run_names_the_columns_a_run_would_add_and_probes_the_schema_once(spark, fresh_endpoint,

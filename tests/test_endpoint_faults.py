@@ -4,15 +4,18 @@ expire: the real job on local Spark against loopback servers that behave as Data
 The issue's cases, scaled from minutes to seconds with their ratios kept: a fixed window of 60
 requests per 10 s becomes 20 per 2 s; a 20 s cold start 3 s; the breaker's 480 s 3 s; a one-hour
 token 2 s, in a run longer than three of them. Default retry settings unless a case scales one.
-Nothing here asserts wall time: the requests each server saw, and the rows, say what happened.
+Wall time is asserted only where it is the point (a refused endpoint stops a run in seconds); elsewhere
+the requests each server saw, and the rows, say what happened.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 
+import pytest
 import yaml
 from pyspark.sql import functions as F
 
@@ -75,11 +78,41 @@ def test_a_cold_start_of_503s_ends_with_every_row_ok(spark, table_name):
     assert cold.unavailable <= 8 + 2 * 5
 
 
-def test_an_endpoint_down_fails_fast_exits_non_zero_and_a_rerun_completes(spark, tmp_path, caplog):
+@pytest.mark.parametrize("calls_from", ["driver", "executors"])
+def test_an_endpoint_that_refuses_connections_at_start_stops_the_run_in_seconds(spark, tmp_path, caplog,
+                                                                                calls_from):
+    """Nothing has ever answered (a wrong port, a server not started): the pre-flight connection says so
+    before the first chunk, as one line and exit 2, like any bad config; the breaker is not waited for."""
+    from jobs.cli.run import execute
+
+    port, table = free_port(), f"test.refused_{uuid.uuid4().hex[:8]}"
+    conf = tmp_path / "refused.yml"
+    conf.write_text(yaml.safe_dump({
+        "input": {"table": prompts(spark, 20)}, "output": {"table": table},
+        "endpoint": {"name": "nowhere", "type": "driver_proxy", "url": f"http://127.0.0.1:{port}/"},
+        "run": {"calls_from": calls_from, "task_slots": 2}}))  # default retry: breaker_s 480
+    caplog.set_level(logging.INFO, logger="batch_inference")
+    t0 = time.monotonic()
+    assert execute(["--conf", str(conf)]) == 2
+    assert time.monotonic() - t0 < 30
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"endpoint http://127.0.0.1:{port}: nothing answers there (ConnectionRefusedError "
+                      f"connecting to 127.0.0.1:{port}); no row was sent. Is the endpoint running (the local "
+                      f"stand-in: python -m jobs.local.stand_in --port {port}), and are its URL, host and port "
+                      "right?"]
+    assert not spark.catalog.tableExists(table)
+
+
+def test_an_endpoint_down_fails_fast_exits_non_zero_and_a_rerun_completes(spark, tmp_path, caplog, monkeypatch):
     """Nothing listens: each task's breaker opens after breaker_s (3 s here, 480 s by default) and fails
     the rest of its rows as `endpoint_unavailable`; later chunks probe once and fail at once; the run
-    exits 1 naming the reason. With the endpoint up, a rerun sends those rows and exits 0."""
+    exits 1 naming the reason. With the endpoint up, a rerun sends those rows and exits 0.
+
+    The pre-flight connection is skipped, as if the endpoint had answered it and gone away after: an
+    endpoint refusing connections at start stops the run before any chunk (the test above)."""
     from jobs.cli.run import execute
+
+    monkeypatch.setattr("jobs.pipeline.preflight", lambda spec: None)
 
     port, table = free_port(), f"test.down_{uuid.uuid4().hex[:8]}"
     conf = tmp_path / "down.yml"

@@ -348,7 +348,8 @@ def killed_then_rerun(spark, warehouse, tmp_path_factory):
             "endpoint": {"name": "slow", "type": "driver_proxy", "url": f"{ep.url}/", "token_env": "BI_RESUME_TOKEN"},
             "limits": {"max_concurrency": 2}, "run": {"task_slots": 2, "chunk_rows": 1000},
         }))
-        argv = ["--conf", str(conf), "--set", f"run.chunk_rows={RESUME_CHUNK_ROWS}"]
+        # --verbose: the full effective config is printed too, and must not carry the token either.
+        argv = ["--conf", str(conf), "--set", f"run.chunk_rows={RESUME_CHUNK_ROWS}", "--verbose"]
         delta_log = warehouse / "test.db" / table.split(".")[1] / "_delta_log"
         first = start_job(argv, warehouse, tmp / "killed.log")
         # Version 0 creates the table; each chunk's append is one more version.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import threading
+import time
 import uuid
 from http.server import ThreadingHTTPServer
 from typing import Iterator
@@ -197,14 +198,26 @@ def test_https_to_a_plain_http_port_is_refused():
             preflight(EngineSpec(url=f"https://127.0.0.1:{srv.port}/"))
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest.mark.usefixtures("clean_env")
-def test_preflight_only_logs_an_endpoint_it_cannot_reach(caplog):
+def test_preflight_refuses_an_endpoint_nothing_answers_at_within_seconds(scheme):
     with AioServer() as gone:
         port = gone.port
-    preflight(EngineSpec(url=f"http://127.0.0.1:{port}/"))  # plain HTTP: nothing to check
-    with caplog.at_level(logging.WARNING, logger="batch_inference"):
-        preflight(EngineSpec(url=f"https://127.0.0.1:{port}/", connect_timeout_s=2))
-    assert "TLS pre-flight could not connect (connection_error: ConnectionRefusedError" in caplog.text
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        preflight(EngineSpec(url=f"{scheme}://127.0.0.1:{port}/", connect_timeout_s=2), retry_s=1.0)
+    assert time.monotonic() - t0 < 5
+    assert str(err.value) == (
+        f"endpoint {scheme}://127.0.0.1:{port}: nothing answers there (ConnectionRefusedError connecting to "
+        f"127.0.0.1:{port}); no row was sent. Is the endpoint running (the local stand-in: python -m "
+        f"jobs.local.stand_in --port {port}), and are its URL, host and port right?")
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_preflight_passes_a_plain_http_endpoint_that_accepts_connections():
+    with AioServer() as srv:
+        preflight(EngineSpec(url=f"http://127.0.0.1:{srv.port}/"))
+        assert srv.requests == 0
 
 
 # -- through the job -------------------------------------------------------------------------------

@@ -205,6 +205,35 @@ def _too_long(whole: float) -> TransportError:
 DROPPED = "the server closed the connection without answering"
 
 
+def connect_probe(url: str, timeout: float) -> None:
+    """Open one connection to the endpoint (and, for https, complete the TLS handshake); send nothing.
+
+    For http through a proxy only the proxy is reached. Raises `TransportError` as `tls_probe` does:
+    `unreachable` when no connection could be made (refused, no such host, a connect timeout).
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        tls_probe(url, timeout)
+        return
+    if parts.scheme != "http" or not parts.hostname:
+        return
+    proxy = proxy_for(url)
+    if proxy:
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = p.hostname or "", p.port or 80
+    else:
+        host, port = parts.hostname, parts.port or 80
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.connect()
+    except TimeoutError:
+        raise _slow_connect(f"{host}:{port}", timeout) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _no_connection(exc, f"{host}:{port}") from None
+    finally:
+        conn.close()
+
+
 def tls_probe(url: str, timeout: float) -> None:
     """Connect to an https endpoint and complete the TLS handshake, through the proxy if one applies.
 

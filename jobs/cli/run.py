@@ -1,7 +1,8 @@
 """`batch-inference`: the console script a Databricks job (or a laptop) runs.
 
-`main()` only parses arguments, loads and validates the config (before Spark starts), prints it,
-builds the session and calls `jobs.pipeline.run_job`. It takes both forms a `python_wheel_task`
+`main()` only parses arguments, loads and validates the config (before Spark starts), builds the
+session, logs one line of what the run will do (the full effective config with `--verbose`) and calls
+`jobs.pipeline.run_job`. It takes both forms a `python_wheel_task`
 passes:
 
 - `parameters`, a list passed as is: `--conf conf/x.yml --set limits.max_concurrency=16 --limit 100`;
@@ -26,6 +27,7 @@ import argparse
 import difflib
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -62,13 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "Other --name=value job parameters Databricks pushes down are ignored with a "
                        "warning; near-misses of the options above are errors.")
     p.add_argument("--conf", required=True, help="YAML config, e.g. conf/demo.yml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted), e.g. --set limits.max_concurrency=16; repeatable")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys (dotted), e.g. --set limits.max_concurrency=16 run.limit=10; "
+                        "takes several, and repeats")
     p.add_argument("--limit", metavar="ROWS",
                    help="job parameter: process at most ROWS pending rows (run.limit); empty: no change")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", nargs="?", const="true", metavar="BOOL",
                    help="job parameter: check config, input and endpoint (one probe request), count pending "
                         "rows, estimate tokens and cost; write nothing (run.dry_run)")
+    p.add_argument("--all", dest="dry_run_all", action="store_true",
+                   help="with --dry-run: price every input row, as a full re-run would, not only the pending "
+                        "ones (run.dry_run_all)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print the full effective config (JSON) at the start, and debug logs")
     return p
 
 
@@ -79,6 +87,7 @@ class Invocation:
     conf: str
     overrides: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    verbose: bool = False
 
 
 def _job_parameter_overrides(limit: str | None, dry_run: str | None) -> list[str]:
@@ -107,7 +116,7 @@ def _classify(rest: list[str], sections: list[str]) -> tuple[list[str], list[str
     Ignoring is safe only for the shape Databricks pushes down (`--name=value`, a legal job parameter
     name) when the name is not a near-miss of ours: `--limt=5` silently ignored would run every row.
     """
-    options = ["conf", "set", *JOB_PARAMETERS]
+    options = ["conf", "set", "verbose", "all", *JOB_PARAMETERS]
     overrides, ignored, errors = [], [], []
     i = 0
     while i < len(rest):
@@ -123,10 +132,12 @@ def _classify(rest: list[str], sections: list[str]) -> tuple[list[str], list[str
                 value, i = rest[i], i + 1
             overrides.append(f"{name}={value}")
             continue
-        if not name or not _JOB_PARAMETER_NAME.fullmatch(name) or not eq:
+        hint = _near_miss(section, sections) if "." in name else _near_miss(name, options + sections)
+        if name and not eq and i < len(rest) and not rest[i].startswith("--"):
+            i += 1  # the list form's value (`--limt 5`): it belongs to the option, not an error of its own
+        if not name or not _JOB_PARAMETER_NAME.fullmatch(name) or (not eq and not hint):
             errors.append(f"{token}: not an option of batch-inference")
             continue
-        hint = _near_miss(section, sections) if "." in name else _near_miss(name, options + sections)
         if hint:
             shown = f"--{hint}.KEY=VALUE" if hint in sections else f"--{hint.replace('_', '-')}"
             errors.append(f"--{name}: unknown; did you mean {shown}?")
@@ -134,7 +145,7 @@ def _classify(rest: list[str], sections: list[str]) -> tuple[list[str], list[str
             ignored.append(name)
     if errors:
         raise ArgumentsError("unknown arguments: " + "; ".join(errors)
-                             + " (options: --conf, --set, --limit, --dry-run, "
+                             + " (options: --conf, --set, --limit, --dry-run, --all, --verbose, "
                              + f"--<{'|'.join(sections)}>.KEY=VALUE)")
     return overrides, ignored
 
@@ -147,8 +158,9 @@ def parse_args(argv: list[str] | None = None) -> Invocation:
     sections = list(JobConfig.model_fields)
     keys, ignored = _classify(rest, sections)
     return Invocation(conf=args.conf,
-                      overrides=[*args.overrides, *keys, *_job_parameter_overrides(args.limit, args.dry_run)],
-                      ignored=ignored)
+                      overrides=[*args.overrides, *keys, *_job_parameter_overrides(args.limit, args.dry_run),
+                                 *(["run.dry_run_all=true"] if args.dry_run_all else [])],
+                      ignored=ignored, verbose=args.verbose)
 
 
 def effective_config_text(cfg: JobConfig, inv: Invocation) -> str:
@@ -162,10 +174,15 @@ def effective_config_text(cfg: JobConfig, inv: Invocation) -> str:
     return head + "\n" + json.dumps(cfg.redacted(), indent=2, sort_keys=True)
 
 
-def setup_logging() -> None:
+def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("py4j", "urllib3", "databricks.sdk"):
+    if verbose:
+        logging.getLogger("batch_inference").setLevel(logging.DEBUG)
+    # Their INFO is about themselves (py4j's callbacks, MLflow creating its database tables). MLflow sets
+    # its loggers' level when imported, from MLFLOW_LOGGING_LEVEL: a level set here before would not last.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for noisy in ("py4j", "urllib3", "databricks.sdk", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -183,6 +200,8 @@ def execute(argv: list[str] | None = None) -> int:
     except ArgumentsError as exc:
         log.error("bad arguments: %s", exc)
         return 2
+    if inv.verbose:
+        setup_logging(verbose=True)
     from jobs.config import ConfigError, load_config
 
     try:
@@ -192,18 +211,23 @@ def execute(argv: list[str] | None = None) -> int:
         return 2
     for name in inv.ignored:
         log.warning("ignoring job parameter --%s: batch-inference does not use it", name)
-    print(effective_config_text(cfg, inv), flush=True)
+    if inv.verbose:
+        print(effective_config_text(cfg, inv), flush=True)
 
     try:
         from jobs.errors import InputError, JobFailed
-        from jobs.pipeline import run_job
+        from jobs.observe.lines import start_line
+        from jobs.pipeline import calls_from, run_job
         from jobs.session import get_spark
     except ImportError as exc:  # the wheel leaves Spark to the Databricks runtime
         log.error("%s: off Databricks, install the local extra: pip install 'spark-batch-inference[local]'",
                   exc)
         return 2
     try:
-        summary = run_job(get_spark(), cfg)
+        spark = get_spark()
+        mode, _ = calls_from(spark, cfg.run.calls_from)
+        log.info("%s", start_line(cfg, mode, f"run.calls_from: {cfg.run.calls_from}"))
+        summary = run_job(spark, cfg)
     except (ConfigError, InputError) as exc:
         log.error("%s", exc)
         return 2
@@ -218,14 +242,11 @@ def execute(argv: list[str] | None = None) -> int:
             raise
         log.error("endpoint: %s (chunks committed before it are kept; rerun to resume)", reason)
         return 2
-    print(json.dumps({"run_id": summary.run_id, "output_table": summary.output_table,
-                      "pending_rows": summary.pending_rows, "by_status": summary.by_status,
-                      "seconds": round(summary.seconds, 1)}))
     if summary.stopped == "budget":
         log.warning("stopped: budget: spent %s of %s; %d row(s) left pending: the next run sends them",
                     summary.spent, summary.budget, summary.pending_rows - sum(summary.by_status.values()))
         return EXIT_BUDGET
-    return 0
+    return 0  # the run's last line, what it did and where the results are, is logged by jobs.observe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ in `demo.classified`), and prints where the results are and how to query them.
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -17,10 +18,12 @@ from pathlib import Path
 from jobs.config import JobConfig, load_config
 from jobs.cli.run import setup_logging
 from jobs.local.stand_in import LocalEndpoint, llm_latency
+from jobs.observe.lines import duration, start_line
 from jobs.tables import ensure_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_LATENCY_S = 0.3  # the stand-in's median answer time
+log = logging.getLogger("batch_inference")
 
 # Cosine similarity in plain Spark SQL: the nearest other prompt to each of the first three.
 NEAREST = """
@@ -69,7 +72,7 @@ def configs(port: int, argv: list[str]) -> list[JobConfig]:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    from jobs.pipeline import run_job
+    from jobs.pipeline import calls_from, run_job
     from jobs.session import get_spark
 
     port = _free_port(load_config(ROOT / "conf" / "demo.yml").endpoint.port or 7777)
@@ -78,16 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     seed_prompts(spark, completions.input.table or "demo.prompts", ROOT / "data" / "prompts.jsonl")
     # Answers take what an LLM's take, varying per prompt (median 0.3 s, a few seconds at most): the
     # engine keeps `limits.max_concurrency` in flight across them.
+    summaries = []
     with LocalEndpoint(port, latency_of=lambda raw: llm_latency(raw, DEMO_LATENCY_S, 0.05, 3.0)) as endpoint:
-        summaries = [run_job(spark, cfg) for cfg in (completions, embeddings, classify)]
+        for cfg in (completions, embeddings, classify):
+            mode, _ = calls_from(spark, cfg.run.calls_from)
+            log.info("%s", start_line(cfg, mode, f"run.calls_from: {cfg.run.calls_from}"))
+            summaries.append(run_job(spark, cfg))
     print()
     print(f"Local endpoint on {endpoint.url} served {len(endpoint.received)} requests "
           "(a stand-in, not a model).")
     for cfg, summary in zip((completions, embeddings, classify), summaries):
         out = cfg.output.table
         location = spark.sql(f"DESCRIBE DETAIL {out}").first()["location"]
-        print(f"Run {summary.run_id}: {summary.by_status} in {summary.seconds:.1f}s")
-        print(f"Results: Delta table {out} at {location}")
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.by_status.items())) or "nothing to do"
+        print(f"Run {summary.run_id}: {counts} in {duration(summary.seconds)}; results in Delta table {out} "
+              f"at {location}")
     out = completions.output.table
     query = f"SELECT id, prompt, response, status, latency_ms FROM {out} ORDER BY id LIMIT 5"
     print("Query them:")
@@ -123,7 +131,8 @@ def show_runs(spark, cfg: JobConfig) -> None:
     if runs and spark.catalog.tableExists(runs):
         location = spark.sql(f"DESCRIBE DETAIL {runs}").first()["location"]
         print(f"Runs: Delta table {runs} at {location}, one row per run (README: Watching a run)")
-        query = (f"SELECT endpoint, rows, rows_error, latency_p95_ms, rows_per_s, total_tokens, estimated_cost "
+        query = ("SELECT endpoint, rows, rows_error, latency_p95_ms, rows_per_s, total_tokens, estimated_cost, "
+                 "cost_unit "
                  f"FROM {runs} ORDER BY started_at DESC LIMIT 4")
         print(f'  spark.sql("{query}").show()')
         spark.sql(query).show(truncate=False)

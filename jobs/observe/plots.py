@@ -1,4 +1,5 @@
-"""The run's two plots: latency per request (a histogram with p50/p95/p99) and throughput per chunk.
+"""The run's two plots: latency per request (a histogram on a log axis with p50/p95/p99) and throughput
+per chunk, each titled with the run, the endpoint and the concurrency.
 
 matplotlib's object API (no pyplot: no global figure state, no GUI backend); without matplotlib the
 plots are skipped with a warning.
@@ -11,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,48 +22,64 @@ from jobs.observe.stats import RunStats
 log = logging.getLogger("batch_inference")
 
 
-def save_plots(stats: RunStats, timeline: list[ChunkTiming], folder: Path) -> list[Path]:
-    """`latency_histogram.png` and `throughput.png` in `folder`; none if matplotlib is missing."""
+def save_plots(stats: RunStats, timeline: list[ChunkTiming], folder: Path, about: str = "") -> list[Path]:
+    """`latency_histogram.png` and `throughput.png` in `folder`, their titles ending with `about` (the
+    run, endpoint and concurrency); none if matplotlib is missing."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     except ImportError:
         log.warning("matplotlib is not installed: the run's plots are skipped")
         return []
     latency, throughput = folder / "latency_histogram.png", folder / "throughput.png"
-    fig = Figure(figsize=(6, 3.6), dpi=110)
-    _draw_latency(fig.add_subplot(), stats)
+    fig = Figure(figsize=(6, 3.8), dpi=110)
+    _draw_latency(fig.add_subplot(), stats, about)
     fig.tight_layout()
     fig.savefig(latency)
-    fig = Figure(figsize=(6, 3.6), dpi=110)
-    _draw_throughput(fig.add_subplot(), timeline)
+    fig = Figure(figsize=(6, 3.8), dpi=110)
+    _draw_throughput(fig.add_subplot(), timeline, about)
     fig.tight_layout()
     fig.savefig(throughput)
     return [latency, throughput]
 
 
-def _draw_latency(ax: Any, stats: RunStats, bins: int = 30) -> None:
-    # histogram_numeric gives uneven bins (centroids with counts); their counts are re-binned into
-    # even ones, or a wide sparse bin would look as tall as a narrow busy one.
-    top = max((x for x, _ in stats.latency_histogram), default=0.0)
-    if top > 0:
-        width = top / (bins - 0.5)
-        counts = [0.0] * bins
-        for x, n in stats.latency_histogram:
-            counts[min(bins - 1, int(x / width))] += n
-        ax.bar([i * width for i in range(bins)], counts, width=width, align="edge", color="#4c78a8",
-               edgecolor="white")
+def log_bins(histogram: list[tuple[float, float]], bins: int = 30) -> tuple[list[float], list[float]]:
+    """(edges, counts): histogram_numeric's uneven centroids re-binned into bins even on a log axis.
+
+    Latency spans orders of magnitude (a 3 ms answer, a 2 s retry): on a linear axis most requests
+    fall into the first bar.
+    """
+    xs = [x for x, _ in histogram if x > 0]
+    if not xs:
+        return [], []
+    lo, hi = min(xs) / 1.05, max(xs) * 1.05
+    step = (math.log(hi) - math.log(lo)) / bins
+    edges = [math.exp(math.log(lo) + i * step) for i in range(bins + 1)]
+    counts = [0.0] * bins
+    for x, n in histogram:
+        if x > 0:
+            counts[min(bins - 1, max(0, int((math.log(x) - math.log(lo)) / step)))] += n
+    return edges, counts
+
+
+def _draw_latency(ax: Any, stats: RunStats, about: str) -> None:
+    edges, counts = log_bins(stats.latency_histogram)
+    if edges:
+        ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge",
+               color="#4c78a8", edgecolor="white")
+        ax.set_xscale("log")
     for q, value, style in (("p50", stats.latency_p50_ms, "-"), ("p95", stats.latency_p95_ms, "--"),
                             ("p99", stats.latency_p99_ms, ":")):
         if value is not None:
             ax.axvline(value, color="#e45756", linestyle=style, label=f"{q} {value:,.0f} ms")
-    ax.set_title(f"Latency per request ({stats.distinct_requests:,} requests)")
-    ax.set_xlabel("latency (ms), retries included")
+    ax.set_title(f"Latency per request ({stats.distinct_requests:,} requests)" + (f"\n{about}" if about else ""),
+                 fontsize=10)
+    ax.set_xlabel("latency (ms, log scale), retries included")
     ax.set_ylabel("requests")
     if stats.latency_p50_ms is not None:
         ax.legend(loc="upper right")
 
 
-def _draw_throughput(ax: Any, timeline: list[ChunkTiming]) -> None:
+def _draw_throughput(ax: Any, timeline: list[ChunkTiming], about: str = "") -> None:
     if timeline:
         t = [0.0] + [c.seconds for c in timeline]
         rates = chunk_rates(timeline)
@@ -74,6 +92,13 @@ def _draw_throughput(ax: Any, timeline: list[ChunkTiming]) -> None:
         ax.plot(t[1:], average, "o--", color="#f58518", label="rows/s since start")
         ax.set_ylim(bottom=0)
         ax.legend(loc="lower right")
-    ax.set_title(f"Throughput ({len(timeline)} chunks)")
+        if any(c.errors for c in timeline):  # errors over time: when the endpoint failed, not only how often
+            errors = ax.twinx()
+            errors.stairs([c.errors for c in timeline], t, color="#e45756", fill=True, alpha=0.3,
+                          label="error rows per chunk")
+            errors.set_ylabel("error rows", color="#e45756")
+            errors.set_ylim(bottom=0)
+            errors.legend(loc="upper right")
+    ax.set_title(f"Throughput ({len(timeline)} chunks)" + (f"\n{about}" if about else ""), fontsize=10)
     ax.set_xlabel("seconds since the first chunk started")
     ax.set_ylabel("rows / s")

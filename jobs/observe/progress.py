@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import IO, Callable
 
+from jobs.observe.waiting import Waiting
+
 log = logging.getLogger("batch_inference")
 
 BAR_WIDTH = 24
@@ -37,7 +39,7 @@ class Progress:
     """
 
     def __init__(self, total_rows: int, total_chunks: int, *, stream: IO[str] | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, watch: Waiting | None = None) -> None:
         self.total_rows, self.total_chunks = total_rows, total_chunks
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock or time.monotonic
@@ -51,6 +53,16 @@ class Progress:
         self.tail_s: float | None = None
         # run.budget: what the run has spent against it, as text (`spent 1,200 of 5,000 output tokens`).
         self.spend: Callable[[], str] | None = None
+        self.closed = False
+        # Between chunks: what the run waits for, once nothing has come back for a while.
+        self.watch = watch
+        if watch is not None and total_rows:
+            watch.start(lambda: self.last_change, lambda: len(self.timeline) + 1)
+
+    @property
+    def last_change(self) -> float:
+        """When a chunk last came back (or the calls started), on `clock`."""
+        return self.started + (self.timeline[-1].seconds if self.timeline else 0.0)
 
     def chunk_done(self, by_status: dict[str, int]) -> str:
         rows = sum(by_status.values())
@@ -66,9 +78,13 @@ class Progress:
         return self.line(elapsed)
 
     def close(self) -> None:
-        if self.tty and self.timeline:
+        """End the bar's line and stop watching; a second call does nothing."""
+        if self.watch is not None:
+            self.watch.stop()
+        if self.tty and self.timeline and not self.closed:
             self.stream.write("\n")
             self.stream.flush()
+        self.closed = True
 
     def _numbers(self, elapsed: float) -> tuple[float, float, str]:
         rate = self.done / elapsed if elapsed > 0 else 0.0

@@ -67,6 +67,8 @@ RUNS_SCHEMA = T.StructType([
     T.StructField("job_id", T.StringType()), T.StructField("job_run_id", T.StringType()),
     T.StructField("task_run_id", T.StringType()), T.StructField("task_key", T.StringType()),
     T.StructField("mlflow_run_id", T.StringType()),
+    # What estimated_cost is in (endpoint.price_unit): last, so tables made before it gain it on append.
+    T.StructField("cost_unit", T.StringType()),
     # run.budget: why the run stopped early (`budget`), its caps and what it spent (tokens, requests,
     # cost). Added after the first release: older tables gain them on the next append (mergeSchema).
     T.StructField("stopped", T.StringType()),
@@ -92,7 +94,7 @@ def run_record(cfg: JobConfig, summary: RunSummary, stats: RunStats, started_at:
         "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
         "total_tokens": stats.total_tokens, "estimated_token_requests": stats.estimated_token_requests,
         "estimated_cost": estimate_cost(cfg.endpoint, stats.prompt_tokens, stats.completion_tokens),
-        **{k: ids.get(k) for k in JOB_KEYS}, "mlflow_run_id": None,
+        **{k: ids.get(k) for k in JOB_KEYS}, "mlflow_run_id": None, "cost_unit": cfg.endpoint.price_unit,
         "stopped": summary.stopped,
         "budget": {k: float(v) for k, v in summary.budget.items()} if summary.budget else None,
         "spent": {k: float(v) for k, v in summary.spent.items()} if summary.spent else None,

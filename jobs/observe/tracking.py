@@ -70,7 +70,7 @@ def mlflow_params(cfg: JobConfig) -> dict[str, str]:
         "read_timeout_s": lim.read_timeout_s, "max_attempts": r.max_attempts,
         "chunk_rows": cfg.run.chunk_rows, "limit": cfg.run.limit, "retry_errors": cfg.run.retry_errors,
         "input": cfg.input.table or cfg.input.path or "(query)", "output_table": cfg.output.table,
-        "config_hash": cfg.config_hash(),
+        "config_hash": cfg.config_hash(), "cost_unit": e.price_unit,
         **{f"model_kwargs.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in e.model_kwargs.items()},
     }
     return {k: str(v)[:500] for k, v in params.items() if v is not None}
@@ -91,8 +91,10 @@ def log_to_mlflow(spark: SparkSession, cfg: JobConfig, record: dict[str, Any], s
     name = _experiment(spark, cfg)
     found = client.get_experiment_by_name(name)
     exp_id = found.experiment_id if found else client.create_experiment(name, artifact_location=artifacts)
-    run = client.create_run(exp_id, run_name=f"{cfg.endpoint.name}-{record['run_id'][:8]}",
-                            tags={"batch_inference.run_id": record["run_id"]})
+    noop = not record["pending_rows"]
+    run = client.create_run(exp_id, run_name=f"{cfg.endpoint.name}-{record['run_id'][:8]}" + ("-noop" if noop else ""),
+                            tags={"batch_inference.run_id": record["run_id"],
+                                  "batch_inference.noop": str(noop).lower()})
     mid = run.info.run_id
     try:
         _log_run(client, mid, cfg, record, stats, timeline)
@@ -100,7 +102,7 @@ def log_to_mlflow(spark: SparkSession, cfg: JobConfig, record: dict[str, Any], s
         client.set_terminated(mid, "FAILED")  # not left RUNNING forever in the UI
         raise
     client.set_terminated(mid, "FINISHED")
-    log.info("MLflow: run %s in experiment %s (%s)", mid, name, uri)
+    log.debug("MLflow: run %s in experiment %s (%s)", mid, name, uri)  # the closing line names the run
     return mid
 
 
@@ -120,8 +122,10 @@ def _log_run(client: Any, mid: str, cfg: JobConfig, record: dict[str, Any], stat
     for i in range(1000, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
         client.log_batch(mid, metrics=metrics[i:i + 1000])
     with tempfile.TemporaryDirectory() as tmp:
-        for path in save_plots(stats, timeline, Path(tmp)):
-            client.log_artifact(mid, str(path))
+        if record["pending_rows"]:  # a no-op rerun has nothing to plot: its run is tagged instead
+            about = f"run {record['run_id'][:8]}, {cfg.endpoint.name}, C={cfg.limits.max_concurrency}"
+            for path in save_plots(stats, timeline, Path(tmp), about):
+                client.log_artifact(mid, str(path))
         summary = Path(tmp) / "run_summary.json"
         summary.write_text(json.dumps(record, default=str, indent=2))
         client.log_artifact(mid, str(summary))
