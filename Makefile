@@ -41,6 +41,7 @@ test-random: install
 bench: install
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/throughput.py --whole-job
+	$(BIN)/python benchmarks/llm_latency.py
 	$(BIN)/python benchmarks/embeddings.py
 	$(BIN)/python benchmarks/ratelimit.py
 
