@@ -24,14 +24,57 @@ LIMITS = [
 ]
 
 
-def test_the_lowest_limit_that_applies_to_this_caller_is_the_one():
+def test_the_limits_that_apply_to_this_caller():
     info = parse_endpoint({"name": "llm", "ai_gateway": {"rate_limits": LIMITS}}, principal=CLIENT_ID)
     assert (info.calls_per_minute, info.tokens_per_minute) == (300, 60000)
     assert info.limits == ("600 calls/min per endpoint", "300 calls/min, 60000 tokens/min per service_principal")
-    assert info.ignored == ("30 calls/min per service_principal another-sp", "10 calls/min per user_group analysts")
+    assert info.ignored == ("30 calls/min per service_principal another-sp (not this caller)",
+                            "10 calls/min per user_group analysts (not this caller)")
     mine = parse_endpoint({"name": "llm", "ai_gateway": {"rate_limits": [
         {**LIMITS[2], "principal": CLIENT_ID}, LIMITS[0]]}}, principal=CLIENT_ID)
     assert mine.calls_per_minute == 30  # a limit naming this service principal applies to it
+
+
+def _lim(key: str, calls: int | None = None, tokens: int | None = None, principal: str | None = None) -> dict:
+    return {k: v for k, v in {"key": key, "calls": calls, "tokens": tokens, "principal": principal,
+                              "renewal_period": "minute"}.items() if v is not None}
+
+
+DEFAULT = _lim("user", calls=100)
+CASES = {
+    # case: (limits, the caller's groups, (calls, tokens)/min that apply, what the log says of the calls)
+    "default only": ([DEFAULT], [], (100, None), "100 calls/min: the default per-user limit"),
+    "custom higher": ([DEFAULT, _lim("service_principal", calls=300, principal=CLIENT_ID)], [], (300, None),
+                      "300 calls/min: a custom limit for this caller (it overrides the default"),
+    "custom lower": ([DEFAULT, _lim("service_principal", calls=20, principal=CLIENT_ID)], [], (20, None),
+                     "20 calls/min: a custom limit for this caller"),
+    "custom beats group": ([DEFAULT, _lim("user_group", calls=50, principal="analysts"),
+                            _lim("service_principal", calls=300, principal=CLIENT_ID)], ["analysts"], (300, None),
+                           "300 calls/min: a custom limit for this caller (it overrides the default and any group's)"),
+    "group": ([DEFAULT, _lim("user_group", calls=250, principal="analysts"),
+               _lim("user_group", calls=5, principal="others")], ["analysts"], (250, None),
+              "250 calls/min: its group's limit, shared with the group's other members"),
+    "endpoint ceiling below": ([_lim("endpoint", calls=40), DEFAULT,
+                                _lim("service_principal", calls=300, principal=CLIENT_ID)], [], (40, None),
+                               "40 calls/min: the endpoint's ceiling (40 calls/min per endpoint) is below a custom"),
+    "tokens stricter than calls": ([_lim("user", calls=600, tokens=6000)], [], (600, 6000),
+                                   "both apply, the stricter binds: the tokens limit for requests of more than 10 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ai_gateway_precedence_against_the_workspace(case, oauth_env, caplog):
+    """Each case of AI Gateway's documented precedence, read from the replica with the job's own OAuth
+    identity (SCIM `Me` says who it is and its groups), and logged with the reason."""
+    limits, groups, (calls, tokens), why = CASES[case]
+    caplog.set_level(logging.INFO, logger="batch_inference")
+    with Workspace() as ws:
+        ws.groups = groups
+        ws.definition = {"name": "llm", "ai_gateway": {"rate_limits": limits}}
+        spec = engine_spec(job_config(endpoint=serving(ws, auth="databricks")))
+    assert spec.requests_per_s == pytest.approx(calls / 60)
+    assert spec.tokens_per_s == (None if tokens is None else pytest.approx(0.9 * tokens / 60))
+    assert "applies: " in caplog.text and why in caplog.text
 
 
 @pytest.fixture
@@ -59,7 +102,8 @@ def test_the_job_starts_under_the_gateway_s_limits_and_calls_a_route_optimized_e
         gets = [(m, p, n) for m, p, n in ws.requests if p.startswith("/api/")]
     assert spec.url == f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations"
     assert isinstance(spec.credentials, OAuthM2M) and spec.credentials.header().reveal().startswith("Bearer oauth-")
-    assert gets == [("GET", "/api/2.0/serving-endpoints/llm", 1)]  # read with the OAuth token
+    # read with the OAuth token; who it is, as limits name principals
+    assert gets == [("GET", "/api/2.0/serving-endpoints/llm", 1), ("GET", "/api/2.0/preview/scim/v2/Me", 1)]
     assert spec.requests_per_s == pytest.approx(300 / 60) and spec.start_requests_per_s == pytest.approx(0.9 * 5)
     assert spec.tokens_per_s == pytest.approx(0.9 * 60000 / 60)
     assert "route-optimized at" in caplog.text and "scales to zero" in caplog.text

@@ -5,6 +5,7 @@ and the endpoint itself, for the tests of expiring tokens, AI Gateway limits and
   databricks-sdk discovers the token endpoint (as `tests/test_resolve.py`'s workspace does);
 - `POST /oidc/v1/token`: the client-credentials grant, HTTP Basic `client_id:client_secret`; each
   token is new and lives `token_life_s` (`expires_in`), as a real one lives an hour;
+- `GET /api/2.0/preview/scim/v2/Me`: who a token it issued is (the service principal, in `groups`);
 - `GET /api/2.0/serving-endpoints/{name}`: the endpoint's definition (`definition`, a
   `ServingEndpointDetailed` as JSON), for a bearer token it issued;
 - `POST /serving-endpoints/{name}/invocations`, and the same under `/ro/1234/` (a route-optimized
@@ -44,6 +45,7 @@ class Workspace(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.token_life_s = token_life_s
         self.definition: dict[str, Any] | None = None
+        self.groups: list[str] = []  # the service principal's groups, as SCIM `Me` lists them
         self.tokens: dict[str, tuple[int, float]] = {}  # token -> (its number, issued at)
         self.requests: list[tuple[str, str, int | None]] = []
         self.refused = 0  # invocations answered 401
@@ -128,6 +130,11 @@ class _Handler(JsonHandler):
         path, ws = urlsplit(self.path).path, self.server
         if self._discovery(path, ws.url):
             return
+        if path == "/api/2.0/preview/scim/v2/Me":
+            if not valid:
+                return self._answer(401, {"error_code": "UNAUTHENTICATED", "message": "Invalid access token."})
+            return self._answer(200, {"userName": CLIENT_ID, "applicationId": CLIENT_ID, "active": True,
+                                      "groups": [{"display": g, "value": str(i)} for i, g in enumerate(ws.groups)]})
         m = re.fullmatch(r"/api/2.0/serving-endpoints/([^/]+)", path)
         if m and ws.definition is not None and m.group(1) == ws.definition.get("name"):
             if not valid:
