@@ -41,6 +41,12 @@ class EndpointInfo:
     state: str = "unknown"
     route_optimized: bool = False
     endpoint_url: str | None = None
+    # What databricks-sdk's data-plane path reads: the scope a token must carry to query the endpoint
+    # (`data_plane_info.query_info.authorization_details`), and its URL there.
+    authorization_details: str | None = None
+    data_plane_url: str | None = None
+    # The workspace's id (the `x-databricks-org-id` its API answers with): part of a route-optimized URL.
+    workspace_id: str | None = None
     scale_to_zero: bool = False
     # The lowest AI Gateway limits that apply to this caller, per minute; None: no such limit.
     calls_per_minute: int | None = None
@@ -53,17 +59,26 @@ class EndpointInfo:
 
     @property
     def invocation_url(self) -> str | None:
-        """The route-optimized URL to call (Databricks gives the whole invocations URL; a bare host
-        is completed with the usual path)."""
-        if not (self.route_optimized and self.endpoint_url):
+        """The route-optimized URL to call: `https://<id>.<region>.serving.../<workspace-id>/serving-endpoints
+        /<name>/invocations`. Databricks gives it whole (`endpoint_url`, or the data plane's); a bare
+        host is completed with the workspace id and the usual path; None if it cannot be (no host, or
+        no workspace id)."""
+        if not self.route_optimized:
+            return None
+        for given in (self.endpoint_url, self.data_plane_url):
+            if given and given.rstrip("/").endswith("/invocations"):
+                return given.rstrip("/")
+        if not self.endpoint_url or not self.workspace_id:
             return None
         url = self.endpoint_url.rstrip("/")
-        return url if url.endswith("/invocations") else f"{url}/serving-endpoints/{self.name}/invocations"
+        if not url.endswith(f"/{self.workspace_id}"):
+            url = f"{url}/{self.workspace_id}"
+        return f"{url}/serving-endpoints/{self.name}/invocations"
 
     def describe(self) -> str:
         parts = [f"state {self.state}"]
         if self.route_optimized:
-            parts.append(f"route-optimized at {self.invocation_url or '(no endpoint_url)'}")
+            parts.append(f"route-optimized at {self.invocation_url or self.endpoint_url or '(no endpoint_url)'}")
         if self.scale_to_zero:
             parts.append("scales to zero (the first requests may meet a cold start: 503s for minutes)")
         parts.append("AI Gateway limits: " + (", ".join(self.limits) if self.limits else "none"))
@@ -89,11 +104,12 @@ def _get(url: str, headers: Mapping[str, Secret | str], timeout_s: float):  # ->
 
 
 def read_endpoint(host: str, name: str, headers: Mapping[str, Secret | str], *, principal: str | None = None,
-                  timeout_s: float = 10.0) -> EndpointInfo:
+                  workspace_id: str | None = None, timeout_s: float = 10.0) -> EndpointInfo:
     """The endpoint's definition; `principal` is this caller's service principal (application id), if
-    known. Raises `DefinitionUnavailable`."""
+    known; `workspace_id` if known (the workspace's answer names it too). Raises `DefinitionUnavailable`."""
     url = f"{host.rstrip('/')}/api/2.0/serving-endpoints/{name}"
     resp = _get(url, headers, timeout_s)
+    workspace_id = resp.headers.get("x-databricks-org-id") or workspace_id
     try:
         body = resp.json()
         parse_endpoint(body)
@@ -107,7 +123,7 @@ def read_endpoint(host: str, name: str, headers: Mapping[str, Secret | str], *, 
         except DefinitionUnavailable as exc:  # the limits naming principals cannot be matched: say so
             log.warning("endpoint %s: who the job runs as is unknown (%s); custom and group AI Gateway "
                         "limits are matched on %s only", name, exc, principal or "nothing")
-    return parse_endpoint(body, principal=principal, names=names, groups=groups)
+    return parse_endpoint(body, principal=principal, names=names, groups=groups, workspace_id=workspace_id)
 
 
 def whoami(host: str, headers: Mapping[str, Secret | str], *, timeout_s: float = 10.0
@@ -140,7 +156,7 @@ def _pick(levels: list[tuple[str, list[tuple[int, str]]]], shared_max: bool = Fa
 
 
 def parse_endpoint(body: dict, *, principal: str | None = None, names: frozenset[str] | set[str] = frozenset(),
-                   groups: frozenset[str] | set[str] = frozenset()) -> EndpointInfo:
+                   groups: frozenset[str] | set[str] = frozenset(), workspace_id: str | None = None) -> EndpointInfo:
     """`ServingEndpointDetailed` as JSON -> `EndpointInfo`, under AI Gateway's precedence.
 
     For calls and for tokens each: the endpoint's limit is a ceiling over everyone; under it, a custom
@@ -158,6 +174,7 @@ def parse_endpoint(body: dict, *, principal: str | None = None, names: frozenset
         update = ep.state.config_update.value if ep.state.config_update else None
         state = ready + (f" ({update})" if update and update != "NOT_UPDATING" else "")
     entities = (ep.config.served_entities or []) if ep.config is not None else []
+    query = ep.data_plane_info.query_info if ep.data_plane_info is not None else None
     me = set(names) | ({principal} if principal else set())
     # dimension -> level -> [(value, text)]
     levels = {d: {"endpoint": [], "custom": [], "group": [], "default": []} for d in ("calls", "tokens")}
@@ -217,6 +234,8 @@ def parse_endpoint(body: dict, *, principal: str | None = None, names: frozenset
                    "tokens, the calls limit below")
     return EndpointInfo(
         name=ep.name or "", state=state, route_optimized=bool(ep.route_optimized), endpoint_url=ep.endpoint_url,
+        authorization_details=query.authorization_details if query is not None else None,
+        data_plane_url=query.endpoint_url if query is not None else None, workspace_id=workspace_id,
         scale_to_zero=any(e.scale_to_zero_enabled for e in entities),
         calls_per_minute=chosen["calls"], tokens_per_minute=chosen["tokens"],
         limits=tuple(found), ignored=tuple(ignored), applied=tuple(why))

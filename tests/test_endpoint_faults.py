@@ -20,7 +20,7 @@ from jobs.local.stand_in import LocalEndpoint
 from jobs.pipeline import run_job
 from tests.conftest import free_port, job_config
 from tests.faults import ColdStart, FixedWindow
-from tests.workspace import CLIENT_ID, CLIENT_SECRET, RO_PREFIX, Workspace
+from tests.workspace import AUTH_DETAILS, CLIENT_ID, CLIENT_SECRET, RO_PREFIX, Workspace
 
 DEFAULT_RETRY = {"backoff_base_s": 0.5, "backoff_max_s": 30.0}  # conftest's job_config shortens them
 
@@ -110,7 +110,8 @@ def test_tokens_that_expire_are_refreshed_for_a_run_longer_than_three_of_their_l
     """A service principal's OAuth through databricks-sdk against a loopback workspace: tokens live 2 s
     (an hour, scaled) and are refused after; the run paces at the endpoint's AI Gateway limit for over
     6 s. Each task mints its own tokens before they lapse. The endpoint is route-optimized: it is called
-    at its own URL, which the workspace's definition gives."""
+    at its own URL, which the workspace's definition gives, with tokens scoped to it (exchanged from the
+    workspace's; the replica refuses others with 403)."""
     for name in ("DATABRICKS_TOKEN", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_HOST"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DATABRICKS_CONFIG_FILE", "/nonexistent/.databrickscfg")
@@ -121,18 +122,20 @@ def test_tokens_that_expire_are_refreshed_for_a_run_longer_than_three_of_their_l
         ws.definition = {
             "name": "llm", "route_optimized": True, "state": {"ready": "READY"},
             "endpoint_url": f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations",
+            "data_plane_info": {"query_info": {"authorization_details": AUTH_DETAILS}},
             "ai_gateway": {"rate_limits": [{"calls": 480, "key": "endpoint", "renewal_period": "minute"}]}}
         summary = run_job(spark, job_config(
             input={"table": prompts(spark, 60)}, output={"table": table_name},
             endpoint={"name": "llm", "type": "serving", "task": "llm/v1/chat", "host": ws.url, "auth": "databricks"},
             limits={"max_concurrency": 4}, retry=DEFAULT_RETRY))
         calls = ws.invocations()
+        scoped = {ws.tokens[t][0] for t in ws.scoped}
     tokens = {n for _, n in calls}
     print(f"\nexpiring tokens: {summary.by_status} in {summary.seconds:.1f}s; {len(calls)} calls with "
           f"{len(tokens)} tokens, {ws.refused} refused")
     assert statuses(spark, table_name) == {"ok": 60}
     assert {p for p, _ in calls} == {f"{RO_PREFIX}/serving-endpoints/llm/invocations"}
-    assert len(tokens) >= 4 and None not in tokens
+    assert len(tokens) >= 4 and None not in tokens and tokens <= scoped
     log = caplog.text
     assert "AI Gateway limits: 480 calls/min per endpoint" in log and "route-optimized: calling" in log
-    assert CLIENT_SECRET not in log and "oauth-" not in log
+    assert CLIENT_SECRET not in log and "oauth-" not in log and "scoped-" not in log

@@ -13,8 +13,8 @@ from jobs.config import ConfigError
 from jobs.endpoint_info import parse_endpoint
 from jobs.resolve import engine_spec
 from tests.conftest import job_config
-from tests.workspace import CLIENT_ID, CLIENT_SECRET, RO_PREFIX, Workspace
-from udfs.auth import OAuthM2M
+from tests.workspace import AUTH_DETAILS, CLIENT_ID, CLIENT_SECRET, RO_PREFIX, Workspace
+from udfs.auth import DataPlaneToken, OAuthM2M
 
 LIMITS = [
     {"calls": 600, "key": "endpoint", "renewal_period": "minute"},
@@ -102,6 +102,7 @@ def test_the_job_starts_under_the_gateway_s_limits_and_calls_a_route_optimized_e
         gets = [(m, p, n) for m, p, n in ws.requests if p.startswith("/api/")]
     assert spec.url == f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations"
     assert isinstance(spec.credentials, OAuthM2M) and spec.credentials.header().reveal().startswith("Bearer oauth-")
+    # (no data_plane_info in this definition: the workspace token is sent, and the log says so)
     # read with the OAuth token; who it is, as limits name principals
     assert gets == [("GET", "/api/2.0/serving-endpoints/llm", 1), ("GET", "/api/2.0/preview/scim/v2/Me", 1)]
     assert spec.requests_per_s == pytest.approx(300 / 60) and spec.start_requests_per_s == pytest.approx(0.9 * 5)
@@ -162,3 +163,89 @@ def test_the_local_stand_in_answers_its_definition_so_the_demo_reads_it_without_
     assert spec.url == f"{ep.url}/serving-endpoints/local-embeddings/invocations"
     assert "endpoint local-embeddings: state READY; AI Gateway limits: none" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# -- route-optimized endpoints: their own URL, a token scoped to them, no runtime token ---------------------
+
+def route_optimized(ws: Workspace, endpoint_url: str) -> dict:
+    return {"name": "llm", "route_optimized": True, "state": {"ready": "READY"}, "endpoint_url": endpoint_url,
+            "data_plane_info": {"query_info": {"authorization_details": AUTH_DETAILS}}}
+
+
+@pytest.mark.usefixtures("oauth_env")
+def test_a_route_optimized_url_given_as_a_bare_host_is_completed_with_the_workspace_id():
+    """Databricks' route-optimized URL is `<host>/<workspace-id>/serving-endpoints/<name>/invocations`; the
+    workspace id comes from the workspace's answer (`x-databricks-org-id`). Without it the replica says 404."""
+    from udfs.engine import Engine
+
+    with Workspace() as ws:
+        ws.definition = route_optimized(ws, f"{ws.url}/ro")
+        spec = engine_spec(job_config(endpoint=serving(ws, auth="databricks")))
+        with Engine(spec) as engine:
+            [o] = engine.call(["x"])
+    assert spec.url == f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations"
+    assert o.status == "ok", o.error
+
+
+@pytest.mark.usefixtures("oauth_env")
+def test_a_route_optimized_endpoint_is_called_with_a_token_scoped_to_it_refreshed_before_it_expires(caplog):
+    """The workspace token is exchanged at /oidc/v1/token for one carrying the endpoint's
+    authorization_details (the replica refuses anything else with 403), on the driver and again in a
+    task (pickled, as to an executor) when it nears its end: tokens live 2 s, the calls go on for 5."""
+    import dataclasses
+    import pickle
+    import time
+
+    from udfs.engine import Engine
+
+    caplog.set_level(logging.INFO, logger="batch_inference")
+    with Workspace(token_life_s=2.0) as ws:
+        ws.definition = route_optimized(ws, f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations")
+        spec = engine_spec(job_config(endpoint=serving(ws, auth="databricks")))
+        task_creds = pickle.loads(pickle.dumps(spec.credentials.for_tasks()))
+        outcomes = []
+        for creds in (spec.credentials, task_creds):
+            with Engine(dataclasses.replace(spec, credentials=creds)) as engine:
+                for _ in range(3):
+                    outcomes += engine.call(["x"]) + engine.call(["y"])
+                    time.sleep(0.9)
+        calls, refused = ws.invocations(), ws.refused
+        exchanges = [n for m, p, n in ws.requests if m == "POST" and p == "/oidc/v1/token"]
+        scoped_numbers = {ws.tokens[t][0] for t in ws.scoped}
+    assert [(o.status, o.error) for o in outcomes] == [("ok", None)] * 12 and refused == 0
+    assert isinstance(spec.credentials, DataPlaneToken) and "Authorization" not in spec.headers
+    assert {n for _, n in calls} <= scoped_numbers and len({n for _, n in calls}) >= 3  # refreshed, scoped
+    assert len(exchanges) >= 5  # client credentials and exchanges, again as the tokens neared their end
+    assert "with a token scoped to it (exchanged at" in caplog.text
+    assert CLIENT_SECRET not in caplog.text and "scoped-" not in caplog.text and "oauth-" not in caplog.text
+
+
+class _RuntimeLike:
+    """databricks-sdk's `runtime` strategy as it resolves inside a Databricks job: the job's own token,
+    not OAuth (databricks-sdk's Config with a credentials strategy, no Spark involved)."""
+
+    def auth_type(self) -> str:
+        return "runtime"
+
+    def __call__(self, cfg):
+        return lambda: {"Authorization": "Bearer job-runtime-token-Zq7wkx9R"}
+
+
+def test_the_job_s_own_runtime_token_is_refused_for_a_route_optimized_endpoint_before_any_row(monkeypatch):
+    from databricks.sdk.config import Config
+
+    import jobs.resolve
+
+    with Workspace() as ws:
+        ws.tokens["job-runtime-token-Zq7wkx9R"] = (0, float("inf"))  # the workspace takes it
+        ws.definition = route_optimized(ws, f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations")
+        monkeypatch.setattr(jobs.resolve, "_sdk_config",
+                            lambda host=None: Config(host=ws.url, credentials_strategy=_RuntimeLike()))
+        with pytest.raises(ConfigError) as err:
+            engine_spec(job_config(endpoint=serving(ws, auth="databricks")))
+        assert ws.invocations() == []
+    assert str(err.value).startswith("endpoint llm is route-optimized: Databricks accepts only OAuth tokens "
+                                     "scoped to the endpoint at its URL, and endpoint.auth (the credentials "
+                                     "databricks-sdk resolved) gives the job's own runtime token")
+    assert "use a service principal's OAuth M2M (DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET" in str(err.value)
+    assert "Zq7wkx9R" not in str(err.value)

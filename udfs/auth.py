@@ -289,3 +289,76 @@ class SdkCredentials(Credentials):
         if self.due(time.time()):
             self.refresh()
         return Snapshot(self._header, self.expires_at, f"databricks-sdk {self._config.auth_type}")
+
+
+class DataPlaneToken(Credentials):
+    """An OAuth token scoped to one route-optimized endpoint, as databricks-sdk's data-plane path gets one
+    (`databricks.sdk.data_plane.DataPlaneEndpointTokenSource`): the workspace OAuth token of `upstream` is
+    exchanged at `{host}/oidc/v1/token` (the JWT-bearer grant) for a token carrying the endpoint's
+    `authorization_details`. Exchanged again a quarter of its life (at most 5 minutes) before it expires,
+    the upstream refreshed first when it is due; wherever it is, driver or task. An `OAuthM2M` upstream
+    travels with it, so tasks refresh both on their own.
+    """
+
+    refreshable = True
+
+    def __init__(self, upstream: Credentials, host: str, authorization_details: str) -> None:
+        self.upstream, self.host, self.authorization_details = upstream, host.rstrip("/"), authorization_details
+        self._token: Secret | None = None
+        self._old: list[Secret] = []
+        self.issued_at = self.expires_at = 0.0
+        self.generation = 0
+
+    def __repr__(self) -> str:
+        return f"DataPlaneToken(host={self.host!r}, upstream={self.upstream!r})"
+
+    def header(self) -> Secret | None:
+        return self._token
+
+    def due(self, now: float) -> bool:
+        if self._token is None:
+            return True
+        margin = min(300.0, (self.expires_at - self.issued_at) / 4)
+        return now >= self.expires_at - margin
+
+    def refresh(self) -> None:
+        from databricks.sdk.data_plane import DataPlaneEndpointTokenSource
+        from databricks.sdk.oauth import Token
+
+        if self.upstream.due(time.time()) or self.upstream.header() is None:
+            self.upstream.refresh()
+        workspace = self.upstream.header()
+        if workspace is None:
+            raise CredentialError("no workspace token to exchange for the endpoint's")
+        assertion = _credential(workspace.reveal())
+        source = DataPlaneEndpointTokenSource(self.host, lambda: Token(access_token=assertion, token_type="Bearer"),
+                                              self.authorization_details, disable_async=True)
+        issued = time.time()
+        try:
+            token = source.refresh()
+        except Exception as exc:  # the SDK's message is the token endpoint's error code and summary
+            detail = scrub(f"{type(exc).__name__}: {exc}", self.secrets())
+            raise CredentialError(f"could not exchange the workspace token for the endpoint's at "
+                                  f"{self.host}/oidc/v1/token: {detail}"[:300]) from None
+        expires = token.expiry.timestamp() if token.expiry else issued + 3600.0
+        if self._token is not None:
+            self._old = [self._token, *self._old][:4]
+        self._token = Secret(f"{token.token_type or 'Bearer'} {token.access_token}")
+        self.issued_at, self.expires_at = issued, expires
+        self.generation += 1
+
+    def secrets(self) -> list[Secret]:
+        return [s for s in (self._token, *self._old) if s is not None] + self.upstream.secrets()
+
+    def for_tasks(self) -> DataPlaneToken:
+        """A copy for the tasks with the upstream's own (`OAuthM2M` itself, else a snapshot), and a
+        token exchanged here if one is due, so that tasks do not each exchange one at once."""
+        if self.due(time.time()):
+            try:
+                self.refresh()
+            except CredentialError:
+                pass  # the tasks will try, and say so on the rows if they cannot
+        shipped = DataPlaneToken(self.upstream.for_tasks(), self.host, self.authorization_details)
+        shipped._token, shipped.issued_at, shipped.expires_at = self._token, self.issued_at, self.expires_at
+        shipped.generation = self.generation
+        return shipped
