@@ -286,6 +286,10 @@ class LimitsConfig(_Strict):
     max_concurrency: int = Field(default=8, ge=1, le=4096)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
+    # Foundation Model APIs' pay-per-token limits count input and output tokens separately: each its
+    # own budget (README "Speed and limits"), alongside tokens_per_minute if that is set too.
+    input_tokens_per_minute: float | None = Field(default=None, gt=0)
+    output_tokens_per_minute: float | None = Field(default=None, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     read_timeout_s: float = Field(default=120.0, gt=0)
     adaptive: bool = True

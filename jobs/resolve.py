@@ -324,6 +324,10 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         target, headers, creds = _route_optimized(e, info, host, headers, creds)
         url = target or url
     requests_per_s, tokens_per_s, start = _rates(e, lim, info)
+    if lim.input_tokens_per_minute or lim.output_tokens_per_minute:
+        log.info("endpoint %s: input and output tokens paced as separate budgets: %s input, %s output tokens/min",
+                 e.name, f"{lim.input_tokens_per_minute:.0f}" if lim.input_tokens_per_minute else "unlimited",
+                 f"{lim.output_tokens_per_minute:.0f}" if lim.output_tokens_per_minute else "unlimited")
     rf = e.response_format
     return EngineSpec(
         url=url,
@@ -340,6 +344,8 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         max_concurrency=lim.max_concurrency,
         requests_per_s=requests_per_s,
         tokens_per_s=tokens_per_s,
+        input_tokens_per_s=lim.input_tokens_per_minute / 60 if lim.input_tokens_per_minute else None,
+        output_tokens_per_s=lim.output_tokens_per_minute / 60 if lim.output_tokens_per_minute else None,
         start_requests_per_s=start,
         connect_timeout_s=lim.connect_timeout_s,
         read_timeout_s=lim.read_timeout_s,

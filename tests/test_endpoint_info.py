@@ -112,12 +112,16 @@ def test_the_job_starts_under_the_gateway_s_limits_and_calls_a_route_optimized_e
 
 
 @pytest.mark.usefixtures("oauth_env")
-def test_the_config_s_limits_override_the_gateway_s():
+def test_the_config_s_limits_override_the_gateway_s(caplog):
+    caplog.set_level(logging.INFO, logger="batch_inference")
     with Workspace() as ws:
         ws.definition = {"name": "llm", "ai_gateway": {"rate_limits": LIMITS}}
         spec = engine_spec(job_config(endpoint=serving(ws, auth="databricks"),
-                                      limits={"requests_per_minute": 120, "tokens_per_minute": 1000}))
+                                      limits={"requests_per_minute": 120, "tokens_per_minute": 1000,
+                                              "input_tokens_per_minute": 6000, "output_tokens_per_minute": 600}))
     assert (spec.requests_per_s, spec.start_requests_per_s, spec.tokens_per_s) == (2.0, None, pytest.approx(1000 / 60))
+    assert (spec.input_tokens_per_s, spec.output_tokens_per_s) == (100.0, 10.0)
+    assert "separate budgets: 6000 input, 600 output tokens/min" in caplog.text
     assert spec.url == f"{ws.url}/serving-endpoints/llm/invocations"
 
 

@@ -466,6 +466,39 @@ def test_max_tokens_are_reserved_before_sending_and_usage_replaces_the_reservati
     assert rate._tokens == pytest.approx(1000 - 3 * 525 + 51 + 475 + 525, abs=1)
 
 
+def minute_of_requests(rate: RateLimiter, clock: FakeClock, prompt: int, completion: int) -> int:
+    """Requests sent in a minute, each reserving `prompt` tokens (as estimated) and `completion` (its
+    max_tokens) for output, and using exactly that."""
+    async def go() -> int:
+        sent = 0
+        while True:
+            await rate.acquire(prompt + completion, completion)
+            if clock.now >= 60:
+                return sent
+            sent += 1
+            rate.settle(prompt + completion, prompt, completion, completion)
+    return run(go())
+
+
+@pytest.mark.parametrize("prompt, completion, bound", [(20, 10, "output"), (400, 1, "input")])
+def test_input_and_output_tokens_per_minute_are_two_budgets_each_binding_in_turn(prompt, completion, bound):
+    """Foundation Model APIs limit input and output tokens per minute separately: 6,000 in, 600 out. A
+    shared budget would either be the stricter (600 for both: a third of what output alone allows) or
+    the sum (6,600: output at 2,200 a minute, refused). Two budgets use each to the full, never above."""
+    clock = FakeClock()
+    rate = RateLimiter(input_tokens_per_s=6000 / 60, output_tokens_per_s=600 / 60, clock=clock, sleep=clock.sleep)
+    sent = minute_of_requests(rate, clock, prompt, completion)
+    banked_in, banked_out = 1000, 100  # ten seconds of each
+    assert sent * prompt <= 6000 + banked_in + prompt and sent * completion <= 600 + banked_out + completion
+    if bound == "output":  # output tokens bind: 10 a second, 10 a request
+        assert sent == pytest.approx((600 + banked_out) / completion, abs=1)
+        shared = FakeClock()
+        assert minute_of_requests(RateLimiter(tokens_per_s=600 / 60, clock=shared, sleep=shared.sleep),
+                                  shared, prompt, completion) < sent / 2
+    else:  # input tokens bind: 100 a second, 400 a request
+        assert sent == pytest.approx((6000 + banked_in) / prompt, abs=1)
+
+
 # -- first come, first served --------------------------------------------------------------------------
 
 def test_a_waiting_request_is_never_overtaken_by_a_newer_one():

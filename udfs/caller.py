@@ -197,7 +197,7 @@ class Caller:
         reported = False
         overloaded, latency = False, None
         try:
-            await self.rate.acquire(reserve)
+            await self.rate.acquire(reserve, self._max_tokens)
             auth, generation = await self._auth()
             t0 = time.monotonic()
             if not sent:
@@ -210,7 +210,7 @@ class Caller:
                 self.governor.failed(UNAVAILABLE if exc.unreachable else TRANSIENT, probe, None,
                                      self._clean(f"{exc.kind}: {exc.detail}")[:200])
                 reported = True
-                self.rate.refund(reserve)
+                self.rate.refund(reserve, self._max_tokens)
                 raise Failure(exc.kind, exc.detail, retryable=not exc.fatal,
                               governed=exc.unreachable and not exc.fatal) from None
             latency = time.monotonic() - t0
@@ -227,7 +227,7 @@ class Caller:
                 self.governor.failed(kind, probe, f.retry_after, self._clean(f.reason())[:200])
             reported = True
             overloaded = status in (429, 503)
-            self.rate.refund(reserve)
+            self.rate.refund(reserve, self._max_tokens)
             raise f
         finally:
             if probe and not reported:  # cancelled, or no token: the probe did not get an answer
@@ -289,7 +289,7 @@ class Caller:
             raise Failure(reasons.BAD_RESPONSE, str(exc), status=200) from None
         reported = [p for p in parsed if p.prompt_tokens is not None or p.completion_tokens is not None]
         self.rate.settle(reserve, sum(p.prompt_tokens or 0 for p in reported) if reported else None,
-                         sum(p.completion_tokens or 0 for p in reported) if reported else None)
+                         sum(p.completion_tokens or 0 for p in reported) if reported else None, self._max_tokens)
         return parsed
 
     def _clean(self, text: str, suffix: str = "") -> str:

@@ -56,8 +56,9 @@ class Engine:
         earlier = recall(self._learned_key) if spec.adaptive and not spec.endpoint_down else None
         if earlier is not None:
             self.governor.start_from(earlier)
-        self.caller = Caller(spec, self._transport, self.limiter, RateLimiter(spec.requests_per_s, spec.tokens_per_s),
-                             self.governor)
+        rate = RateLimiter(spec.requests_per_s, spec.tokens_per_s, input_tokens_per_s=spec.input_tokens_per_s,
+                           output_tokens_per_s=spec.output_tokens_per_s)
+        self.caller = Caller(spec, self._transport, self.limiter, rate, self.governor)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bi-engine", daemon=True)
         self._thread.start()

@@ -438,9 +438,16 @@ class RateLimiter:
     prompt tokens plus `max_tokens` (when set) before it is sent, and the answer's `usage` (prompt and
     completion tokens, counted separately) then replaces the reservation. The bucket may go below zero;
     new requests then wait until it refills.
+
+    Where input and output tokens are limited separately (Foundation Model APIs' pay-per-token limits:
+    input tokens per minute and output tokens per minute), each has a bucket of its own: the estimated
+    prompt tokens are reserved from the input bucket, `max_tokens` (`completion`) from the output
+    bucket, and the answer's prompt and completion tokens settle each. A request waits until every
+    bucket that limits it has tokens.
     """
 
     def __init__(self, requests_per_s: float | None = None, tokens_per_s: float | None = None, *,
+                 input_tokens_per_s: float | None = None, output_tokens_per_s: float | None = None,
                  clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
         self._clock, self._sleep = clock, sleep
         self._interval = 1.0 / requests_per_s if requests_per_s else 0.0
@@ -450,18 +457,31 @@ class RateLimiter:
         self._capacity = max(1.0, (tokens_per_s or 0.0) * 10)  # ten seconds of tokens
         self._tokens = self._capacity
         self._stamp = clock()
+        self._input = _TokenBucket(input_tokens_per_s, clock) if input_tokens_per_s else None
+        self._output = _TokenBucket(output_tokens_per_s, clock) if output_tokens_per_s else None
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
-    async def acquire(self, reserve: int = 0) -> float:
-        """Wait until a request may go, then reserve `reserve` tokens for it; returns the seconds waited."""
+    async def acquire(self, reserve: int = 0, completion: int = 0) -> float:
+        """Wait until a request may go, then reserve `reserve` tokens for it (`completion` of them its
+        output: `max_tokens`); returns the seconds waited."""
         waited = 0.0
-        while self._tps:
-            self._refill()
-            if self._tokens > 0:
-                self._tokens -= reserve
+        while self._tps or self._input or self._output:
+            pause = 0.0
+            if self._tps:
+                self._refill()
+                pause = max(pause, (1 - self._tokens) / self._tps if self._tokens <= 0 else 0.0)
+            for bucket in (self._input, self._output):
+                if bucket is not None:
+                    pause = max(pause, bucket.wait())
+            if pause <= 0:
+                if self._tps:
+                    self._tokens -= reserve
+                if self._input is not None:
+                    self._input.take(reserve - completion)
+                if self._output is not None:
+                    self._output.take(completion)
                 break
-            pause = (1 - self._tokens) / self._tps
             await self._sleep(pause)
             waited += pause
         if self._interval:
@@ -473,26 +493,65 @@ class RateLimiter:
                 waited += slot - now
         return waited
 
-    def settle(self, reserved: int, prompt_tokens: int | None, completion_tokens: int | None) -> None:
-        """The answer's usage replaces the reservation; without usage the reservation stands."""
+    def settle(self, reserved: int, prompt_tokens: int | None, completion_tokens: int | None,
+               completion: int = 0) -> None:
+        """The answer's usage replaces the reservation (`completion` of it for output); without usage the
+        reservation stands."""
         self.prompt_tokens += prompt_tokens or 0
         self.completion_tokens += completion_tokens or 0
-        if self._tps and (prompt_tokens is not None or completion_tokens is not None):
+        if prompt_tokens is None and completion_tokens is None:
+            return
+        if self._tps:
             self._refill()
             self._tokens += reserved - (prompt_tokens or 0) - (completion_tokens or 0)
+        if self._input is not None:
+            self._input.take((prompt_tokens or 0) - (reserved - completion))
+        if self._output is not None:
+            self._output.take((completion_tokens or 0) - completion)
 
-    def refund(self, reserved: int) -> None:
+    def refund(self, reserved: int, completion: int = 0) -> None:
         """A request that was refused (429, an error) consumed nothing: its reservation comes back."""
         if self._tps and reserved:
             self._refill()
             self._tokens += reserved
+        if self._input is not None:
+            self._input.take(completion - reserved)
+        if self._output is not None:
+            self._output.take(-completion)
 
     def charge_tokens(self, n: int | None) -> None:
         if self._tps and n:
             self._refill()
             self._tokens -= n
+        if self._input is not None and n:
+            self._input.take(n)
 
     def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * (self._tps or 0.0))
         self._stamp = now
+
+
+class _TokenBucket:
+    """One token budget of `RateLimiter` (input or output tokens): ten seconds of tokens banked, may go
+    below zero; a request waits until it is above."""
+
+    def __init__(self, per_s: float, clock: Clock) -> None:
+        self.per_s, self._clock = per_s, clock
+        self.capacity = max(1.0, per_s * 10)
+        self.level = self.capacity
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self.level = min(self.capacity, self.level + (now - self._stamp) * self.per_s)
+        self._stamp = now
+
+    def wait(self) -> float:
+        """Seconds until a request may take from it (0: now)."""
+        self._refill()
+        return 0.0 if self.level > 0 else (1 - self.level) / self.per_s
+
+    def take(self, n: float) -> None:
+        self._refill()
+        self.level -= n

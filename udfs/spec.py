@@ -51,6 +51,9 @@ class EngineSpec:
     max_concurrency: int = 8
     requests_per_s: float | None = None
     tokens_per_s: float | None = None
+    # Input and output tokens limited separately (Foundation Model APIs' pay-per-token limits).
+    input_tokens_per_s: float | None = None
+    output_tokens_per_s: float | None = None
     # Where the governor's learned rate starts (requests/s), below a limit the endpoint declares
     # (its AI Gateway rate limits); None: unpaced until the first 429.
     start_requests_per_s: float | None = None
