@@ -320,6 +320,10 @@ class RetryConfig(_Strict):
     # The breaker: when nothing has answered for this long, the rest of the chunk fails fast as
     # `endpoint_unavailable`, and later chunks probe once before sending.
     breaker_s: float = Field(default=480.0, gt=0)
+    # A rate limit that answers 429 for long (Foundation Model APIs' queries per hour: up to an hour)
+    # pauses the job instead of failing rows: neither breaker_s nor row_budget_s run while every
+    # failure is a 429, for up to this long; the log says "paused: rate limit, resuming at HH:MM".
+    max_pause_s: float = Field(default=3600.0, gt=0)
     # Structured output: times an answer that breaks `endpoint.response_format` is asked for again.
     invalid_output_attempts: int = Field(default=1, ge=0, le=10)
 

@@ -354,7 +354,7 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         http_client=lim.http_client,
         retry=RetrySpec(statuses=tuple(r.statuses), max_attempts=r.max_attempts,
                         backoff_base_s=r.backoff_base_s, backoff_max_s=r.backoff_max_s,
-                        row_budget_s=r.row_budget_s, breaker_s=r.breaker_s,
+                        row_budget_s=r.row_budget_s, breaker_s=r.breaker_s, max_pause_s=r.max_pause_s,
                         invalid_output_attempts=r.invalid_output_attempts),
         response_schema=None if rf is None else rf.json_schema,
         response_format_name="response" if rf is None else rf.name,

@@ -440,11 +440,33 @@ def test_a_row_out_of_budget_stops_waiting_for_the_pause():
 
     async def go() -> None:
         await gov.acquire()
-        gov.failed(OVERLOAD, False, None, "http_429")
+        gov.failed(UNAVAILABLE, False, None, "http_503")
         with pytest.raises(OutOfTime):
             await gov.acquire(deadline=2.0)
     run(go())
     assert clock.now == 2.0
+
+
+def test_a_pause_of_429s_alone_keeps_the_rows_waiting_past_their_budget_and_the_breaker_up_to_max_pause_s():
+    """An hourly query limit answers 429 for up to an hour: the rows wait (their budget does not run,
+    `rate_paused_s` says how long), the breaker does not open, until `max_pause_s`."""
+    clock = FakeClock()
+    gov = governor(clock, probe_first_s=5.0, breaker_s=8.0, max_pause_s=100.0)
+
+    async def go() -> None:
+        await gov.acquire()
+        gov.failed(OVERLOAD, False, None, "http_429")
+        while clock.now < 90:  # every probe refused, for 90 s: past the row's deadline and the breaker
+            assert await gov.acquire(deadline=2.0) is True
+            gov.failed(OVERLOAD, True, None, "http_429")
+        assert gov.open_reason is None and gov.rate_paused_s() == pytest.approx(clock.now)
+        with pytest.raises(EndpointUnavailable, match=r"^rate limited \(429\) for 10\ds, longer than "
+                                                      r"retry.max_pause_s \(100s\)"):
+            while True:
+                assert await gov.acquire(deadline=2.0) is True
+                gov.failed(OVERLOAD, True, None, "http_429")
+    run(go())
+    assert clock.now < 111
 
 
 # -- tokens as AI Gateway counts them -------------------------------------------------------------------

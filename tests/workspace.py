@@ -14,7 +14,10 @@ and the endpoint itself, for the tests of expiring tokens, AI Gateway limits and
 - `POST /serving-endpoints/{name}/invocations`, and the same under `/ro/1234/` (a route-optimized
   endpoint's own URL, `1234` the workspace id, which every API answer names in `x-databricks-org-id`):
   the toy model's answer for a token issued less than `token_life_s` ago, else 401 as Databricks
-  writes it; at the route-optimized URL, a token not scoped to the endpoint is refused with 403.
+  writes it; at the route-optimized URL, a token not scoped to the endpoint is refused with 403;
+  with `queries_per_window` (N, seconds), a Foundation Model API's queries-per-hour limit scaled down:
+  past N answered queries in a fixed window, 429 `REQUEST_LIMIT_EXCEEDED` (no Retry-After) until the
+  next window.
 
 Every request is recorded (`requests`: method, path, the token's number or None).
 
@@ -59,6 +62,10 @@ class Workspace(ThreadingHTTPServer):
         self.scoped: dict[str, str] = {}  # a token exchanged for an endpoint's -> its authorization_details
         self.requests: list[tuple[str, str, int | None]] = []
         self.refused = 0  # invocations answered 401
+        self.queries_per_window: tuple[int, float] | None = None
+        self.limited = 0  # invocations answered 429
+        self._started = time.monotonic()
+        self._window: tuple[int, int] = (0, 0)  # (window number, queries answered in it)
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -90,6 +97,20 @@ class Workspace(ThreadingHTTPServer):
             return None, False
         n, issued = found
         return n, time.monotonic() - issued < self.token_life_s
+
+    def over_limit(self) -> bool:
+        """Count a query against `queries_per_window`; True if it is over (refused, not counted)."""
+        if self.queries_per_window is None:
+            return False
+        n, window_s = self.queries_per_window
+        with self._lock:
+            number = int((time.monotonic() - self._started) // window_s)
+            seen = self._window[1] if self._window[0] == number else 0
+            if seen >= n:
+                self.limited += 1
+                return True
+            self._window = (number, seen + 1)
+        return False
 
     def invocations(self) -> list[tuple[str, int | None]]:
         return [(p, n) for m, p, n in self.requests if m == "POST" and p.endswith("/invocations")]
@@ -197,6 +218,9 @@ class _Handler(JsonHandler):
                     ws.refused += 1
                 return self._answer(403, {"error_code": "PERMISSION_DENIED",
                                           "message": "Token is not scoped to this endpoint."})
+            if ws.over_limit():
+                return self._answer(429, {"error_code": "REQUEST_LIMIT_EXCEEDED",
+                                          "message": "Exceeded the queries-per-hour limit of this endpoint."})
             status, value = answer(invocation, json.loads(raw))
             return self._answer(status, value)
         self._answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"no route {path}"})

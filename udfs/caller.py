@@ -9,8 +9,8 @@ is checked against it (`udfs.structured`); one that breaks it is asked for again
 
 Every request goes through the task's `Governor` (`udfs.limits`): a 429, a 503 or an endpoint that
 takes no connection pauses the task until one probe is answered, and such a row is retried as long as
-its `row_budget_s` lasts, not `max_attempts` times; when the breaker opens, the rows still waiting
-fail at once as `endpoint_unavailable`. With refreshable credentials (`udfs.auth.Credentials`) a token
+its `row_budget_s` lasts, not `max_attempts` times (a pause of 429s alone is not counted, up to
+`max_pause_s`); when the breaker opens, the rows still waiting fail at once as `endpoint_unavailable`. With refreshable credentials (`udfs.auth.Credentials`) a token
 due to expire is refreshed before it is sent, and a 401/403 refreshes it and retries once.
 
 Example::
@@ -44,7 +44,7 @@ def governor_for(spec: EngineSpec) -> Governor:
     """The task's governor as the spec sets it: a starting rate and a ceiling, learning, the breaker,
     half-open if the endpoint was down in an earlier chunk."""
     return Governor(rate=spec.start_requests_per_s, ceiling=spec.requests_per_s, learn=spec.adaptive,
-                    breaker_s=spec.retry.breaker_s, half_open=spec.endpoint_down)
+                    breaker_s=spec.retry.breaker_s, max_pause_s=spec.retry.max_pause_s, half_open=spec.endpoint_down)
 
 
 # A refused token: these statuses get one retry with a fresh token when the credentials can refresh.
@@ -131,11 +131,12 @@ class Caller:
                         continue
                     except CredentialError as exc:
                         f = last = Failure(reasons.CREDENTIAL_REFUSED, f"{f.reason()}; {exc}", status=f.status)
-                if f.governed and f.retryable and policy.max_attempts > 1 and elapsed < policy.row_budget_s:
+                spent = elapsed - self._paused_since(sent)  # a rate-limit pause is not the row's time
+                if f.governed and f.retryable and policy.max_attempts > 1 and spent < policy.row_budget_s:
                     continue  # the governor holds the next attempt back until the endpoint answers again
                 wait = backoff(attempts, f.retry_after, policy)
                 if (not f.governed and f.retryable and attempts < policy.max_attempts
-                        and elapsed + wait <= policy.row_budget_s):
+                        and spent + wait <= policy.row_budget_s):
                     await asyncio.sleep(wait)  # holds no slot: other rows go meanwhile
                     continue
                 gave_up = f"(gave up after {attempts} attempts, {elapsed:.1f}s)" if f.retryable and attempts > 1 else ""
@@ -185,7 +186,7 @@ class Caller:
     async def _attempt(self, payload: bytes, prompts: Sequence[str], sent: list[float]) -> list[Parsed]:
         if self.fatal is not None:  # a row back from a backoff sleep: the task is failing, send nothing
             raise Failure(self.fatal.kind, self.fatal.detail)
-        deadline = sent[0] + self.spec.retry.row_budget_s if sent else None
+        deadline = sent[0] + self.spec.retry.row_budget_s + self._paused_since(sent) if sent else None
         reserve = sum(len(p) for p in prompts) // 4 + self._max_tokens
         while True:
             probe = await self.governor.acquire(deadline)
@@ -201,7 +202,7 @@ class Caller:
             auth, generation = await self._auth()
             t0 = time.monotonic()
             if not sent:
-                sent.append(t0)
+                sent += [t0, self.governor.rate_paused_s()]
             try:
                 status, headers, data = await self._transport.post(payload, auth)
             except TransportError as exc:
@@ -233,6 +234,10 @@ class Caller:
             if probe and not reported:  # cancelled, or no token: the probe did not get an answer
                 self.governor.failed(TRANSIENT, probe)
             self.limiter.release(overloaded=overloaded, latency=None if overloaded else latency)
+
+    def _paused_since(self, sent: list[float]) -> float:
+        """Seconds of rate-limit pauses since the row was first sent (`sent`: when, and the pauses then)."""
+        return self.governor.rate_paused_s() - sent[1] if len(sent) > 1 else 0.0
 
     async def _auth(self) -> tuple[dict[str, str] | None, int | None]:
         """The Authorization header for this request, refreshed first if it is due."""

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
@@ -23,6 +24,8 @@ from typing import Awaitable, Callable, Hashable
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+log = logging.getLogger("batch_inference")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,11 @@ class Governor:
       every waiting and later `acquire` raises `EndpointUnavailable`, and the rows fail fast. Started
       `half_open` (the run's endpoint was unavailable in an earlier chunk) the task sends one probe
       first, and the breaker opens if it fails.
+    - **A long rate limit pauses, it does not fail.** While every failure since the last answer is a 429
+      (an hourly query limit answers 429 for up to an hour), the pause may last `max_pause_s`: the breaker
+      waits that long instead of `breaker_s`, no row runs out of time while it lasts (`acquire` ignores
+      its deadline, and `rate_paused_s` is what callers leave out of a row's budget), and the log says
+      "paused: rate limit, resuming at HH:MM". Past `max_pause_s` the breaker opens.
 
     One event loop, no locks; `clock` and `sleep` are injected so that tests run on a fake clock.
 
@@ -107,7 +115,8 @@ class Governor:
     """
 
     def __init__(self, *, rate: float | None = None, ceiling: float | None = None, learn: bool = True,
-                 breaker_s: float = 480.0, half_open: str | None = None, probe_first_s: float = 0.5,
+                 breaker_s: float = 480.0, max_pause_s: float = 3600.0, half_open: str | None = None,
+                 probe_first_s: float = 0.5,
                  probe_max_s: float = 10.0, decrease: float = 0.9, settle: float = 0.95, increase: float = 0.02,
                  clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
                  jitter: Callable[[float, float], float] = random.uniform) -> None:
@@ -116,6 +125,12 @@ class Governor:
         self.rate = min(rate, ceiling) if rate and ceiling else (rate or None)
         self.learn = learn
         self.breaker_s = breaker_s
+        self.max_pause_s = max_pause_s
+        # Every failure since the last answer a 429; seconds spent in such pauses before this one;
+        # whether this pause was announced in the log.
+        self._only_429 = True
+        self._rate_paused_before = 0.0
+        self._announced = False
         self.probe_first_s, self.probe_max_s = probe_first_s, probe_max_s
         self.decrease, self.settle, self.increase = decrease, settle, increase
         now = clock()
@@ -184,6 +199,8 @@ class Governor:
                     self._probing = True
                     self.probes += 1
                     return True
+                if self._rate_limited(now):
+                    deadline = None  # a long rate limit: the rows wait, up to max_pause_s
                 if deadline is not None and now >= deadline:
                     raise OutOfTime
                 wait = None if self._probing else self._probe_at - now
@@ -205,6 +222,7 @@ class Governor:
         """The endpoint answered (a 2xx, or a refusal of this request such as 400 or 401): it is up."""
         now = self._clock()
         self._last_alive, self._failures, self._half_open = now, 0, None
+        self._only_429 = True
         if probe and self.paused:
             self._resume(now)
         self._cycle_answers += 1
@@ -218,6 +236,7 @@ class Governor:
         """A request failed: `OVERLOAD` or `UNAVAILABLE` pause the task, `TRANSIENT` only counts."""
         now = self._clock()
         self._failures += 1
+        self._only_429 = self._only_429 and kind == OVERLOAD
         self._last_failure = reason or self._last_failure
         wait = None if retry_after is None else retry_after + self._jitter(0, min(1.0, 0.1 + retry_after * 0.05))
         if probe and self.paused:
@@ -228,6 +247,7 @@ class Governor:
             # and a minute's window costs about fifteen probes.
             self._probe_delay = max(self._first_probe, min(self.probe_max_s, 0.5 * (now - self._paused_at)))
             self._probe_at = now + (wait if wait is not None else self._probe_delay)
+            self._announce(now, wait)
         elif kind in (OVERLOAD, UNAVAILABLE):
             if not self.paused:
                 self._pause(now, kind == OVERLOAD)
@@ -240,6 +260,32 @@ class Governor:
 
     # -- state -----------------------------------------------------------------------------------
 
+    def rate_paused_s(self, now: float | None = None) -> float:
+        """Seconds this task has spent in rate-limit pauses (429s only) so far, the current one included:
+        time a row's budget does not count."""
+        now = self._clock() if now is None else now
+        current = now - self._paused_at if self.paused and self._rate_pause and self._only_429 else 0.0
+        return self._rate_paused_before + current
+
+    def _rate_limited(self, now: float) -> bool:
+        """In a pause of 429s alone, within `max_pause_s`."""
+        return (self.paused and self._rate_pause and self._only_429 and self._half_open is None
+                and now - self._paused_at < self.max_pause_s)
+
+    def _announce(self, now: float, wait: float | None) -> None:
+        """Once per rate-limit pause, at its second refused probe (a window that stays closed): say so."""
+        if self._announced or not (self._rate_pause and self._only_429) or self._probes_refused < 2:
+            return
+        self._announced = True
+        latest = self._paused_at + self.max_pause_s
+        resume = min(latest, now + wait) if wait is not None else latest
+        at = time.strftime("%H:%M", time.gmtime(time.time() + (resume - now)))
+        how = "as the endpoint's Retry-After says" if wait is not None else (
+            f"at the latest (retry.max_pause_s: {self.max_pause_s:.0f}s); probing every {self.probe_max_s:.0f}s "
+            "or sooner")
+        log.warning("paused: rate limit, resuming at %s UTC %s; rows wait, they do not fail (last: %s)",
+                    at, how, self._last_failure or "429")
+
     def _pause(self, now: float, rate_signal: bool) -> None:
         self.paused = True
         self.pauses += 1
@@ -248,6 +294,11 @@ class Governor:
         self._probe_delay = self._first_probe
 
     def _resume(self, now: float) -> None:
+        if self._rate_pause and self._only_429:
+            self._rate_paused_before += now - self._paused_at
+        if self._announced:
+            log.warning("resumed after a rate-limit pause of %.0fs", now - self._paused_at)
+            self._announced = False
         if self.learn and self._rate_pause and self._cycle_start is not None:
             measured: float | None = None
             reopened = (self._refused_at + now) / 2
@@ -313,9 +364,14 @@ class Governor:
             self.rate = min(self.rate, self.ceiling)
 
     def _check_breaker(self, now: float) -> None:
+        if self.open_reason is None and self._failures and self._rate_limited(now):
+            return  # a long rate limit: the endpoint answers (429), the task waits up to max_pause_s
         if self.open_reason is None and self._failures and now - self._last_alive >= self.breaker_s:
             if self._half_open is not None:
                 reason = f"{self._half_open}; probed again in this chunk"
+            elif self.paused and self._rate_pause and self._only_429:
+                reason = (f"rate limited (429) for {now - self._paused_at:.0f}s, longer than retry.max_pause_s "
+                          f"({self.max_pause_s:.0f}s)")
             else:
                 reason = f"nothing answered for {now - self._last_alive:.0f}s"
             self.open_reason = f"{reason} (last: {self._last_failure})" if self._last_failure else reason
