@@ -52,6 +52,7 @@ from jobs.session import is_connect
 from jobs.stage import (Chunk, ChunkPlanner, Survey, drop_stale_scratch, histogram, pending_rows,
                         scratch_table, stage_pending, survey)
 from jobs.summary import RunSummary
+from jobs.token_relay import relay_for
 from jobs.verdict import judge
 from udfs.engine import Engine
 from udfs.spec import EngineSpec
@@ -117,7 +118,8 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
             if mode == "driver":
                 run.from_driver()
             else:
-                run.from_executors(scratch[1])
+                with relay_for(spec, spark):  # credentials only the driver refreshes reach the tasks
+                    run.from_executors(scratch[1])
         finally:
             for name in scratch:
                 if spark.catalog.tableExists(name):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.workspace import CLIENT_ID, CLIENT_SECRET, Workspace
-from udfs.auth import CredentialError, OAuthM2M, Secret, bearer, scrub
+from udfs.auth import CredentialError, OAuthM2M, Secret, Snapshot, bearer, scrub
 from udfs.engine import Engine
 from udfs.spec import EngineSpec, RetrySpec
 
@@ -125,3 +125,35 @@ def test_a_static_token_refused_is_an_http_401_row_as_before():
             [o] = engine.call(["x"])
     assert (o.status, o.attempts, o.error) == (
         "error", 1, "http_401: UNAUTHENTICATED: Token expired or invalid; send a fresh OAuth token.")
+
+
+def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_only():
+    """`jobs.token_relay`: tasks (a pickled `SdkCredentials` becomes a `DriverRelay`) ask the driver for
+    its current token; a request without the run's key is refused; no secret in any repr."""
+    from databricks.sdk.config import Config
+
+    from jobs.token_relay import relay_for
+    from udfs.auth import DriverRelay, SdkCredentials
+
+    minted = iter(range(1, 100))
+
+    class Refreshing:
+        def auth_type(self) -> str:
+            return "runtime"
+
+        def __call__(self, cfg):
+            return lambda: {"Authorization": f"Bearer job-token-{next(minted)}-Zq7wkx9R"}
+
+    creds = SdkCredentials(Config(host="http://127.0.0.1:9", credentials_strategy=Refreshing()))
+    spec = EngineSpec(url="http://127.0.0.1:9/", credentials=creds)
+    with relay_for(spec, None):
+        task = pickle.loads(pickle.dumps(creds))
+        assert isinstance(task, DriverRelay) and task.header() == creds.header()
+        task.refresh()
+        assert task.header().reveal() == creds.header().reveal() != "Bearer job-token-1-Zq7wkx9R"
+        assert task.generation == 1
+        thief = DriverRelay(task.url, Secret("not-the-key"), header=None, expires_at=None)
+        with pytest.raises(CredentialError, match=r"HTTP 403$"):
+            thief.refresh()
+    assert "Zq7wkx9R" not in repr(task) + repr(creds) and "X-Relay" not in repr(task)
+    assert isinstance(pickle.loads(pickle.dumps(creds)), Snapshot)  # no relay: a snapshot, as before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 
 import yaml
@@ -139,3 +140,51 @@ def test_tokens_that_expire_are_refreshed_for_a_run_longer_than_three_of_their_l
     log = caplog.text
     assert "AI Gateway limits: 480 calls/min per endpoint" in log and "route-optimized: calling" in log
     assert CLIENT_SECRET not in log and "oauth-" not in log and "scoped-" not in log
+
+
+class _JobsOwnToken:
+    """databricks-sdk's `runtime` strategy as a job's own token behaves: not OAuth, no expiry the SDK
+    knows, a fresh one from the runtime whenever asked after half its life (here minted by the replica,
+    so that the replica refuses it once it lapses)."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws, self.token, self.at = ws, None, 0.0
+
+    def auth_type(self) -> str:
+        return "runtime"
+
+    def __call__(self, cfg):
+        def header() -> dict[str, str]:
+            if self.token is None or time.monotonic() - self.at > self.ws.token_life_s / 2:
+                self.token, self.at = self.ws.issue()["access_token"], time.monotonic()
+            return {"Authorization": f"Bearer {self.token}"}
+        return header
+
+
+def test_the_job_s_own_token_is_refreshed_in_the_executors_for_a_chunk_longer_than_its_life(
+        spark, table_name, monkeypatch, caplog):
+    """Executors mode with credentials only the driver can refresh (the job's own runtime token): tokens
+    live 2 s, one chunk calls for 6 s. The tasks get the driver's current token from its relay when
+    theirs is refused, instead of failing the rest of the chunk with 401."""
+    from databricks.sdk.config import Config
+
+    import jobs.resolve
+
+    caplog.set_level(logging.INFO, logger="batch_inference")
+    with Workspace(token_life_s=2.0) as ws:
+        ws.definition = {"name": "llm", "state": {"ready": "READY"}}
+        strategy = _JobsOwnToken(ws)
+        monkeypatch.setattr(jobs.resolve, "_sdk_config",
+                            lambda host=None: Config(host=ws.url, credentials_strategy=strategy))
+        run_job(spark, job_config(
+            input={"table": prompts(spark, 60)}, output={"table": table_name},
+            endpoint={"name": "llm", "type": "serving", "task": "llm/v1/chat", "host": ws.url, "auth": "databricks"},
+            limits={"max_concurrency": 2, "requests_per_minute": 600},
+            run={"calls_from": "executors", "chunk_rows": 60}, retry=DEFAULT_RETRY))
+        calls, refused = ws.invocations(), ws.refused
+    tokens = {n for _, n in calls}
+    print(f"\njob's own token, 2 s: {len(calls)} calls with {len(tokens)} tokens, {refused} refused")
+    assert statuses(spark, table_name) == {"ok": 60}
+    assert len(tokens) >= 3 and refused >= 1  # tokens lapsed mid-chunk, and the tasks got new ones
+    assert "the tasks get the driver's current token from" in caplog.text
+    assert "oauth-" not in caplog.text

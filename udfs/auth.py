@@ -236,7 +236,11 @@ def _oauth_m2m(token_url: str, client_id: str, client_secret: Secret, scopes: st
 class SdkCredentials(Credentials):
     """databricks-sdk's unified auth on the driver (a notebook's or job's own token, a CLI profile, Azure
     identities...): the SDK refreshes what it can each time it is asked. Its tasks get a `Snapshot`
-    taken when their chunk starts (`for_tasks`); pickled, it is that snapshot."""
+    taken when their chunk starts (`for_tasks`); pickled, it is that snapshot. With a relay on the
+    driver (`relay`: its URL and key, `jobs.token_relay`) they get a `DriverRelay` instead, which asks
+    the driver for its current token when theirs is refused or due."""
+
+    relay: tuple[str, Secret] | None = None
 
     def __init__(self, config: Any) -> None:
         self._config = config
@@ -255,8 +259,7 @@ class SdkCredentials(Credentials):
         return str(self._config.auth_type)
 
     def __reduce__(self) -> tuple:
-        snap = self.for_tasks()
-        return (Snapshot, (snap.header(), snap.expires_at, snap.source))  # type: ignore[attr-defined]
+        return (_same, (self.for_tasks(),))
 
     def header(self) -> Secret | None:
         return self._header
@@ -285,10 +288,65 @@ class SdkCredentials(Credentials):
     def secrets(self) -> list[Secret]:
         return [s for s in (self._header, *self._old) if s is not None]
 
-    def for_tasks(self) -> Snapshot:
+    def for_tasks(self) -> Credentials:
         if self.due(time.time()):
             self.refresh()
+        if self.relay is not None:
+            return DriverRelay(*self.relay, header=self._header, expires_at=self.expires_at,
+                               source=f"databricks-sdk {self._config.auth_type}")
         return Snapshot(self._header, self.expires_at, f"databricks-sdk {self._config.auth_type}")
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+class DriverRelay(Credentials):
+    """A task's view of credentials only the driver can refresh (a job's or notebook's own token, other
+    unified auth): the header as the chunk started, and, when it is refused (401/403) or due, the
+    driver's current one, fetched from the relay the job runs on the driver (`jobs.token_relay`:
+    `GET <url>` with the run's relay key). So a chunk that outlives a token goes on with the next."""
+
+    refreshable = True
+
+    def __init__(self, url: str, key: Secret, *, header: Secret | None, expires_at: float | None,
+                 source: str = "") -> None:
+        self.url, self._key, self.source = url, key, source
+        self._header, self.expires_at = header, expires_at
+        self._old: list[Secret] = []
+        self.generation = 0
+
+    def __repr__(self) -> str:
+        return f"DriverRelay(url={self.url!r}, source={self.source!r})"
+
+    def header(self) -> Secret | None:
+        return self._header
+
+    def due(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at - 60.0
+
+    def refresh(self) -> None:
+        import requests
+
+        try:
+            resp = requests.get(self.url, headers={"X-Relay-Key": self._key.reveal()}, timeout=(5, 30))
+            body = resp.json() if resp.status_code == 200 else None
+        except (requests.RequestException, ValueError) as exc:
+            raise CredentialError(f"could not get the driver's token from {self.url}: {type(exc).__name__}") from None
+        if not isinstance(body, dict):
+            raise CredentialError(f"could not get the driver's token from {self.url}: HTTP {resp.status_code}")
+        value = body.get("authorization")
+        new = Secret(value) if isinstance(value, str) and value else None
+        expires = body.get("expires_at")
+        self.expires_at = float(expires) if isinstance(expires, (int, float)) else None
+        if new != self._header:
+            if self._header is not None:
+                self._old = [self._header, *self._old][:4]
+            self._header = new
+            self.generation += 1
+
+    def secrets(self) -> list[Secret]:
+        return [s for s in (self._header, *self._old, self._key) if s is not None]
 
 
 class DataPlaneToken(Credentials):
