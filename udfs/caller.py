@@ -10,8 +10,9 @@ is checked against it (`udfs.structured`); one that breaks it is asked for again
 Every request goes through the task's `Governor` (`udfs.limits`): a 429, a 503 or an endpoint that
 takes no connection pauses the task until one probe is answered, and such a row is retried as long as
 its `row_budget_s` lasts, not `max_attempts` times (a pause of 429s alone is not counted, up to
-`max_pause_s`); when the breaker opens, the rows still waiting fail at once as `endpoint_unavailable`. With refreshable credentials (`udfs.auth.Credentials`) a token
-due to expire is refreshed before it is sent, and a 401/403 refreshes it and retries once.
+`max_pause_s`); when the breaker opens, the rows still waiting fail at once as `endpoint_unavailable`.
+With refreshable credentials (`udfs.auth.Credentials`) a token due to expire is refreshed before it is
+sent, and a 401/403 refreshes it and retries once.
 
 Example::
 
