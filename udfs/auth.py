@@ -9,7 +9,9 @@ one, back in an error message).
 hour). `OAuthM2M` mints a service principal's token with databricks-sdk's own client-credentials
 flow (`databricks.sdk.oauth.ClientCredentials`) wherever it runs, driver or executor, and again
 before the token expires; `Snapshot` is a header taken on the driver, as it was, for one chunk's
-tasks. Every token is a `Secret`.
+tasks, and `DriverRelay` one that asks the driver for its current header when it lapses (the job's
+own token, which only the driver can refresh). `DataPlaneToken` exchanges a workspace OAuth token for
+one scoped to a route-optimized endpoint. Every token is a `Secret`.
 
 Example::
 
