@@ -469,6 +469,27 @@ def test_a_pause_of_429s_alone_keeps_the_rows_waiting_past_their_budget_and_the_
     assert clock.now < 111
 
 
+def test_a_rate_limit_pause_that_turns_into_a_503_keeps_its_time_out_of_the_budget_and_the_breaker():
+    clock = FakeClock()
+    gov = governor(clock, probe_first_s=5.0, breaker_s=8.0, max_pause_s=100.0)
+
+    async def go() -> None:
+        await gov.acquire()
+        gov.failed(OVERLOAD, False, None, "http_429")
+        while clock.now < 50:
+            assert await gov.acquire() is True
+            gov.failed(OVERLOAD, True, None, "http_429")
+        paused = gov.rate_paused_s()
+        assert await gov.acquire() is True
+        gov.failed(UNAVAILABLE, True, None, "http_503")  # now a 503: breaker_s counts from here
+        assert gov.open_reason is None and gov.rate_paused_s() == pytest.approx(clock.now) and clock.now >= paused
+        with pytest.raises(EndpointUnavailable, match=r"^nothing answered for (8|9|10)s"):
+            while True:
+                assert await gov.acquire() is True
+                gov.failed(UNAVAILABLE, True, None, "http_503")
+    run(go())
+
+
 # -- tokens as AI Gateway counts them -------------------------------------------------------------------
 
 def test_max_tokens_are_reserved_before_sending_and_usage_replaces_the_reservation():

@@ -236,6 +236,11 @@ class Governor:
         """A request failed: `OVERLOAD` or `UNAVAILABLE` pause the task, `TRANSIENT` only counts."""
         now = self._clock()
         self._failures += 1
+        if self._only_429 and kind != OVERLOAD and self.paused and self._rate_pause:
+            # A rate-limit pause turns into something else (a 503, no connection): the time it was a rate
+            # limit stays out of the rows' budgets, and its 429s were answers, so the breaker counts from here.
+            self._rate_paused_before += now - self._paused_at
+            self._last_alive = max(self._last_alive, now)
         self._only_429 = self._only_429 and kind == OVERLOAD
         self._last_failure = reason or self._last_failure
         wait = None if retry_after is None else retry_after + self._jitter(0, min(1.0, 0.1 + retry_after * 0.05))
