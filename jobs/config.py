@@ -323,6 +323,11 @@ class LimitsConfig(_Strict):
     requests_per_minute: float | None = Field(default=None, gt=0)
     # Job-wide pacing of tokens (prompt + completion), from the usage the endpoint reports.
     tokens_per_minute: float | None = Field(default=None, gt=0)
+    # Foundation Model APIs' pay-per-token limits count input and output tokens separately: each its
+    # own budget (README "Speed and limits"), alongside tokens_per_minute if that is set too.
+    input_tokens_per_minute: float | None = Field(default=None, gt=0)
+    # The output tokens' own budget per minute (see input_tokens_per_minute).
+    output_tokens_per_minute: float | None = Field(default=None, gt=0)
     # Per attempt: the most seconds connecting may take (TCP, proxy tunnel, TLS).
     connect_timeout_s: float = Field(default=EngineSpec.connect_timeout_s, gt=0)
     # Per attempt: the most seconds the answer may fall silent.
@@ -361,6 +366,10 @@ class RetryConfig(_Strict):
     # The breaker: when nothing has answered for this long, the rest of the chunk fails fast as
     # `endpoint_unavailable`, and later chunks probe once before sending.
     breaker_s: float = Field(default=_RETRY.breaker_s, gt=0)
+    # A rate limit that answers 429 for long (Foundation Model APIs' queries per hour: up to an hour)
+    # pauses the job instead of failing rows: neither breaker_s nor row_budget_s run while every
+    # failure is a 429, for up to this long; the log says "paused: rate limit, resuming at HH:MM".
+    max_pause_s: float = Field(default=_RETRY.max_pause_s, gt=0)
     # Structured output: times an answer that breaks `endpoint.response_format` is asked for again.
     invalid_output_attempts: int = Field(default=_RETRY.invalid_output_attempts, ge=0, le=10)
 

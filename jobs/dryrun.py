@@ -174,6 +174,7 @@ def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None
     """One request, one attempt: a dry run must not retry its way into a rate limit or a bill."""
     text = prompt if prompt is not None else FALLBACK_PROMPT
     one = replace(spec, rows_per_request=1, max_concurrency=1, requests_per_s=None, tokens_per_s=None,
+                  input_tokens_per_s=None, output_tokens_per_s=None,
                   retry=replace(spec.retry, max_attempts=1, invalid_output_attempts=0))
     try:
         with Engine(one, max_limit=1) as engine:

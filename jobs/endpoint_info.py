@@ -2,12 +2,15 @@
 its AI Gateway rate limits, whether it is route-optimized (and its own URL), and its state.
 
 `GET {host}/api/2.0/serving-endpoints/{name}` with the job's credentials, parsed with databricks-sdk's
-own `ServingEndpointDetailed`. The limits that apply to this caller are those keyed on the endpoint
-(shared by every caller), and those keyed on a user or service principal without a `principal` (the
-default for each) or naming this caller's service principal; a `user_group` limit is logged but not
-applied (the job cannot tell its groups). The lowest that applies is the one the job starts under
-(`jobs.resolve`). Nothing here is fatal unless `endpoint.read_definition: true`: a workspace that
-cannot be read is logged and the run goes on with its configured limits.
+own `ServingEndpointDetailed`. The limit that applies to this caller follows AI Gateway's documented
+precedence ("Configure rate limits"), for calls and tokens each: the endpoint's limit is a ceiling for
+everyone; under it a custom limit naming this user or service principal overrides the per-user default,
+higher or lower, and any group's; else its group's limit (shared by all members); else the default.
+Who the caller is and its groups come from SCIM `Me`, read only when a limit names a principal. When
+calls and tokens are both limited both are applied: the stricter binds. The job starts under the
+result (`jobs.resolve`), and the log says which limit applies and why. Nothing here is fatal unless
+`endpoint.read_definition: true`: a workspace that cannot be read is logged and the run goes on with
+its configured limits.
 
 Example::
 
@@ -17,10 +20,13 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from udfs.auth import Secret, scrub
+
+log = logging.getLogger("batch_inference")
 
 # AI Gateway's only renewal period; a limit counted over another would not be per minute.
 _PER_MINUTE = "minute"
@@ -36,6 +42,12 @@ class EndpointInfo:
     state: str = "unknown"
     route_optimized: bool = False
     endpoint_url: str | None = None
+    # What databricks-sdk's data-plane path reads: the scope a token must carry to query the endpoint
+    # (`data_plane_info.query_info.authorization_details`), and its URL there.
+    authorization_details: str | None = None
+    data_plane_url: str | None = None
+    # The workspace's id (the `x-databricks-org-id` its API answers with): part of a route-optimized URL.
+    workspace_id: str | None = None
     scale_to_zero: bool = False
     # The lowest AI Gateway limits that apply to this caller, per minute; None: no such limit.
     calls_per_minute: int | None = None
@@ -43,51 +55,117 @@ class EndpointInfo:
     # Every limit found, as `120 calls/min per endpoint`, applied or not (for the log).
     limits: tuple[str, ...] = field(default_factory=tuple)
     ignored: tuple[str, ...] = field(default_factory=tuple)
+    # Which limit applies to this caller, and why (for the log).
+    applied: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def invocation_url(self) -> str | None:
-        """The route-optimized URL to call (Databricks gives the whole invocations URL; a bare host
-        is completed with the usual path)."""
-        if not (self.route_optimized and self.endpoint_url):
+        """The route-optimized URL to call: `https://<id>.<region>.serving.../<workspace-id>/serving-endpoints
+        /<name>/invocations`. Databricks gives it whole (`endpoint_url`, or the data plane's); a bare
+        host is completed with the workspace id and the usual path; None if it cannot be (no host, or
+        no workspace id)."""
+        if not self.route_optimized:
+            return None
+        for given in (self.endpoint_url, self.data_plane_url):
+            if given and given.rstrip("/").endswith("/invocations"):
+                return given.rstrip("/")
+        if not self.endpoint_url or not self.workspace_id:
             return None
         url = self.endpoint_url.rstrip("/")
-        return url if url.endswith("/invocations") else f"{url}/serving-endpoints/{self.name}/invocations"
+        if not url.endswith(f"/{self.workspace_id}"):
+            url = f"{url}/{self.workspace_id}"
+        return f"{url}/serving-endpoints/{self.name}/invocations"
 
     def describe(self) -> str:
         parts = [f"state {self.state}"]
         if self.route_optimized:
-            parts.append(f"route-optimized at {self.invocation_url or '(no endpoint_url)'}")
+            parts.append(f"route-optimized at {self.invocation_url or self.endpoint_url or '(no endpoint_url)'}")
         if self.scale_to_zero:
             parts.append("scales to zero (the first requests may meet a cold start: 503s for minutes)")
         parts.append("AI Gateway limits: " + (", ".join(self.limits) if self.limits else "none"))
+        if self.applied:
+            parts.append("applies: " + "; ".join(self.applied))
         if self.ignored:
             parts.append("not applied: " + ", ".join(self.ignored))
         return "; ".join(parts)
 
 
-def read_endpoint(host: str, name: str, headers: Mapping[str, Secret | str], *, principal: str | None = None,
-                  timeout_s: float = 10.0) -> EndpointInfo:
-    """The endpoint's definition; `principal` is this caller's service principal (application id), if
-    known. Raises `DefinitionUnavailable`."""
+def _get(url: str, headers: Mapping[str, Secret | str], timeout_s: float):  # -> requests.Response
     import requests
 
     secrets = [v for v in headers.values() if isinstance(v, Secret)]
     sent = {k: v.reveal() if isinstance(v, Secret) else v for k, v in headers.items()}
-    url = f"{host.rstrip('/')}/api/2.0/serving-endpoints/{name}"
     try:
         resp = requests.get(url, headers=sent, timeout=(timeout_s, 3 * timeout_s), allow_redirects=False)
     except requests.RequestException as exc:
         raise DefinitionUnavailable(f"GET {url}: {type(exc).__name__}") from None
     if resp.status_code != 200:
         raise DefinitionUnavailable(scrub(f"GET {url}: HTTP {resp.status_code}: {resp.text[:200]}", secrets))
+    return resp
+
+
+def read_endpoint(host: str, name: str, headers: Mapping[str, Secret | str], *, principal: str | None = None,
+                  workspace_id: str | None = None, timeout_s: float = 10.0) -> EndpointInfo:
+    """The endpoint's definition; `principal` is this caller's service principal (application id), if
+    known; `workspace_id` if known (the workspace's answer names it too). Raises `DefinitionUnavailable`."""
+    url = f"{host.rstrip('/')}/api/2.0/serving-endpoints/{name}"
+    resp = _get(url, headers, timeout_s)
+    workspace_id = resp.headers.get("x-databricks-org-id") or workspace_id
     try:
-        return parse_endpoint(resp.json(), principal=principal)
+        body = resp.json()
+        parse_endpoint(body)
     except (ValueError, TypeError, AttributeError) as exc:
         raise DefinitionUnavailable(f"GET {url}: not an endpoint's definition ({type(exc).__name__})") from None
+    names: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    if _needs_identity(body):
+        try:
+            names, groups = whoami(host, headers, timeout_s=timeout_s)
+        except DefinitionUnavailable as exc:  # the limits naming principals cannot be matched: say so
+            log.warning("endpoint %s: who the job runs as is unknown (%s); custom and group AI Gateway "
+                        "limits are matched on %s only", name, exc, principal or "nothing")
+    return parse_endpoint(body, principal=principal, names=names, groups=groups, workspace_id=workspace_id)
 
 
-def parse_endpoint(body: dict, *, principal: str | None = None) -> EndpointInfo:
-    """`ServingEndpointDetailed` as JSON -> `EndpointInfo`."""
+def whoami(host: str, headers: Mapping[str, Secret | str], *, timeout_s: float = 10.0
+           ) -> tuple[frozenset[str], frozenset[str]]:
+    """The caller's names (user name, service principal application id) and its groups, from
+    `GET /api/2.0/preview/scim/v2/Me`; raises `DefinitionUnavailable`."""
+    url = f"{host.rstrip('/')}/api/2.0/preview/scim/v2/Me"
+    resp = _get(url, headers, timeout_s)
+    try:
+        me = resp.json()
+        names = {me.get(k) for k in ("userName", "applicationId") if isinstance(me.get(k), str)}
+        groups = {g.get("display") for g in me.get("groups") or [] if isinstance(g, dict)}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DefinitionUnavailable(f"GET {url}: not a SCIM user ({type(exc).__name__})") from None
+    return frozenset(n for n in names if n), frozenset(g for g in groups if isinstance(g, str) and g)
+
+
+def _needs_identity(body: dict) -> bool:
+    limits = ((body.get("ai_gateway") or {}).get("rate_limits") or []) if isinstance(body, dict) else []
+    return any(isinstance(lim, dict) and lim.get("principal") for lim in limits)
+
+
+def _pick(levels: list[tuple[str, list[tuple[int, str]]]], shared_max: bool = False) -> tuple[int, str] | None:
+    """The first level (most specific) that sets a value: its lowest (a group level: its highest, the
+    limit is enforced only when every group's is exceeded)."""
+    for _, values in levels:
+        if values:
+            return (max if shared_max else min)(values, key=lambda v: v[0])
+    return None
+
+
+def parse_endpoint(body: dict, *, principal: str | None = None, names: frozenset[str] | set[str] = frozenset(),
+                   groups: frozenset[str] | set[str] = frozenset(), workspace_id: str | None = None) -> EndpointInfo:
+    """`ServingEndpointDetailed` as JSON -> `EndpointInfo`, under AI Gateway's precedence.
+
+    For calls and for tokens each: the endpoint's limit is a ceiling over everyone; under it, a custom
+    limit naming this caller (a user or service principal: `principal`, or one of `names`) overrides
+    the user default, higher or lower, and any group limit; else a limit of one of its `groups` (shared
+    with every other member; in several groups, the highest: AI Gateway refuses only when all are
+    exceeded); else the default per-user limit. Calls and tokens are both applied, so the stricter binds.
+    """
     from databricks.sdk.service.serving import ServingEndpointDetailed
 
     ep = ServingEndpointDetailed.from_dict(body)
@@ -97,8 +175,10 @@ def parse_endpoint(body: dict, *, principal: str | None = None) -> EndpointInfo:
         update = ep.state.config_update.value if ep.state.config_update else None
         state = ready + (f" ({update})" if update and update != "NOT_UPDATING" else "")
     entities = (ep.config.served_entities or []) if ep.config is not None else []
-    calls: list[int] = []
-    tokens: list[int] = []
+    query = ep.data_plane_info.query_info if ep.data_plane_info is not None else None
+    me = set(names) | ({principal} if principal else set())
+    # dimension -> level -> [(value, text)]
+    levels = {d: {"endpoint": [], "custom": [], "group": [], "default": []} for d in ("calls", "tokens")}
     found: list[str] = []
     ignored: list[str] = []
     limits = (ep.ai_gateway.rate_limits or []) if ep.ai_gateway is not None else []
@@ -109,15 +189,54 @@ def parse_endpoint(body: dict, *, principal: str | None = None) -> EndpointInfo:
         per = "min" if period == _PER_MINUTE else period
         text = ", ".join(f"{n} {unit}/{per}" for n, unit in ((lim.calls, "calls"), (lim.tokens, "tokens"))
                          if n is not None) + f" {whom}"
-        applies = period == _PER_MINUTE and (
-            key == "endpoint"
-            or (key in ("user", "service_principal") and (not lim.principal or lim.principal == principal)))
-        (found if applies else ignored).append(text)
-        if applies:
-            calls += [lim.calls] if lim.calls is not None else []
-            tokens += [lim.tokens] if lim.tokens is not None else []
+        level = None
+        if period != _PER_MINUTE:
+            pass  # AI Gateway's windows are a minute; another would not be per minute
+        elif key == "endpoint":
+            level = "endpoint"
+        elif key in ("user", "service_principal"):
+            level = "default" if not lim.principal else ("custom" if lim.principal in me else None)
+        elif key == "user_group" and lim.principal in groups:
+            level = "group"
+        if level is None:
+            ignored.append(text + (" (not this caller)" if period == _PER_MINUTE else ""))
+            continue
+        found.append(text)
+        for d in ("calls", "tokens"):
+            n = getattr(lim, d)
+            if n is not None:
+                levels[d][level].append((n, text))
+    chosen: dict[str, int | None] = {}
+    why: list[str] = []
+    for d in ("calls", "tokens"):
+        lv = levels[d]
+        mine = _pick([("custom", lv["custom"])]) or _pick([("group", lv["group"])], shared_max=True) \
+            or _pick([("default", lv["default"])])
+        source = ("a custom limit for this caller (it overrides the default and any group's)" if lv["custom"]
+                  else "its group's limit, shared with the group's other members" if lv["group"]
+                  else "the default per-user limit" if lv["default"] else None)
+        ceiling = _pick([("endpoint", lv["endpoint"])])
+        if mine and ceiling and ceiling[0] < mine[0]:
+            chosen[d] = ceiling[0]
+            why.append(f"{ceiling[0]} {d}/min: the endpoint's ceiling ({ceiling[1]}) is below {source} "
+                       f"({mine[1]})")
+        elif mine:
+            chosen[d] = mine[0]
+            why.append(f"{mine[0]} {d}/min: {source} ({mine[1]})"
+                       + (f", under the endpoint's ceiling of {ceiling[0]}" if ceiling else ""))
+        elif ceiling:
+            chosen[d] = ceiling[0]
+            why.append(f"{ceiling[0]} {d}/min: the endpoint's ceiling ({ceiling[1]})")
+        else:
+            chosen[d] = None
+    if chosen["calls"] and chosen["tokens"]:
+        even = chosen["tokens"] / chosen["calls"]
+        why.append(f"both apply, the stricter binds: the tokens limit for requests of more than {even:.0f} "
+                   "tokens, the calls limit below")
     return EndpointInfo(
         name=ep.name or "", state=state, route_optimized=bool(ep.route_optimized), endpoint_url=ep.endpoint_url,
+        authorization_details=query.authorization_details if query is not None else None,
+        data_plane_url=query.endpoint_url if query is not None else None, workspace_id=workspace_id,
         scale_to_zero=any(e.scale_to_zero_enabled for e in entities),
-        calls_per_minute=min(calls) if calls else None, tokens_per_minute=min(tokens) if tokens else None,
-        limits=tuple(found), ignored=tuple(ignored))
+        calls_per_minute=chosen["calls"], tokens_per_minute=chosen["tokens"],
+        limits=tuple(found), ignored=tuple(ignored), applied=tuple(why))

@@ -53,6 +53,7 @@ from jobs.resolve import engine_spec, preflight
 from jobs.session import is_connect
 from jobs.stage import Survey, drop_stale_scratch, pending_rows, scratch_table, survey
 from jobs.summary import RunSummary
+from jobs.token_relay import relay_for
 from jobs.verdict import judge
 
 log = logging.getLogger("batch_inference")
@@ -88,7 +89,11 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
                 pending = pending_rows(requests, prior, cfg.run.retry_errors, cfg.run.limit, cfg.run.limit_order)
                 staged, planner = plan_chunks(spark, cfg, found, pending, pending_table)
                 args = (spark, cfg, spec, run_id, landing, staged, planner, progress, summary)
-                DriverRun(*args).call() if mode == "driver" else ExecutorsRun(*args).call(outcomes_table)
+                if mode == "driver":
+                    DriverRun(*args).call()
+                else:
+                    with relay_for(spec, spark):  # credentials only the driver refreshes reach the tasks
+                        ExecutorsRun(*args).call(outcomes_table)
             finally:
                 progress.close()  # stops the waiting watch, whatever happened
     progress.close()

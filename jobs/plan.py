@@ -48,6 +48,8 @@ class TaskPlan:
             spec,
             requests_per_s=spec.requests_per_s / p if spec.requests_per_s else None,
             tokens_per_s=spec.tokens_per_s / p if spec.tokens_per_s else None,
+            input_tokens_per_s=spec.input_tokens_per_s / p if spec.input_tokens_per_s else None,
+            output_tokens_per_s=spec.output_tokens_per_s / p if spec.output_tokens_per_s else None,
             start_requests_per_s=spec.start_requests_per_s / p if spec.start_requests_per_s else None,
         )
 

@@ -9,9 +9,10 @@ auth becomes `SdkCredentials`, whose tasks get the driver's current token at eac
 
 For a serving endpoint reached through the workspace, its definition is read first
 (`jobs.endpoint_info`): the job starts under its AI Gateway rate limits, and a route-optimized
-endpoint is called at its own URL, with an OAuth token. What no retry could fix is refused here,
-before any row is sent: a header value with a line break, a personal access token for a
-route-optimized endpoint, and (`preflight`) a TLS certificate the job does not trust.
+endpoint is called at its own URL, with an OAuth token scoped to it (exchanged from the workspace's).
+What no retry could fix is refused here, before any row is sent: a header value with a line break, a
+personal access token or the job's own runtime token for a route-optimized endpoint, and
+(`preflight`) a TLS certificate the job does not trust.
 
 Example::
 
@@ -31,8 +32,8 @@ from urllib.parse import urlsplit
 from jobs.config import ConfigError, EndpointConfig, JobConfig, LimitsConfig
 from jobs.endpoint_info import DefinitionUnavailable, EndpointInfo, read_endpoint
 from jobs.session import conf_get, on_databricks
+from udfs.auth import CredentialError, Credentials, DataPlaneToken, OAuthM2M, SdkCredentials, Secret, Snapshot, bearer
 from udfs.budget import BudgetSpec
-from udfs.auth import CredentialError, Credentials, OAuthM2M, SdkCredentials, Secret, bearer
 from udfs.spec import EngineSpec, RetrySpec
 from udfs.transforms import import_function
 from udfs.loopback import is_loopback
@@ -271,17 +272,60 @@ def endpoint_definition(e: EndpointConfig, url: str, headers: Mapping[str, Secre
     return info
 
 
+_INSTEAD = ("use a service principal's OAuth M2M (DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET in the "
+            "job's environment, from a secret scope; README \"Deploy to Databricks\"), or set endpoint.url to "
+            "call the workspace URL (endpoints created before 2025-09-22 only)")
+
+
 def _require_oauth(e: EndpointConfig, headers: Mapping[str, Secret | str], creds: Credentials | None) -> None:
-    """Databricks accepts only OAuth tokens at a route-optimized endpoint's URL: refuse a personal
-    access token here, rather than fail every row with 401."""
+    """Databricks accepts only OAuth tokens scoped to the endpoint at a route-optimized endpoint's URL,
+    exchanged from a workspace OAuth token: refuse here, rather than fail every row with 401, a personal
+    access token and the job's own `runtime` token (the notebook/job token: not OAuth, not exchangeable)."""
     token = headers.get("Authorization")
     pat = (isinstance(token, Secret) and token.reveal().split(" ")[-1].startswith("dapi")) or (
         isinstance(creds, SdkCredentials) and creds.auth_type == "pat")
     if pat:
         raise ConfigError(f"endpoint {e.name} is route-optimized: Databricks accepts only OAuth tokens at its "
-                          f"URL, and {_credential_source(e)} gives a personal access token; use a service "
-                          "principal's OAuth (DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET), or set "
-                          "endpoint.url to call the workspace URL (endpoints created before 2025-09-22)")
+                          f"URL, and {_credential_source(e)} gives a personal access token; {_INSTEAD}")
+    if isinstance(creds, SdkCredentials) and creds.auth_type == "runtime":
+        raise ConfigError(f"endpoint {e.name} is route-optimized: Databricks accepts only OAuth tokens scoped to "
+                          f"the endpoint at its URL, and {_credential_source(e)} gives the job's own runtime "
+                          f"token, which is not OAuth and cannot be exchanged for one; {_INSTEAD}")
+
+
+def _route_optimized(e: EndpointConfig, info: EndpointInfo, host: str, headers: dict[str, Secret | str],
+                     creds: Credentials | None) -> tuple[str | None, dict[str, Secret | str], Credentials | None]:
+    """The URL, headers and credentials to call a route-optimized endpoint with: its own URL, and a token
+    scoped to it (`udfs.auth.DataPlaneToken`), exchanged once here so that a refusal fails before any row.
+    The URL is None when the endpoint gives none (the workspace URL then serves, as it does endpoints
+    created before 2025-09-22)."""
+    target = info.invocation_url
+    if target is None:
+        if info.endpoint_url:
+            raise ConfigError(f"endpoint {e.name} is route-optimized at {info.endpoint_url}, but the workspace id "
+                              "that completes its URL is unknown; set endpoint.url to its invocations URL")
+        log.warning("endpoint %s is route-optimized but gives no endpoint_url: calling the workspace URL", e.name)
+        return None, headers, creds
+    _require_oauth(e, headers, creds)
+    if not info.authorization_details:
+        log.warning("endpoint %s: route-optimized: calling %s with the workspace token (its definition gives no "
+                    "data_plane_info.query_info.authorization_details to exchange it for)", e.name, target)
+        return target, headers, creds
+    upstream = creds
+    if upstream is None:
+        token = headers.get("Authorization")
+        if not isinstance(token, Secret):
+            raise ConfigError(f"endpoint {e.name} is route-optimized: it needs an OAuth token, and "
+                              f"{_credential_source(e)} gives none; {_INSTEAD}")
+        upstream = Snapshot(token, source=_credential_source(e))
+    scoped = DataPlaneToken(upstream, host, info.authorization_details)
+    try:
+        scoped.refresh()
+    except CredentialError as exc:
+        raise ConfigError(f"endpoint {e.name} is route-optimized: {exc}; {_INSTEAD}") from None
+    log.info("endpoint %s: route-optimized: calling %s with a token scoped to it (exchanged at %s/oidc/v1/token, "
+             "again before it expires)", e.name, target, host)
+    return target, {k: v for k, v in headers.items() if k != "Authorization"}, scoped
 
 
 def _rates(e: EndpointConfig, lim: LimitsConfig, info: EndpointInfo | None
@@ -310,11 +354,15 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
     headers, creds = credentials(e, url)
     refuse_unsendable_headers(e, current_headers(headers, creds))
     info = endpoint_definition(e, url, headers, creds)
-    if info is not None and info.invocation_url and not e.url:
-        _require_oauth(e, headers, creds)
-        url = info.invocation_url
-        log.info("endpoint %s: route-optimized: calling %s", e.name, url)
+    if info is not None and info.route_optimized and not e.url:
+        host = normalize_host(e.host) if e.host else f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
+        target, headers, creds = _route_optimized(e, info, host, headers, creds)
+        url = target or url
     requests_per_s, tokens_per_s, start = _rates(e, lim, info)
+    if lim.input_tokens_per_minute or lim.output_tokens_per_minute:
+        log.info("endpoint %s: input and output tokens paced as separate budgets: %s input, %s output tokens/min",
+                 e.name, f"{lim.input_tokens_per_minute:.0f}" if lim.input_tokens_per_minute else "unlimited",
+                 f"{lim.output_tokens_per_minute:.0f}" if lim.output_tokens_per_minute else "unlimited")
     rf = e.response_format
     return EngineSpec(
         url=url,
@@ -331,6 +379,8 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         max_concurrency=lim.max_concurrency,
         requests_per_s=requests_per_s,
         tokens_per_s=tokens_per_s,
+        input_tokens_per_s=lim.input_tokens_per_minute / 60 if lim.input_tokens_per_minute else None,
+        output_tokens_per_s=lim.output_tokens_per_minute / 60 if lim.output_tokens_per_minute else None,
         start_requests_per_s=start,
         connect_timeout_s=lim.connect_timeout_s,
         read_timeout_s=lim.read_timeout_s,

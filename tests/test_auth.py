@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.workspace import CLIENT_ID, CLIENT_SECRET, Workspace
-from udfs.auth import CredentialError, OAuthM2M, Secret, bearer, scrub
+from udfs.auth import CredentialError, OAuthM2M, Secret, Snapshot, bearer, scrub
 from udfs.engine import Engine
 from udfs.spec import EngineSpec, RetrySpec
 from udfs.transport import TransportError
@@ -162,3 +162,35 @@ def test_a_token_with_a_line_break_stops_the_task_before_it_is_sent(client, when
     assert o.error.startswith("invalid_header: ") and err.value.kind == "invalid_header" and err.value.fatal
     assert "line break" in o.error and "oauth-" not in o.error + str(err.value)
     assert o.error.startswith(f"invalid_header: OAuthM2M(client_id='{CLIENT_ID}', ")  # where the token came from
+
+
+def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_only():
+    """`jobs.token_relay`: tasks (a pickled `SdkCredentials` becomes a `DriverRelay`) ask the driver for
+    its current token; a request without the run's key is refused; no secret in any repr."""
+    from databricks.sdk.config import Config
+
+    from jobs.token_relay import relay_for
+    from udfs.auth import DriverRelay, SdkCredentials
+
+    minted = iter(range(1, 100))
+
+    class Refreshing:
+        def auth_type(self) -> str:
+            return "runtime"
+
+        def __call__(self, cfg):
+            return lambda: {"Authorization": f"Bearer job-token-{next(minted)}-Zq7wkx9R"}
+
+    creds = SdkCredentials(Config(host="http://127.0.0.1:9", credentials_strategy=Refreshing()))
+    spec = EngineSpec(url="http://127.0.0.1:9/", credentials=creds)
+    with relay_for(spec, None):
+        task = pickle.loads(pickle.dumps(creds))
+        assert isinstance(task, DriverRelay) and task.header() == creds.header()
+        task.refresh()
+        assert task.header().reveal() == creds.header().reveal() != "Bearer job-token-1-Zq7wkx9R"
+        assert task.generation == 1
+        thief = DriverRelay(task.url, Secret("not-the-key"), header=None, expires_at=None)
+        with pytest.raises(CredentialError, match=r"HTTP 403$"):
+            thief.refresh()
+    assert "Zq7wkx9R" not in repr(task) + repr(creds) and "X-Relay" not in repr(task)
+    assert isinstance(pickle.loads(pickle.dumps(creds)), Snapshot)  # no relay: a snapshot, as before

@@ -84,7 +84,10 @@ def test_targets_follow_the_template_shape():
     b = load_bundle()
     dev, prod = b["targets"]["dev"], b["targets"]["prod"]
     assert (dev["mode"], dev.get("default"), prod["mode"]) == ("development", True, "production")
-    assert prod["workspace"]["root_path"].startswith("/Workspace/Shared/")
+    # Not under /Workspace/Shared (every user could change what the service principal runs): the home
+    # of whoever deploys, which is the service principal when CI deploys as it.
+    root = prod["workspace"]["root_path"]
+    assert not root.startswith("/Workspace/Shared") and root.startswith("/Workspace/Users/${workspace.current_user.userName}/")
     assert prod["run_as"] == {"service_principal_name": "${var.service_principal}"}
     assert {p["level"] for p in prod["permissions"]} <= {"CAN_VIEW", "CAN_RUN", "CAN_MANAGE"}
     artifact, = b["artifacts"].values()
@@ -198,7 +201,7 @@ def _secret_literals(node) -> list[str]:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("target", TARGETS)
 def test_no_secret_literal_anywhere_in_the_bundle(variant, target):
-    # Resolved, so that `{{secrets/${var.secret_scope}/...}}` is checked as the reference it becomes.
+    # Resolved, so that a `{{secrets/${var...}/...}}` would be checked as the reference it becomes.
     assert _secret_literals(resolved(load_bundle(include=VARIANTS[variant]), target)) == []
     for path, text in _bundle_texts().items():
         if path.parent.name == "conf":
@@ -207,20 +210,51 @@ def test_no_secret_literal_anywhere_in_the_bundle(variant, target):
         assert not TOKEN_TEXT.search(text), path
 
 
-def test_the_token_reaches_the_tasks_by_reference():
-    """The job cluster sets the variable the configs read, from the secret scope the variables name;
-    serverless tasks read the same scope and key in code."""
-    job = jobs(resolved(load_bundle(), "prod"))["batch_inference"]
-    env, = (c["new_cluster"]["spark_env_vars"] for c in job["job_clusters"])
-    confs = {load_config(t["python_wheel_task"]["named_parameters"]["conf"]).endpoint.token_env
-             for t in job["tasks"]}
-    assert confs == {"BI_ENDPOINT_TOKEN"}
-    assert env == {"BI_ENDPOINT_TOKEN": "{{secrets/batch-inference/endpoint-token}}"}
-    serverless = jobs(resolved(load_bundle(include=SERVERLESS), "prod"))["batch_inference"]
-    for task in serverless["tasks"]:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_tasks_call_as_the_job_s_own_identity_with_a_pat_only_as_an_option(variant):
+    """Under run_as, a PAT from a secret scope would call as its owner (their permissions, their gateway
+    limits, a token that never refreshes and cannot reach route-optimized endpoints): by default no token
+    reaches the tasks, and databricks-sdk resolves the job's own identity. The PAT stays an option."""
+    job = jobs(resolved(load_bundle(include=VARIANTS[variant]), "prod"))["batch_inference"]
+    assert [c["new_cluster"].get("spark_env_vars") for c in job.get("job_clusters", [])
+            if c["new_cluster"].get("spark_env_vars")] == []
+    for task in job["tasks"]:
         named = task["python_wheel_task"]["named_parameters"]
-        assert (named["endpoint.token_env"], named["endpoint.token_secret.scope"],
-                named["endpoint.token_secret.key"]) == ("", "batch-inference", "endpoint-token")
+        assert not [k for k in named if k.startswith(("endpoint.token", "endpoint.auth"))], task["task_key"]
+        cfg = load_config(named["conf"])
+        assert (cfg.endpoint.token_env, cfg.endpoint.token_secret, cfg.endpoint.auth) == (None, None, "auto")
+        # The documented option: a PAT from a secret scope, by two named parameters.
+        pat = load_config(named["conf"], ["endpoint.token_secret.scope=batch-inference",
+                                          "endpoint.token_secret.key=endpoint-token"])
+        assert pat.endpoint.token_secret.model_dump() == {"scope": "batch-inference", "key": "endpoint-token"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_run_slowed_by_a_rate_limit_warns_before_its_timeout(variant):
+    job = jobs(resolved(load_bundle(include=VARIANTS[variant]), "prod"))["batch_inference"]
+    [rule] = job["health"]["rules"]
+    assert (rule["metric"], rule["op"]) == ("RUN_DURATION_SECONDS", "GREATER_THAN")
+    assert rule["value"] < min(t["timeout_seconds"] for t in job["tasks"])
+    assert job["email_notifications"]["on_duration_warning_threshold_exceeded"] == [
+        job["email_notifications"]["on_failure"][0]]
+
+
+def test_the_schedule_comment_says_what_development_mode_does():
+    """Databricks: development mode pauses schedules, but an explicit UNPAUSED runs them in dev too."""
+    b = load_bundle()
+    text = (ROOT / "databricks.yml").read_text()
+    assert "whatever this says" not in text and "explicit UNPAUSED" in text
+    assert b["variables"]["schedule_pause_status"]["default"] == "PAUSED"
+    assert b["targets"]["dev"].get("variables", {}).get("schedule_pause_status", "PAUSED") == "PAUSED"
+
+
+def test_every_repository_path_the_bundle_and_its_tests_name_exists():
+    """Paths named in comments go stale when files move (the entry point moved under jobs/cli/)."""
+    texts = {**_bundle_texts(), Path(__file__): Path(__file__).read_text()}
+    for path, text in texts.items():
+        for named in set(re.findall(r"(?<![\w/.])((?:jobs|udfs|conf|resources|tests)/[\w/.-]+\.(?:py|yml))", text)):
+            if "*" not in named:
+                assert (ROOT / named).exists(), f"{path.relative_to(ROOT)} names {named}, which does not exist"
 
 
 def test_the_secret_check_sees_a_literal():

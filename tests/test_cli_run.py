@@ -53,9 +53,8 @@ def test_each_task_of_the_dev_target_parses_into_its_config(variant, name, outpu
             cfg.run.limit, cfg.run.dry_run, inv.ignored) == (
         "main.dev_user.prompts", output, endpoint, 8, 100, False, [])
     assert (cfg.output.runs_table, cfg.mlflow.enabled) == ("main.dev_user.batch_inference_runs", True)
-    token = (cfg.endpoint.token_env, cfg.endpoint.token_secret and cfg.endpoint.token_secret.model_dump())
-    assert token == (("BI_ENDPOINT_TOKEN", None) if variant is None
-                     else (None, {"scope": "batch-inference", "key": "endpoint-token"}))
+    # No token: the tasks call as the job's own identity (databricks-sdk's unified auth in the job).
+    assert (cfg.endpoint.token_env, cfg.endpoint.token_secret, cfg.endpoint.auth) == (None, None, "auto")
 
 
 def test_job_parameters_set_at_run_time_reach_the_config():
@@ -159,8 +158,8 @@ def test_the_effective_config_is_printed_with_credentials_redacted(tmp_path):
 def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, table_name, monkeypatch,
                                                         capsys, caplog, tmp_path):
     """The dev completions task's own arguments, pointed at local stand-ins by later --key=value
-    parameters, with the job parameter `limit` set at run time and the token in the variable the job
-    cluster fills from the secret scope."""
+    parameters, with the job parameter `limit` set at run time and a token in an environment variable
+    (the PAT option, as a job cluster would fill it from a secret scope)."""
     src = f"prompts_{table_name.split('_')[-1]}"
     spark.createDataFrame([(1, "alpha"), (2, "beta"), (3, "gamma")], "id long, prompt string") \
         .createOrReplaceTempView(src)
@@ -169,7 +168,7 @@ def test_the_bundle_task_runs_end_to_end_on_local_spark(spark, fresh_endpoint, t
     named = task_argv(job, task, {"limit": "2", "run_date": "2026-01-31"})
     local = [f"--input.table={src}", f"--output.table={table_name}", f"--output.runs_table={table_name}_runs",
              f"--mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"--endpoint.host={fresh_endpoint.url}",
-             "--run.task_slots=2", "--retry.backoff_base_s=0.01"]
+             "--run.task_slots=2", "--retry.backoff_base_s=0.01", "--endpoint.token_env=BI_ENDPOINT_TOKEN"]
     # The stand-ins come after the bundle's own named parameters, so they win.
     argv = named[:6] + local + named[6:]
 
@@ -229,4 +228,4 @@ def test_the_readme_driver_proxy_parameters_reach_the_driver_proxy_url():
 
     assert endpoint_url(cfg.endpoint) == (
         "https://adb-1.azuredatabricks.net/driver-proxy-api/o/0/0123-456789-abcdefgh/7777/")
-    assert cfg.endpoint.token_env == "BI_ENDPOINT_TOKEN"
+    assert cfg.endpoint.token_env is None

@@ -23,7 +23,7 @@ from jobs.local.stand_in import LocalEndpoint
 from jobs.pipeline import run_job
 from tests.conftest import free_port, job_config
 from tests.faults import ColdStart, FixedWindow
-from tests.workspace import CLIENT_ID, CLIENT_SECRET, RO_PREFIX, Workspace
+from tests.workspace import AUTH_DETAILS, CLIENT_ID, CLIENT_SECRET, RO_PREFIX, Workspace
 
 DEFAULT_RETRY = {"backoff_base_s": 0.5, "backoff_max_s": 30.0}  # conftest's job_config shortens them
 
@@ -149,7 +149,8 @@ def test_tokens_that_expire_are_refreshed_for_a_run_longer_than_three_of_their_l
     """A service principal's OAuth through databricks-sdk against a loopback workspace: tokens live 2 s
     (an hour, scaled) and are refused after; the run paces at the endpoint's AI Gateway limit for over
     6 s. Each task mints its own tokens before they lapse. The endpoint is route-optimized: it is called
-    at its own URL, which the workspace's definition gives."""
+    at its own URL, which the workspace's definition gives, with tokens scoped to it (exchanged from the
+    workspace's; the replica refuses others with 403)."""
     for name in ("DATABRICKS_TOKEN", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_HOST"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DATABRICKS_CONFIG_FILE", "/nonexistent/.databrickscfg")
@@ -160,18 +161,68 @@ def test_tokens_that_expire_are_refreshed_for_a_run_longer_than_three_of_their_l
         ws.definition = {
             "name": "llm", "route_optimized": True, "state": {"ready": "READY"},
             "endpoint_url": f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations",
+            "data_plane_info": {"query_info": {"authorization_details": AUTH_DETAILS}},
             "ai_gateway": {"rate_limits": [{"calls": 480, "key": "endpoint", "renewal_period": "minute"}]}}
         summary = run_job(spark, job_config(
             input={"table": prompts(spark, 60)}, output={"table": table_name},
             endpoint={"name": "llm", "type": "serving", "task": "llm/v1/chat", "host": ws.url, "auth": "databricks"},
             limits={"max_concurrency": 4}, retry=DEFAULT_RETRY))
         calls = ws.invocations()
+        scoped = {ws.tokens[t][0] for t in ws.scoped}
     tokens = {n for _, n in calls}
     print(f"\nexpiring tokens: {summary.by_status} in {summary.seconds:.1f}s; {len(calls)} calls with "
           f"{len(tokens)} tokens, {ws.refused} refused")
     assert statuses(spark, table_name) == {"ok": 60}
     assert {p for p, _ in calls} == {f"{RO_PREFIX}/serving-endpoints/llm/invocations"}
-    assert len(tokens) >= 4 and None not in tokens
+    assert len(tokens) >= 4 and None not in tokens and tokens <= scoped
     log = caplog.text
     assert "AI Gateway limits: 480 calls/min per endpoint" in log and "route-optimized: calling" in log
-    assert CLIENT_SECRET not in log and "oauth-" not in log
+    assert CLIENT_SECRET not in log and "oauth-" not in log and "scoped-" not in log
+
+
+class _JobsOwnToken:
+    """databricks-sdk's `runtime` strategy as a job's own token behaves: not OAuth, no expiry the SDK
+    knows, a fresh one from the runtime whenever asked after half its life (here minted by the replica,
+    so that the replica refuses it once it lapses)."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws, self.token, self.at = ws, None, 0.0
+
+    def auth_type(self) -> str:
+        return "runtime"
+
+    def __call__(self, cfg):
+        def header() -> dict[str, str]:
+            if self.token is None or time.monotonic() - self.at > self.ws.token_life_s / 2:
+                self.token, self.at = self.ws.issue()["access_token"], time.monotonic()
+            return {"Authorization": f"Bearer {self.token}"}
+        return header
+
+
+def test_the_job_s_own_token_is_refreshed_in_the_executors_for_a_chunk_longer_than_its_life(
+        spark, table_name, monkeypatch, caplog):
+    """Executors mode with credentials only the driver can refresh (the job's own runtime token): tokens
+    live 2 s, one chunk calls for 6 s. The tasks get the driver's current token from its relay when
+    theirs is refused, instead of failing the rest of the chunk with 401."""
+    from databricks.sdk.config import Config
+
+    import jobs.resolve
+
+    caplog.set_level(logging.INFO, logger="batch_inference")
+    with Workspace(token_life_s=2.0) as ws:
+        ws.definition = {"name": "llm", "state": {"ready": "READY"}}
+        strategy = _JobsOwnToken(ws)
+        monkeypatch.setattr(jobs.resolve, "_sdk_config",
+                            lambda host=None: Config(host=ws.url, credentials_strategy=strategy))
+        run_job(spark, job_config(
+            input={"table": prompts(spark, 60)}, output={"table": table_name},
+            endpoint={"name": "llm", "type": "serving", "task": "llm/v1/chat", "host": ws.url, "auth": "databricks"},
+            limits={"max_concurrency": 2, "requests_per_minute": 600},
+            run={"calls_from": "executors", "chunk_rows": 60}, retry=DEFAULT_RETRY))
+        calls, refused = ws.invocations(), ws.refused
+    tokens = {n for _, n in calls}
+    print(f"\njob's own token, 2 s: {len(calls)} calls with {len(tokens)} tokens, {refused} refused")
+    assert statuses(spark, table_name) == {"ok": 60}
+    assert len(tokens) >= 3 and refused >= 1  # tokens lapsed mid-chunk, and the tasks got new ones
+    assert "the tasks get the driver's current token from" in caplog.text
+    assert "oauth-" not in caplog.text

@@ -606,11 +606,54 @@ def test_a_row_out_of_budget_stops_waiting_for_the_pause():
 
     async def go() -> None:
         await gov.acquire()
-        gov.failed(OVERLOAD, False, None, "http_429")
+        gov.failed(UNAVAILABLE, False, None, "http_503")
         with pytest.raises(OutOfTime):
             await gov.acquire(deadline=2.0)
     run(go())
     assert clock.now == 2.0
+
+
+def test_a_pause_of_429s_alone_keeps_the_rows_waiting_past_their_budget_and_the_breaker_up_to_max_pause_s():
+    """An hourly query limit answers 429 for up to an hour: the rows wait (their budget does not run,
+    `rate_paused_s` says how long), the breaker does not open, until `max_pause_s`."""
+    clock = FakeClock()
+    gov = governor(clock, probe_first_s=5.0, breaker_s=8.0, max_pause_s=100.0)
+
+    async def go() -> None:
+        await gov.acquire()
+        gov.failed(OVERLOAD, False, None, "http_429")
+        while clock.now < 90:  # every probe refused, for 90 s: past the row's deadline and the breaker
+            assert await gov.acquire(deadline=2.0) is True
+            gov.failed(OVERLOAD, True, None, "http_429")
+        assert gov.open_reason is None and gov.rate_paused_s() == pytest.approx(clock.now)
+        with pytest.raises(EndpointUnavailable, match=r"^rate limited \(429\) for 10\ds, longer than "
+                                                      r"retry.max_pause_s \(100s\)"):
+            while True:
+                assert await gov.acquire(deadline=2.0) is True
+                gov.failed(OVERLOAD, True, None, "http_429")
+    run(go())
+    assert clock.now < 111
+
+
+def test_a_rate_limit_pause_that_turns_into_a_503_keeps_its_time_out_of_the_budget_and_the_breaker():
+    clock = FakeClock()
+    gov = governor(clock, probe_first_s=5.0, breaker_s=8.0, max_pause_s=100.0)
+
+    async def go() -> None:
+        await gov.acquire()
+        gov.failed(OVERLOAD, False, None, "http_429")
+        while clock.now < 50:
+            assert await gov.acquire() is True
+            gov.failed(OVERLOAD, True, None, "http_429")
+        paused = gov.rate_paused_s()
+        assert await gov.acquire() is True
+        gov.failed(UNAVAILABLE, True, None, "http_503")  # now a 503: breaker_s counts from here
+        assert gov.open_reason is None and gov.rate_paused_s() == pytest.approx(clock.now) and clock.now >= paused
+        with pytest.raises(EndpointUnavailable, match=r"^nothing answered for (8|9|10)s"):
+            while True:
+                assert await gov.acquire() is True
+                gov.failed(UNAVAILABLE, True, None, "http_503")
+    run(go())
 
 
 # -- tokens as AI Gateway counts them -------------------------------------------------------------------
@@ -630,6 +673,39 @@ def test_max_tokens_are_reserved_before_sending_and_usage_replaces_the_reservati
     assert (rate.prompt_tokens, rate.completion_tokens) == (20, 30)
     rate.refund(525)  # the second was refused: it used nothing
     assert rate._tokens == pytest.approx(1000 - 3 * 525 + 51 + 475 + 525, abs=1)
+
+
+def minute_of_requests(rate: RateLimiter, clock: FakeClock, prompt: int, completion: int) -> int:
+    """Requests sent in a minute, each reserving `prompt` tokens (as estimated) and `completion` (its
+    max_tokens) for output, and using exactly that."""
+    async def go() -> int:
+        sent = 0
+        while True:
+            await rate.acquire(prompt + completion, completion)
+            if clock.now >= 60:
+                return sent
+            sent += 1
+            rate.settle(prompt + completion, prompt, completion, completion)
+    return run(go())
+
+
+@pytest.mark.parametrize("prompt, completion, bound", [(20, 10, "output"), (400, 1, "input")])
+def test_input_and_output_tokens_per_minute_are_two_budgets_each_binding_in_turn(prompt, completion, bound):
+    """Foundation Model APIs limit input and output tokens per minute separately: 6,000 in, 600 out. A
+    shared budget would either be the stricter (600 for both: a third of what output alone allows) or
+    the sum (6,600: output at 2,200 a minute, refused). Two budgets use each to the full, never above."""
+    clock = FakeClock()
+    rate = RateLimiter(input_tokens_per_s=6000 / 60, output_tokens_per_s=600 / 60, clock=clock, sleep=clock.sleep)
+    sent = minute_of_requests(rate, clock, prompt, completion)
+    banked_in, banked_out = 1000, 100  # ten seconds of each
+    assert sent * prompt <= 6000 + banked_in + prompt and sent * completion <= 600 + banked_out + completion
+    if bound == "output":  # output tokens bind: 10 a second, 10 a request
+        assert sent == pytest.approx((600 + banked_out) / completion, abs=1)
+        shared = FakeClock()
+        assert minute_of_requests(RateLimiter(tokens_per_s=600 / 60, clock=shared, sleep=shared.sleep),
+                                  shared, prompt, completion) < sent / 2
+    else:  # input tokens bind: 100 a second, 400 a request
+        assert sent == pytest.approx((6000 + banked_in) / prompt, abs=1)
 
 
 # -- first come, first served --------------------------------------------------------------------------

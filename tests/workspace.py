@@ -5,11 +5,20 @@ and the endpoint itself, for the tests of expiring tokens, AI Gateway limits and
   databricks-sdk discovers the token endpoint (as `tests/test_resolve.py`'s workspace does);
 - `POST /oidc/v1/token`: the client-credentials grant, HTTP Basic `client_id:client_secret`; each
   token is new and lives `token_life_s` (`expires_in`), as a real one lives an hour;
+- `GET /api/2.0/preview/scim/v2/Me`: who a token it issued is (the service principal, in `groups`);
 - `GET /api/2.0/serving-endpoints/{name}`: the endpoint's definition (`definition`, a
   `ServingEndpointDetailed` as JSON), for a bearer token it issued;
+- `POST /oidc/v1/token` with the JWT-bearer grant: a token it issued (`assertion`) exchanged for one
+  scoped with `authorization_details` (databricks-sdk's data-plane path), which must be the
+  definition's `data_plane_info.query_info.authorization_details`;
 - `POST /serving-endpoints/{name}/invocations`, and the same under `/ro/1234/` (a route-optimized
-  endpoint's own URL): the toy model's answer for a token issued less than `token_life_s` ago, else
-  401 as Databricks writes it (or `refuse_with`, 403, as some gateways answer).
+  endpoint's own URL, `1234` the workspace id, which every API answer names in `x-databricks-org-id`):
+  the toy model's answer for a token issued less than `token_life_s` ago, else 401 as Databricks
+  writes it (or `refuse_with`, 403, as some gateways answer); at the route-optimized URL, a token not
+  scoped to the endpoint is refused with 403;
+  with `queries_per_window` (N, seconds), a Foundation Model API's queries-per-hour limit scaled down:
+  past N answered queries in a fixed window, 429 `REQUEST_LIMIT_EXCEEDED` (no Retry-After) until the
+  next window.
 
 Every request is recorded (`requests`: method, path, the token's number or None).
 
@@ -34,7 +43,12 @@ from urllib.parse import parse_qs, urlsplit
 from jobs.local.stand_in import answer
 
 CLIENT_ID, CLIENT_SECRET = "sp-application-id", "sp-client-secret-Zq7wkx9R"
-RO_PREFIX = "/ro/1234"
+WORKSPACE_ID = "1234"
+RO_PREFIX = f"/ro/{WORKSPACE_ID}"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# What a route-optimized endpoint's definition says a token to query it must carry.
+AUTH_DETAILS = json.dumps([{"type": "workspace_permission", "object_type": "serving-endpoints",
+                            "object_path": "/serving-endpoints/llm-id", "actions": ["query_inference_endpoint"]}])
 
 
 class Workspace(ThreadingHTTPServer):
@@ -44,13 +58,19 @@ class Workspace(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.token_life_s = token_life_s
         self.definition: dict[str, Any] | None = None
+        self.groups: list[str] = []  # the service principal's groups, as SCIM `Me` lists them
         self.tokens: dict[str, tuple[int, float]] = {}  # token -> (its number, issued at)
+        self.scoped: dict[str, str] = {}  # a token exchanged for an endpoint's -> its authorization_details
         self.requests: list[tuple[str, str, int | None]] = []
         self.refused = 0  # invocations answered 401
         self.refuse_with = 401
         # Appended to every access token issued: a token endpoint that sends a line break (tests of
         # header injection).
         self.token_suffix = ""
+        self.queries_per_window: tuple[int, float] | None = None
+        self.limited = 0  # invocations answered 429
+        self._started = time.monotonic()
+        self._window: tuple[int, int] = (0, 0)  # (window number, queries answered in it)
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -58,13 +78,20 @@ class Workspace(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def issue(self) -> dict[str, Any]:
+    def issue(self, authorization_details: str | None = None) -> dict[str, Any]:
         with self._lock:
             n = next(self._numbers)
-            token = f"oauth-{n}-{base64.b32encode(n.to_bytes(4, 'big')).decode().rstrip('=')}-access{self.token_suffix}"
+            kind = "oauth" if authorization_details is None else "scoped"
+            token = f"{kind}-{n}-{base64.b32encode(n.to_bytes(4, 'big')).decode().rstrip('=')}-access{self.token_suffix}"
             self.tokens[token] = (n, time.monotonic())
+            if authorization_details is not None:
+                self.scoped[token] = authorization_details
         return {"access_token": token, "token_type": "Bearer", "expires_in": self.token_life_s,
-                "scope": "all-apis"}
+                "scope": "all-apis" if authorization_details is None else "serving-endpoints"}
+
+    def required_scope(self) -> str | None:
+        info = ((self.definition or {}).get("data_plane_info") or {}).get("query_info") or {}
+        return info.get("authorization_details")
 
     def token_of(self, header: str | None) -> tuple[int | None, bool]:
         """The number of the bearer token in `header`, and whether it is still valid."""
@@ -75,6 +102,20 @@ class Workspace(ThreadingHTTPServer):
             return None, False
         n, issued = found
         return n, time.monotonic() - issued < self.token_life_s
+
+    def over_limit(self) -> bool:
+        """Count a query against `queries_per_window`; True if it is over (refused, not counted)."""
+        if self.queries_per_window is None:
+            return False
+        n, window_s = self.queries_per_window
+        with self._lock:
+            number = int((time.monotonic() - self._started) // window_s)
+            seen = self._window[1] if self._window[0] == number else 0
+            if seen >= n:
+                self.limited += 1
+                return True
+            self._window = (number, seen + 1)
+        return False
 
     def invocations(self) -> list[tuple[str, int | None]]:
         return [(p, n) for m, p, n in self.requests if m == "POST" and p.endswith("/invocations")]
@@ -98,9 +139,14 @@ class JsonHandler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:
         pass
 
+    # The workspace id every API answer names (`x-databricks-org-id`), if set.
+    org_id: str | None = None
+
     def _answer(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
+        if self.org_id:
+            self.send_header("x-databricks-org-id", self.org_id)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -120,6 +166,7 @@ class JsonHandler(BaseHTTPRequestHandler):
 
 class _Handler(JsonHandler):
     server: Workspace
+    org_id = WORKSPACE_ID
 
     def _record(self) -> tuple[int | None, bool]:
         n, valid = self.server.token_of(self.headers.get("Authorization"))
@@ -132,6 +179,11 @@ class _Handler(JsonHandler):
         path, ws = urlsplit(self.path).path, self.server
         if self._discovery(path, ws.url):
             return
+        if path == "/api/2.0/preview/scim/v2/Me":
+            if not valid:
+                return self._answer(401, {"error_code": "UNAUTHENTICATED", "message": "Invalid access token."})
+            return self._answer(200, {"userName": CLIENT_ID, "applicationId": CLIENT_ID, "active": True,
+                                      "groups": [{"display": g, "value": str(i)} for i, g in enumerate(ws.groups)]})
         m = re.fullmatch(r"/api/2.0/serving-endpoints/([^/]+)", path)
         if m and ws.definition is not None and m.group(1) == ws.definition.get("name"):
             if not valid:
@@ -145,6 +197,14 @@ class _Handler(JsonHandler):
         path, ws = urlsplit(self.path).path, self.server
         if path == "/oidc/v1/token":
             form = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
+            if form.get("grant_type") == JWT_BEARER:
+                _, ok = ws.token_of("Bearer " + form.get("assertion", ""))
+                if not ok or form.get("assertion") in ws.scoped:
+                    return self._answer(401, {"error": "invalid_grant", "error_description": "Invalid assertion"})
+                if not form.get("authorization_details") or form["authorization_details"] != ws.required_scope():
+                    return self._answer(400, {"error": "invalid_request",
+                                              "error_description": "Invalid authorization_details"})
+                return self._answer(200, ws.issue(form["authorization_details"]))
             basic = self.headers.get("Authorization", "")
             pair = base64.b64decode(basic.split()[1]).decode() if basic.startswith("Basic ") else ""
             if form.get("grant_type") != "client_credentials" or pair != f"{CLIENT_ID}:{CLIENT_SECRET}":
@@ -157,6 +217,15 @@ class _Handler(JsonHandler):
                     ws.refused += 1
                 return self._answer(ws.refuse_with, {"error_code": "UNAUTHENTICATED",
                                                      "message": "Token expired or invalid; send a fresh OAuth token."})
+            token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+            if path.startswith(RO_PREFIX) and ws.required_scope() and ws.scoped.get(token) != ws.required_scope():
+                with ws._lock:
+                    ws.refused += 1
+                return self._answer(403, {"error_code": "PERMISSION_DENIED",
+                                          "message": "Token is not scoped to this endpoint."})
+            if ws.over_limit():
+                return self._answer(429, {"error_code": "REQUEST_LIMIT_EXCEEDED",
+                                          "message": "Exceeded the queries-per-hour limit of this endpoint."})
             status, value = answer(invocation, json.loads(raw))
             return self._answer(status, value)
         self._answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"no route {path}"})

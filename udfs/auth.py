@@ -9,7 +9,9 @@ one, back in an error message).
 hour). `OAuthM2M` mints a service principal's token with databricks-sdk's own client-credentials
 flow (`databricks.sdk.oauth.ClientCredentials`) wherever it runs, driver or executor, and again
 before the token expires; `Snapshot` is a header taken on the driver, as it was, for one chunk's
-tasks. Every token is a `Secret`.
+tasks, and `DriverRelay` one that asks the driver for its current header when it lapses (the job's
+own token, which only the driver can refresh). `DataPlaneToken` exchanges a workspace OAuth token for
+one scoped to a route-optimized endpoint. Every token is a `Secret`.
 
 Example::
 
@@ -237,7 +239,11 @@ def _unpickle_oauth_m2m(token_url: str, client_id: str, client_secret: Secret, s
 class SdkCredentials(Credentials):
     """databricks-sdk's unified auth on the driver (a notebook's or job's own token, a CLI profile, Azure
     identities...): the SDK refreshes what it can each time it is asked. Its tasks get a `Snapshot`
-    taken when their chunk starts (`for_tasks`); pickled, it is that snapshot."""
+    taken when their chunk starts (`for_tasks`); pickled, it is that snapshot. With a relay on the
+    driver (`relay`: its URL and key, `jobs.token_relay`) they get a `DriverRelay` instead, which asks
+    the driver for its current token when theirs is refused or due."""
+
+    relay: tuple[str, Secret] | None = None
 
     def __init__(self, config: Any) -> None:
         self._config = config
@@ -256,8 +262,7 @@ class SdkCredentials(Credentials):
         return str(self._config.auth_type)
 
     def __reduce__(self) -> tuple:
-        snap = self.for_tasks()
-        return (Snapshot, (snap.header(), snap.expires_at, snap.source))  # type: ignore[attr-defined]
+        return (_same, (self.for_tasks(),))
 
     def header(self) -> Secret | None:
         return self._header
@@ -286,7 +291,135 @@ class SdkCredentials(Credentials):
     def secrets(self) -> list[Secret]:
         return [s for s in (self._header, *self._old) if s is not None]
 
-    def for_tasks(self) -> Snapshot:
+    def for_tasks(self) -> Credentials:
         if self.due(time.time()):
             self.refresh()
+        if self.relay is not None:
+            return DriverRelay(*self.relay, header=self._header, expires_at=self.expires_at,
+                               source=f"databricks-sdk {self._config.auth_type}")
         return Snapshot(self._header, self.expires_at, f"databricks-sdk {self._config.auth_type}")
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+class DriverRelay(Credentials):
+    """A task's view of credentials only the driver can refresh (a job's or notebook's own token, other
+    unified auth): the header as the chunk started, and, when it is refused (401/403) or due, the
+    driver's current one, fetched from the relay the job runs on the driver (`jobs.token_relay`:
+    `GET <url>` with the run's relay key). So a chunk that outlives a token goes on with the next."""
+
+    refreshable = True
+
+    def __init__(self, url: str, key: Secret, *, header: Secret | None, expires_at: float | None,
+                 source: str = "") -> None:
+        self.url, self._key, self.source = url, key, source
+        self._header, self.expires_at = header, expires_at
+        self._old: list[Secret] = []
+        self.generation = 0
+
+    def __repr__(self) -> str:
+        return f"DriverRelay(url={self.url!r}, source={self.source!r})"
+
+    def header(self) -> Secret | None:
+        return self._header
+
+    def due(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at - 60.0
+
+    def refresh(self) -> None:
+        import requests
+
+        try:
+            resp = requests.get(self.url, headers={"X-Relay-Key": self._key.reveal()}, timeout=(5, 30))
+            body = resp.json() if resp.status_code == 200 else None
+        except (requests.RequestException, ValueError) as exc:
+            raise CredentialError(f"could not get the driver's token from {self.url}: {type(exc).__name__}") from None
+        if not isinstance(body, dict):
+            raise CredentialError(f"could not get the driver's token from {self.url}: HTTP {resp.status_code}")
+        value = body.get("authorization")
+        new = Secret(value) if isinstance(value, str) and value else None
+        expires = body.get("expires_at")
+        self.expires_at = float(expires) if isinstance(expires, (int, float)) else None
+        if new != self._header:
+            if self._header is not None:
+                self._old = [self._header, *self._old][:4]
+            self._header = new
+            self.generation += 1
+
+    def secrets(self) -> list[Secret]:
+        return [s for s in (self._header, *self._old, self._key) if s is not None]
+
+
+class DataPlaneToken(Credentials):
+    """An OAuth token scoped to one route-optimized endpoint, as databricks-sdk's data-plane path gets one
+    (`databricks.sdk.data_plane.DataPlaneEndpointTokenSource`): the workspace OAuth token of `upstream` is
+    exchanged at `{host}/oidc/v1/token` (the JWT-bearer grant) for a token carrying the endpoint's
+    `authorization_details`. Exchanged again a quarter of its life (at most 5 minutes) before it expires,
+    the upstream refreshed first when it is due; wherever it is, driver or task. An `OAuthM2M` upstream
+    travels with it, so tasks refresh both on their own.
+    """
+
+    refreshable = True
+
+    def __init__(self, upstream: Credentials, host: str, authorization_details: str) -> None:
+        self.upstream, self.host, self.authorization_details = upstream, host.rstrip("/"), authorization_details
+        self._token: Secret | None = None
+        self._old: list[Secret] = []
+        self.issued_at = self.expires_at = 0.0
+        self.generation = 0
+
+    def __repr__(self) -> str:
+        return f"DataPlaneToken(host={self.host!r}, upstream={self.upstream!r})"
+
+    def header(self) -> Secret | None:
+        return self._token
+
+    def due(self, now: float) -> bool:
+        if self._token is None:
+            return True
+        margin = min(300.0, (self.expires_at - self.issued_at) / 4)
+        return now >= self.expires_at - margin
+
+    def refresh(self) -> None:
+        from databricks.sdk.data_plane import DataPlaneEndpointTokenSource
+        from databricks.sdk.oauth import Token
+
+        if self.upstream.due(time.time()) or self.upstream.header() is None:
+            self.upstream.refresh()
+        workspace = self.upstream.header()
+        if workspace is None:
+            raise CredentialError("no workspace token to exchange for the endpoint's")
+        assertion = _credential(workspace.reveal())
+        source = DataPlaneEndpointTokenSource(self.host, lambda: Token(access_token=assertion, token_type="Bearer"),
+                                              self.authorization_details, disable_async=True)
+        issued = time.time()
+        try:
+            token = source.refresh()
+        except Exception as exc:  # the SDK's message is the token endpoint's error code and summary
+            detail = scrub(f"{type(exc).__name__}: {exc}", self.secrets())
+            raise CredentialError(f"could not exchange the workspace token for the endpoint's at "
+                                  f"{self.host}/oidc/v1/token: {detail}"[:300]) from None
+        expires = token.expiry.timestamp() if token.expiry else issued + 3600.0
+        if self._token is not None:
+            self._old = [self._token, *self._old][:4]
+        self._token = Secret(f"{token.token_type or 'Bearer'} {token.access_token}")
+        self.issued_at, self.expires_at = issued, expires
+        self.generation += 1
+
+    def secrets(self) -> list[Secret]:
+        return [s for s in (self._token, *self._old) if s is not None] + self.upstream.secrets()
+
+    def for_tasks(self) -> DataPlaneToken:
+        """A copy for the tasks with the upstream's own (`OAuthM2M` itself, else a snapshot), and a
+        token exchanged here if one is due, so that tasks do not each exchange one at once."""
+        if self.due(time.time()):
+            try:
+                self.refresh()
+            except CredentialError:
+                pass  # the tasks will try, and say so on the rows if they cannot
+        shipped = DataPlaneToken(self.upstream.for_tasks(), self.host, self.authorization_details)
+        shipped._token, shipped.issued_at, shipped.expires_at = self._token, self.issued_at, self.expires_at
+        shipped.generation = self.generation
+        return shipped

@@ -9,10 +9,11 @@ is checked against it (`udfs.structured`); one that breaks it is asked for again
 
 Every request goes through the task's `Governor` (`udfs.limits`): a 429, a 503 or an endpoint that
 takes no connection pauses the task until one probe is answered, and such a row is retried as long as
-its `row_budget_s` lasts, not `max_attempts` times; when the breaker opens, the rows still waiting
-fail at once as `endpoint_unavailable`. With refreshable credentials (`udfs.auth.Credentials`) a token
-due to expire is refreshed before it is sent, and a 401/403 refreshes it and retries once; a new token
-that would inject headers (a line break) is a fatal `invalid_header`, never sent.
+its `row_budget_s` lasts, not `max_attempts` times (a pause of 429s alone is not counted, up to
+`max_pause_s`); when the breaker opens, the rows still waiting fail at once as `endpoint_unavailable`.
+With refreshable credentials (`udfs.auth.Credentials`) a token due to expire is refreshed before it is
+sent, and a 401/403 refreshes it and retries once; a new token that would inject headers (a line
+break) is a fatal `invalid_header`, never sent.
 
 Example::
 
@@ -47,7 +48,7 @@ def governor_for(spec: EngineSpec) -> Governor:
     """The task's governor as the spec sets it: a starting rate and a ceiling, learning, the breaker,
     half-open if the endpoint was down in an earlier chunk."""
     return Governor(rate=spec.start_requests_per_s, ceiling=spec.requests_per_s, learn=spec.adaptive,
-                    breaker_s=spec.retry.breaker_s, half_open=spec.endpoint_down)
+                    breaker_s=spec.retry.breaker_s, max_pause_s=spec.retry.max_pause_s, half_open=spec.endpoint_down)
 
 
 # A refused token: these statuses get one retry with a fresh token when the credentials can refresh.
@@ -139,11 +140,12 @@ class Caller:
                         continue
                     except CredentialError as exc:
                         f = last = Failure(reasons.CREDENTIAL_REFUSED, f"{f.reason()}; {exc}", status=f.status)
-                if f.governed and f.retryable and policy.max_attempts > 1 and elapsed < policy.row_budget_s:
+                spent = elapsed - self._paused_since(sent)  # a rate-limit pause is not the row's time
+                if f.governed and f.retryable and policy.max_attempts > 1 and spent < policy.row_budget_s:
                     continue  # the governor holds the next attempt back until the endpoint answers again
                 wait = backoff(attempts, f.retry_after, policy)
                 if (not f.governed and f.retryable and attempts < policy.max_attempts
-                        and elapsed + wait <= policy.row_budget_s):
+                        and spent + wait <= policy.row_budget_s):
                     await asyncio.sleep(wait)  # holds no slot: other rows go meanwhile
                     continue
                 gave_up = f"(gave up after {attempts} attempts, {elapsed:.1f}s)" if f.retryable and attempts > 1 else ""
@@ -193,7 +195,7 @@ class Caller:
     async def _attempt(self, payload: bytes, prompts: Sequence[str], sent: list[float]) -> list[Parsed]:
         if self.fatal is not None:  # a row back from a backoff sleep: the task is failing, send nothing
             raise Failure(self.fatal.kind, self.fatal.detail)
-        deadline = sent[0] + self.spec.retry.row_budget_s if sent else None
+        deadline = sent[0] + self.spec.retry.row_budget_s + self._paused_since(sent) if sent else None
         reserve = sum(len(p) for p in prompts) // CHARS_PER_TOKEN + self._max_tokens
         while True:
             probe = await self.governor.acquire(deadline)
@@ -209,11 +211,11 @@ class Caller:
             if self.budget is not None:
                 held = await self.budget.reserve(estimate_tokens(sum(len(p) for p in prompts)),
                                                  0 if self.protocol.embeddings else (self._max_tokens or None))
-            await self.rate.acquire(reserve)
+            await self.rate.acquire(reserve, self._max_tokens)
             auth, generation = await self._auth()
             t0 = time.monotonic()
             if not sent:
-                sent.append(t0)
+                sent += [t0, self.governor.rate_paused_s()]
             try:
                 usage = (0, 0)  # sent: a request that gets no answer still counts as one
                 status, headers, data = await self._transport.post(payload, auth)
@@ -223,7 +225,7 @@ class Caller:
                 self.governor.failed(UNAVAILABLE if exc.unreachable else TRANSIENT, probe, None,
                                      self._clean(f"{exc.kind}: {exc.detail}")[:200])
                 reported = True
-                self.rate.refund(reserve)
+                self.rate.refund(reserve, self._max_tokens)
                 raise Failure(exc.kind, exc.detail, retryable=not exc.fatal,
                               governed=exc.unreachable and not exc.fatal) from None
             latency = time.monotonic() - t0
@@ -245,7 +247,7 @@ class Caller:
                 self.governor.failed(kind, probe, f.retry_after, self._clean(f.reason())[:200])
             reported = True
             overloaded = f.governed  # a 429 or a 503 (`GOVERNED_STATUSES`): AIMD halves the in-flight limit
-            self.rate.refund(reserve)
+            self.rate.refund(reserve, self._max_tokens)
             raise f
         finally:
             if held is not None and self.budget is not None:
@@ -262,6 +264,10 @@ class Caller:
             return float(len(parsed))
         tokens = [p.completion_tokens for p in parsed if p.completion_tokens]
         return float(sum(tokens)) if tokens else None
+
+    def _paused_since(self, sent: list[float]) -> float:
+        """Seconds of rate-limit pauses since the row was first sent (`sent`: when, and the pauses then)."""
+        return self.governor.rate_paused_s() - sent[1] if len(sent) > 1 else 0.0
 
     async def _auth(self) -> tuple[dict[str, str] | None, int | None]:
         """The Authorization header for this request, refreshed first if it is due."""
@@ -327,7 +333,7 @@ class Caller:
             raise Failure(reasons.BAD_RESPONSE, str(exc), status=200) from None
         reported = [p for p in parsed if p.prompt_tokens is not None or p.completion_tokens is not None]
         self.rate.settle(reserve, sum(p.prompt_tokens or 0 for p in reported) if reported else None,
-                         sum(p.completion_tokens or 0 for p in reported) if reported else None)
+                         sum(p.completion_tokens or 0 for p in reported) if reported else None, self._max_tokens)
         return parsed
 
     def _clean(self, text: str, suffix: str = "") -> str:

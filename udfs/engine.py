@@ -64,8 +64,9 @@ class Engine:
         limit = recall_limit(self._learned_key) if spec.adaptive else None
         if limit is not None:
             self.limiter.start_from(limit)
-        self.caller = Caller(spec, self._transport, self.limiter, RateLimiter(spec.requests_per_s, spec.tokens_per_s),
-                             self.governor)
+        rate = RateLimiter(spec.requests_per_s, spec.tokens_per_s, input_tokens_per_s=spec.input_tokens_per_s,
+                           output_tokens_per_s=spec.output_tokens_per_s)
+        self.caller = Caller(spec, self._transport, self.limiter, rate, self.governor)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bi-engine", daemon=True)
         self._thread.start()

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import statistics
@@ -24,6 +25,8 @@ from typing import Awaitable, Callable, Hashable
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+log = logging.getLogger("batch_inference")
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,11 @@ class Governor:
       every waiting and later `acquire` raises `EndpointUnavailable`, and the rows fail fast. Started
       `half_open` (the run's endpoint was unavailable in an earlier chunk) the task sends one probe
       first, and the breaker opens if it fails.
+    - **A long rate limit pauses, it does not fail.** While every failure since the last answer is a 429
+      (an hourly query limit answers 429 for up to an hour), the pause may last `max_pause_s`: the breaker
+      waits that long instead of `breaker_s`, no row runs out of time while it lasts (`acquire` ignores
+      its deadline, and `rate_paused_s` is what callers leave out of a row's budget), and the log says
+      "paused: rate limit, resuming at HH:MM". Past `max_pause_s` the breaker opens.
 
     One event loop, no locks; `clock` and `sleep` are injected so that tests run on a fake clock.
 
@@ -108,7 +116,8 @@ class Governor:
     """
 
     def __init__(self, *, rate: float | None = None, ceiling: float | None = None, learn: bool = True,
-                 breaker_s: float = 480.0, half_open: str | None = None, probe_first_s: float = 0.5,
+                 breaker_s: float = 480.0, max_pause_s: float = 3600.0, half_open: str | None = None,
+                 probe_first_s: float = 0.5,
                  probe_max_s: float = 10.0, decrease: float = 0.9, settle: float = 0.95, increase: float = 0.02,
                  clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
                  jitter: Callable[[float, float], float] = random.uniform) -> None:
@@ -117,6 +126,12 @@ class Governor:
         self.rate = min(rate, ceiling) if rate and ceiling else (rate or None)
         self.learn = learn
         self.breaker_s = breaker_s
+        self.max_pause_s = max_pause_s
+        # Every failure since the last answer a 429; seconds spent in such pauses before this one;
+        # whether this pause was announced in the log.
+        self._only_429 = True
+        self._rate_paused_before = 0.0
+        self._announced = False
         self.probe_first_s, self.probe_max_s = probe_first_s, probe_max_s
         self.decrease, self.settle, self.increase = decrease, settle, increase
         now = clock()
@@ -185,6 +200,8 @@ class Governor:
                     self._probing = True
                     self.probes += 1
                     return True
+                if self._rate_limited(now):
+                    deadline = None  # a long rate limit: the rows wait, up to max_pause_s
                 if deadline is not None and now >= deadline:
                     raise OutOfTime
                 wait = None if self._probing else self._probe_at - now
@@ -206,6 +223,7 @@ class Governor:
         """The endpoint answered (a 2xx, or a refusal of this request such as 400 or 401): it is up."""
         now = self._clock()
         self._last_alive, self._failures, self._half_open = now, 0, None
+        self._only_429 = True
         if probe and self.paused:
             self._resume(now)
         self._cycle_answers += 1
@@ -219,6 +237,12 @@ class Governor:
         """A request failed: `OVERLOAD` or `UNAVAILABLE` pause the task, `TRANSIENT` only counts."""
         now = self._clock()
         self._failures += 1
+        if self._only_429 and kind != OVERLOAD and self.paused and self._rate_pause:
+            # A rate-limit pause turns into something else (a 503, no connection): the time it was a rate
+            # limit stays out of the rows' budgets, and its 429s were answers, so the breaker counts from here.
+            self._rate_paused_before += now - self._paused_at
+            self._last_alive = max(self._last_alive, now)
+        self._only_429 = self._only_429 and kind == OVERLOAD
         self._last_failure = reason or self._last_failure
         wait = None if retry_after is None else retry_after + self._jitter(0, min(1.0, 0.1 + retry_after * 0.05))
         if probe and self.paused:
@@ -229,6 +253,7 @@ class Governor:
             # and a minute's window costs about fifteen probes.
             self._probe_delay = max(self._first_probe, min(self.probe_max_s, 0.5 * (now - self._paused_at)))
             self._probe_at = now + (wait if wait is not None else self._probe_delay)
+            self._announce(now, wait)
         elif kind in (OVERLOAD, UNAVAILABLE):
             if not self.paused:
                 self._pause(now, kind == OVERLOAD)
@@ -241,6 +266,32 @@ class Governor:
 
     # -- state -----------------------------------------------------------------------------------
 
+    def rate_paused_s(self, now: float | None = None) -> float:
+        """Seconds this task has spent in rate-limit pauses (429s only) so far, the current one included:
+        time a row's budget does not count."""
+        now = self._clock() if now is None else now
+        current = now - self._paused_at if self.paused and self._rate_pause and self._only_429 else 0.0
+        return self._rate_paused_before + current
+
+    def _rate_limited(self, now: float) -> bool:
+        """In a pause of 429s alone, within `max_pause_s`."""
+        return (self.paused and self._rate_pause and self._only_429 and self._half_open is None
+                and now - self._paused_at < self.max_pause_s)
+
+    def _announce(self, now: float, wait: float | None) -> None:
+        """Once per rate-limit pause, at its second refused probe (a window that stays closed): say so."""
+        if self._announced or not (self._rate_pause and self._only_429) or self._probes_refused < 2:
+            return
+        self._announced = True
+        latest = self._paused_at + self.max_pause_s
+        resume = min(latest, now + wait) if wait is not None else latest
+        at = time.strftime("%H:%M", time.gmtime(time.time() + (resume - now)))
+        how = "as the endpoint's Retry-After says" if wait is not None else (
+            f"at the latest (retry.max_pause_s: {self.max_pause_s:.0f}s); probing every {self.probe_max_s:.0f}s "
+            "or sooner")
+        log.warning("paused: rate limit, resuming at %s UTC %s; rows wait, they do not fail (last: %s)",
+                    at, how, self._last_failure or "429")
+
     def _pause(self, now: float, rate_signal: bool) -> None:
         self.paused = True
         self.pauses += 1
@@ -249,6 +300,11 @@ class Governor:
         self._probe_delay = self._first_probe
 
     def _resume(self, now: float) -> None:
+        if self._rate_pause and self._only_429:
+            self._rate_paused_before += now - self._paused_at
+        if self._announced:
+            log.warning("resumed after a rate-limit pause of %.0fs", now - self._paused_at)
+            self._announced = False
         if self.learn and self._rate_pause and self._cycle_start is not None:
             measured: float | None = None
             reopened = (self._refused_at + now) / 2
@@ -314,9 +370,14 @@ class Governor:
             self.rate = min(self.rate, self.ceiling)
 
     def _check_breaker(self, now: float) -> None:
+        if self.open_reason is None and self._failures and self._rate_limited(now):
+            return  # a long rate limit: the endpoint answers (429), the task waits up to max_pause_s
         if self.open_reason is None and self._failures and now - self._last_alive >= self.breaker_s:
             if self._half_open is not None:
                 reason = f"{self._half_open}; probed again in this chunk"
+            elif self.paused and self._rate_pause and self._only_429:
+                reason = (f"rate limited (429) for {now - self._paused_at:.0f}s, longer than retry.max_pause_s "
+                          f"({self.max_pause_s:.0f}s)")
             else:
                 reason = f"nothing answered for {now - self._last_alive:.0f}s"
             self.open_reason = f"{reason} (last: {self._last_failure})" if self._last_failure else reason
@@ -563,9 +624,16 @@ class RateLimiter:
     prompt tokens plus `max_tokens` (when set) before it is sent, and the answer's `usage` (prompt and
     completion tokens, counted separately) then replaces the reservation. The bucket may go below zero;
     new requests then wait until it refills.
+
+    Where input and output tokens are limited separately (Foundation Model APIs' pay-per-token limits:
+    input tokens per minute and output tokens per minute), each has a bucket of its own: the estimated
+    prompt tokens are reserved from the input bucket, `max_tokens` (`completion`) from the output
+    bucket, and the answer's prompt and completion tokens settle each. A request waits until every
+    bucket that limits it has tokens.
     """
 
     def __init__(self, requests_per_s: float | None = None, tokens_per_s: float | None = None, *,
+                 input_tokens_per_s: float | None = None, output_tokens_per_s: float | None = None,
                  clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
         self._clock, self._sleep = clock, sleep
         self._interval = 1.0 / requests_per_s if requests_per_s else 0.0
@@ -575,18 +643,31 @@ class RateLimiter:
         self._capacity = max(1.0, (tokens_per_s or 0.0) * 10)  # ten seconds of tokens
         self._tokens = self._capacity
         self._stamp = clock()
+        self._input = _TokenBucket(input_tokens_per_s, clock) if input_tokens_per_s else None
+        self._output = _TokenBucket(output_tokens_per_s, clock) if output_tokens_per_s else None
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
-    async def acquire(self, reserve: int = 0) -> float:
-        """Wait until a request may go, then reserve `reserve` tokens for it; returns the seconds waited."""
+    async def acquire(self, reserve: int = 0, completion: int = 0) -> float:
+        """Wait until a request may go, then reserve `reserve` tokens for it (`completion` of them its
+        output: `max_tokens`); returns the seconds waited."""
         waited = 0.0
-        while self._tps:
-            self._refill()
-            if self._tokens > 0:
-                self._tokens -= reserve
+        while self._tps or self._input or self._output:
+            pause = 0.0
+            if self._tps:
+                self._refill()
+                pause = max(pause, (1 - self._tokens) / self._tps if self._tokens <= 0 else 0.0)
+            for bucket in (self._input, self._output):
+                if bucket is not None:
+                    pause = max(pause, bucket.wait())
+            if pause <= 0:
+                if self._tps:
+                    self._tokens -= reserve
+                if self._input is not None:
+                    self._input.take(reserve - completion)
+                if self._output is not None:
+                    self._output.take(completion)
                 break
-            pause = (1 - self._tokens) / self._tps
             await self._sleep(pause)
             waited += pause
         if self._interval:
@@ -598,26 +679,65 @@ class RateLimiter:
                 waited += slot - now
         return waited
 
-    def settle(self, reserved: int, prompt_tokens: int | None, completion_tokens: int | None) -> None:
-        """The answer's usage replaces the reservation; without usage the reservation stands."""
+    def settle(self, reserved: int, prompt_tokens: int | None, completion_tokens: int | None,
+               completion: int = 0) -> None:
+        """The answer's usage replaces the reservation (`completion` of it for output); without usage the
+        reservation stands."""
         self.prompt_tokens += prompt_tokens or 0
         self.completion_tokens += completion_tokens or 0
-        if self._tps and (prompt_tokens is not None or completion_tokens is not None):
+        if prompt_tokens is None and completion_tokens is None:
+            return
+        if self._tps:
             self._refill()
             self._tokens += reserved - (prompt_tokens or 0) - (completion_tokens or 0)
+        if self._input is not None:
+            self._input.take((prompt_tokens or 0) - (reserved - completion))
+        if self._output is not None:
+            self._output.take((completion_tokens or 0) - completion)
 
-    def refund(self, reserved: int) -> None:
+    def refund(self, reserved: int, completion: int = 0) -> None:
         """A request that was refused (429, an error) consumed nothing: its reservation comes back."""
         if self._tps and reserved:
             self._refill()
             self._tokens += reserved
+        if self._input is not None:
+            self._input.take(completion - reserved)
+        if self._output is not None:
+            self._output.take(-completion)
 
     def charge_tokens(self, n: int | None) -> None:
         if self._tps and n:
             self._refill()
             self._tokens -= n
+        if self._input is not None and n:
+            self._input.take(n)
 
     def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * (self._tps or 0.0))
         self._stamp = now
+
+
+class _TokenBucket:
+    """One token budget of `RateLimiter` (input or output tokens): ten seconds of tokens banked, may go
+    below zero; a request waits until it is above."""
+
+    def __init__(self, per_s: float, clock: Clock) -> None:
+        self.per_s, self._clock = per_s, clock
+        self.capacity = max(1.0, per_s * 10)
+        self.level = self.capacity
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self.level = min(self.capacity, self.level + (now - self._stamp) * self.per_s)
+        self._stamp = now
+
+    def wait(self) -> float:
+        """Seconds until a request may take from it (0: now)."""
+        self._refill()
+        return 0.0 if self.level > 0 else (1 - self.level) / self.per_s
+
+    def take(self, n: float) -> None:
+        self._refill()
+        self.level -= n

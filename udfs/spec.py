@@ -29,6 +29,9 @@ class RetrySpec:
     # The breaker: nothing answered for this long and the rest of the task's rows fail fast as
     # `endpoint_unavailable`. Longer than a five-minute cold start; shorter than the row budget.
     breaker_s: float = 480.0
+    # A pause of 429s alone (an hourly query limit) may last this long: the breaker waits for it and the
+    # rows' budgets do not run meanwhile; past it the breaker opens.
+    max_pause_s: float = 3600.0
     # Structured output: times an answer that breaks the response schema is asked for again.
     invalid_output_attempts: int = 1
 
@@ -52,6 +55,9 @@ class EngineSpec:
     max_concurrency: int = 8
     requests_per_s: float | None = None
     tokens_per_s: float | None = None
+    # Input and output tokens limited separately (Foundation Model APIs' pay-per-token limits).
+    input_tokens_per_s: float | None = None
+    output_tokens_per_s: float | None = None
     # Where the governor's learned rate starts (requests/s), below a limit the endpoint declares
     # (its AI Gateway rate limits); None: unpaced until the first 429.
     start_requests_per_s: float | None = None
