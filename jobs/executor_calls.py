@@ -79,11 +79,11 @@ class ExecutorsRun(ChunkRun):
         if spec.budget is not None:  # each task's share of what the committed chunks left
             spec = replace(spec, budget=spec.budget.less(self.spent).share(self.plan.partitions))
         outcomes = with_outcomes(spec, self.plan, self.parsed_type, self.health)
-        landed = (chunk.of(self.staged).select(*self.columns).transform(outcomes)
-                  .transform(self._dims_step()).transform(self.finish))
-        out = self.cfg.output.table
         seen = Observation(re.sub(r"\W", "_", f"chunk_{self.run_id}_{chunk.index}"))
-        landed = observed(landed, seen)
+        # Observed before `finish` names the columns as the output table does (`prompt` may become `text`).
+        landed = observed(chunk.of(self.staged).select(*self.columns).transform(outcomes)
+                          .transform(self._dims_step()), seen).transform(self.finish)
+        out = self.cfg.output.table
         if chunk.exists:
             (landed.withColumn("_chunk", F.lit(chunk.index))
              .write.format("delta").mode("append").saveAsTable(outcomes_table))  # the calls

@@ -212,7 +212,7 @@ def test_the_full_effective_config_is_printed_only_with_verbose(monkeypatch, cap
     assert execute(["--conf", DEMO, "--verbose"]) == 0
     head, body = capsys.readouterr().out.split("\n", 1)
     assert head == f"effective config: --conf {DEMO}"
-    assert '"max_concurrency": 8' in body and '"price_unit": "USD"' in body
+    assert '"max_concurrency": 16' in body and '"price_unit": "USD"' in body
 
 
 def test_the_readme_driver_proxy_parameters_reach_the_driver_proxy_url():

@@ -352,8 +352,9 @@ def killed_then_rerun(spark, warehouse, tmp_path_factory):
         argv = ["--conf", str(conf), "--set", f"run.chunk_rows={RESUME_CHUNK_ROWS}", "--verbose"]
         delta_log = warehouse / "test.db" / table.split(".")[1] / "_delta_log"
         first = start_job(argv, warehouse, tmp / "killed.log")
-        # Version 0 creates the table; each chunk's append is one more version.
-        wait_for_commit(first, delta_log, 2, tmp / "killed.log")
+        # Version 0 creates the table; each chunk's append is one more version. Two chunks are in flight
+        # at once, and the third is sent only once the first has landed and its progress line is out.
+        wait_for_commit(first, delta_log, 3, tmp / "killed.log")
         os.killpg(first.pid, signal.SIGKILL)  # the driver, its JVM and Python workers, with no goodbye
         first.wait()
         register_local_tables(spark)  # the table the killed process created, unknown to this session

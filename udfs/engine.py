@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
+from dataclasses import replace
 from typing import Any, Iterable, Iterator, Sequence
 
 from udfs import reasons
 from udfs.auth import Secret
 from udfs.caller import Caller, governor_for
-from udfs.limits import AdaptiveLimiter, RateLimiter, recall, recall_limit, remember, remember_limit
+from udfs.limits import (LEARNED_TTL_S, AdaptiveLimiter, RateLimiter, recall, recall_limit, remember,
+                         remember_limit)
 from udfs.outcome import Outcome
 from udfs.prompts import is_blank
 from udfs.protocols import is_embeddings_task
@@ -53,11 +56,16 @@ class Engine:
         self.limiter = AdaptiveLimiter(self.max_limit, adaptive=spec.adaptive,
                                        latency_factor=spec.latency_cut_factor,
                                        slow_start=measures_work(spec.task))
+        # What an earlier task of this endpoint and share learned in this process (the last chunk):
+        # the pace, the in-flight limit with its latency baseline, and whether its breaker opened.
+        self._learned_key = (spec.url, self.max_limit, spec.requests_per_s)
+        down = _DOWN.get(spec.url)
+        if down is not None and not spec.endpoint_down and time.monotonic() - down[1] <= LEARNED_TTL_S:
+            # Chunks overlap in executors mode: the next chunk's task may start before the driver has
+            # read that the last one's breaker opened. It probes once first, as a half-open task does.
+            spec = replace(spec, endpoint_down=down[0])
         # The task's sending as a whole: pauses and probes, the learned rate, the breaker.
         self.governor = governor_for(spec)
-        # What an earlier task of this endpoint and share learned in this process (the last chunk):
-        # the pace, and the in-flight limit with its latency baseline.
-        self._learned_key = (spec.url, self.max_limit, spec.requests_per_s)
         earlier = recall(self._learned_key) if spec.adaptive and not spec.endpoint_down else None
         if earlier is not None:
             self.governor.start_from(earlier)
@@ -79,6 +87,10 @@ class Engine:
             return
         remember(self._learned_key, self.governor)
         remember_limit(self._learned_key, self.limiter)
+        if self.governor.open_reason is not None:
+            _DOWN[self.spec.url] = (DOWN_IN_THIS_PROCESS, time.monotonic())
+        elif self.governor.answered_once:
+            _DOWN.pop(self.spec.url, None)
         self._run(self._transport.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
@@ -188,6 +200,12 @@ class Engine:
                 positions, texts = [], []
         if texts:
             yield positions, texts
+
+
+# Endpoints whose breaker opened in a task of this process (url -> why, when): the next task starts
+# half-open (`Engine`), until one answers again.
+_DOWN: dict[str, tuple[str, float]] = {}
+DOWN_IN_THIS_PROCESS = "unavailable in an earlier task of this run"
 
 
 def measures_work(task: str) -> bool:

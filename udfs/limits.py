@@ -164,6 +164,7 @@ class Governor:
         self._next = -math.inf
         self._waiters: list[asyncio.Future[None]] = []
         self.pauses = self.probes = self.decreases = 0
+        self.answered_once = False  # any answer in this governor's life: the endpoint was up
 
     # -- what is learned, to hand on ---------------------------------------------------------------
 
@@ -221,6 +222,7 @@ class Governor:
 
     def answered(self, probe: bool = False) -> None:
         """The endpoint answered (a 2xx, or a refusal of this request such as 400 or 401): it is up."""
+        self.answered_once = True
         now = self._clock()
         self._last_alive, self._failures, self._half_open = now, 0, None
         self._only_429 = True

@@ -242,7 +242,7 @@ def execute(argv: list[str] | None = None) -> int:
             raise
         log.error("endpoint: %s (chunks committed before it are kept; rerun to resume)", reason)
         return 2
-    if summary.stopped == "budget":
+    if summary is not None and summary.stopped == "budget":
         log.warning("stopped: budget: spent %s of %s; %d row(s) left pending: the next run sends them",
                     summary.spent, summary.budget, summary.pending_rows - sum(summary.by_status.values()))
         return EXIT_BUDGET
