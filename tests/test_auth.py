@@ -181,7 +181,9 @@ def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_o
         def __call__(self, cfg):
             return lambda: {"Authorization": f"Bearer job-token-{next(minted)}-Zq7wkx9R"}
 
-    creds = SdkCredentials(Config(host="http://127.0.0.1:9", credentials_strategy=Refreshing()))
+    # Nothing listens on port 9: host-metadata discovery must give up at once, not after 300 s of retries.
+    creds = SdkCredentials(Config(host="http://127.0.0.1:9", credentials_strategy=Refreshing(),
+                                  retry_timeout_seconds=1, http_timeout_seconds=1))
     spec = EngineSpec(url="http://127.0.0.1:9/", credentials=creds)
     with relay_for(spec, None):
         task = pickle.loads(pickle.dumps(creds))
