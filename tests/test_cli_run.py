@@ -37,7 +37,20 @@ def test_the_bundle_passes_named_parameters_then_its_job_parameters():
         "--limits.max_concurrency=8",
         "--limit=100",
         "--dry_run=false",
+        "--max_cost=",
+        "--max_output_tokens=",
     ]
+
+
+def test_the_budget_job_parameters_reach_run_budget_and_empty_keeps_the_config_s():
+    job, task = dev_task("completions")
+    cfg, inv = config_of(task_argv(job, task, {"max_output_tokens": "50000"}))
+    assert (cfg.run.budget.max_output_tokens, cfg.run.budget.max_cost, inv.ignored) == (50000, None, [])
+    cfg, _ = config_of(task_argv(job, task, {"max_cost": "12.5"}) + [
+        "--endpoint.price_per_1k_prompt_tokens=0.5", "--endpoint.price_per_1k_completion_tokens=1.5"])
+    assert cfg.run.budget.max_cost == 12.5
+    with pytest.raises(ArgumentsError, match=r"--max_cost=-1: expected a positive number \(run.budget.max_cost\)"):
+        config_of(task_argv(job, task, {"max_cost": "-1"}))
 
 
 @pytest.mark.parametrize("variant", [None, SERVERLESS], ids=["job_cluster", "serverless"])

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("batch_inference")
 
 # The job parameters this entry point reads, as Databricks names them, and the config key each sets.
-JOB_PARAMETERS = {"limit": "run.limit", "dry_run": "run.dry_run"}
+JOB_PARAMETERS = {"limit": "run.limit", "dry_run": "run.dry_run", "max_cost": "run.budget.max_cost",
+                  "max_output_tokens": "run.budget.max_output_tokens"}
 # What Databricks allows in a job parameter's name: only such a name can be a pushed-down parameter.
 _JOB_PARAMETER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", nargs="?", const="true", metavar="BOOL",
                    help="job parameter: check config, input and endpoint (one probe request), count pending "
                         "rows, estimate tokens and cost; write nothing (run.dry_run)")
+    p.add_argument("--max-cost", "--max_cost", dest="max_cost", metavar="AMOUNT",
+                   help="job parameter: stop the run once it has cost AMOUNT at the endpoint's prices "
+                        "(run.budget.max_cost, exit 3); empty: no change")
+    p.add_argument("--max-output-tokens", "--max_output_tokens", dest="max_output_tokens", metavar="TOKENS",
+                   help="job parameter: stop the run once it has been answered with TOKENS output tokens "
+                        "(run.budget.max_output_tokens, exit 3); empty: no change")
     p.add_argument("--all", dest="dry_run_all", action="store_true",
                    help="with --dry-run: price every input row, as a full re-run would, not only the pending "
                         "ones (run.dry_run_all)")
@@ -88,6 +95,23 @@ class Invocation:
     overrides: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     verbose: bool = False
+
+
+def _budget_overrides(max_cost: str | None, max_output_tokens: str | None) -> list[str]:
+    """The budget's job parameters; empty leaves the config's own."""
+    out = []
+    for name, value, kind in (("max_cost", max_cost, float), ("max_output_tokens", max_output_tokens, int)):
+        if value is None or not value.strip():
+            continue
+        try:
+            number = kind(value.strip())
+        except ValueError:
+            number = 0
+        if number <= 0:
+            raise ArgumentsError(f"--{name}={value}: expected a positive {'number' if kind is float else 'whole number'} "
+                                 f"({JOB_PARAMETERS[name]}), or empty for the config's own")
+        out.append(f"{JOB_PARAMETERS[name]}={number}")
+    return out
 
 
 def _job_parameter_overrides(limit: str | None, dry_run: str | None) -> list[str]:
@@ -159,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> Invocation:
     keys, ignored = _classify(rest, sections)
     return Invocation(conf=args.conf,
                       overrides=[*args.overrides, *keys, *_job_parameter_overrides(args.limit, args.dry_run),
+                                 *_budget_overrides(args.max_cost, args.max_output_tokens),
                                  *(["run.dry_run_all=true"] if args.dry_run_all else [])],
                       ignored=ignored, verbose=args.verbose)
 
