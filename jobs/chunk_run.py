@@ -18,6 +18,7 @@ from jobs.chunking import Chunk, ChunkPlanner, Pace
 from jobs.commit import with_run_columns
 from jobs.config import JobConfig
 from jobs.endpoint_health import EndpointHealth
+from jobs.observe.lines import spend_text
 from jobs.observe.progress import Progress
 from jobs.read import column
 from jobs.summary import RunSummary
@@ -29,18 +30,6 @@ log = logging.getLogger("batch_inference")
 def pending_columns(cfg: JobConfig) -> list:
     """What each chunk reads of the pending rows: the request columns and the kept input columns."""
     return [column(c) for c in (*REQUEST_COLUMNS, *cfg.input.keep_columns)]
-
-
-def spend_text(spent: dict[str, float], caps: dict[str, float]) -> str:
-    """`spent 1,180 of 5,000 output tokens, 12 of 100 requests`: each capped quantity."""
-    names = {"max_cost": ("cost", "cost"), "max_input_tokens": ("input_tokens", "input tokens"),
-             "max_output_tokens": ("output_tokens", "output tokens"), "max_requests": ("requests", "requests")}
-    parts = []
-    for cap, limit in caps.items():
-        key, label = names[cap]
-        used = spent.get(key, 0.0)
-        parts.append(f"{used:,.4f} of {limit:,.4f} {label}" if key == "cost" else f"{used:,.0f} of {limit:,.0f} {label}")
-    return "spent " + ", ".join(parts)
 
 
 class ChunkRun:

@@ -22,10 +22,10 @@ from jobs.call import with_dimension_check, with_outcomes
 from jobs.chunk_run import ChunkRun
 from jobs.chunking import Chunk
 from jobs.commit import commit_chunk
+from jobs.observe.stats import tokens_of_chars
 from jobs.plan import TaskPlan, plan_tasks, task_slots
 from udfs.budget import Spend
 from udfs.outcome import UNSENT
-from udfs.prompts import CHARS_PER_TOKEN
 
 log = logging.getLogger("batch_inference")
 
@@ -123,8 +123,8 @@ class ExecutorsRun(ChunkRun):
 def observed(landed: DataFrame, seen: Observation) -> DataFrame:
     """`landed` with `seen` counting it as it passes (rows, ok, unsent, latency, what it spent), then
     without its unsent rows (run.budget: never written, so they stay pending)."""
-    tokens_in = F.coalesce(F.col("prompt_tokens"), F.ceil(F.length("prompt") / CHARS_PER_TOKEN))
-    tokens_out = (F.coalesce(F.col("completion_tokens"), F.ceil(F.coalesce(F.length("response"), F.lit(0)) / CHARS_PER_TOKEN))
+    tokens_in = F.coalesce(F.col("prompt_tokens"), tokens_of_chars(F.length("prompt")))
+    tokens_out = (F.coalesce(F.col("completion_tokens"), tokens_of_chars(F.coalesce(F.length("response"), F.lit(0))))
                   if "response" in landed.columns else F.lit(0))
     sent = F.col("attempts") > 0
     return (landed.observe(seen, F.count(F.lit(1)).alias("rows"), F.count_if(F.col("status") == "ok").alias("ok"),

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pyspark.sql import SparkSession, functions as F
 
 from jobs.config import JobConfig
-from udfs.prompts import CHARS_PER_TOKEN
-from jobs.observe.stats import estimate_cost
+from jobs.observe.stats import estimate_cost, tokens_of_chars
 
 log = logging.getLogger("batch_inference")
 
@@ -59,8 +58,8 @@ def forecast_from(spark: SparkSession, cfg: JobConfig, run_id: str, rest: int) -
     out = spark.table(cfg.output.table).where((F.col("run_id") == run_id) & (F.col("attempts") > 0))
     has_response = "response" in out.columns
     rows = out.select(
-        F.coalesce(F.col("prompt_tokens"), F.ceil(F.length("prompt") / CHARS_PER_TOKEN)).alias("i"),
-        (F.coalesce(F.col("completion_tokens"), F.ceil(F.coalesce(F.length("response"), F.lit(0)) / CHARS_PER_TOKEN))
+        F.coalesce(F.col("prompt_tokens"), tokens_of_chars(F.length("prompt"))).alias("i"),
+        (F.coalesce(F.col("completion_tokens"), tokens_of_chars(F.coalesce(F.length("response"), F.lit(0))))
          if has_response else F.lit(0)).alias("o"),
         F.col("latency_ms").alias("ms")).collect()
     if not rows:

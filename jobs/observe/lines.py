@@ -106,17 +106,23 @@ def closing_line(cfg: JobConfig, summary: RunSummary, stats: RunStats | None = N
                      else "no cost (set endpoint.price_per_1k_prompt_tokens)")
     if summary.stopped == "budget":  # run.budget spent: the rest stays pending, exit code 3
         left = summary.pending_rows - rows
-        parts.append(f"stopped: budget ({_spend(summary)}), {left:,} rows left pending for the next run")
+        parts.append(f"stopped: budget ({spend_text(summary.spent or {}, summary.budget or {})}), {left:,} rows "
+                     "left pending for the next run")
     more = [f"runs in {cfg.output.runs_table}"] if cfg.output.runs_table else []
     more += [f"MLflow run {mlflow_run_id}"] if mlflow_run_id else []
     return head + ", ".join(parts) + f"; results in {cfg.output.table}" + (f" ({'; '.join(more)})" if more else "")
 
 
-def _spend(summary: RunSummary) -> str:
-    spent, caps = summary.spent or {}, summary.budget or {}
-    key = {"max_cost": "cost", "max_input_tokens": "input_tokens", "max_output_tokens": "output_tokens",
-           "max_requests": "requests"}
-    return ", ".join(f"{spent.get(key[c], 0):,.6g} of {v:,.6g} {key[c].replace('_', ' ')}" for c, v in caps.items())
+def spend_text(spent: dict[str, float], caps: dict[str, float]) -> str:
+    """`spent 1,180 of 5,000 output tokens, 12 of 100 requests`: each quantity `run.budget` caps."""
+    names = {"max_cost": ("cost", "cost"), "max_input_tokens": ("input_tokens", "input tokens"),
+             "max_output_tokens": ("output_tokens", "output tokens"), "max_requests": ("requests", "requests")}
+    parts = []
+    for cap, limit in caps.items():
+        key, label = names[cap]
+        used = spent.get(key, 0.0)
+        parts.append(f"{used:,.4f} of {limit:,.4f} {label}" if key == "cost" else f"{used:,.0f} of {limit:,.0f} {label}")
+    return "spent " + ", ".join(parts)
 
 
-__all__ = ["closing_line", "duration", "money", "start_line", "where"]
+__all__ = ["closing_line", "duration", "money", "spend_text", "start_line", "where"]

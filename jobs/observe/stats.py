@@ -51,7 +51,8 @@ def reason_code(error: Column) -> Column:
     return F.substring_index(error, ":", 1)
 
 
-def _chars_to_tokens(chars: Any) -> Any:
+def tokens_of_chars(chars: Any) -> Any:
+    """A text's tokens from its length (a column), where the endpoint reports no `usage`."""
     return F.ceil(chars / CHARS_PER_TOKEN).cast("long")
 
 
@@ -62,7 +63,7 @@ def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) ->
     text = "text" if embeddings else "prompt"
     # An error row with reported usage (`invalid_output`: the answer came, and was paid for) counts too.
     completion = (F.lit(0).cast("long") if embeddings
-                  else F.when(ok, F.coalesce("completion_tokens", _chars_to_tokens(F.length("response"))))
+                  else F.when(ok, F.coalesce("completion_tokens", tokens_of_chars(F.length("response"))))
                   .otherwise(F.col("completion_tokens")))
     estimated = ok & (F.col("prompt_tokens").isNull()
                       | (F.lit(False) if embeddings else F.col("completion_tokens").isNull()))
@@ -73,7 +74,7 @@ def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) ->
         F.max(F.when(~ok, reason_code(F.col("error")))).alias("reason"),
         F.max("latency_ms").alias("latency_ms"),
         F.max("attempts").alias("attempts"),
-        F.max(F.when(ok, F.coalesce("prompt_tokens", _chars_to_tokens(F.length(text))))
+        F.max(F.when(ok, F.coalesce("prompt_tokens", tokens_of_chars(F.length(text))))
               .otherwise(F.col("prompt_tokens"))).alias("pt"),
         F.max(completion).alias("ct"),
         F.max(estimated.cast("int")).alias("estimated"),
