@@ -82,6 +82,7 @@ def default_text(field: Any) -> str:
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("input", config.InputConfig), ("output", config.OutputConfig), ("endpoint", config.EndpointConfig),
     ("endpoint.token_secret", config.SecretRef), ("endpoint.response_format", config.ResponseFormatConfig),
+    ("endpoints[]", config.RoutedEndpoint),
     ("limits", config.LimitsConfig), ("retry", config.RetryConfig), ("run", config.RunConfig),
     ("run.budget", config.BudgetConfig), ("mlflow", config.MlflowConfig),
 ]
@@ -92,8 +93,13 @@ def reference() -> str:
     missing, parts = [], [HEAD]
     for section, model in SECTIONS:
         meaning = comments(model)
-        parts.append(f"\n## `{section}`\n\n| key | type | default | meaning |\n|---|---|---|---|")
+        base = next((b for b in model.__bases__ if issubclass(b, BaseModel) and b.model_fields), None)
+        also = f"\nEvery key of `{dict((m, k) for k, m in SECTIONS)[base]}`, and:\n" if base else ""
+        parts.append(f"\n## `{section}`\n{also}\n| key | type | default | meaning |\n|---|---|---|---|")
+        own = model.__annotations__  # a subclass's own fields (`endpoints[]` adds role, limits to endpoint's)
         for name, field in model.model_fields.items():
+            if name not in own:
+                continue
             key = f"{section}.{field.alias or name}"
             if not meaning.get(name):
                 missing.append(key)

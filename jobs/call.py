@@ -39,9 +39,11 @@ from udfs.spec import EngineSpec
 
 # The request columns `jobs.read` makes; any other input column is a kept one, carried to the output.
 REQUEST_COLUMNS = ("id", "prompt", "request_hash", "precheck", "_exists")
+# With a split: each row's endpoint, an index into the run's endpoints (`jobs.routing.with_lane`).
+LANE = "_lane"
 
 
-def with_outcomes(spec: EngineSpec, plan: TaskPlan, parsed_type: T.DataType | None = None,
+def with_outcomes(spec: EngineSpec | Sequence[EngineSpec], plan: TaskPlan, parsed_type: T.DataType | None = None,
                   health: EndpointHealth | None = None) -> Transform:
     """Call the endpoint once per distinct request; every row gets its outcome columns.
 
@@ -50,30 +52,38 @@ def with_outcomes(spec: EngineSpec, plan: TaskPlan, parsed_type: T.DataType | No
     chunk (each call of the step), from `health.for_chunk(spec)`: the credentials as they are when the
     chunk starts, and half-open tasks if the endpoint was down in an earlier chunk.
     """
-    embeddings = is_embeddings_task(spec.task)
-    structured = spec.response_schema is not None
+    specs = [spec] if isinstance(spec, EngineSpec) else list(spec)
+    first = specs[0]
+    embeddings = is_embeddings_task(first.task)
+    structured = first.response_schema is not None
     if structured and parsed_type is None:
-        parsed_type = response_type(spec.response_schema or {})
+        parsed_type = response_type(first.response_schema or {})
     health = health or EndpointHealth()
     outcome_fields = outcome_schema(embeddings, structured).fields
-    fields = [f.name for f in outcome_fields if f.name != PARSED_JSON] + (["parsed"] if structured else [])
+    fields = [f.name for f in outcome_fields if f.name not in (PARSED_JSON, "endpoint")] + (
+        ["parsed"] if structured else []) + ["endpoint"]
 
     def step(df: DataFrame) -> DataFrame:
-        udf = inference_udf(plan.per_task_spec(health.for_chunk(spec)), plan.per_task)
+        routed = LANE in df.columns  # a split chose each row's endpoint (`jobs.routing`)
+        for_chunk = [plan.per_task_spec(health.for_chunk(s) if len(specs) == 1 else health.credentials_for(s))
+                     for s in specs]
+        udf = (inference_udf(for_chunk[0], plan.per_task) if len(specs) == 1
+               else inference_udf(for_chunk, plan.per_lane, routed=routed))
+        key = ["request_hash", LANE] if routed else ["request_hash"]
         to_call = df.where(F.col("precheck").isNull())
         answered = (
-            to_call.select("request_hash", "prompt")
+            to_call.select(*key, "prompt")
             .repartition(plan.partitions, "request_hash")
-            .dropDuplicates(["request_hash"])
-            .select("request_hash", udf("prompt").alias("o"))
+            .dropDuplicates(key)
+            .select(*key, udf("prompt", *key[1:]).alias("o"))
         )
-        called = to_call.join(answered, on="request_hash", how="inner").select("*", "o.*").drop("o")
+        called = to_call.join(answered, on=key, how="inner").select("*", "o.*").drop("o")
         skipped = df.where(F.col("precheck").isNotNull()).select(
-            "*", *[_not_sent(f) for f in outcome_fields])
+            "*", *[_not_sent(f, specs, routed) for f in outcome_fields])
         out = called.unionByName(skipped.select(*called.columns)).drop("precheck")
         if structured and parsed_type is not None:
             out = out.transform(with_parsed(parsed_type))
-        carried = [c for c in df.columns if c not in REQUEST_COLUMNS]
+        carried = [c for c in df.columns if c not in (*REQUEST_COLUMNS, LANE)]
         return out.select("id", *[column(c) for c in carried], "prompt", *fields, "request_hash",
                           *[c for c in ("_exists",) if c in df.columns])
     return step
@@ -86,7 +96,11 @@ def with_parsed(parsed_type: T.DataType) -> Transform:
     return step
 
 
-def _not_sent(f: T.StructField):
+def _not_sent(f: T.StructField, specs: Sequence[EngineSpec] = (), routed: bool = False):
+    if f.name == "endpoint":  # the endpoint the row would have gone to
+        if routed:
+            return F.element_at(F.array(*[F.lit(s.name) for s in specs]), F.col(LANE) + 1).alias("endpoint")
+        return F.lit(next((s.name for s in specs if s.role == "primary"), None)).cast("string").alias("endpoint")
     if f.name == "status":
         return F.lit("error").alias("status")
     if f.name == "error":
@@ -150,23 +164,37 @@ class DriverChunk:
         table = chunk.landed(outcomes)                      # one per row, as Arrow
     """
 
-    def __init__(self, rows: pa.Table, embeddings: bool, structured: bool = False) -> None:
+    def __init__(self, rows: pa.Table, embeddings: bool, structured: bool = False,
+                 names: Sequence[str] = ()) -> None:
         self.rows, self.embeddings, self.structured = rows, embeddings, structured
         hashes = rows.column("request_hash").to_pylist()
         prompts = rows.column("prompt").to_pylist()
         prechecks = rows.column("precheck").to_pylist()
+        # A split chose each row's endpoint: one request per (request, endpoint), sent there.
+        lanes = rows.column(LANE).to_pylist() if LANE in rows.column_names else [None] * len(hashes)
         self._slot: list[int | None] = []  # row -> index of its distinct request (None: not sent)
-        first: dict[str, int] = {}
+        first: dict[tuple[str, int | None], int] = {}
         self.prompts: list[str] = []
-        for h, p, pre in zip(hashes, prompts, prechecks):
+        self.lanes: list[int | None] = []
+        self._would_go: list[str | None] = []  # a row not sent: the endpoint it would have gone to
+        for h, p, pre, lane in zip(hashes, prompts, prechecks, lanes):
             if pre is not None:
                 self._slot.append(None)
+                self._would_go.append(names[lane] if lane is not None and names else None)
                 continue
-            if h not in first:
-                first[h] = len(self.prompts)
+            if (h, lane) not in first:
+                first[h, lane] = len(self.prompts)
                 self.prompts.append(p)
-            self._slot.append(first[h])
+                self.lanes.append(lane)
+            self._slot.append(first[h, lane])
+            self._would_go.append(None)
         self.prechecks = prechecks
+        self.routed = LANE in rows.column_names
+
+    @property
+    def batch(self) -> list[str] | tuple[list[str], list[int | None]]:
+        """What `Engine.map_batches` takes: the prompts, with each one's endpoint under a split."""
+        return (self.prompts, self.lanes) if self.routed else self.prompts
 
     def landed(self, outcomes: Sequence[Outcome], dim: int | None = None, why: str = "") -> pa.Table:
         """`id, <kept>, prompt, <outcome columns>, request_hash, _exists`: every row with its outcome, as
@@ -175,14 +203,14 @@ class DriverChunk:
         With `dim`, an `ok` vector of another length becomes a `dimension_mismatch` error row
         (`with_dimension_check`'s rule, applied here because the rows are already on the driver).
         """
-        per_row = [Outcome.failed(pre, attempts=0) if slot is None else outcomes[slot]
-                   for slot, pre in zip(self._slot, self.prechecks)]
+        per_row = [Outcome.failed(pre, attempts=0, endpoint=to) if slot is None else outcomes[slot]
+                   for slot, pre, to in zip(self._slot, self.prechecks, self._would_go)]
         if dim is not None:
             per_row = [_checked(o, dim, why) for o in per_row]
         columns = {f.name: pa.array([_value(o, f.name) for o in per_row], type=_arrow_type(f.dataType))
                    for f in outcome_schema(self.embeddings, self.structured).fields}
         r = self.rows
-        kept = {c: r.column(c) for c in r.column_names if c not in REQUEST_COLUMNS}
+        kept = {c: r.column(c) for c in r.column_names if c not in (*REQUEST_COLUMNS, LANE)}
         return pa.table({"id": r.column("id"), **kept, "prompt": r.column("prompt"), **columns,
                          "request_hash": r.column("request_hash"), "_exists": r.column("_exists")})
 
@@ -204,7 +232,7 @@ def _checked(o: Outcome, dim: int, why: str) -> Outcome:
         return o
     reason = f"{reasons.DIMENSION_MISMATCH}: {len(o.embedding)} values, expected {dim} ({why})"
     return Outcome(status="error", error=reason, http_status=o.http_status, attempts=o.attempts,
-                   latency_ms=o.latency_ms, prompt_tokens=o.prompt_tokens)
+                   latency_ms=o.latency_ms, prompt_tokens=o.prompt_tokens, endpoint=o.endpoint)
 
 
 def _value(o: Outcome, name: str) -> Any:

@@ -13,7 +13,7 @@ import threading
 
 from pyspark.sql import DataFrame, SparkSession, types as T
 
-from jobs.call import REQUEST_COLUMNS
+from jobs.call import LANE, REQUEST_COLUMNS
 from jobs.chunking import Chunk, ChunkPlanner, Pace
 from jobs.commit import with_run_columns
 from jobs.config import JobConfig
@@ -21,6 +21,7 @@ from jobs.endpoint_health import EndpointHealth
 from jobs.observe.lines import spend_text
 from jobs.observe.progress import Progress
 from jobs.read import column
+from jobs.routing import split_lanes
 from jobs.summary import RunSummary
 from udfs.budget import Spend
 from udfs.spec import EngineSpec
@@ -28,8 +29,11 @@ from udfs.spec import EngineSpec
 log = logging.getLogger("batch_inference")
 
 def pending_columns(cfg: JobConfig) -> list:
-    """What each chunk reads of the pending rows: the request columns and the kept input columns."""
-    return [column(c) for c in (*REQUEST_COLUMNS, *cfg.input.keep_columns)]
+    """What each chunk reads of the pending rows: the request columns and the kept input columns, and
+    with a split each row's endpoint (`jobs.routing`)."""
+    lane = split_lanes(cfg)
+    return [column(c) for c in (*REQUEST_COLUMNS, *cfg.input.keep_columns)] + (
+        [lane.alias(LANE)] if lane is not None else [])
 
 
 class ChunkRun:
@@ -39,9 +43,13 @@ class ChunkRun:
     `committed` may run on a committer or chunk thread: it holds a lock.
     """
 
-    def __init__(self, spark: SparkSession, cfg: JobConfig, spec: EngineSpec, run_id: str, landing: T.StructType,
-                 staged: DataFrame, planner: ChunkPlanner, progress: Progress, summary: RunSummary) -> None:
-        self.spark, self.cfg, self.spec, self.run_id = spark, cfg, spec, run_id
+    def __init__(self, spark: SparkSession, cfg: JobConfig, spec: EngineSpec | list[EngineSpec], run_id: str,
+                 landing: T.StructType, staged: DataFrame, planner: ChunkPlanner, progress: Progress,
+                 summary: RunSummary) -> None:
+        # Every endpoint of the run, in config order (`udfs.router`), and the primary's spec.
+        self.specs = [spec] if isinstance(spec, EngineSpec) else list(spec)
+        self.spec = next(s for s in self.specs if s.role == "primary")
+        self.spark, self.cfg, self.run_id = spark, cfg, run_id
         self.staged, self.planner, self.progress, self.summary = staged, planner, progress, summary
         # What chunks land: the table's columns, with any an earlier config added.
         self.finish = with_run_columns(cfg.endpoint.name, run_id, landing)
@@ -54,7 +62,7 @@ class ChunkRun:
         self.health = EndpointHealth()  # executors: the breaker's report across chunks
         self._lock = threading.Lock()  # commits land from the committer or chunk threads
         self.spent = Spend()  # executors: what committed chunks spent, against `spec.budget`
-        if spec.budget is not None:
+        if self.spec.budget is not None:
             summary.budget = cfg.run.budget.caps
             progress.spend = lambda: spend_text(self.summary.spent or {}, self.summary.budget or {})
 

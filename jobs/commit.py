@@ -40,8 +40,9 @@ def with_run_columns(endpoint: str, run_id: str, schema: T.StructType) -> Transf
     (a no-op on the executors' rows; rows that came back from the driver as Arrow may carry a looser one).
     """
     def step(df: DataFrame) -> DataFrame:
-        out = df.withColumns({"endpoint": F.lit(endpoint), "run_id": F.lit(run_id),
-                              "completed_at": F.current_timestamp()})
+        # Who answered, from the outcome; a row never sent (and older callers): the primary's name.
+        who = F.coalesce(F.col("endpoint"), F.lit(endpoint)) if "endpoint" in df.columns else F.lit(endpoint)
+        out = df.withColumns({"endpoint": who, "run_id": F.lit(run_id), "completed_at": F.current_timestamp()})
         if "text" in schema.fieldNames():
             out = out.withColumnRenamed("prompt", "text")
         cols = [(column(f.name) if f.name in out.columns else F.lit(None)).cast(f.dataType).alias(f.name)
@@ -57,6 +58,8 @@ def output_schema(id_type: T.DataType, embeddings: bool, kept: Sequence[T.Struct
     fields = [T.StructField("id", id_type), *kept,
               T.StructField("text" if embeddings else "prompt", T.StringType())]
     for f in outcome_schema(embeddings).fields:
+        if f.name == "endpoint":  # with the run's stamps, below
+            continue
         fields.append(f)
         if f.name == "response" and parsed is not None:
             fields.append(T.StructField("parsed", parsed))

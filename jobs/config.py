@@ -19,10 +19,10 @@ import logging
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from jobs import secret_rules
 from udfs.budget import DEFAULT_RESERVE_OUTPUT_TOKENS
@@ -351,6 +351,21 @@ class LimitsConfig(_Strict):
         return v
 
 
+ROLES = ("primary", "overflow", "fallback")
+
+
+class RoutedEndpoint(EndpointConfig):
+    """One entry of `endpoints:`: a whole endpoint config (every `endpoint.*` key), with its role and
+    its own limits."""
+    # `primary` gets the rows first; `overflow` takes the excess while the primaries are saturated
+    # (their in-flight limit full, or pausing on 429/503); `fallback` takes a row that failed on the
+    # others for the endpoint's sake (endpoint_unavailable, retries exhausted), never one refused for
+    # its content (400, invalid_output). With `split`, every split endpoint is a primary.
+    role: Literal["primary", "overflow", "fallback"] = "primary"
+    # This endpoint's own limits (its in-flight limit holds job-wide); unset: the top-level `limits`.
+    limits: LimitsConfig | None = None
+
+
 class RetryConfig(_Strict):
     # HTTP statuses retried (timeouts and connection errors are retried too).
     statuses: list[int] = Field(default_factory=lambda: list(_RETRY.statuses))
@@ -457,38 +472,89 @@ class MlflowConfig(_Strict):
 class JobConfig(_Strict):
     input: InputConfig
     output: OutputConfig
-    endpoint: EndpointConfig
+    # One endpoint; or give `endpoints` instead (then this is their primary, set from them).
+    endpoint: EndpointConfig = None  # type: ignore[assignment]  # set from `endpoints` when absent
+    # Several endpoints in one run, each a full endpoint config with a `role` and its own `limits`
+    # (README "Several endpoints"): overflow from provisioned throughput to pay-per-token, fallback
+    # on failure, or a `split` to compare two models. Give `endpoint` or `endpoints`, not both.
+    endpoints: list[RoutedEndpoint] | None = None
+    # Send each row to one endpoint, chosen from a hash of its id, by weight (`{a: 0.5, b: 0.5}`):
+    # two models compared on the same rows. Names are `endpoints[].name`; weights are normalised.
+    split: dict[str, float] | None = None
+    _given_limits: LimitsConfig | None = PrivateAttr(default=None)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     @model_validator(mode="after")
-    def _budget_prices(self) -> JobConfig:
-        e = self.endpoint
-        if self.run.budget.max_cost is not None and (e.price_per_1k_prompt_tokens is None
-                                                     or e.price_per_1k_completion_tokens is None):
-            raise ValueError("run.budget.max_cost needs endpoint.price_per_1k_prompt_tokens and "
-                             "endpoint.price_per_1k_completion_tokens (cost is counted from tokens)")
+    def _routes(self) -> JobConfig:
+        """`endpoint` or `endpoints` (then `endpoint` is their primary, and `limits` its limits)."""
+        if self.endpoints is None:
+            if self.endpoint is None:
+                raise ValueError("endpoint: missing required field (or give `endpoints`, a list)")
+            if self.split is not None:
+                raise ValueError("split: needs `endpoints` (a list of the endpoints to split between)")
+            return self
+        if self.endpoint is not None:
+            raise ValueError("endpoints: give `endpoint` (one) or `endpoints` (a list), not both")
+        check_routes(self.endpoints, self.split)
+        primary = next(e for e in self.endpoints if e.role == "primary")
+        self._given_limits = self.limits
+        object.__setattr__(self, "endpoint", primary)  # frozen: set once, here, before any use
+        object.__setattr__(self, "limits", primary.limits or self.limits)
         return self
+
+    @model_validator(mode="after")
+    def _budget_prices(self) -> JobConfig:
+        for key, e in self.keyed_endpoints():
+            if self.run.budget.max_cost is not None and (e.price_per_1k_prompt_tokens is None
+                                                         or e.price_per_1k_completion_tokens is None):
+                raise ValueError(f"run.budget.max_cost needs {key}.price_per_1k_prompt_tokens and "
+                                 f"{key}.price_per_1k_completion_tokens (cost is counted from tokens)")
+        return self
+
+    def keyed_endpoints(self) -> list[tuple[str, EndpointConfig]]:
+        """Every endpoint of the run with the key its settings live under (`endpoints.1`, `endpoint`)."""
+        if self.endpoints is None:
+            return [("endpoint", self.endpoint)]
+        return [(f"endpoints.{i}", e) for i, e in enumerate(self.endpoints)]
+
+    def routes(self) -> list[Route]:
+        """The run's endpoints in config order, each with its role, its limits and its split weight
+        (one `primary` route for a config with a single `endpoint`)."""
+        if self.endpoints is None:
+            return [Route(self.endpoint, "primary", self.limits, None)]
+        weights = normalised(self.split) if self.split else {}
+        return [Route(e, e.role, e.limits or self._top_limits(), weights.get(e.name)) for e in self.endpoints]
+
+    def _top_limits(self) -> LimitsConfig:
+        """The top-level `limits` as written: the default of every endpoint without its own."""
+        return self._given_limits or self.limits
 
     def config_hash(self) -> str:
         """A digest of the whole effective config, so runs made with the same settings group together."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), default=str)
+        dumped = self.model_dump(mode="json")
+        for key in ("endpoints", "split"):  # unset: configs of one endpoint keep their hash
+            if dumped.get(key) is None:
+                dumped.pop(key, None)
+        blob = json.dumps(dumped, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def request_fingerprint(self) -> str:
-        """A digest of everything that shapes a request except the prompt (resume keys on it)."""
-        e = self.endpoint
-        shaping = {
-            "endpoint": e.name, "type": e.type, "task": e.task, "model_kwargs": e.model_kwargs,
-            "stop": e.stop, "system_prompt": e.system_prompt,
-            "transform_input": e.transform_input, "transform_output": e.transform_output,
-        }
-        if e.response_format is not None:
-            # Only when set: configs without one keep the hashes their tables already hold.
-            shaping["response_format"] = e.response_format.model_dump(mode="json")
-        blob = json.dumps(shaping, sort_keys=True, separators=(",", ":"), default=str)
+        """A digest of everything that shapes a request except the prompt (resume keys on it).
+
+        With several endpoints, one digest of all their request-shaping settings (and the split), so
+        that a row's `request_hash` is the same whichever endpoint answers it: a change to any
+        endpoint's name, task, parameters, stop, system prompt, transforms or response format (or to
+        the split) makes every row pending again; limits, prices and roles change nothing.
+        """
+        if self.endpoints is None or len(self.endpoints) == 1:
+            blob = json.dumps(_shaping(self.endpoint), sort_keys=True, separators=(",", ":"), default=str)
+        else:
+            every = sorted((_shaping(e) for e in self.endpoints), key=lambda d: d["endpoint"])
+            blob = json.dumps({"endpoints": every, "split": normalised(self.split) if self.split else None},
+                              sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def redacted(self) -> dict[str, Any]:
@@ -496,6 +562,70 @@ class JobConfig(_Strict):
         (`secret_rules.redact`). Secrets themselves are never in a config, only references to them,
         which are shown as they are."""
         return secret_rules.redact(self.model_dump(mode="json"))
+
+
+class Route(NamedTuple):
+    """One endpoint of a run as the engine takes it: its config, role, limits and split weight."""
+    endpoint: EndpointConfig
+    role: str
+    limits: LimitsConfig
+    weight: float | None
+
+
+def _shaping(e: EndpointConfig) -> dict[str, Any]:
+    """What of an endpoint's config shapes its requests (`JobConfig.request_fingerprint`)."""
+    shaping = {
+        "endpoint": e.name, "type": e.type, "task": e.task, "model_kwargs": e.model_kwargs,
+        "stop": e.stop, "system_prompt": e.system_prompt,
+        "transform_input": e.transform_input, "transform_output": e.transform_output,
+    }
+    if e.response_format is not None:
+        # Only when set: configs without one keep the hashes their tables already hold.
+        shaping["response_format"] = e.response_format.model_dump(mode="json")
+    return shaping
+
+
+def normalised(split: dict[str, float]) -> dict[str, float]:
+    total = sum(split.values())
+    return {k: v / total for k, v in split.items()}
+
+
+def check_routes(endpoints: list[RoutedEndpoint], split: dict[str, float] | None) -> None:
+    """The rules of `endpoints` and `split`, each error naming its key."""
+    if not endpoints:
+        raise ValueError("endpoints: an empty list; give at least one endpoint")
+    names: dict[str, int] = {}
+    for i, e in enumerate(endpoints):
+        if e.name in names:
+            raise ValueError(f"endpoints.{i}.name: {e.name!r} is also endpoints.{names[e.name]}.name; "
+                             "each endpoint needs a name of its own (rows record which one answered)")
+        names[e.name] = i
+        if e.is_embeddings != endpoints[0].is_embeddings:
+            raise ValueError(f"endpoints.{i}.task: {e.task} and endpoints.0.task {endpoints[0].task}: one run "
+                             "lands vectors or text, not both")
+        rf, rf0 = e.response_format, endpoints[0].response_format
+        if (rf and rf.model_dump()) != (rf0 and rf0.model_dump()):
+            raise ValueError(f"endpoints.{i}.response_format: differs from endpoints.0.response_format; the rows "
+                             "land in one `parsed` column, so every endpoint needs the same one")
+    if split is None:
+        primaries = [i for i, e in enumerate(endpoints) if e.role == "primary"]
+        if len(primaries) != 1:
+            raise ValueError(f"endpoints: {len(primaries)} have role primary ({', '.join(f'endpoints.{i}' for i in primaries) or 'none'}); "
+                             "give exactly one (the others overflow or fallback), or a `split` between them")
+        return
+    for name, w in split.items():
+        if name not in names:
+            close = difflib.get_close_matches(name, list(names), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (names: {', '.join(names)})"
+            raise ValueError(f"split.{name}: no endpoint of that name{hint}")
+        if not w > 0:
+            raise ValueError(f"split.{name}: {w} must be above 0 (leave the endpoint out instead)")
+    for i, e in enumerate(endpoints):
+        if e.name in split and e.role != "primary":
+            raise ValueError(f"endpoints.{i}.role: {e.role}, but split sends it rows; a split endpoint is a primary")
+        if e.name not in split and e.role != "fallback":
+            raise ValueError(f"endpoints.{i}.role: {e.role}, but it is not in split; with a split the other "
+                             "endpoints can only be fallbacks")
 
 
 _ADVICE = {
@@ -593,15 +723,24 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The model that holds the key at `loc` (`("limits", "max_concurency")` -> `LimitsConfig`)."""
     model: type[BaseModel] = JobConfig
     for part in loc[:-1]:
+        if isinstance(part, int):  # an entry of a list (`endpoints.1.rol`): the entry's model
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return None
-        kinds = [a for a in (field.annotation, *get_args(field.annotation))
-                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        kinds = [a for a in _nested(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
         if not kinds:
             return None
         model = kinds[0]
     return model
+
+
+def _nested(annotation: Any) -> list[Any]:
+    """`list[RoutedEndpoint] | None` -> [that, list[...], RoutedEndpoint, None]: every type inside."""
+    out = [annotation]
+    for a in get_args(annotation):
+        out += _nested(a)
+    return out
 
 
 def _unknown_key(loc: tuple[Any, ...]) -> str:
@@ -626,7 +765,8 @@ def _format(err: ValidationError) -> str:
         if e["type"] == "value_error":
             msg = str(e.get("ctx", {}).get("error", msg))
         # A validator that names its keys in full (`endpoint.auth: ...`) needs no prefix.
-        lines.append(msg if msg.startswith(f"{where}.") else f"{where}: {msg}")
+        top = where == "(top level)" and re.match(r"[a-z_]+[.:]", msg)  # names its own keys
+        lines.append(msg if msg.startswith(f"{where}.") or top else f"{where}: {msg}")
     return "; ".join(lines)
 
 

@@ -39,14 +39,16 @@ class DriverRun(ChunkRun):
         every row left fails fast as `endpoint_unavailable`, and a rerun sends them again. Refreshable
         credentials refresh themselves in this process.
         """
-        c = self.cfg.limits.max_concurrency
+        limits = [r.limits.max_concurrency for r in self.cfg.routes()]  # each endpoint's C, in config order
+        specs = [replace(s, max_concurrency=c) for s, c in zip(self.specs, limits)]
+        names = [s.name for s in self.specs]
         fetched: queue.Queue = queue.Queue(maxsize=1)  # the next chunk's rows, read while this one calls
         stop = threading.Event()
         fetcher = threading.Thread(target=self._fetch, args=(fetched, stop), name="bi-fetch", daemon=True)
         chunks: list[tuple[Chunk, DriverChunk]] = []
         first_call: list[float] = []
 
-        def batches() -> Iterator[list[str]]:
+        def batches() -> Iterator[Any]:
             while True:
                 item = fetched.get()
                 if item is None:
@@ -55,12 +57,12 @@ class DriverRun(ChunkRun):
                     raise item
                 chunk, rows = item
                 log.debug("chunk %d: to the engine", chunk.index + 1)
-                todo = DriverChunk(rows, self.embeddings, structured=self.parsed_type is not None)
+                todo = DriverChunk(rows, self.embeddings, structured=self.parsed_type is not None, names=names)
                 chunks.append((chunk, todo))
                 first_call[:] = first_call or [time.monotonic()]
-                yield todo.prompts
+                yield todo.batch
 
-        with Committer() as committer, Engine(replace(self.spec, max_concurrency=c), max_limit=c) as engine:
+        with Committer() as committer, Engine(specs, max_limit=limits) as engine:
             fetcher.start()
             try:
                 for outcomes in engine.map_batches(batches()):

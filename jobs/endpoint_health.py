@@ -43,6 +43,12 @@ class EndpointHealth:
         creds = spec.credentials.for_tasks() if spec.credentials is not None else None
         return replace(spec, credentials=creds, endpoint_down=DOWN_EARLIER if self.down else None)
 
+    def credentials_for(self, spec: EngineSpec) -> EngineSpec:
+        """With several endpoints: current credentials only (each task's `udfs.router.Lane` carries an
+        endpoint's breaker across the chunks its process runs)."""
+        creds = spec.credentials.for_tasks() if spec.credentials is not None else None
+        return replace(spec, credentials=creds)
+
     def after_chunk(self, spark: SparkSession, table: str, run_id: str, chunk: int, counts: dict[str, int]) -> None:
         if not counts.get("error"):
             self.down = None

@@ -44,13 +44,14 @@ class ExecutorsRun(ChunkRun):
         scratch table and merged from there, with no other chunk in flight (MERGE reads the table
         that concurrent appends would change).
         """
-        plan = plan_tasks(self.cfg.limits.max_concurrency, task_slots(self.spark, self.cfg.run.task_slots))
+        plan = plan_tasks([r.limits.max_concurrency for r in self.cfg.routes()],
+                          task_slots(self.spark, self.cfg.run.task_slots))
         # With run.budget, one chunk at a time: each chunk's tasks share what the committed ones left.
         depth = 2 if overlap_chunks(plan) and self.spec.budget is None else 1
         if depth > 1:
             plan = plan.even()
         log.info("executors: %d task(s) x %s in flight%s", plan.partitions,
-                 "/".join(map(str, sorted(set(plan.per_task)))),
+                 " + ".join("/".join(map(str, sorted(set(lane)))) for lane in plan.per_lane),
                  ", chunks overlapping" if depth > 1 else "")
         self.plan = plan
         running: deque[tuple[Chunk, float, Future]] = deque()
@@ -75,14 +76,15 @@ class ExecutorsRun(ChunkRun):
 
     def _call_chunk(self, chunk: Chunk, outcomes_table: str, depth: int) -> tuple[dict[str, int], dict[str, Any]]:
         """One chunk's Spark job (two with a MERGE): counts by status, and what `observed` saw."""
-        spec = self.spec
-        if spec.budget is not None:  # each task's share of what the committed chunks left
-            spec = replace(spec, budget=spec.budget.less(self.spent).share(self.plan.partitions))
-        outcomes = with_outcomes(spec, self.plan, self.parsed_type, self.health)
+        specs = self.specs
+        if self.spec.budget is not None:  # each task's share of what the committed chunks left
+            specs = [replace(s, budget=s.budget.less(self.spent).share(self.plan.partitions)) if s.budget else s
+                     for s in specs]
+        outcomes = with_outcomes(specs, self.plan, self.parsed_type, self.health)
         seen = Observation(re.sub(r"\W", "_", f"chunk_{self.run_id}_{chunk.index}"))
         # Observed before `finish` names the columns as the output table does (`prompt` may become `text`).
         landed = observed(chunk.of(self.staged).select(*self.columns).transform(outcomes)
-                          .transform(self._dims_step()), seen).transform(self.finish)
+                          .transform(self._dims_step()), seen, self._prices()).transform(self.finish)
         out = self.cfg.output.table
         if chunk.exists:
             (landed.withColumn("_chunk", F.lit(chunk.index))
@@ -97,8 +99,7 @@ class ExecutorsRun(ChunkRun):
         counts, got = future.result()
         self.learn_latency(got.get("latency_ms"), got.get("p99_ms"))
         self.spent.add(Spend(got.get("input_tokens") or 0, got.get("output_tokens") or 0, got.get("requests") or 0))
-        self.spent.cost = self.spec.budget.cost(self.spent.input_tokens, self.spent.output_tokens) \
-            if self.spec.budget is not None else 0.0
+        self.spent.cost += got.get("cost") or 0.0
         if self.spec.budget is not None:
             self.summary.spent = self.spent.as_dict()
         self.pace.called_rows += chunk.rows
@@ -107,6 +108,10 @@ class ExecutorsRun(ChunkRun):
                   time.monotonic() - t0)
         self.health.after_chunk(self.spark, self.cfg.output.table, self.run_id, chunk.index, counts)
         self.committed(counts, got.get("unsent") or 0)
+
+    def _prices(self) -> dict[str, tuple[float, float]]:
+        """Each endpoint's prices per input and output token, for what a chunk spent (`run.budget`)."""
+        return {s.name: (s.budget.price_in, s.budget.price_out) for s in self.specs if s.budget is not None}
 
     def _dims_step(self) -> Callable[[DataFrame], DataFrame]:
         """The run's vector length: pinned, else what its first chunk landed (committed before the next)."""
@@ -120,9 +125,10 @@ class ExecutorsRun(ChunkRun):
         return with_dimension_check(self.dim, self.dim_why) if self.dim is not None else with_dimension_check(None)
 
 
-def observed(landed: DataFrame, seen: Observation) -> DataFrame:
-    """`landed` with `seen` counting it as it passes (rows, ok, unsent, latency, what it spent), then
-    without its unsent rows (run.budget: never written, so they stay pending)."""
+def observed(landed: DataFrame, seen: Observation, prices: dict[str, tuple[float, float]] | None = None) -> DataFrame:
+    """`landed` with `seen` counting it as it passes (rows, ok, unsent, latency, what it spent: at
+    `prices`, each endpoint's per input and output token), then without its unsent rows (run.budget:
+    never written, so they stay pending)."""
     tokens_in = F.coalesce(F.col("prompt_tokens"), tokens_of_chars(F.length("prompt")))
     tokens_out = (F.coalesce(F.col("completion_tokens"), tokens_of_chars(F.coalesce(F.length("response"), F.lit(0))))
                   if "response" in landed.columns else F.lit(0))
@@ -133,8 +139,17 @@ def observed(landed: DataFrame, seen: Observation) -> DataFrame:
                            F.percentile_approx("latency_ms", 0.99).alias("p99_ms"),
                            F.sum(F.when(sent, tokens_in)).alias("input_tokens"),
                            F.sum(F.when(sent, tokens_out)).alias("output_tokens"),
-                           F.sum("attempts").alias("requests"))
+                           F.sum("attempts").alias("requests"),
+                           F.sum(F.when(sent, _cost(tokens_in, tokens_out, prices or {}))).alias("cost"))
             .where(F.col("status") != UNSENT))
+
+
+def _cost(tokens_in, tokens_out, prices: dict[str, tuple[float, float]]):
+    """A row's cost at the prices of the endpoint that answered it (0 without prices)."""
+    cost = F.lit(0.0)
+    for name, (p_in, p_out) in prices.items():
+        cost = F.when(F.col("endpoint") == name, tokens_in * p_in + tokens_out * p_out).otherwise(cost)
+    return cost
 
 
 def append_once(landed: DataFrame, name: str, app_id: str, chunk: int,

@@ -49,7 +49,7 @@ from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
 from jobs.observe.waiting import Waiting
 from jobs.read import check_ids, read_requests
-from jobs.resolve import engine_spec, preflight
+from jobs.resolve import engine_specs, preflight
 from jobs.session import is_connect
 from jobs.stage import Survey, drop_stale_scratch, pending_rows, scratch_table, survey
 from jobs.summary import RunSummary
@@ -74,8 +74,10 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
     if cfg.run.dry_run:  # before anything is created: checks, counts, one probe; then the forecast
         return forecast_run(spark, cfg, run_id)
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
-    spec = engine_spec(cfg, spark)  # resolves URL and credentials: fails here, before any call
-    preflight(spec)  # an untrusted TLS certificate stops the run here, not in every task
+    specs = engine_specs(cfg, spark)  # resolves URLs and credentials: fails here, before any call
+    spec = next(s for s in specs if s.role == "primary")
+    for each in specs:  # an untrusted TLS certificate or nothing listening stops the run here
+        preflight(each)
     summary = RunSummary(run_id=run_id, output_table=cfg.output.table)
     found, requests, prior, landing = read_and_survey(spark, cfg)
     summary.input_rows, summary.pending_rows = found.input_rows, found.pending
@@ -88,7 +90,7 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
             try:
                 pending = pending_rows(requests, prior, cfg.run.retry_errors, cfg.run.limit, cfg.run.limit_order)
                 staged, planner = plan_chunks(spark, cfg, found, pending, pending_table)
-                args = (spark, cfg, spec, run_id, landing, staged, planner, progress, summary)
+                args = (spark, cfg, specs, run_id, landing, staged, planner, progress, summary)
                 if mode == "driver":
                     DriverRun(*args).call()
                 else:

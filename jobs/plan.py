@@ -9,6 +9,9 @@ Requests and tokens per minute are split the same way, evenly.
 When the slots cannot be read (Spark Connect without `run.task_slots`), we take `P = C` tasks of one
 request each: never above the limit, if slower than it could be.
 
+Several endpoints (`endpoints:`): each has its own limit `C_e`, and `P = min(S, min C_e)`, so that
+every task holds at least one slot of each endpoint and the sum over tasks is exactly `C_e`.
+
 Driver mode (`run.calls_from: driver`) needs no plan: one engine in the driver holds all `C`.
 
 Example::
@@ -22,7 +25,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 from jobs.session import conf_get, is_connect
 from udfs.spec import EngineSpec
@@ -35,11 +38,19 @@ class TaskPlan:
     partitions: int
     per_task: tuple[int, ...]
     slots: int | None
+    # With several endpoints: each endpoint's `per_task`, in the order of their limits (the first is
+    # `per_task`). Every task has a share of each endpoint (`P` is at most the smallest limit).
+    lanes: tuple[tuple[int, ...], ...] = ()
 
     def even(self) -> TaskPlan:
         """Every task the same share, `C // P`: when tasks of two chunks may run together, any `P` of
         them must stay within `C`, not only the `P` of one chunk."""
-        return replace(self, per_task=(min(self.per_task),) * self.partitions)
+        lanes = tuple((min(lane),) * self.partitions for lane in self.lanes)
+        return replace(self, per_task=(min(self.per_task),) * self.partitions, lanes=lanes)
+
+    @property
+    def per_lane(self) -> tuple[tuple[int, ...], ...]:
+        return self.lanes or (self.per_task,)
 
     def per_task_spec(self, spec: EngineSpec) -> EngineSpec:
         """Split the job-wide rate limits evenly over the tasks."""
@@ -59,11 +70,14 @@ def split_limit(total: int, parts: int) -> tuple[int, ...]:
     return tuple(base + (1 if i < extra else 0) for i in range(parts))
 
 
-def plan_tasks(max_concurrency: int, slots: int | None) -> TaskPlan:
-    if slots is None:
-        return TaskPlan(max_concurrency, (1,) * max_concurrency, None)
-    p = max(1, min(slots, max_concurrency))
-    return TaskPlan(p, split_limit(max_concurrency, p), slots)
+def plan_tasks(max_concurrency: int | Sequence[int], slots: int | None) -> TaskPlan:
+    """The plan for one job-wide limit, or for several endpoints' (`max_concurrency` a list): then
+    `P = min(S, smallest limit)` tasks, each with a share of every endpoint, so that no endpoint's
+    limit is passed and every task can send to each (a split's rows, a fallback's)."""
+    limits = [max_concurrency] if isinstance(max_concurrency, int) else list(max_concurrency)
+    p = min(limits) if slots is None else max(1, min(slots, *limits))
+    lanes = tuple(split_limit(c, p) for c in limits)
+    return TaskPlan(p, lanes[0], slots, lanes if len(limits) > 1 else ())
 
 
 def task_slots(spark: Any, configured: int | None = None) -> int | None:

@@ -348,7 +348,19 @@ def _rates(e: EndpointConfig, lim: LimitsConfig, info: EndpointInfo | None
 
 
 def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
-    e, lim, r = cfg.endpoint, cfg.limits, cfg.retry
+    """The primary endpoint's spec (the run's only one, unless `endpoints` lists several)."""
+    return next(s for s in engine_specs(cfg, spark) if s.role == "primary")
+
+
+def engine_specs(cfg: JobConfig, spark: Any | None = None) -> list[EngineSpec]:
+    """One spec per endpoint of the run, in config order, each with its role and its own limits; every
+    endpoint's URL and credentials are resolved here, so a bad one fails before any row is sent."""
+    return [route_spec(cfg, r.endpoint, r.limits, r.role, spark) for r in cfg.routes()]
+
+
+def route_spec(cfg: JobConfig, e: EndpointConfig, lim: LimitsConfig, role: str = "primary",
+               spark: Any | None = None) -> EngineSpec:
+    r = cfg.retry
     check_transforms(e)
     url = endpoint_url(e, spark)
     headers, creds = credentials(e, url)
@@ -366,6 +378,8 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
     rf = e.response_format
     return EngineSpec(
         url=url,
+        name=e.name,
+        role=role,
         task=e.task,
         endpoint_type=e.type,
         headers=headers,
@@ -393,13 +407,14 @@ def engine_spec(cfg: JobConfig, spark: Any | None = None) -> EngineSpec:
         response_format_name="response" if rf is None else rf.name,
         response_format_strict=True if rf is None else rf.strict,
         response_format_at=None if rf is None else rf.send_at,
-        budget=budget_spec(cfg),
+        budget=budget_spec(cfg, e),
     )
 
 
-def budget_spec(cfg: JobConfig) -> BudgetSpec | None:
-    """`run.budget` for the engine, prices per token; None without a cap."""
-    b, e = cfg.run.budget, cfg.endpoint
+def budget_spec(cfg: JobConfig, e: EndpointConfig | None = None) -> BudgetSpec | None:
+    """`run.budget` for the engine, at endpoint `e`'s prices per token (the primary's by default);
+    None without a cap."""
+    b, e = cfg.run.budget, e or cfg.endpoint
     if not b.caps:
         return None
     return BudgetSpec(max_cost=b.max_cost, max_input_tokens=b.max_input_tokens,

@@ -106,10 +106,12 @@ class Budget:
             (s.max_cost, total.cost), (s.max_input_tokens, total.input_tokens),
             (s.max_output_tokens, total.output_tokens), (s.max_requests, total.requests)))
 
-    async def reserve(self, input_tokens: int, output_tokens: int | None) -> Spend:
-        """Hold a request's worst case; raises `BudgetSpent` when it can never fit."""
+    async def reserve(self, input_tokens: int, output_tokens: int | None, *,
+                      prices: tuple[float, float] | None = None) -> Spend:
+        """Hold a request's worst case; raises `BudgetSpent` when it can never fit. `prices` (per input
+        and output token): the endpoint's own, when several endpoints share the budget."""
         out = self.spec.reserve_output_tokens if output_tokens is None else output_tokens
-        want = Spend(float(input_tokens), float(out), 1.0, self.spec.cost(input_tokens, out))
+        want = Spend(float(input_tokens), float(out), 1.0, self._cost(input_tokens, out, prices))
         while not self.exhausted:
             if self._fits(want):
                 self.held.add(want)
@@ -124,7 +126,7 @@ class Budget:
         raise BudgetSpent("run.budget spent")
 
     def settle(self, held: Spend, prompt_tokens: int | None, completion_tokens: int | None, *,
-               sent: bool = True) -> None:
+               sent: bool = True, prices: tuple[float, float] | None = None) -> None:
         """The answer's usage replaces the reservation (without usage, the reservation stands); a
         request that was never sent (`sent=False`) costs nothing."""
         self.held.add(held, -1.0)
@@ -132,9 +134,14 @@ class Budget:
         if sent:
             used = Spend(held.input_tokens if prompt_tokens is None else float(prompt_tokens),
                          held.output_tokens if completion_tokens is None else float(completion_tokens), 1.0)
-            used.cost = self.spec.cost(used.input_tokens, used.output_tokens)
+            used.cost = self._cost(used.input_tokens, used.output_tokens, prices)
             self.spent.add(used)
         self._wake()
+
+    def _cost(self, input_tokens: float, output_tokens: float, prices: tuple[float, float] | None) -> float:
+        if prices is None:
+            return self.spec.cost(input_tokens, output_tokens)
+        return input_tokens * prices[0] + output_tokens * prices[1]
 
     def _wake(self) -> None:
         if self._changed is not None:

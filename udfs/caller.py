@@ -86,6 +86,11 @@ class Caller:
         # The first fatal transport error met (udfs.transport.FATAL_KINDS): not retried, and the
         # engine's pipeline sends nothing more and raises it.
         self.fatal: TransportError | None = None
+        # Another endpoint takes this one's excess (`udfs.router`): a 429, a 503 or no connection
+        # hands the row on (`HANDED_OFF`) instead of waiting here for the endpoint to answer again.
+        self.hand_off = False
+        # This endpoint's prices, for a budget shared by several endpoints.
+        self._prices = (spec.budget.price_in, spec.budget.price_out) if spec.budget else None
 
     async def acall(self, prompts: Sequence[str]) -> list[Outcome]:
         """Send `prompts` as one request (retrying, splitting on rejection); one outcome per prompt."""
@@ -123,7 +128,8 @@ class Caller:
                     reason = self._clean(last.reason(), f"(gave up after {attempts} attempts, {elapsed:.1f}s)")
                 else:
                     reason = self._clean(f"{reasons.ENDPOINT_UNAVAILABLE}: {stop}")
-                return [Outcome.failed(reason, http_status=last.status if last else None, attempts=attempts,
+                end = Outcome.handed_off if self.hand_off else Outcome.failed
+                return [end(reason, http_status=last.status if last else None, attempts=attempts,
                                        latency_ms=latency) for _ in prompts]
             except Failure as f:
                 last = f
@@ -141,6 +147,9 @@ class Caller:
                     except CredentialError as exc:
                         f = last = Failure(reasons.CREDENTIAL_REFUSED, f"{f.reason()}; {exc}", status=f.status)
                 spent = elapsed - self._paused_since(sent)  # a rate-limit pause is not the row's time
+                if f.governed and f.retryable and self.hand_off:  # another endpoint takes the row now
+                    return [Outcome.handed_off(self._clean(f.reason()), http_status=f.status, attempts=attempts,
+                                               latency_ms=round(elapsed * 1000, 3)) for _ in prompts]
                 if f.governed and f.retryable and policy.max_attempts > 1 and spent < policy.row_budget_s:
                     continue  # the governor holds the next attempt back until the endpoint answers again
                 wait = backoff(attempts, f.retry_after, policy)
@@ -210,7 +219,8 @@ class Caller:
         try:
             if self.budget is not None:
                 held = await self.budget.reserve(estimate_tokens(sum(len(p) for p in prompts)),
-                                                 0 if self.protocol.embeddings else (self._max_tokens or None))
+                                                 0 if self.protocol.embeddings else (self._max_tokens or None),
+                                                 prices=self._prices)
             await self.rate.acquire(reserve, self._max_tokens)
             auth, generation = await self._auth()
             t0 = time.monotonic()
@@ -251,7 +261,7 @@ class Caller:
             raise f
         finally:
             if held is not None and self.budget is not None:
-                self.budget.settle(held, *(usage or (None, None)), sent=usage is not None)
+                self.budget.settle(held, *(usage or (None, None)), sent=usage is not None, prices=self._prices)
             if probe and not reported:  # cancelled, or no token: the probe did not get an answer
                 self.governor.failed(TRANSIENT, probe)
             self.limiter.release(overloaded=overloaded, latency=None if overloaded else latency, work=work,

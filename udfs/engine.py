@@ -25,73 +25,50 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import deque
-from dataclasses import replace
 from typing import Any, Iterable, Iterator, Sequence
 
 from udfs import reasons
-from udfs.auth import Secret
-from udfs.caller import Caller, governor_for
-from udfs.limits import (LEARNED_TTL_S, AdaptiveLimiter, RateLimiter, recall, recall_limit, remember,
-                         remember_limit)
+from udfs.budget import Budget
 from udfs.outcome import Outcome
 from udfs.prompts import is_blank
-from udfs.protocols import is_embeddings_task
+from udfs.router import Lane, Router
 from udfs.spec import EngineSpec
-from udfs.transport import make_transport
+from udfs.transport import TransportError
 
 
 class Engine:
-    def __init__(self, spec: EngineSpec, *, max_limit: int | None = None) -> None:
-        self.spec = spec
-        self.max_limit = max_limit or spec.max_concurrency
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        headers.update({k: v.reveal() if isinstance(v, Secret) else v for k, v in spec.headers.items()})
-        self._transport = make_transport(spec.http_client, spec.url, headers, pool_size=self.max_limit,
-                                         connect_timeout=spec.connect_timeout_s,
-                                         read_timeout=spec.read_timeout_s)
-        # Latency says something about load only per unit of work: output tokens (LLM tasks, from
-        # `usage`) or rows (embeddings). Such a limit starts slow, to measure the endpoint unloaded.
-        self.limiter = AdaptiveLimiter(self.max_limit, adaptive=spec.adaptive,
-                                       latency_factor=spec.latency_cut_factor,
-                                       slow_start=measures_work(spec.task))
-        # What an earlier task of this endpoint and share learned in this process (the last chunk):
-        # the pace, the in-flight limit with its latency baseline, and whether its breaker opened.
-        self._learned_key = (spec.url, self.max_limit, spec.requests_per_s)
-        down = _DOWN.get(spec.url)
-        if down is not None and not spec.endpoint_down and time.monotonic() - down[1] <= LEARNED_TTL_S:
-            # Chunks overlap in executors mode: the next chunk's task may start before the driver has
-            # read that the last one's breaker opened. It probes once first, as a half-open task does.
-            spec = replace(spec, endpoint_down=down[0])
-        # The task's sending as a whole: pauses and probes, the learned rate, the breaker.
-        self.governor = governor_for(spec)
-        earlier = recall(self._learned_key) if spec.adaptive and not spec.endpoint_down else None
-        if earlier is not None:
-            self.governor.start_from(earlier)
-        limit = recall_limit(self._learned_key) if spec.adaptive else None
-        if limit is not None:
-            self.limiter.start_from(limit)
-        rate = RateLimiter(spec.requests_per_s, spec.tokens_per_s, input_tokens_per_s=spec.input_tokens_per_s,
-                           output_tokens_per_s=spec.output_tokens_per_s)
-        self.caller = Caller(spec, self._transport, self.limiter, rate, self.governor)
+    """One task's engine over one endpoint, or several (`specs` with roles, `udfs.router`), each with
+    its share of this task's limit (`max_limit`, one per spec; default: each spec's own)."""
+
+    def __init__(self, spec: EngineSpec | Sequence[EngineSpec], *, max_limit: int | Sequence[int] | None = None) -> None:
+        specs = [spec] if isinstance(spec, EngineSpec) else list(spec)
+        limits = ([max_limit] if isinstance(max_limit, int) else list(max_limit)) if max_limit is not None else \
+            [s.max_concurrency for s in specs]
+        # One budget for the task, whichever endpoint spends it (each at its own prices).
+        budget = Budget(specs[0].budget) if specs[0].budget else None
+        self.lanes = [Lane(s, n, budget) for s, n in zip(specs, limits)]
+        self.router = Router(self.lanes)
+        first = next(lane for lane in self.lanes if lane.role == "primary")
+        # The primary's parts, by their old names (a single endpoint's engine is all primary).
+        self.spec, self.max_limit = first.spec, first.max_limit
+        self.limiter, self.governor, self.caller = first.limiter, first.governor, first.caller
+        self._transport = first.transport
+        self._workers = 2 * sum(lane.max_limit for lane in self.lanes)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bi-engine", daemon=True)
         self._thread.start()
 
     def __repr__(self) -> str:
-        return f"Engine(url={self.spec.url!r}, task={self.spec.task!r}, max_limit={self.max_limit})"
+        lanes = ", ".join(f"{lane.name or lane.spec.url}:{lane.role}:{lane.max_limit}" for lane in self.lanes)
+        return f"Engine(task={self.spec.task!r}, endpoints=[{lanes}])"
 
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        remember(self._learned_key, self.governor)
-        remember_limit(self._learned_key, self.limiter)
-        if self.governor.open_reason is not None:
-            _DOWN[self.spec.url] = (DOWN_IN_THIS_PROCESS, time.monotonic())
-        elif self.governor.answered_once:
-            _DOWN.pop(self.spec.url, None)
-        self._run(self._transport.aclose())
+        self.router.remember()
+        for lane in self.lanes:
+            self._run(lane.transport.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -105,14 +82,22 @@ class Engine:
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def call(self, prompts: Sequence[str]) -> list[Outcome]:
-        """Send `prompts` as one request (retrying, splitting on rejection); one outcome per prompt."""
-        return self._run(self.caller.acall(prompts))
+    @property
+    def fatal(self) -> TransportError | None:
+        return self.router.fatal
+
+    def call(self, prompts: Sequence[str], lane: int | None = None) -> list[Outcome]:
+        """Send `prompts` as one request (retrying, splitting on rejection, routing between endpoints);
+        one outcome per prompt."""
+        return self._run(self.router.acall(prompts, lane))
 
     # -- the pipeline ------------------------------------------------------------------------------
 
-    def map_batches(self, batches: Iterable[Sequence[str | None]]) -> Iterator[list[Outcome]]:
+    def map_batches(self, batches: Iterable[Sequence[str | None] | Routed]) -> Iterator[list[Outcome]]:
         """One list of outcomes per input batch, in order, keeping C requests in flight across batches.
+
+        A batch is its prompts, or `(prompts, lanes)`: each row's endpoint, chosen by a split (an index
+        into the engine's specs; None: the router chooses).
 
         The caller's thread reads input batches and yields finished ones; the event loop's workers take
         requests from a queue. The caller reads ahead while fewer than `2 * max_limit` requests are
@@ -121,29 +106,30 @@ class Engine:
         cond = threading.Condition()
         done: deque[_Batch] = deque()
         outstanding = [0]
-        low_water = 2 * self.max_limit
-        queue: asyncio.Queue[tuple[_Batch, list[int], list[str]] | None] = self._run(_make_queue())
+        low_water = self._workers
+        queue: asyncio.Queue[tuple[_Batch, list[int], list[str], int | None] | None] = self._run(_make_queue())
         # Workers beyond the limit cost nothing while parked; they let a row sleeping before a retry
         # hold a worker without holding one of the limiter's slots.
         workers = [asyncio.run_coroutine_threadsafe(self._worker(queue, cond, outstanding, low_water), self._loop)
-                   for _ in range(2 * self.max_limit)]
+                   for _ in range(self._workers)]
 
         def ready() -> Iterator[list[Outcome]]:
             while True:
                 with cond:
-                    if self.caller.fatal is not None:
-                        raise self.caller.fatal
+                    if self.fatal is not None:
+                        raise self.fatal
                     if not done or done[0].remaining:
                         return
                     b = done.popleft()
                 yield b.results  # type: ignore[misc]
 
         try:
-            for prompts in batches:
-                if self.caller.fatal is not None:
-                    raise self.caller.fatal
+            for batch in batches:
+                if self.fatal is not None:
+                    raise self.fatal
+                prompts, lanes = batch if isinstance(batch, tuple) else (batch, None)
                 b = _Batch(len(prompts))
-                groups = [(b, positions, texts) for positions, texts in self._group(prompts, b)]
+                groups = [(b, positions, texts, lane) for positions, texts, lane in self._group(prompts, lanes, b)]
                 with cond:
                     b.remaining = len(groups)
                     outstanding[0] += len(groups)
@@ -153,12 +139,12 @@ class Engine:
                     yield from ready()
                     with cond:
                         if (outstanding[0] < low_water or (done and not done[0].remaining)
-                                or self.caller.fatal is not None):
+                                or self.fatal is not None):
                             break
                         cond.wait()
             while done:
                 with cond:
-                    while done[0].remaining and self.caller.fatal is None:
+                    while done[0].remaining and self.fatal is None:
                         cond.wait()
                 yield from ready()
         finally:
@@ -171,11 +157,12 @@ class Engine:
     async def _worker(self, queue: asyncio.Queue, cond: threading.Condition, outstanding: list[int],
                       low_water: int) -> None:
         while (item := await queue.get()) is not None:
-            b, positions, prompts = item
-            if self.caller.fatal is not None:  # the task is failing: send nothing more
-                outcomes = [Outcome.failed(self.caller.fatal.kind) for _ in prompts]
+            b, positions, prompts, lane = item
+            fatal = self.fatal
+            if fatal is not None:  # the task is failing: send nothing more
+                outcomes = [Outcome.failed(fatal.kind) for _ in prompts]
             else:
-                outcomes = await self.caller.acall(prompts)
+                outcomes = await self.router.acall(prompts, lane)
             with cond:
                 for pos, o in zip(positions, outcomes):
                     b.results[pos] = o
@@ -183,34 +170,31 @@ class Engine:
                 outstanding[0] -= 1
                 # Wake the reader only when it has something to do: a batch to hand back, or room
                 # to read the next one.
-                if b.remaining == 0 or outstanding[0] == low_water - 1 or self.caller.fatal is not None:
+                if b.remaining == 0 or outstanding[0] == low_water - 1 or self.fatal is not None:
                     cond.notify()
 
-    def _group(self, prompts: Sequence[str | None], b: _Batch) -> Iterator[tuple[list[int], list[str]]]:
-        positions: list[int] = []
-        texts: list[str] = []
+    def _group(self, prompts: Sequence[str | None], lanes: Sequence[int | None] | None,
+               b: _Batch) -> Iterator[tuple[list[int], list[str], int | None]]:
+        """The batch's rows as requests of up to `rows_per_request`, rows of one lane together."""
+        open_: dict[int | None, tuple[list[int], list[str]]] = {}
+        size = self.router.batch
         for i, p in enumerate(prompts):
             if is_blank(p):
                 b.results[i] = Outcome.failed(reasons.EMPTY_PROMPT)
                 continue
+            lane = lanes[i] if lanes is not None else None
+            positions, texts = open_.setdefault(lane, ([], []))
             positions.append(i)
             texts.append(p)
-            if len(texts) == self.caller.batch:
-                yield positions, texts
-                positions, texts = [], []
-        if texts:
-            yield positions, texts
+            if len(texts) == size:
+                yield positions, texts, lane
+                del open_[lane]
+        for lane, (positions, texts) in open_.items():
+            yield positions, texts, lane
 
 
-# Endpoints whose breaker opened in a task of this process (url -> why, when): the next task starts
-# half-open (`Engine`), until one answers again.
-_DOWN: dict[str, tuple[str, float]] = {}
-DOWN_IN_THIS_PROCESS = "unavailable in an earlier task of this run"
-
-
-def measures_work(task: str) -> bool:
-    """Whether answers of `task` say how much work they were: output tokens in `usage`, or rows."""
-    return task in ("llm/v1/chat", "llm/v1/completions") or is_embeddings_task(task)
+# A batch whose rows each name their endpoint (a split): (prompts, lanes).
+Routed = tuple
 
 
 async def _make_queue() -> asyncio.Queue:

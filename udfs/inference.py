@@ -11,7 +11,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Tuple
 
 import pandas as pd
 from pyspark.sql import types as T
@@ -29,6 +29,8 @@ _COMMON = [
     T.StructField("attempts", T.IntegerType()),
     T.StructField("latency_ms", T.DoubleType()),
     T.StructField("prompt_tokens", T.LongType()),
+    # Who answered: the output table's `endpoint` column (placed with the run's stamps there).
+    T.StructField("endpoint", T.StringType()),
 ]
 COMPLETION_SCHEMA = T.StructType(
     [T.StructField("response", T.StringType())] + _COMMON + [T.StructField("completion_tokens", T.LongType())]
@@ -56,6 +58,7 @@ def outcomes_frame(outcomes: Sequence[Outcome], embeddings: bool, structured: bo
         "attempts": pd.array([o.attempts for o in outcomes], dtype="Int32"),
         "latency_ms": pd.array([o.latency_ms for o in outcomes], dtype="Float64"),
         "prompt_tokens": pd.array([o.prompt_tokens for o in outcomes], dtype="Int64"),
+        "endpoint": pd.Series([o.endpoint for o in outcomes], dtype=object),
     }
     if embeddings:
         head = {
@@ -78,24 +81,41 @@ def _prompts(s: pd.Series) -> list[str | None]:
     return [p if isinstance(p, str) else None for p in s.tolist()]
 
 
-def inference_udf(spec: EngineSpec, per_task_limits: Sequence[int]):
-    """A pandas UDF calling the endpoint; task `i` keeps at most `per_task_limits[i]` requests in flight."""
-    limits = list(per_task_limits)
-    embeddings = is_embeddings_task(spec.task)
-    structured = spec.response_schema is not None
+def _lanes(s: pd.Series) -> list[int | None]:
+    return [None if pd.isna(v) else int(v) for v in s.tolist()]
 
-    def infer(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+
+def inference_udf(spec: EngineSpec | Sequence[EngineSpec], per_task_limits: Sequence[int] | Sequence[Sequence[int]],
+                  *, routed: bool = False):
+    """A pandas UDF calling the endpoint; task `i` keeps at most `per_task_limits[i]` requests in flight.
+
+    With several endpoints, `spec` is their list and `per_task_limits` one such list per endpoint;
+    `routed`: the UDF takes a second column, each row's endpoint (an index into `spec`, a split's choice).
+    """
+    specs = [spec] if isinstance(spec, EngineSpec) else list(spec)
+    per_lane = [list(per_task_limits)] if isinstance(spec, EngineSpec) else [list(x) for x in per_task_limits]  # type: ignore[arg-type]
+    embeddings = is_embeddings_task(specs[0].task)
+    structured = specs[0].response_schema is not None
+
+    def run(inputs: Iterator) -> Iterator[pd.DataFrame]:
         from pyspark import TaskContext
 
         ctx = TaskContext.get()
         pid = ctx.partitionId() if ctx is not None else 0
-        engine = Engine(spec, max_limit=limits[pid % len(limits)])
+        engine = Engine(specs, max_limit=[lane[pid % len(lane)] for lane in per_lane])
         try:
-            for outcomes in engine.map_batches(_prompts(s) for s in batches):
+            for outcomes in engine.map_batches(inputs):
                 yield outcomes_frame(outcomes, embeddings, structured)
         finally:
             engine.close()
 
-    udf = pandas_udf(infer, returnType=outcome_schema(embeddings, structured))  # type: ignore[call-overload]
+    # Spark reads the UDF's kind from its type hints: one column, or (prompt, endpoint index).
+    def infer(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        return run(_prompts(p) for p in batches)
+
+    def infer_routed(batches: Iterator[Tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        return run((_prompts(p), _lanes(lane)) for p, lane in batches)
+
+    udf = pandas_udf(infer_routed if routed else infer, returnType=outcome_schema(embeddings, structured))  # type: ignore[call-overload]
     # Calling an endpoint is not a pure function: keep the optimizer from duplicating or reordering it.
     return udf.asNondeterministic()

@@ -181,6 +181,17 @@ class Governor:
 
     # -- sending ---------------------------------------------------------------------------------
 
+    def ready_in(self, now: float | None = None) -> float | None:
+        """Seconds until `acquire` would let a request go without waiting (0: now); None while it waits
+        on something other than time (a probe in flight) or the breaker is open. For a router choosing
+        between endpoints (`udfs.router`), which must not queue a row behind a pause."""
+        now = self._clock() if now is None else now
+        if self.open_reason is not None:
+            return None
+        if self.paused:
+            return None if self._probing else max(0.0, self._probe_at - now)
+        return max(0.0, self._next - now) if self.rate else 0.0
+
     async def acquire(self, deadline: float | None = None) -> bool:
         """Wait until a request may go; True if it goes as the probe of a pause.
 
@@ -473,6 +484,8 @@ class AdaptiveLimiter:
         self.inflight = 0
         self.peak = 0
         self.cuts = self.latency_cuts = 0
+        # Called after each release (a slot may be free): a router waiting for one of several endpoints.
+        self.on_release: Callable[[], None] | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._streak = 0
         self._ewma: float | None = None
@@ -524,6 +537,12 @@ class AdaptiveLimiter:
         if self.adaptive:
             self._adapt(overloaded, latency, work, sent_at)
         self._hand_over(self.inflight - 1)
+        if self.on_release is not None:
+            self.on_release()
+
+    def has_room(self) -> bool:
+        """Whether `acquire` would take a slot now, without waiting."""
+        return self.inflight < max(1, int(self.limit)) and not self._waiters
 
     def _hand_over(self, inflight: int) -> None:
         self.inflight = inflight

@@ -16,6 +16,9 @@ from typing import Any
 MAX_ERROR_CHARS = 500
 # A row the run did not send because `run.budget` was spent: it is never written, so it stays pending.
 UNSENT = "unsent"
+# A row an endpoint passed on unanswered (a 429 or 503 while an overflow endpoint can take it): the
+# router sends it on, so it is never written either.
+HANDED_OFF = "handed_off"
 
 
 @dataclass
@@ -31,10 +34,16 @@ class Outcome:
     completion_tokens: int | None = None
     # Structured output: the valid answer as canonical JSON, for the job's `parsed` column.
     parsed_json: str | None = None
+    # The endpoint that answered (with several endpoints, the last one tried; `udfs.router`).
+    endpoint: str | None = None
 
     @classmethod
     def unsent(cls, attempts: int = 0) -> Outcome:
         return cls(status=UNSENT, attempts=attempts)
+
+    @classmethod
+    def handed_off(cls, reason: str, **kw: Any) -> Outcome:
+        return cls(status=HANDED_OFF, error=reason[:MAX_ERROR_CHARS], **kw)
 
     @classmethod
     def failed(cls, reason: str, **kw: Any) -> Outcome:

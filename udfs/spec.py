@@ -41,6 +41,10 @@ class EngineSpec:
     """Everything a task needs to call the endpoint; picklable, and its repr shows no secret."""
 
     url: str
+    # The endpoint's name, written in the `endpoint` column of the rows it answers.
+    name: str = ""
+    # Its role among the run's endpoints (`primary`, `overflow`, `fallback`; `udfs.router`).
+    role: str = "primary"
     task: str = "custom"
     endpoint_type: str = "serving"
     headers: dict[str, Secret | str] = field(default_factory=dict)
