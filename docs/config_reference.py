@@ -80,6 +80,7 @@ def default_text(field: Any) -> str:
 
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
+    ("", config.JobConfig),  # the top level: its sections, and the keys that are not sections
     ("input", config.InputConfig), ("output", config.OutputConfig), ("endpoint", config.EndpointConfig),
     ("endpoint.token_secret", config.SecretRef), ("endpoint.response_format", config.ResponseFormatConfig),
     ("endpoints[]", config.RoutedEndpoint),
@@ -95,12 +96,13 @@ def reference() -> str:
         meaning = comments(model)
         base = next((b for b in model.__bases__ if issubclass(b, BaseModel) and b.model_fields), None)
         also = f"\nEvery key of `{dict((m, k) for k, m in SECTIONS)[base]}`, and:\n" if base else ""
-        parts.append(f"\n## `{section}`\n{also}\n| key | type | default | meaning |\n|---|---|---|---|")
+        title = f"`{section}`" if section else "The top level"
+        parts.append(f"\n## {title}\n{also}\n| key | type | default | meaning |\n|---|---|---|---|")
         own = model.__annotations__  # a subclass's own fields (`endpoints[]` adds role, limits to endpoint's)
         for name, field in model.model_fields.items():
             if name not in own:
                 continue
-            key = f"{section}.{field.alias or name}"
+            key = f"{section}.{field.alias or name}" if section else field.alias or name
             if not meaning.get(name):
                 missing.append(key)
             text = meaning.get(name, "").replace("|", "\\|")

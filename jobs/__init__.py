@@ -9,8 +9,9 @@ A map, in the order a run meets them (`pipeline.run_job` reads top to bottom in 
   `stage` (the survey: one counting pass; the pending rows staged once);
 - the endpoint: `resolve` (URL and credentials -> `udfs.spec.EngineSpec`), `endpoint_info` (what the
   workspace says of a serving endpoint), `endpoint_health` (the breaker across chunks), `token_relay`
-  (the driver's token for the tasks), `plan`
-  (the job-wide limit split over tasks), `serving_endpoints` (create or update one);
+  (the driver's token for the tasks), `plan` (the job-wide limit split over tasks, one share of each
+  endpoint's), `routing` (a split: each row's endpoint from its id), `serving_endpoints` (create or
+  update one);
 - the run: `chunking` (chunk sizes, the pace), `chunk_run` (what both modes share),
   `driver_calls` / `executor_calls` (the two calling modes), `call` (the UDF step, a chunk's rows
   on the driver), `structured` (the `parsed` column's type);

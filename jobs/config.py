@@ -470,7 +470,9 @@ class MlflowConfig(_Strict):
 
 
 class JobConfig(_Strict):
+    # Where the prompts come from: a table, a Delta path or a query, and which columns (see below).
     input: InputConfig
+    # Where the outcomes land: the Delta table, and the runs table (see below).
     output: OutputConfig
     # One endpoint; or give `endpoints` instead (then this is their primary, set from them).
     endpoint: EndpointConfig = None  # type: ignore[assignment]  # set from `endpoints` when absent
@@ -481,11 +483,15 @@ class JobConfig(_Strict):
     # Send each row to one endpoint, chosen from a hash of its id, by weight (`{a: 0.5, b: 0.5}`):
     # two models compared on the same rows. Names are `endpoints[].name`; weights are normalised.
     split: dict[str, float] | None = None
-    _given_limits: LimitsConfig | None = PrivateAttr(default=None)
+    # The in-flight limit and request/token rates (see below); with `endpoints`, the default of each.
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    # Retries, backoff, the breaker, and rate-limit pauses (see below).
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    # Chunks, calling mode, limits on rows and errors, dry runs, budgets (see below).
     run: RunConfig = Field(default_factory=RunConfig)
+    # MLflow tracking of each run (see below).
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    _given_limits: LimitsConfig | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _routes(self) -> JobConfig:

@@ -32,7 +32,7 @@ from jobs.observe.lines import money
 from jobs.observe.stats import estimate_cost
 from jobs.observe.tracking import tracking_uri
 from jobs.read import read_requests, with_limit, without_final
-from jobs.resolve import engine_spec
+from jobs.resolve import engine_specs
 from jobs.secret_rules import redact_url
 from jobs.summary import DryRunReport, RunSummary
 from jobs.tables import schema_changes
@@ -72,7 +72,8 @@ def dry_run(spark: SparkSession, cfg: JobConfig, *, run_id: str) -> RunSummary:
 def check(spark: SparkSession, cfg: JobConfig) -> DryRunReport:
     r = DryRunReport()
     r.add("config", True, f"valid (config hash {cfg.config_hash()})")
-    spec = _endpoint(r, spark, cfg)
+    specs = _endpoints(r, spark, cfg)
+    spec = next((s for s in specs if s.role == "primary"), None)
     requests = _input(r, spark, cfg)
     prior = _output(r, spark, cfg, requests)
     pending = None
@@ -82,20 +83,27 @@ def check(spark: SparkSession, cfg: JobConfig) -> DryRunReport:
         pending = unlimited.transform(with_limit(cfg.run.limit))
         _count(r, pending, unlimited if cfg.run.limit else None, every_row=cfg.run.dry_run_all)
     if spec is not None:
-        _probe(r, spec, cfg, _first_prompt(pending))
+        first = _first_prompt(pending)
+        _probe(r, spec, cfg, first)
+        for other in (s for s in specs if s is not spec):  # each endpoint answers, or the dry run says so
+            _probe(r, other, cfg, first, check=f"probe {other.name}", keep=False)
     _estimate(r, cfg)
     return r
 
 
-def _endpoint(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> EngineSpec | None:
+def _endpoints(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> list[EngineSpec]:
+    """Every endpoint of the run resolved (URL, credentials), one check each; [] if any fails."""
     try:
-        spec = engine_spec(cfg, spark)
+        specs = engine_specs(cfg, spark)
     except ConfigError as exc:
         r.add("endpoint", False, str(exc))
-        return None
-    auth = "with credentials" if spec.headers else "without credentials"
-    r.add("endpoint", True, f"{cfg.endpoint.task} at {redact_url(spec.url)}, {auth}")
-    return spec
+        return []
+    for spec, route in zip(specs, cfg.routes()):
+        auth = "with credentials" if spec.headers or spec.credentials else "without credentials"
+        name = "endpoint" if spec.role == "primary" and route.weight is None else f"endpoint {spec.name}"
+        role = "" if name == "endpoint" else f" ({spec.role if route.weight is None else f'split {route.weight:.0%}'})"
+        r.add(name, True, f"{route.endpoint.task} at {redact_url(spec.url)}, {auth}{role}")
+    return specs
 
 
 def _input(r: DryRunReport, spark: SparkSession, cfg: JobConfig) -> DataFrame | None:
@@ -170,8 +178,10 @@ def _first_prompt(pending: DataFrame | None) -> str | None:
     return first[0]["prompt"] if first else None
 
 
-def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None) -> None:
-    """One request, one attempt: a dry run must not retry its way into a rate limit or a bill."""
+def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None, *, check: str = "probe",
+           keep: bool = True) -> None:
+    """One request, one attempt: a dry run must not retry its way into a rate limit or a bill. `keep`:
+    its outcome is the report's probe (the primary's), which the estimates read."""
     text = prompt if prompt is not None else FALLBACK_PROMPT
     one = replace(spec, rows_per_request=1, max_concurrency=1, requests_per_s=None, tokens_per_s=None,
                   input_tokens_per_s=None, output_tokens_per_s=None,
@@ -180,13 +190,14 @@ def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None
         with Engine(one, max_limit=1) as engine:
             [outcome] = engine.call([text])
     except Exception as exc:  # the engine turns request failures into outcomes; this is set-up failing
-        r.add("probe", False, f"could not call the endpoint: {type(exc).__name__}")
+        r.add(check, False, f"could not call the endpoint: {type(exc).__name__}")
         return
-    r.probe, r.probe_prompt_chars = outcome, len(text)
+    if keep:
+        r.probe, r.probe_prompt_chars = outcome, len(text)
     took = f"{outcome.latency_ms:.0f} ms" if outcome.latency_ms is not None else "no answer"
     which = "the first pending prompt" if prompt is not None else f"{FALLBACK_PROMPT!r} (no pending prompt)"
     if outcome.status != "ok":
-        r.add("probe", False, f"{which}: {outcome.error} (HTTP {outcome.http_status}, {took})")
+        r.add(check, False, f"{which}: {outcome.error} (HTTP {outcome.http_status}, {took})")
         return
     shape = (f"a vector of {len(outcome.embedding)} floats" if outcome.embedding is not None
              else f"JSON of {len(outcome.response or '')} characters that fits endpoint.response_format"
@@ -195,9 +206,9 @@ def _probe(r: DryRunReport, spec: EngineSpec, cfg: JobConfig, prompt: str | None
              if outcome.prompt_tokens is not None else "no usage reported")
     dim = cfg.endpoint.embedding_dim
     if dim is not None and outcome.embedding is not None and len(outcome.embedding) != dim:
-        r.add("probe", False, f"{which}: endpoint.embedding_dim is {dim}, the endpoint answered {shape}")
+        r.add(check, False, f"{which}: endpoint.embedding_dim is {dim}, the endpoint answered {shape}")
         return
-    r.add("probe", True, f"{which}: HTTP {outcome.http_status} in {took}, {shape}, {usage}")
+    r.add(check, True, f"{which}: HTTP {outcome.http_status} in {took}, {shape}, {usage}")
 
 
 def _estimate(r: DryRunReport, cfg: JobConfig) -> None:

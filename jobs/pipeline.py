@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from typing import Iterator
 
@@ -94,7 +94,9 @@ def run_job(spark: SparkSession, cfg: JobConfig, *, run_id: str | None = None) -
                 if mode == "driver":
                     DriverRun(*args).call()
                 else:
-                    with relay_for(spec, spark):  # credentials only the driver refreshes reach the tasks
+                    with ExitStack() as relays:  # credentials only the driver refreshes reach the tasks
+                        for each in specs:
+                            relays.enter_context(relay_for(each, spark))
                         ExecutorsRun(*args).call(outcomes_table)
             finally:
                 progress.close()  # stops the waiting watch, whatever happened

@@ -2,6 +2,7 @@
 
 - `inference`: the pandas UDF, the one module that imports Spark;
 - `engine`: a task's runner (event loop, requests in flight across input batches);
+- `router`: several endpoints in a task (primary, overflow, fallback, a split's choice), each a `Lane`;
 - `caller`: one request (limits, retries, splitting, parsing), `retry`: the retry policy;
 - `protocols`: the wire formats, `transport`: HTTP, `limits`: the governor (pauses, probes, a learned
   rate, the breaker), AIMD and rate limits;

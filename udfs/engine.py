@@ -2,8 +2,8 @@
 
 The engine is the task's runner. It keeps up to the task's limit of requests in flight across input
 batches (a pipeline, not a pool drained at each batch boundary), groups rows into requests of
-`rows_per_request`, and hands each request to its `Caller` (`udfs.caller`: retries, splitting,
-parsing). No Spark here: `udfs.inference` wraps this in a pandas UDF.
+`rows_per_request`, and hands each request to its `Router` (`udfs.router`: which endpoint, when the
+run has several), whose endpoint's `Caller` (`udfs.caller`: retries, splitting, parsing) sends it. No Spark here: `udfs.inference` wraps this in a pandas UDF.
 
 Requests run as coroutines in one event loop on a thread of the engine's own, while the caller's
 thread reads input batches and hands back finished ones: C requests in flight cost C small

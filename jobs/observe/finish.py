@@ -21,7 +21,7 @@ from jobs.errors import brief
 from jobs.observe.progress import ChunkTiming
 from jobs.observe.lines import closing_line, money
 from jobs.observe.runs_table import append_run, databricks_ids, run_record
-from jobs.observe.stats import RunStats, estimate_cost, run_stats
+from jobs.observe.stats import RunStats, run_cost, run_stats
 from jobs.observe.tracking import log_to_mlflow
 from jobs.summary import RunSummary
 from udfs.prompts import CHARS_PER_TOKEN
@@ -58,7 +58,7 @@ def finish_run(spark: SparkSession, cfg: JobConfig, summary: RunSummary, timelin
                 append_run(spark, cfg.output.runs_table, record)
             except Exception as exc:
                 log.warning("could not append to output.runs_table %s: %s", cfg.output.runs_table, brief(exc))
-    cost = estimate_cost(cfg.endpoint, stats.prompt_tokens, stats.completion_tokens) if stats else None
+    cost = run_cost(stats, cfg.endpoint, [r.endpoint for r in cfg.routes()]) if stats else None
     log.info("%s", closing_line(cfg, summary, stats, cost, mlflow_run_id))
     return stats
 

@@ -47,6 +47,12 @@ def start_line(cfg: JobConfig, mode: str, why: str) -> str:
     """input -> output; endpoint; concurrency; calling mode: one line instead of the whole config."""
     e = cfg.endpoint
     dry = "dry run (one probe request, nothing written): " if cfg.run.dry_run else ""
+    others = [r for r in cfg.routes() if r.endpoint is not e]
+    if others:  # several endpoints: the primary's line, then the others with their roles and limits
+        also = "; ".join(f"{r.role if r.weight is None else f'split {r.weight:.0%}'} {r.endpoint.name} at "
+                         f"{where(r.endpoint)}, C={r.limits.max_concurrency}" for r in others)
+        return start_line(cfg.model_copy(update={"endpoints": None, "split": None}), mode, why).replace(
+            "; calls from", f"; also {also}; calls from", 1)
     limit = f" (at most {cfg.run.limit} row{'s' if cfg.run.limit != 1 else ''})" if cfg.run.limit else ""
     return (f"{dry}input {input_name(cfg)}{limit} -> output {cfg.output.table}; endpoint {e.name} ({e.type}, "
             f"{e.task}) at {where(e)}; C={cfg.limits.max_concurrency}; calls from the {mode} ({why}); "
@@ -104,6 +110,9 @@ def closing_line(cfg: JobConfig, summary: RunSummary, stats: RunStats | None = N
         parts.append(tokens)
         parts.append(f"cost {money(cost, cfg.endpoint.price_unit)}" if cost is not None
                      else "no cost (set endpoint.price_per_1k_prompt_tokens)")
+    if stats is not None and len(stats.by_endpoint) > 1:  # who answered how much (several endpoints)
+        parts.append("by endpoint " + ", ".join(
+            f"{name} {e.rows:,} ({e.rows_ok:,} ok)" for name, e in sorted(stats.by_endpoint.items())))
     if summary.stopped == "budget":  # run.budget spent: the rest stays pending, exit code 3
         left = summary.pending_rows - rows
         parts.append(f"stopped: budget ({spend_text(summary.spent or {}, summary.budget or {})}), {left:,} rows "

@@ -20,7 +20,7 @@ from pyspark.sql import SparkSession, types as T
 from jobs.tables import ensure_schema
 from jobs.config import JobConfig
 from jobs.errors import brief
-from jobs.observe.stats import RunStats, estimate_cost
+from jobs.observe.stats import RunStats, run_cost
 from jobs.session import conf_get
 from jobs.summary import RunSummary
 
@@ -74,6 +74,14 @@ RUNS_SCHEMA = T.StructType([
     T.StructField("stopped", T.StringType()),
     T.StructField("budget", T.MapType(T.StringType(), T.DoubleType())),
     T.StructField("spent", T.MapType(T.StringType(), T.DoubleType())),
+    # Per endpoint of the run (`endpoints:`; one entry for a single endpoint): who answered how much.
+    T.StructField("endpoints", T.ArrayType(T.StructType([
+        T.StructField("endpoint", T.StringType()), T.StructField("role", T.StringType()),
+        T.StructField("rows", T.LongType()), T.StructField("rows_ok", T.LongType()),
+        T.StructField("rows_error", T.LongType()), T.StructField("requests", T.LongType()),
+        T.StructField("prompt_tokens", T.LongType()), T.StructField("completion_tokens", T.LongType()),
+        T.StructField("latency_p50_ms", T.DoubleType()), T.StructField("latency_p95_ms", T.DoubleType()),
+        T.StructField("estimated_cost", T.DoubleType())]))),
 ])
 
 
@@ -93,12 +101,29 @@ def run_record(cfg: JobConfig, summary: RunSummary, stats: RunStats, started_at:
         "rows_per_s": round(stats.rows / summary.seconds, 3) if summary.seconds > 0 else None,
         "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
         "total_tokens": stats.total_tokens, "estimated_token_requests": stats.estimated_token_requests,
-        "estimated_cost": estimate_cost(cfg.endpoint, stats.prompt_tokens, stats.completion_tokens),
+        "estimated_cost": run_cost(stats, cfg.endpoint, [r.endpoint for r in cfg.routes()]),
         **{k: ids.get(k) for k in JOB_KEYS}, "mlflow_run_id": None, "cost_unit": cfg.endpoint.price_unit,
         "stopped": summary.stopped,
         "budget": {k: float(v) for k, v in summary.budget.items()} if summary.budget else None,
         "spent": {k: float(v) for k, v in summary.spent.items()} if summary.spent else None,
+        "endpoints": endpoint_rows(cfg, stats),
     }
+
+
+def endpoint_rows(cfg: JobConfig, stats: RunStats) -> list[dict[str, Any]]:
+    """The `endpoints` column: one entry per endpoint of the run, in config order (an endpoint that
+    answered nothing has zeros), each priced at its own prices (`run_cost` filled them in)."""
+    roles = {r.endpoint.name: r.role for r in cfg.routes()}
+    out = []
+    for name in [*roles, *[n for n in stats.by_endpoint if n not in roles]]:
+        e = stats.by_endpoint.get(name)
+        out.append({"endpoint": name, "role": roles.get(name), "rows": e.rows if e else 0,
+                    "rows_ok": e.rows_ok if e else 0, "rows_error": e.rows_error if e else 0,
+                    "requests": e.requests if e else 0, "prompt_tokens": e.prompt_tokens if e else 0,
+                    "completion_tokens": e.completion_tokens if e else 0,
+                    "latency_p50_ms": e.latency_p50_ms if e else None,
+                    "latency_p95_ms": e.latency_p95_ms if e else None, "estimated_cost": e.cost if e else None})
+    return out
 
 
 def append_run(spark: SparkSession, table: str, record: dict[str, Any], *, attempts: int = 5,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyspark.sql import Column, SparkSession, functions as F
+from pyspark.sql import Column, DataFrame, SparkSession, functions as F
 
 from jobs.config import EndpointConfig
 from udfs.prompts import CHARS_PER_TOKEN
@@ -40,10 +40,27 @@ class RunStats:
     estimated_token_requests: int = 0
     # (centroid in ms, requests): Spark's histogram_numeric, 64 uneven bins, for the latency plot.
     latency_histogram: list[tuple[float, float]] = field(default_factory=list)
+    # The same numbers per endpoint that answered (several endpoints: overflow, fallback, a split).
+    by_endpoint: dict[str, EndpointStats] = field(default_factory=dict)
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class EndpointStats:
+    """One endpoint's share of a run: its rows (those it answered, or last tried), requests, tokens
+    and latency (each distinct request once)."""
+    rows: int = 0
+    rows_ok: int = 0
+    rows_error: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    cost: float | None = None
 
 
 def reason_code(error: Column) -> Column:
@@ -67,8 +84,9 @@ def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) ->
                   .otherwise(F.col("completion_tokens")))
     estimated = ok & (F.col("prompt_tokens").isNull()
                       | (F.lit(False) if embeddings else F.col("completion_tokens").isNull()))
-    # Every row of one request_hash carries that request's outcome, so max() just picks it.
-    per_request = rows.groupBy("request_hash").agg(
+    # Every row of one request_hash carries that request's outcome, so max() just picks it. (A split
+    # sends one request to each endpoint its rows went to: a request is a hash at an endpoint.)
+    per_request = rows.groupBy("request_hash", "endpoint").agg(
         F.count("*").alias("n"),
         F.max("status").alias("status"),
         F.max(F.when(~ok, reason_code(F.col("error")))).alias("reason"),
@@ -104,7 +122,46 @@ def run_stats(spark: SparkSession, table: str, run_id: str, embeddings: bool) ->
         elif r["status"] != "ok":
             reason = r["reason"] or "unknown"
             stats.errors_by_reason[reason] = stats.errors_by_reason.get(reason, 0) + r["rows"]
+    stats.by_endpoint = endpoint_stats(per_request)
     return stats
+
+
+def endpoint_stats(per_request: DataFrame) -> dict[str, EndpointStats]:
+    """`run_stats`' per-request rows summed per endpoint (a second small aggregation)."""
+    ok = F.col("status") == "ok"
+    got = per_request.groupBy("endpoint").agg(
+        F.sum("n").alias("rows"), F.sum(F.when(ok, F.col("n"))).alias("ok"),
+        F.count(F.when(F.col("attempts") > 0, 1)).alias("requests"),
+        F.sum("pt").alias("pt"), F.sum("ct").alias("ct"),
+        F.percentile_approx("latency_ms", [0.5, 0.95]).alias("p"),
+    ).collect()
+    out = {}
+    for r in got:
+        p = r["p"] or [None, None]
+        out[r["endpoint"] or "(none)"] = EndpointStats(
+            rows=r["rows"] or 0, rows_ok=r["ok"] or 0, rows_error=(r["rows"] or 0) - (r["ok"] or 0),
+            requests=r["requests"] or 0, prompt_tokens=r["pt"] or 0, completion_tokens=r["ct"] or 0,
+            latency_p50_ms=p[0], latency_p95_ms=p[1])
+    return out
+
+
+def with_costs(stats: RunStats, endpoints: dict[str, EndpointConfig]) -> float | None:
+    """Each endpoint's cost at its own prices, into `stats.by_endpoint`; the run's total (None when no
+    endpoint that answered has a price)."""
+    costs = []
+    for name, e in stats.by_endpoint.items():
+        e.cost = estimate_cost(endpoints[name], e.prompt_tokens, e.completion_tokens) if name in endpoints else None
+        costs.append(e.cost)
+    known = [c for c in costs if c is not None]
+    return round(sum(known), 6) if known else None
+
+
+def run_cost(stats: RunStats, primary: EndpointConfig, endpoints: list[EndpointConfig]) -> float | None:
+    """The run's estimated cost: each endpoint's tokens at its own prices (`with_costs`), or, for a run
+    with no rows, the primary's prices of nothing."""
+    if stats.by_endpoint:
+        return with_costs(stats, {e.name: e for e in endpoints})
+    return estimate_cost(primary, stats.prompt_tokens, stats.completion_tokens)
 
 
 def estimate_cost(e: EndpointConfig, prompt_tokens: float, completion_tokens: float) -> float | None:

@@ -138,4 +138,8 @@ def _metric_values(record: dict[str, Any]) -> dict[str, float]:
         out["errors." + re.sub(r"[^\w.\- /]", "_", reason)] = n
     for kind in ("budget", "spent"):  # run.budget's caps and spend: `budget.max_cost`, `spent.cost`
         out.update({f"{kind}.{k}": v for k, v in (record.get(kind) or {}).items()})
+    for e in record.get("endpoints") or []:  # per endpoint: `endpoint.<name>.rows`, ...`.estimated_cost`
+        name = re.sub(r"[^\w.\- /]", "_", e["endpoint"])
+        out.update({f"endpoint.{name}.{k}": v for k, v in e.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return out
