@@ -196,3 +196,48 @@ def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_o
             thief.refresh()
     assert "Zq7wkx9R" not in repr(task) + repr(creds) and "X-Relay" not in repr(task)
     assert isinstance(pickle.loads(pickle.dumps(creds)), Snapshot)  # no relay: a snapshot, as before
+
+
+@pytest.mark.parametrize("expires_in_s, sent", [(59.0, True), (61.0, False)], ids=["within a minute", "outside"])
+def test_a_told_expiry_is_due_a_minute_before_it(expires_in_s, sent):
+    """`KNOWN_EXPIRY_MARGIN_S`: a header whose expiry the driver told is refreshed a minute ahead; an
+    expiry not told is never due (the endpoint's 401 says when)."""
+    from udfs.auth import DriverRelay
+
+    now = time.time()
+    relay = DriverRelay("http://127.0.0.1:9/token", Secret("relay-key-Zq7wkx9R"), header=Secret(f"Bearer {TOKEN}"),
+                        expires_at=now + expires_in_s)
+    assert relay.due(now) is sent
+    assert not DriverRelay(relay.url, Secret("relay-key-Zq7wkx9R"), header=None, expires_at=None).due(now)
+
+
+@pytest.mark.parametrize("expires_in_s, token", [(30.0, 2), (120.0, 1)], ids=["within the margin", "outside it"])
+def test_a_task_refreshes_a_token_due_within_the_margin_before_sending_and_keeps_one_outside_it(expires_in_s,
+                                                                                                token):
+    """A task's `DriverRelay` holds the driver's token 1; the driver says it expires in `expires_in_s`.
+    Within the minute's margin the task asks the relay first and sends token 2; outside it, it sends
+    token 1 and asks nothing."""
+    from databricks.sdk.config import Config
+
+    from jobs.token_relay import relay_for
+    from udfs.auth import DriverRelay, SdkCredentials
+
+    with Workspace() as ws:
+        class Issuing:  # the driver's unified auth: each time databricks-sdk asks, a token from `ws`
+            def auth_type(self) -> str:
+                return "runtime"
+
+            def __call__(self, cfg):
+                return lambda: {"Authorization": f"Bearer {ws.issue()['access_token']}"}
+
+        creds = SdkCredentials(Config(host="http://127.0.0.1:9", credentials_strategy=Issuing(),
+                                      retry_timeout_seconds=1, http_timeout_seconds=1))
+        with relay_for(EngineSpec(url="http://127.0.0.1:9/", credentials=creds), None):
+            task = pickle.loads(pickle.dumps(creds))
+            assert isinstance(task, DriverRelay) and task.header() == creds.header()
+            task.expires_at = time.time() + expires_in_s
+            with Engine(chat(ws, task)) as engine:
+                [o] = engine.call(["x"])
+        calls = ws.invocations()
+    assert o.status == "ok" and calls == [("/serving-endpoints/llm/invocations", token)]
+    assert task.generation == token - 1
