@@ -198,22 +198,22 @@ def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_o
     assert isinstance(pickle.loads(pickle.dumps(creds)), Snapshot)  # no relay: a snapshot, as before
 
 
-@pytest.mark.parametrize("expires_in_s, sent", [(59.0, True), (61.0, False)], ids=["within a minute", "outside"])
+@pytest.mark.parametrize("expires_in_s, sent", [(59.0, True), (61.0, False)], ids=["within", "outside"])
 def test_a_told_expiry_is_due_a_minute_before_it(expires_in_s, sent):
     """`KNOWN_EXPIRY_MARGIN_S`: a header whose expiry the driver told is refreshed a minute ahead; an
     expiry not told is never due (the endpoint's 401 says when)."""
     from udfs.auth import DriverRelay
 
     now = time.time()
-    relay = DriverRelay("http://127.0.0.1:9/token", Secret("relay-key-Zq7wkx9R"), header=Secret(f"Bearer {TOKEN}"),
+    key = Secret("relay-key-Zq7wkx9R")
+    relay = DriverRelay("http://127.0.0.1:9/token", key, header=Secret(f"Bearer {TOKEN}"),
                         expires_at=now + expires_in_s)
     assert relay.due(now) is sent
-    assert not DriverRelay(relay.url, Secret("relay-key-Zq7wkx9R"), header=None, expires_at=None).due(now)
+    assert not DriverRelay(relay.url, key, header=None, expires_at=None).due(now)
 
 
-@pytest.mark.parametrize("expires_in_s, token", [(30.0, 2), (120.0, 1)], ids=["within the margin", "outside it"])
-def test_a_task_refreshes_a_token_due_within_the_margin_before_sending_and_keeps_one_outside_it(expires_in_s,
-                                                                                                token):
+@pytest.mark.parametrize("expires_in_s, token", [(30.0, 2), (120.0, 1)], ids=["within", "outside"])
+def test_a_task_refreshes_a_token_within_the_margin_before_sending_not_one_outside(expires_in_s, token):
     """A task's `DriverRelay` holds the driver's token 1; the driver says it expires in `expires_in_s`.
     Within the minute's margin the task asks the relay first and sends token 2; outside it, it sends
     token 1 and asks nothing."""

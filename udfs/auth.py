@@ -402,7 +402,8 @@ class DataPlaneToken(_Minted):
         assertion = _credential(workspace.reveal())
         source = DataPlaneEndpointTokenSource(self.host, lambda: Token(access_token=assertion, token_type="Bearer"),
                                               self.authorization_details, disable_async=True)
-        self._mint(source, f"could not exchange the workspace token for the endpoint's at {self.host}/oidc/v1/token")
+        self._mint(source, f"could not exchange the workspace token for the endpoint's at "
+                           f"{self.host}/oidc/v1/token")
 
     def secrets(self) -> list[Secret]:
         return [*super().secrets(), *self.upstream.secrets()]
