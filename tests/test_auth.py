@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pickle
 import time
+from typing import Callable
 
 import pytest
 
 from tests.workspace import CLIENT_ID, CLIENT_SECRET, Workspace
-from udfs.auth import CredentialError, OAuthM2M, Secret, Snapshot, bearer, scrub
+from udfs.auth import CredentialError, DriverRelay, OAuthM2M, SdkCredentials, Secret, Snapshot, bearer, scrub
 from udfs.engine import Engine
 from udfs.spec import EngineSpec, RetrySpec
 from udfs.transport import TransportError
@@ -164,26 +165,29 @@ def test_a_token_with_a_line_break_stops_the_task_before_it_is_sent(client, when
     assert o.error.startswith(f"invalid_header: OAuthM2M(client_id='{CLIENT_ID}', ")  # where the token came from
 
 
-def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_only():
-    """`jobs.token_relay`: tasks (a pickled `SdkCredentials` becomes a `DriverRelay`) ask the driver for
-    its current token; a request without the run's key is refused; no secret in any repr."""
+def driver_credentials(header: Callable[[], str]) -> SdkCredentials:
+    """databricks-sdk's unified auth as a job's own token (`runtime`): `header()` each time it is asked."""
     from databricks.sdk.config import Config
-
-    from jobs.token_relay import relay_for
-    from udfs.auth import DriverRelay, SdkCredentials
-
-    minted = iter(range(1, 100))
 
     class Refreshing:
         def auth_type(self) -> str:
             return "runtime"
 
         def __call__(self, cfg):
-            return lambda: {"Authorization": f"Bearer job-token-{next(minted)}-Zq7wkx9R"}
+            return lambda: {"Authorization": header()}
 
     # Nothing listens on port 9: host-metadata discovery must give up at once, not after 300 s of retries.
-    creds = SdkCredentials(Config(host="http://127.0.0.1:9", credentials_strategy=Refreshing(),
-                                  retry_timeout_seconds=1, http_timeout_seconds=1))
+    return SdkCredentials(Config(host="http://127.0.0.1:9", credentials_strategy=Refreshing(),
+                                 retry_timeout_seconds=1, http_timeout_seconds=1))
+
+
+def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_only():
+    """`jobs.token_relay`: tasks (a pickled `SdkCredentials` becomes a `DriverRelay`) ask the driver for
+    its current token; a request without the run's key is refused; no secret in any repr."""
+    from jobs.token_relay import relay_for
+
+    minted = iter(range(1, 100))
+    creds = driver_credentials(lambda: f"Bearer job-token-{next(minted)}-Zq7wkx9R")
     spec = EngineSpec(url="http://127.0.0.1:9/", credentials=creds)
     with relay_for(spec, None):
         task = pickle.loads(pickle.dumps(creds))
@@ -202,8 +206,6 @@ def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_o
 def test_a_told_expiry_is_due_a_minute_before_it(expires_in_s, sent):
     """`KNOWN_EXPIRY_MARGIN_S`: a header whose expiry the driver told is refreshed a minute ahead; an
     expiry not told is never due (the endpoint's 401 says when)."""
-    from udfs.auth import DriverRelay
-
     now = time.time()
     key = Secret("relay-key-Zq7wkx9R")
     relay = DriverRelay("http://127.0.0.1:9/token", key, header=Secret(f"Bearer {TOKEN}"),
@@ -217,21 +219,10 @@ def test_a_task_refreshes_a_token_within_the_margin_before_sending_not_one_outsi
     """A task's `DriverRelay` holds the driver's token 1; the driver says it expires in `expires_in_s`.
     Within the minute's margin the task asks the relay first and sends token 2; outside it, it sends
     token 1 and asks nothing."""
-    from databricks.sdk.config import Config
-
     from jobs.token_relay import relay_for
-    from udfs.auth import DriverRelay, SdkCredentials
 
     with Workspace() as ws:
-        class Issuing:  # the driver's unified auth: each time databricks-sdk asks, a token from `ws`
-            def auth_type(self) -> str:
-                return "runtime"
-
-            def __call__(self, cfg):
-                return lambda: {"Authorization": f"Bearer {ws.issue()['access_token']}"}
-
-        creds = SdkCredentials(Config(host="http://127.0.0.1:9", credentials_strategy=Issuing(),
-                                      retry_timeout_seconds=1, http_timeout_seconds=1))
+        creds = driver_credentials(lambda: f"Bearer {ws.issue()['access_token']}")  # each a token of `ws`
         with relay_for(EngineSpec(url="http://127.0.0.1:9/", credentials=creds), None):
             task = pickle.loads(pickle.dumps(creds))
             assert isinstance(task, DriverRelay) and task.header() == creds.header()
