@@ -232,3 +232,17 @@ def test_a_task_refreshes_a_token_within_the_margin_before_sending_not_one_outsi
         calls = ws.invocations()
     assert o.status == "ok" and calls == [("/serving-endpoints/llm/invocations", token)]
     assert task.generation == token - 1
+
+
+def test_tasks_refused_at_once_make_the_driver_refresh_its_token_once():
+    """`REFRESH_AT_MOST_EVERY_S`: five tasks asking the relay within a second get one new token, not five
+    (the driver's token source is not asked once per task)."""
+    from jobs.token_relay import relay_for
+
+    minted = iter(range(1, 100))
+    creds = driver_credentials(lambda: f"Bearer job-token-{next(minted)}-Zq7wkx9R")
+    with relay_for(EngineSpec(url="http://127.0.0.1:9/", credentials=creds), None):
+        tasks = [pickle.loads(pickle.dumps(creds)) for _ in range(5)]
+        for task in tasks:
+            task.refresh()
+    assert {t.header().reveal() for t in tasks} == {creds.header().reveal()} == {"Bearer job-token-2-Zq7wkx9R"}
