@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from udfs.auth import Secret, scrub
 
@@ -147,13 +147,13 @@ def _needs_identity(body: dict) -> bool:
     return any(isinstance(lim, dict) and lim.get("principal") for lim in limits)
 
 
-def _pick(levels: list[tuple[str, list[tuple[int, str]]]], shared_max: bool = False) -> tuple[int, str] | None:
-    """The first level (most specific) that sets a value: its lowest (a group level: its highest, the
-    limit is enforced only when every group's is exceeded)."""
-    for _, values in levels:
-        if values:
-            return (max if shared_max else min)(values, key=lambda v: v[0])
-    return None
+# AI Gateway limits calls and tokens each; its precedence is applied to each on its own.
+_DIMENSIONS = ("calls", "tokens")
+# A limit's level of precedence for this caller: the endpoint's ceiling over everyone, then a custom
+# limit naming the caller, its group's, the default per-user limit.
+_LEVELS = ("endpoint", "custom", "group", "default")
+# The limits of one level on one dimension: (the value per minute, the limit's text for the log).
+_Found = list[tuple[int, str]]
 
 
 def parse_endpoint(body: dict, *, principal: str | None = None, names: frozenset[str] | set[str] = frozenset(),
@@ -169,74 +169,115 @@ def parse_endpoint(body: dict, *, principal: str | None = None, names: frozenset
     from databricks.sdk.service.serving import ServingEndpointDetailed
 
     ep = ServingEndpointDetailed.from_dict(body)
-    state = "unknown"
-    if ep.state is not None:
-        ready = ep.state.ready.value if ep.state.ready else "unknown"
-        update = ep.state.config_update.value if ep.state.config_update else None
-        state = ready + (f" ({update})" if update and update != "NOT_UPDATING" else "")
-    entities = (ep.config.served_entities or []) if ep.config is not None else []
-    query = ep.data_plane_info.query_info if ep.data_plane_info is not None else None
     me = set(names) | ({principal} if principal else set())
-    # dimension -> level -> [(value, text)]
-    levels = {d: {"endpoint": [], "custom": [], "group": [], "default": []} for d in ("calls", "tokens")}
-    found: list[str] = []
-    ignored: list[str] = []
     limits = (ep.ai_gateway.rate_limits or []) if ep.ai_gateway is not None else []
-    for lim in limits:
-        key = lim.key.value if lim.key is not None else "endpoint"
-        whom = f"per {key}" + (f" {lim.principal}" if lim.principal else "")
-        period = lim.renewal_period.value if lim.renewal_period is not None else _PER_MINUTE
-        per = "min" if period == _PER_MINUTE else period
-        text = ", ".join(f"{n} {unit}/{per}" for n, unit in ((lim.calls, "calls"), (lim.tokens, "tokens"))
-                         if n is not None) + f" {whom}"
-        level = None
-        if period != _PER_MINUTE:
-            pass  # AI Gateway's windows are a minute; another would not be per minute
-        elif key == "endpoint":
-            level = "endpoint"
-        elif key in ("user", "service_principal"):
-            level = "default" if not lim.principal else ("custom" if lim.principal in me else None)
-        elif key == "user_group" and lim.principal in groups:
-            level = "group"
-        if level is None:
-            ignored.append(text + (" (not this caller)" if period == _PER_MINUTE else ""))
-            continue
-        found.append(text)
-        for d in ("calls", "tokens"):
-            n = getattr(lim, d)
-            if n is not None:
-                levels[d][level].append((n, text))
+    levels, found, ignored = _sort_limits(limits, me, groups)
     chosen: dict[str, int | None] = {}
     why: list[str] = []
-    for d in ("calls", "tokens"):
-        lv = levels[d]
-        mine = _pick([("custom", lv["custom"])]) or _pick([("group", lv["group"])], shared_max=True) \
-            or _pick([("default", lv["default"])])
-        source = ("a custom limit for this caller (it overrides the default and any group's)" if lv["custom"]
-                  else "its group's limit, shared with the group's other members" if lv["group"]
-                  else "the default per-user limit" if lv["default"] else None)
-        ceiling = _pick([("endpoint", lv["endpoint"])])
-        if mine and ceiling and ceiling[0] < mine[0]:
-            chosen[d] = ceiling[0]
-            why.append(f"{ceiling[0]} {d}/min: the endpoint's ceiling ({ceiling[1]}) is below {source} "
-                       f"({mine[1]})")
-        elif mine:
-            chosen[d] = mine[0]
-            why.append(f"{mine[0]} {d}/min: {source} ({mine[1]})"
-                       + (f", under the endpoint's ceiling of {ceiling[0]}" if ceiling else ""))
-        elif ceiling:
-            chosen[d] = ceiling[0]
-            why.append(f"{ceiling[0]} {d}/min: the endpoint's ceiling ({ceiling[1]})")
-        else:
-            chosen[d] = None
+    for d in _DIMENSIONS:
+        chosen[d], reason = _apply_precedence(d, levels[d])
+        why += [reason] if reason else []
     if chosen["calls"] and chosen["tokens"]:
         even = chosen["tokens"] / chosen["calls"]
         why.append(f"both apply, the stricter binds: the tokens limit for requests of more than {even:.0f} "
                    "tokens, the calls limit below")
+    query = ep.data_plane_info.query_info if ep.data_plane_info is not None else None
+    entities = (ep.config.served_entities or []) if ep.config is not None else []
     return EndpointInfo(
-        name=ep.name or "", state=state, route_optimized=bool(ep.route_optimized), endpoint_url=ep.endpoint_url,
+        name=ep.name or "", state=_state(ep), route_optimized=bool(ep.route_optimized),
+        endpoint_url=ep.endpoint_url,
         authorization_details=query.authorization_details if query is not None else None,
         data_plane_url=query.endpoint_url if query is not None else None, workspace_id=workspace_id,
         scale_to_zero=any(e.scale_to_zero_enabled for e in entities),
         calls_per_minute=chosen["calls"], tokens_per_minute=chosen["tokens"],
         limits=tuple(found), ignored=tuple(ignored), applied=tuple(why))
+
+
+def _state(ep: Any) -> str:
+    """`READY`, or `NOT_READY (IN_PROGRESS)` while a config update rolls out; `unknown` if not said."""
+    if ep.state is None:
+        return "unknown"
+    ready = ep.state.ready.value if ep.state.ready else "unknown"
+    update = ep.state.config_update.value if ep.state.config_update else None
+    return ready + (f" ({update})" if update and update != "NOT_UPDATING" else "")
+
+
+def _sort_limits(limits: list[Any], me: set[str], groups: frozenset[str] | set[str]
+                 ) -> tuple[dict[str, dict[str, _Found]], list[str], list[str]]:
+    """Each AI Gateway limit under its level for this caller (dimension -> level -> [(value, text)]),
+    with the texts of the limits that apply and of those that do not."""
+    levels: dict[str, dict[str, _Found]] = {d: {lv: [] for lv in _LEVELS} for d in _DIMENSIONS}
+    found: list[str] = []
+    ignored: list[str] = []
+    for lim in limits:
+        text, level = _limit_text(lim), _level(lim, me, groups)
+        if level is None:
+            ignored.append(text + (" (not this caller)" if _period(lim) == _PER_MINUTE else ""))
+            continue
+        found.append(text)
+        for d in _DIMENSIONS:
+            n = getattr(lim, d)
+            if n is not None:
+                levels[d][level].append((n, text))
+    return levels, found, ignored
+
+
+def _key(lim: Any) -> str:
+    return lim.key.value if lim.key is not None else "endpoint"
+
+
+def _period(lim: Any) -> str:
+    return lim.renewal_period.value if lim.renewal_period is not None else _PER_MINUTE
+
+
+def _limit_text(lim: Any) -> str:
+    """A limit as the log shows it: `120 calls/min, 5000 tokens/min per user_group analysts`."""
+    period = _period(lim)
+    per = "min" if period == _PER_MINUTE else period
+    whom = f"per {_key(lim)}" + (f" {lim.principal}" if lim.principal else "")
+    return ", ".join(f"{n} {unit}/{per}" for n, unit in ((lim.calls, "calls"), (lim.tokens, "tokens"))
+                     if n is not None) + f" {whom}"
+
+
+def _level(lim: Any, me: set[str], groups: frozenset[str] | set[str]) -> str | None:
+    """The limit's level of precedence for this caller (`_LEVELS`), or None if it does not apply: it
+    names another principal or a group the caller is not in, or is not counted per minute."""
+    key = _key(lim)
+    if _period(lim) != _PER_MINUTE:
+        return None  # AI Gateway's windows are a minute; another would not be per minute
+    if key == "endpoint":
+        return "endpoint"
+    if key in ("user", "service_principal"):
+        return "default" if not lim.principal else ("custom" if lim.principal in me else None)
+    if key == "user_group" and lim.principal in groups:
+        return "group"
+    return None
+
+
+def _apply_precedence(d: str, lv: dict[str, _Found]) -> tuple[int | None, str | None]:
+    """The limit on `d` (calls or tokens) per minute for this caller, and why, from its limits by level:
+    the caller's own (custom, else its groups', else the default) under the endpoint's ceiling."""
+    mine = _lowest(lv["custom"]) or _highest(lv["group"]) or _lowest(lv["default"])
+    source = ("a custom limit for this caller (it overrides the default and any group's)" if lv["custom"]
+              else "its group's limit, shared with the group's other members" if lv["group"]
+              else "the default per-user limit" if lv["default"] else None)
+    ceiling = _lowest(lv["endpoint"])
+    if mine and ceiling and ceiling[0] < mine[0]:
+        return ceiling[0], (f"{ceiling[0]} {d}/min: the endpoint's ceiling ({ceiling[1]}) is below {source} "
+                            f"({mine[1]})")
+    if mine:
+        return mine[0], (f"{mine[0]} {d}/min: {source} ({mine[1]})"
+                         + (f", under the endpoint's ceiling of {ceiling[0]}" if ceiling else ""))
+    if ceiling:
+        return ceiling[0], f"{ceiling[0]} {d}/min: the endpoint's ceiling ({ceiling[1]})"
+    return None, None
+
+
+def _lowest(found: _Found) -> tuple[int, str] | None:
+    """A level's binding limit: its lowest (the first of equals); None if it has none."""
+    return min(found, key=lambda v: v[0], default=None)
+
+
+def _highest(found: _Found) -> tuple[int, str] | None:
+    """A group level's binding limit: its highest (AI Gateway refuses only when every group's is exceeded)."""
+    return max(found, key=lambda v: v[0], default=None)

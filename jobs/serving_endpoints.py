@@ -39,6 +39,8 @@ _TOP_KEYS = {"name", "config", "tags", "ai_gateway", "route_optimized", "budget_
 _CONFIG_KEYS = {"served_entities", "served_models", "traffic_config", "auto_capture_config"}
 _PROVIDERS = {"ai21labs", "anthropic", "amazon-bedrock", "cohere", "custom", "databricks-model-serving",
               "google-cloud-vertex-ai", "openai", "palm"}
+
+
 class SpecError(ValueError):
     """A spec that cannot be sent: the message names the key."""
 

@@ -33,6 +33,10 @@ from udfs.spec import EngineSpec
 
 log = logging.getLogger("batch_inference")
 
+# Tasks refused at once all ask the relay at once: the driver refreshes its credentials for the first,
+# and answers the others within this many seconds with what it has.
+REFRESH_AT_MOST_EVERY_S = 1.0
+
 
 class _Relay(ThreadingHTTPServer):
     daemon_threads = True
@@ -45,7 +49,7 @@ class _Relay(ThreadingHTTPServer):
 
     def current(self) -> dict[str, Any]:
         with self.lock:
-            if time.monotonic() - self.refreshed_at >= 1.0:  # many tasks refused at once: one refresh
+            if time.monotonic() - self.refreshed_at >= REFRESH_AT_MOST_EVERY_S:
                 self.creds.refresh()
                 self.refreshed_at = time.monotonic()
             header = self.creds.header()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pickle
 import time
+from typing import Callable
 
 import pytest
 
 from tests.workspace import CLIENT_ID, CLIENT_SECRET, Workspace
-from udfs.auth import CredentialError, OAuthM2M, Secret, Snapshot, bearer, scrub
+from udfs.auth import CredentialError, DriverRelay, OAuthM2M, SdkCredentials, Secret, Snapshot, bearer, scrub
 from udfs.engine import Engine
 from udfs.spec import EngineSpec, RetrySpec
 from udfs.transport import TransportError
@@ -164,26 +165,29 @@ def test_a_token_with_a_line_break_stops_the_task_before_it_is_sent(client, when
     assert o.error.startswith(f"invalid_header: OAuthM2M(client_id='{CLIENT_ID}', ")  # where the token came from
 
 
-def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_only():
-    """`jobs.token_relay`: tasks (a pickled `SdkCredentials` becomes a `DriverRelay`) ask the driver for
-    its current token; a request without the run's key is refused; no secret in any repr."""
+def driver_credentials(header: Callable[[], str]) -> SdkCredentials:
+    """databricks-sdk's unified auth as a job's own token (`runtime`): `header()` each time it is asked."""
     from databricks.sdk.config import Config
-
-    from jobs.token_relay import relay_for
-    from udfs.auth import DriverRelay, SdkCredentials
-
-    minted = iter(range(1, 100))
 
     class Refreshing:
         def auth_type(self) -> str:
             return "runtime"
 
         def __call__(self, cfg):
-            return lambda: {"Authorization": f"Bearer job-token-{next(minted)}-Zq7wkx9R"}
+            return lambda: {"Authorization": header()}
 
     # Nothing listens on port 9: host-metadata discovery must give up at once, not after 300 s of retries.
-    creds = SdkCredentials(Config(host="http://127.0.0.1:9", credentials_strategy=Refreshing(),
-                                  retry_timeout_seconds=1, http_timeout_seconds=1))
+    return SdkCredentials(Config(host="http://127.0.0.1:9", credentials_strategy=Refreshing(),
+                                 retry_timeout_seconds=1, http_timeout_seconds=1))
+
+
+def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_only():
+    """`jobs.token_relay`: tasks (a pickled `SdkCredentials` becomes a `DriverRelay`) ask the driver for
+    its current token; a request without the run's key is refused; no secret in any repr."""
+    from jobs.token_relay import relay_for
+
+    minted = iter(range(1, 100))
+    creds = driver_credentials(lambda: f"Bearer job-token-{next(minted)}-Zq7wkx9R")
     spec = EngineSpec(url="http://127.0.0.1:9/", credentials=creds)
     with relay_for(spec, None):
         task = pickle.loads(pickle.dumps(creds))
@@ -196,3 +200,49 @@ def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_o
             thief.refresh()
     assert "Zq7wkx9R" not in repr(task) + repr(creds) and "X-Relay" not in repr(task)
     assert isinstance(pickle.loads(pickle.dumps(creds)), Snapshot)  # no relay: a snapshot, as before
+
+
+@pytest.mark.parametrize("expires_in_s, sent", [(59.0, True), (61.0, False)], ids=["within", "outside"])
+def test_a_told_expiry_is_due_a_minute_before_it(expires_in_s, sent):
+    """`KNOWN_EXPIRY_MARGIN_S`: a header whose expiry the driver told is refreshed a minute ahead; an
+    expiry not told is never due (the endpoint's 401 says when)."""
+    now = time.time()
+    key = Secret("relay-key-Zq7wkx9R")
+    relay = DriverRelay("http://127.0.0.1:9/token", key, header=Secret(f"Bearer {TOKEN}"),
+                        expires_at=now + expires_in_s)
+    assert relay.due(now) is sent
+    assert not DriverRelay(relay.url, key, header=None, expires_at=None).due(now)
+
+
+@pytest.mark.parametrize("expires_in_s, token", [(30.0, 2), (120.0, 1)], ids=["within", "outside"])
+def test_a_task_refreshes_a_token_within_the_margin_before_sending_not_one_outside(expires_in_s, token):
+    """A task's `DriverRelay` holds the driver's token 1; the driver says it expires in `expires_in_s`.
+    Within the minute's margin the task asks the relay first and sends token 2; outside it, it sends
+    token 1 and asks nothing."""
+    from jobs.token_relay import relay_for
+
+    with Workspace() as ws:
+        creds = driver_credentials(lambda: f"Bearer {ws.issue()['access_token']}")  # each a token of `ws`
+        with relay_for(EngineSpec(url="http://127.0.0.1:9/", credentials=creds), None):
+            task = pickle.loads(pickle.dumps(creds))
+            assert isinstance(task, DriverRelay) and task.header() == creds.header()
+            task.expires_at = time.time() + expires_in_s
+            with Engine(chat(ws, task)) as engine:
+                [o] = engine.call(["x"])
+        calls = ws.invocations()
+    assert o.status == "ok" and calls == [("/serving-endpoints/llm/invocations", token)]
+    assert task.generation == token - 1
+
+
+def test_tasks_refused_at_once_make_the_driver_refresh_its_token_once():
+    """`REFRESH_AT_MOST_EVERY_S`: five tasks asking the relay within a second get one new token, not five
+    (the driver's token source is not asked once per task)."""
+    from jobs.token_relay import relay_for
+
+    minted = iter(range(1, 100))
+    creds = driver_credentials(lambda: f"Bearer job-token-{next(minted)}-Zq7wkx9R")
+    with relay_for(EngineSpec(url="http://127.0.0.1:9/", credentials=creds), None):
+        tasks = [pickle.loads(pickle.dumps(creds)) for _ in range(5)]
+        for task in tasks:
+            task.refresh()
+    assert {t.header().reveal() for t in tasks} == {creds.header().reveal()} == {"Bearer job-token-2-Zq7wkx9R"}

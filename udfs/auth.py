@@ -113,6 +113,29 @@ class CredentialError(Exception):
     """No token could be had: the message says why, with no secret in it."""
 
 
+# When a token is due. A header whose expiry this process is told (databricks-sdk's on the driver, or the
+# driver's as the relay hands it on) is refreshed this long before it: a request sent then still has
+# a minute to be read, and the SDK's own refresh is not raced to the last second.
+KNOWN_EXPIRY_MARGIN_S = 60.0
+# A token this process mints is refreshed a share of its life before it expires, at most
+# `MINTED_MARGIN_MAX_S` (a one-hour token at 55 minutes): a short-lived token keeps a margin in
+# proportion, a long-lived one is not thrown away a quarter of an hour early.
+MINTED_MARGIN_SHARE = 0.25
+MINTED_MARGIN_MAX_S = 300.0
+# The life of a minted token whose endpoint names no expiry: Databricks' OAuth tokens live an hour.
+MINTED_DEFAULT_LIFE_S = 3600.0
+# Tokens held before the current one that are still scrubbed from what endpoints echo (a request sent
+# with one may be answered after the refresh).
+OLD_TOKENS_SCRUBBED = 4
+# A `CredentialError` quotes the token endpoint's answer up to this many characters.
+_ERROR_CHARS = 300
+
+
+def minted_margin(life_s: float) -> float:
+    """How long before its expiry a token of `life_s` seconds that this process minted is refreshed."""
+    return min(MINTED_MARGIN_MAX_S, life_s * MINTED_MARGIN_SHARE)
+
+
 class Credentials:
     """An `Authorization` header that may change during a run.
 
@@ -121,14 +144,19 @@ class Credentials:
     `refresh()` gets a new one (blocking I/O, raises `CredentialError`); `generation` counts the
     refreshes, so that many requests refused with one token refresh it once. `refreshable` says
     whether `refresh()` can give anything new in this process: a refused request is then retried
-    once with a new token. `for_tasks()` is what ships to the executors.
+    once with a new token. `for_tasks()` is what ships to the executors. `secrets()` is every value
+    to scrub from what an endpoint echoes: the header, the last few it replaced, and whatever a
+    subclass holds to get a new one.
     """
 
     refreshable = False
     generation = 0
+    expires_at: float | None = None
+    _header: Secret | None = None
+    _old: tuple[Secret, ...] = ()
 
     def header(self) -> Secret | None:
-        raise NotImplementedError
+        return self._header
 
     def due(self, now: float) -> bool:
         return False
@@ -137,11 +165,17 @@ class Credentials:
         pass
 
     def secrets(self) -> list[Secret]:
-        value = self.header()
-        return [value] if value is not None else []
+        return [s for s in (self._header, *self._old) if s is not None]
 
     def for_tasks(self) -> Credentials:
         return self
+
+    def _hold(self, new: Secret | None) -> None:
+        """`new` is the header from now on, one generation on; the one it replaces is still scrubbed."""
+        if self._header is not None:
+            self._old = (self._header, *self._old)[:OLD_TOKENS_SCRUBBED]
+        self._header = new
+        self.generation += 1
 
 
 class Snapshot(Credentials):
@@ -150,32 +184,79 @@ class Snapshot(Credentials):
     def __init__(self, header: Secret | None, expires_at: float | None = None, source: str = "") -> None:
         self._header, self.expires_at, self.source = header, expires_at, source
 
-    def header(self) -> Secret | None:
-        return self._header
-
     def __repr__(self) -> str:
         return f"Snapshot(source={self.source!r}, expires_at={self.expires_at!r})"
 
 
-class OAuthM2M(Credentials):
+class _KnownExpiry(Credentials):
+    """A header refreshed by asking someone who knows it (databricks-sdk, the driver's relay), with the
+    expiry they tell, if any: due `KNOWN_EXPIRY_MARGIN_S` before it, never when none is told."""
+
+    refreshable = True
+
+    def due(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at - KNOWN_EXPIRY_MARGIN_S
+
+    def _told(self, value: str | None, expires_at: float | None) -> None:
+        """What was asked answered `value` until `expires_at`: a new generation only if it changed."""
+        self.expires_at = expires_at
+        new = Secret(value) if value else None
+        if new != self._header:
+            self._hold(new)
+
+
+class _Minted(Credentials):
+    """A token this object mints itself, wherever it is (driver or task): due a `minted_margin` of its
+    life before it expires, or when it has none yet."""
+
+    refreshable = True
+    issued_at = 0.0
+    expires_at = 0.0
+
+    def due(self, now: float) -> bool:
+        if self._header is None:
+            return True
+        return now >= self.expires_at - minted_margin(self.expires_at - self.issued_at)
+
+    def _mint(self, source: Any, failure: str) -> None:
+        """A new token from databricks-sdk's token `source`; `failure` opens the `CredentialError`."""
+        issued = time.time()
+        try:
+            token = source.refresh()
+        except Exception as exc:  # the SDK's message is the token endpoint's error code and summary
+            detail = scrub(f"{type(exc).__name__}: {exc}", self.secrets())
+            raise CredentialError(f"{failure}: {detail}"[:_ERROR_CHARS]) from None
+        self.issued_at = issued
+        self.expires_at = token.expiry.timestamp() if token.expiry else issued + MINTED_DEFAULT_LIFE_S
+        self._hold(Secret(f"{token.token_type or 'Bearer'} {token.access_token}"))
+
+    def _mint_if_due(self) -> None:
+        """Mint here (the driver, before a chunk) if due, so that tasks do not each mint one at once."""
+        if self.due(time.time()):
+            try:
+                self.refresh()
+            except CredentialError:
+                pass  # the tasks will try, and say so on the rows if they cannot
+
+    def _holding(self, header: Secret | None, issued_at: float, expires_at: float) -> _Minted:
+        """Itself holding a token minted elsewhere (a task gets the driver's): it mints none until due."""
+        self._header, self.issued_at, self.expires_at = header, issued_at, expires_at
+        return self
+
+
+class OAuthM2M(_Minted):
     """A service principal's OAuth token (client credentials), minted with databricks-sdk wherever this
     object is: tasks refresh their own, so a run (or one chunk) may outlast any one token.
 
-    A token is refreshed `margin` before it expires: a quarter of its life, at most 5 minutes (a
-    one-hour token at 55 minutes), so that no request goes out with a token about to lapse.
+    A token is refreshed `minted_margin` before it expires: a quarter of its life, at most 5 minutes
+    (a one-hour token at 55 minutes), so that no request goes out with a token about to lapse.
     """
-
-    refreshable = True
 
     def __init__(self, token_url: str, client_id: str, client_secret: Secret, *, scopes: str = "all-apis",
                  endpoint_params: dict[str, str] | None = None) -> None:
         self.token_url, self.client_id, self.scopes = token_url, client_id, scopes
         self._client_secret = client_secret
         self._endpoint_params = dict(endpoint_params or {})
-        self._token: Secret | None = None
-        self._old: list[Secret] = []  # tokens held before, still scrubbed from what endpoints echo
-        self.issued_at = self.expires_at = 0.0
-        self.generation = 0
 
     def __repr__(self) -> str:
         return f"OAuthM2M(client_id={self.client_id!r}, token_url={self.token_url!r})"
@@ -184,16 +265,7 @@ class OAuthM2M(Credentials):
         # The client secret travels inside a Secret (as a token does), with the token held now, so
         # that a task starts with it and mints its own only when it is due.
         return (_unpickle_oauth_m2m, (self.token_url, self.client_id, self._client_secret, self.scopes,
-                             self._endpoint_params, self._token, self.issued_at, self.expires_at))
-
-    def header(self) -> Secret | None:
-        return self._token
-
-    def due(self, now: float) -> bool:
-        if self._token is None:
-            return True
-        margin = min(300.0, (self.expires_at - self.issued_at) / 4)
-        return now >= self.expires_at - margin
+                                      self._endpoint_params, self._header, self.issued_at, self.expires_at))
 
     def refresh(self) -> None:
         from databricks.sdk.oauth import ClientCredentials
@@ -201,29 +273,14 @@ class OAuthM2M(Credentials):
         source = ClientCredentials(client_id=self.client_id, client_secret=self._client_secret.reveal(),
                                    token_url=self.token_url, scopes=self.scopes, use_header=True,
                                    endpoint_params=self._endpoint_params or None)
-        issued = time.time()
-        try:
-            token = source.refresh()
-        except Exception as exc:  # the SDK's message is the token endpoint's error code and summary
-            detail = scrub(f"{type(exc).__name__}: {exc}", [self._client_secret, self._token])
-            raise CredentialError(f"could not get an OAuth token from {self.token_url}: {detail}"[:300]) from None
-        expires = token.expiry.timestamp() if token.expiry else issued + 3600.0
-        if self._token is not None:
-            self._old = [self._token, *self._old][:4]
-        self._token = Secret(f"{token.token_type or 'Bearer'} {token.access_token}")
-        self.issued_at, self.expires_at = issued, expires
-        self.generation += 1
+        self._mint(source, f"could not get an OAuth token from {self.token_url}")
 
     def secrets(self) -> list[Secret]:
-        return [s for s in (self._token, *self._old, self._client_secret) if s is not None]
+        return [*super().secrets(), self._client_secret]
 
     def for_tasks(self) -> OAuthM2M:
-        """Itself, with a token minted here if one is due, so that tasks do not each mint one at once."""
-        if self.due(time.time()):
-            try:
-                self.refresh()
-            except CredentialError:
-                pass  # the tasks will try, and say so on the rows if they cannot
+        """Itself, with a token minted here if one is due."""
+        self._mint_if_due()
         return self
 
 
@@ -232,11 +289,11 @@ def _unpickle_oauth_m2m(token_url: str, client_id: str, client_secret: Secret, s
                         expires_at: float) -> OAuthM2M:
     """`OAuthM2M` as a task receives it: with the token the driver held, minting none."""
     creds = OAuthM2M(token_url, client_id, client_secret, scopes=scopes, endpoint_params=endpoint_params)
-    creds._token, creds.issued_at, creds.expires_at = token, issued_at, expires_at
+    creds._holding(token, issued_at, expires_at)
     return creds
 
 
-class SdkCredentials(Credentials):
+class SdkCredentials(_KnownExpiry):
     """databricks-sdk's unified auth on the driver (a notebook's or job's own token, a CLI profile, Azure
     identities...): the SDK refreshes what it can each time it is asked. Its tasks get a `Snapshot`
     taken when their chunk starts (`for_tasks`); pickled, it is that snapshot. With a relay on the
@@ -248,10 +305,6 @@ class SdkCredentials(Credentials):
     def __init__(self, config: Any) -> None:
         self._config = config
         self.refreshable = config.auth_type != "pat"  # a personal access token is what it is
-        self._header: Secret | None = None
-        self.expires_at: float | None = None
-        self._old: list[Secret] = []
-        self.generation = 0
         self.refresh()
 
     def __repr__(self) -> str:
@@ -264,12 +317,6 @@ class SdkCredentials(Credentials):
     def __reduce__(self) -> tuple:
         return (_same, (self.for_tasks(),))
 
-    def header(self) -> Secret | None:
-        return self._header
-
-    def due(self, now: float) -> bool:
-        return self.expires_at is not None and now >= self.expires_at - 60.0
-
     def refresh(self) -> None:
         try:
             value = self._config.authenticate().get("Authorization")
@@ -278,18 +325,10 @@ class SdkCredentials(Credentials):
                                   f"{type(exc).__name__}") from None
         try:
             expiry = self._config.oauth_token().expiry
-            self.expires_at = expiry.timestamp() if expiry else None
+            expires_at = expiry.timestamp() if expiry else None
         except Exception:  # not an OAuth method: the SDK knows no expiry
-            self.expires_at = None
-        new = Secret(value) if value else None
-        if new != self._header:
-            if self._header is not None:
-                self._old = [self._header, *self._old][:4]
-            self._header = new
-            self.generation += 1
-
-    def secrets(self) -> list[Secret]:
-        return [s for s in (self._header, *self._old) if s is not None]
+            expires_at = None
+        self._told(value, expires_at)
 
     def for_tasks(self) -> Credentials:
         if self.due(time.time()):
@@ -304,29 +343,19 @@ def _same(value: Any) -> Any:
     return value
 
 
-class DriverRelay(Credentials):
+class DriverRelay(_KnownExpiry):
     """A task's view of credentials only the driver can refresh (a job's or notebook's own token, other
     unified auth): the header as the chunk started, and, when it is refused (401/403) or due, the
     driver's current one, fetched from the relay the job runs on the driver (`jobs.token_relay`:
     `GET <url>` with the run's relay key). So a chunk that outlives a token goes on with the next."""
 
-    refreshable = True
-
     def __init__(self, url: str, key: Secret, *, header: Secret | None, expires_at: float | None,
                  source: str = "") -> None:
         self.url, self._key, self.source = url, key, source
         self._header, self.expires_at = header, expires_at
-        self._old: list[Secret] = []
-        self.generation = 0
 
     def __repr__(self) -> str:
         return f"DriverRelay(url={self.url!r}, source={self.source!r})"
-
-    def header(self) -> Secret | None:
-        return self._header
-
-    def due(self, now: float) -> bool:
-        return self.expires_at is not None and now >= self.expires_at - 60.0
 
     def refresh(self) -> None:
         import requests
@@ -338,49 +367,28 @@ class DriverRelay(Credentials):
             raise CredentialError(f"could not get the driver's token from {self.url}: {type(exc).__name__}") from None
         if not isinstance(body, dict):
             raise CredentialError(f"could not get the driver's token from {self.url}: HTTP {resp.status_code}")
-        value = body.get("authorization")
-        new = Secret(value) if isinstance(value, str) and value else None
-        expires = body.get("expires_at")
-        self.expires_at = float(expires) if isinstance(expires, (int, float)) else None
-        if new != self._header:
-            if self._header is not None:
-                self._old = [self._header, *self._old][:4]
-            self._header = new
-            self.generation += 1
+        value, expires = body.get("authorization"), body.get("expires_at")
+        self._told(value if isinstance(value, str) else None,
+                   float(expires) if isinstance(expires, (int, float)) else None)
 
     def secrets(self) -> list[Secret]:
-        return [s for s in (self._header, *self._old, self._key) if s is not None]
+        return [*super().secrets(), self._key]
 
 
-class DataPlaneToken(Credentials):
+class DataPlaneToken(_Minted):
     """An OAuth token scoped to one route-optimized endpoint, as databricks-sdk's data-plane path gets one
     (`databricks.sdk.data_plane.DataPlaneEndpointTokenSource`): the workspace OAuth token of `upstream` is
     exchanged at `{host}/oidc/v1/token` (the JWT-bearer grant) for a token carrying the endpoint's
-    `authorization_details`. Exchanged again a quarter of its life (at most 5 minutes) before it expires,
-    the upstream refreshed first when it is due; wherever it is, driver or task. An `OAuthM2M` upstream
-    travels with it, so tasks refresh both on their own.
+    `authorization_details`. Exchanged again `minted_margin` before it expires (a quarter of its life,
+    at most 5 minutes), the upstream refreshed first when it is due; wherever it is, driver or task. An
+    `OAuthM2M` upstream travels with it, so tasks refresh both on their own.
     """
-
-    refreshable = True
 
     def __init__(self, upstream: Credentials, host: str, authorization_details: str) -> None:
         self.upstream, self.host, self.authorization_details = upstream, host.rstrip("/"), authorization_details
-        self._token: Secret | None = None
-        self._old: list[Secret] = []
-        self.issued_at = self.expires_at = 0.0
-        self.generation = 0
 
     def __repr__(self) -> str:
         return f"DataPlaneToken(host={self.host!r}, upstream={self.upstream!r})"
-
-    def header(self) -> Secret | None:
-        return self._token
-
-    def due(self, now: float) -> bool:
-        if self._token is None:
-            return True
-        margin = min(300.0, (self.expires_at - self.issued_at) / 4)
-        return now >= self.expires_at - margin
 
     def refresh(self) -> None:
         from databricks.sdk.data_plane import DataPlaneEndpointTokenSource
@@ -394,32 +402,17 @@ class DataPlaneToken(Credentials):
         assertion = _credential(workspace.reveal())
         source = DataPlaneEndpointTokenSource(self.host, lambda: Token(access_token=assertion, token_type="Bearer"),
                                               self.authorization_details, disable_async=True)
-        issued = time.time()
-        try:
-            token = source.refresh()
-        except Exception as exc:  # the SDK's message is the token endpoint's error code and summary
-            detail = scrub(f"{type(exc).__name__}: {exc}", self.secrets())
-            raise CredentialError(f"could not exchange the workspace token for the endpoint's at "
-                                  f"{self.host}/oidc/v1/token: {detail}"[:300]) from None
-        expires = token.expiry.timestamp() if token.expiry else issued + 3600.0
-        if self._token is not None:
-            self._old = [self._token, *self._old][:4]
-        self._token = Secret(f"{token.token_type or 'Bearer'} {token.access_token}")
-        self.issued_at, self.expires_at = issued, expires
-        self.generation += 1
+        self._mint(source, f"could not exchange the workspace token for the endpoint's at "
+                           f"{self.host}/oidc/v1/token")
 
     def secrets(self) -> list[Secret]:
-        return [s for s in (self._token, *self._old) if s is not None] + self.upstream.secrets()
+        return [*super().secrets(), *self.upstream.secrets()]
 
     def for_tasks(self) -> DataPlaneToken:
         """A copy for the tasks with the upstream's own (`OAuthM2M` itself, else a snapshot), and a
-        token exchanged here if one is due, so that tasks do not each exchange one at once."""
-        if self.due(time.time()):
-            try:
-                self.refresh()
-            except CredentialError:
-                pass  # the tasks will try, and say so on the rows if they cannot
+        token exchanged here if one is due."""
+        self._mint_if_due()
         shipped = DataPlaneToken(self.upstream.for_tasks(), self.host, self.authorization_details)
-        shipped._token, shipped.issued_at, shipped.expires_at = self._token, self.issued_at, self.expires_at
+        shipped._holding(self._header, self.issued_at, self.expires_at)
         shipped.generation = self.generation
         return shipped
