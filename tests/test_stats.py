@@ -71,7 +71,7 @@ def test_requests_in_flight_per_bucket_count_each_call_once_and_rows_each(spark)
         ("c", 2.5, 2700.0, "error"),                       # [2.5, 5.2): the run's last answer
         ("p", None, None, "error"),                        # a precheck stopped it: never sent, not on the plot
     ]), most=6)  # 5.2 s in at most 6 buckets: 1 s each, the last one 0.2 s
-    assert (got.start, got.bucket_s, got.seconds) == (T0, 1.0, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (got.start, got.bucket_s, got.span_s, got.seconds) == (T0, 1.0, 5.2, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     assert got.in_flight == [1.0, 2.0, 1.5, 1.0, 1.0, 1.0]
     # b's two rows end at 2.0 (bucket 2), a's at 3.0, c's at 5.2: one row in 0.2 s is 5 rows/s.
     assert got.rows_per_s == [0.0, 0.0, 2.0, 1.0, 0.0, 5.0]

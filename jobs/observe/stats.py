@@ -120,6 +120,7 @@ class FlightSeries:
 
     start: datetime | None = None  # the run's first send (UTC); None: no row of the run was sent
     bucket_s: float = 0.0
+    span_s: float = 0.0  # from the first send to the last answer
     rows_per_s: list[float] = field(default_factory=list)  # rows answered (ok or not) per second
     errors_per_s: list[float] = field(default_factory=list)  # of which error rows
     in_flight: list[float] = field(default_factory=list)  # mean requests in flight over the bucket
@@ -185,6 +186,7 @@ def flight_series_of(rows: DataFrame, most: int = 150) -> FlightSeries:
     lengths = [max(1, min(width, t1 - (t0 + i * width))) for i in range(n)]
     return FlightSeries(
         start=datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=t0), bucket_s=width / 1e6,
+        span_s=(t1 - t0) / 1e6,
         rows_per_s=[d * 1e6 / us for d, us in zip(done, lengths)],
         errors_per_s=[f * 1e6 / us for f, us in zip(failed, lengths)],
         in_flight=[b / us for b, us in zip(busy, lengths)])
