@@ -232,7 +232,8 @@ def _checked(o: Outcome, dim: int, why: str) -> Outcome:
         return o
     reason = f"{reasons.DIMENSION_MISMATCH}: {len(o.embedding)} values, expected {dim} ({why})"
     return Outcome(status="error", error=reason, http_status=o.http_status, attempts=o.attempts,
-                   latency_ms=o.latency_ms, prompt_tokens=o.prompt_tokens, endpoint=o.endpoint)
+                   latency_ms=o.latency_ms, sent_at=o.sent_at, prompt_tokens=o.prompt_tokens,
+                   endpoint=o.endpoint)
 
 
 def _value(o: Outcome, name: str) -> Any:
@@ -240,9 +241,12 @@ def _value(o: Outcome, name: str) -> Any:
         return len(o.embedding) if o.embedding is not None else None
     if name == PARSED_JSON:
         return o.parsed_json
+    if name == "sent_at":  # epoch seconds -> the timestamp's microseconds
+        return None if o.sent_at is None else round(o.sent_at * 1_000_000)
     return getattr(o, name)
 
 
 def _arrow_type(t: T.DataType) -> Any:
     return {T.StringType: pa.string(), T.IntegerType: pa.int32(), T.LongType: pa.int64(),
-            T.DoubleType: pa.float64()}.get(type(t)) or pa.list_(pa.float32())
+            T.DoubleType: pa.float64(),
+            T.TimestampType: pa.timestamp("us", tz="UTC")}.get(type(t)) or pa.list_(pa.float32())

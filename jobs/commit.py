@@ -4,7 +4,8 @@ Every chunk lands once: ids new to the table are appended idempotently (`txnAppI
 `txnVersion` = chunk), ids it holds are MERGEd on id. The column names are fixed, whatever the
 input's; `with_run_columns` stamps each row with the endpoint, the run and the time, and fixes the
 order. The schema grows only when the config asks: `parsed` with a response schema, the kept input
-columns with `input.keep_columns`; an existing table gains them (and a schema's new fields) in place.
+columns with `input.keep_columns`; an existing table gains them (and a schema's new fields) in place,
+as it gains the outcome columns this job added since it was made (`LATER_COLUMNS`: `sent_at`).
 
 Delta's work is SQL (`CREATE TABLE ... USING DELTA`, `ALTER TABLE ... ADD COLUMNS`, `MERGE INTO`) and
 the DataFrame writer, never the Python `DeltaTable` API: that API needs Delta's Connect plugin on a
@@ -76,17 +77,24 @@ def table_schema(cfg: JobConfig, input_schema: T.StructType) -> T.StructType:
                          parsed=response_type(e.response_format.json_schema) if e.response_format else None)
 
 
+# Outcome columns added after output tables were first written: a table made before gains them in
+# place (at its end; its older rows read null there).
+LATER_COLUMNS = ("sent_at",)
+
+
 def growable_columns(schema: T.StructType, embeddings: bool) -> list[str]:
-    """The columns of `schema` a config adds (`parsed`, kept columns): an existing table may gain them."""
-    fixed = set(output_schema(T.NullType(), embeddings).fieldNames())
+    """The columns of `schema` an existing table may gain: those a config adds (`parsed`, kept columns),
+    and `LATER_COLUMNS`."""
+    fixed = set(output_schema(T.NullType(), embeddings).fieldNames()) - set(LATER_COLUMNS)
     return [n for n in schema.fieldNames() if n not in fixed]
 
 
 def ensure_output_table(spark: SparkSession, name: str, schema: T.StructType) -> T.StructType:
     """The output table, created if missing; returns its schema, which is what every chunk lands.
 
-    An existing table gains the columns and nested fields the config adds (Delta's ALTER TABLE ADD
-    COLUMNS: old rows read null there); it may hold more than `schema` (what earlier configs added).
+    An existing table gains the columns and nested fields the config adds, and `LATER_COLUMNS` (Delta's
+    ALTER TABLE ADD COLUMNS: old rows read null there); it may hold more than `schema` (what earlier
+    configs added).
     Any other difference with `schema` is an `InputError` naming the columns.
     """
     if not spark.catalog.tableExists(name):

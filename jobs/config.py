@@ -52,8 +52,8 @@ class SecretRef(_Strict):
 # one of these names (tests/test_structured.py checks the list against the output schemas).
 RESERVED_COLUMNS = frozenset({
     "id", "prompt", "text", "response", "parsed", "embedding", "dim", "status", "error", "http_status",
-    "attempts", "latency_ms", "prompt_tokens", "completion_tokens", "request_hash", "endpoint", "run_id",
-    "completed_at", "precheck"})
+    "attempts", "sent_at", "latency_ms", "prompt_tokens", "completion_tokens", "request_hash", "endpoint",
+    "run_id", "completed_at", "precheck"})
 
 
 def template_parts(template: str) -> list[tuple[str, str | None]]:

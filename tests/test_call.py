@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import pyarrow as pa
 from chispa import assert_df_equality
 
@@ -21,12 +23,16 @@ def test_a_driver_chunk_sends_each_distinct_request_once_and_lands_every_row():
     chunk = DriverChunk(rows((1, "a", "ha", None), (2, "a", "ha", None), (3, "", "hb", "empty_prompt"),
                              (4, "c", "hc", None)), embeddings=False)
     assert chunk.prompts == ["a", "c"]
-    landed = chunk.landed([Outcome(response="A", http_status=200, attempts=1),
-                           Outcome.failed("http_500: down", http_status=500, attempts=6)])
+    landed = chunk.landed([Outcome(response="A", http_status=200, attempts=1, sent_at=1735689600.5),
+                           Outcome.failed("http_500: down", http_status=500, attempts=6, sent_at=1735689601.0)])
     assert landed.column_names[:3] == ["id", "country", "prompt"]  # kept columns ride after the id
     got = list(zip(*(landed.column(c).to_pylist() for c in ("id", "response", "status", "error", "attempts"))))
     assert got == [(1, "A", "ok", None, 1), (2, "A", "ok", None, 1), (3, None, "error", "empty_prompt", 0),
                    (4, None, "error", "http_500: down", 6)]
+    assert landed.schema.field("sent_at").type == pa.timestamp("us", tz="UTC")
+    at = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    assert landed.column("sent_at").to_pylist() == [at + timedelta(seconds=0.5), at + timedelta(seconds=0.5), None,
+                                                    at + timedelta(seconds=1)]  # rows sharing a call share its time
 
 
 def test_a_driver_chunk_turns_a_vector_of_another_length_into_an_error_row():

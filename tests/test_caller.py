@@ -97,6 +97,18 @@ def test_latency_ms_counts_the_whole_row_retries_and_waits_included(ep):
     assert o.latency_ms >= 1000
 
 
+def test_sent_at_is_the_wall_clock_of_the_first_attempt_and_latency_runs_from_it(ep):
+    """`sent_at` + `latency_ms` spans the row's request: its first attempt (not its retry) to the answer."""
+    ep.fault = lambda req: (503, {"Retry-After": "1"}, b'{"message": "busy"}') if len(ep.received) == 1 else None
+    before = time.time()
+    with Engine(spec(ep, retry=RetrySpec(backoff_base_s=0.01))) as engine:
+        [o] = engine.call(["x"])
+    after = time.time()
+    assert (o.status, o.attempts) == ("ok", 2)
+    assert before <= o.sent_at < before + 0.5  # the first attempt, not the retry a second later
+    assert after - 0.05 <= o.sent_at + o.latency_ms / 1000 <= after
+
+
 @pytest.mark.parametrize("status", [429, 503])
 def test_an_overload_answer_halves_the_task_s_in_flight_limit(ep, status):
     """README: a 429/503 halves the in-flight limit (AIMD); other errors do not."""
@@ -172,8 +184,11 @@ def flaky(bad: str, times: int = 1):
 
 
 def test_one_re_ask_fixes_a_flaky_answer_and_both_attempts_are_counted():
-    with LocalEndpoint(fault=flaky("not json at all")) as ep, Engine(chat_spec(ep)) as engine:
+    before = time.time()
+    with LocalEndpoint(fault=flaky("not json at all"), latency_s=0.3) as ep, Engine(chat_spec(ep)) as engine:
         [o] = engine.call(["I love it, no refund needed."])
+    # The row's request began with the first answer's send, 0.3 s before the re-ask's: both are its time.
+    assert before <= o.sent_at < before + 0.25 and o.latency_ms >= 600
     # Both answers were paid for: the bad one's usage (5 + 7) plus the model's (6 words in, its words out).
     assert (o.status, o.error, o.attempts, o.prompt_tokens, o.completion_tokens) == (
         "ok", None, 2, 5 + 6, 7 + len(o.response.split()))

@@ -35,6 +35,16 @@ def test_a_config_that_adds_kept_columns_or_parsed_grows_the_table_in_place(spar
     assert landing["parsed"].dataType.simpleString() == "struct<label:string>"
 
 
+def test_a_table_made_before_sent_at_gains_it_at_its_end(spark, table_name):
+    older = T.StructType([f for f in SCHEMA.fields if f.name != "sent_at"])
+    ensure_output_table(spark, table_name, older)
+    landing = ensure_output_table(spark, table_name, SCHEMA)
+    assert landing.fieldNames() == older.fieldNames() + ["sent_at"]
+    assert landing["sent_at"].dataType == T.TimestampType()
+    assert commit_chunk(spark, table_name, outcomes(spark, [(1, "ok", False)]).transform(
+        with_run_columns("e", "run-1", landing)), "run-1", 0) == {"ok": 1}
+
+
 def test_a_chunk_lands_once_new_ids_appended_and_known_ids_merged(spark, table_name):
     ensure_output_table(spark, table_name, SCHEMA)
     first = outcomes(spark, [(1, "ok", False), (2, "error", False)])

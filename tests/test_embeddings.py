@@ -156,8 +156,11 @@ def test_vectors_land_by_index_in_few_requests_and_answer_cosine_in_sql(spark, f
     assert [(f.name, f.dataType.simpleString()) for f in spark.table(table_name).schema.fields] == [
         ("id", "bigint"), ("text", "string"), ("embedding", "array<float>"), ("dim", "int"),
         ("status", "string"), ("error", "string"), ("http_status", "int"), ("attempts", "int"),
-        ("latency_ms", "double"), ("prompt_tokens", "bigint"), ("request_hash", "string"),
+        ("sent_at", "timestamp"), ("latency_ms", "double"), ("prompt_tokens", "bigint"), ("request_hash", "string"),
         ("endpoint", "string"), ("run_id", "string"), ("completed_at", "timestamp")]
+    # The texts of one request share its send and its latency: three calls (what the in-flight plot counts).
+    calls = spark.table(table_name).where("sent_at IS NOT NULL").select("sent_at", "latency_ms").distinct()
+    assert calls.count() == 3
     assert summary.by_status == {"ok": 5, "error": 1}
 
     cosine = spark.sql(f"""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 import uuid
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def test_a_run_reports_each_chunk_and_records_itself_in_the_runs_table_and_mlflo
     for name in ("latency_histogram.png", "throughput.png"):
         assert Path(client.download_artifacts(run.info.run_id, name, str(tmp_path))).read_bytes()[:8] == (
             b"\x89PNG\r\n\x1a\n")
+    # Throughput over time from the rows' sent_at: two panels, taller than the per-chunk fallback (418 px).
+    png = Path(client.download_artifacts(run.info.run_id, "throughput.png", str(tmp_path))).read_bytes()
+    assert struct.unpack(">II", png[16:24]) == (704, 572)
+    assert not [r for r in caplog.records if "throughput over time" in r.getMessage()]
     # The token reached the endpoint, and nothing else: not MLflow, not the runs table.
     assert fresh_endpoint.received[0].headers["Authorization"] == f"Bearer {SECRET}"
     recorded = str(run.data) + Path(client.download_artifacts(run.info.run_id, "run_summary.json",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 from pyspark.sql import functions as F
 
 from udfs.inference import COMPLETION_SCHEMA, EMBEDDING_SCHEMA, inference_udf, outcomes_frame
@@ -16,6 +17,13 @@ def test_the_frame_has_the_struct_s_columns_and_nullable_integer_dtypes():
     assert [str(frame[c].dtype) for c in ("http_status", "attempts", "prompt_tokens", "completion_tokens")] == [
         "Int32", "Int32", "Int64", "Int64"]
     assert frame["http_status"].isna().tolist() == [False, True]  # a null stays null, not 0 or NaN-as-float
+
+
+def test_sent_at_is_a_utc_timestamp_in_microseconds_and_null_when_never_sent():
+    frame = outcomes_frame([Outcome(response="a", sent_at=1735689600.25), Outcome.failed("empty_prompt")],
+                           embeddings=False)
+    assert str(frame["sent_at"].dtype) == "datetime64[us, UTC]"
+    assert frame["sent_at"][0] == pd.Timestamp("2025-01-01 00:00:00.25", tz="UTC") and pd.isna(frame["sent_at"][1])
 
 
 def test_embedding_frames_carry_the_vector_and_its_length():
@@ -33,4 +41,5 @@ def test_every_input_row_gets_exactly_one_outcome_row(spark, fresh_endpoint):
     assert all((r["status"], r["response"]) == (("ok", f"Answer to: {r['prompt']}") if r["prompt"] else
                                                  ("error", None)) for r in out)
     assert {r["error"] for r in out if r["prompt"] is None} == {"empty_prompt"}
+    assert all((r["sent_at"] is None) == (r["prompt"] is None) for r in out)  # sent rows only
     assert out and F is not None

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 from chispa import assert_df_equality
+from pyspark.sql import functions as F
 
 from jobs.config import ConfigError
 from jobs.local.stand_in import LocalEndpoint, llm_latency
@@ -322,6 +323,46 @@ def test_answers_from_50_ms_to_2_s_keep_the_endpoint_at_its_limit(spark, fresh_e
     assert summary.by_status == {"ok": 480} and summary.chunks == 2
     assert fresh_endpoint.peak_inflight == 8
     assert fresh_endpoint.mean_inflight() >= 0.7 * 8, fresh_endpoint.mean_inflight()
+
+
+@pytest.mark.parametrize("calls_from", ["executors", "driver"])
+def test_sent_at_is_when_each_request_left_and_the_run_s_series_holds_c_in_flight(spark, fresh_endpoint, table_name,
+                                                                                 calls_from):
+    """`sent_at`: each sent row's first send, within the run, its latency ending before the run did;
+    null for a row a precheck stopped; shared by rows that asked the same. The run's series from them
+    (`flight_series`): never more than C in flight, its area the requests' latencies, which hold the
+    server's own time in flight, and every sent row answered once on it."""
+    import time
+
+    from jobs.observe.stats import flight_series
+
+    fresh_endpoint.latency_s = 0.2
+    src = view(spark, [(i, f"q {i}") for i in range(12)] + [(12, ""), (13, "q 0")])  # blank; same as id 0
+    cfg = job_config(input={"table": src}, output={"table": table_name}, endpoint=proxy(fresh_endpoint),
+                     limits={"max_concurrency": 2}, run={"calls_from": calls_from, "chunk_rows": 6})
+    before = time.time()
+    summary = run_job(spark, cfg)
+    after = time.time()
+
+    assert summary.by_status == {"ok": 13, "error": 1} and len(fresh_endpoint.received) == 12
+    rows = {r["id"]: r for r in spark.table(table_name).select(
+        "id", F.unix_micros("sent_at").alias("us"), "latency_ms").collect()}
+    assert rows[12]["us"] is None  # empty_prompt: never sent
+    assert rows[0]["us"] == rows[13]["us"]  # one request, one send, for both ids
+    for i in [*range(12), 13]:
+        start, ms = rows[i]["us"] / 1e6, rows[i]["latency_ms"]
+        assert before <= start and ms >= 200 and start + ms / 1000 <= after, (i, before, start, ms, after)
+
+    series = flight_series(spark, table_name, summary.run_id)
+    n = len(series.in_flight)
+    lengths = [series.bucket_s] * (n - 1) + [series.span_s - (n - 1) * series.bucket_s]
+    assert 60 <= n <= 150 or series.bucket_s == 0.001
+    assert max(series.in_flight) <= 2 + 1e-3  # C: up to float rounding of the microseconds
+    busy = sum(f * s for f, s in zip(series.in_flight, lengths))
+    latencies = sum(r["latency_ms"] for i, r in rows.items() if i not in (12, 13)) / 1000  # 12 requests
+    assert busy == pytest.approx(latencies, rel=1e-4)
+    assert busy >= fresh_endpoint.inflight_area  # the client's time in flight holds the server's
+    assert sum(r * s for r, s in zip(series.rows_per_s, lengths)) == pytest.approx(13)  # 13 rows were sent
 
 
 def test_null_ids_stop_the_job_before_any_call(spark, fresh_endpoint, table_name):

@@ -1,10 +1,23 @@
-"""The run's two plots, drawn from its numbers: real PNG files, one a histogram, one per chunk."""
+"""The run's two plots, drawn from its numbers: real PNG files, a histogram and throughput over time
+(per chunk when the run has no series)."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
+import pytest
+
 from jobs.observe.plots import log_bins, save_plots
 from jobs.observe.progress import ChunkTiming
-from jobs.observe.stats import RunStats
+from jobs.observe.stats import FlightSeries, RunStats
+
+START = datetime(2025, 1, 1, tzinfo=timezone.utc)
+# 4 s of a run at C = 2: in flight 2 but for a dip in the second second, errors in the third.
+SERIES = FlightSeries(start=START, bucket_s=1.0, span_s=3.5, rows_per_s=[0.0, 3.0, 4.0, 8.0],
+                      errors_per_s=[0.0, 0.0, 1.0, 0.0], in_flight=[2.0, 1.2, 2.0, 2.0])
+# Chunks committed 1.5 s and 3.6 s after the first send, and one with no wall clock (not drawn).
+TIMELINE = [ChunkTiming(1, 2.0, 5, 0, START.timestamp() + 1.5), ChunkTiming(2, 4.0, 5, 1, START.timestamp() + 3.6),
+            ChunkTiming(3, 4.5, 2, 0)]
 
 
 def test_both_plots_are_written_as_png(tmp_path):
@@ -55,3 +68,31 @@ def test_errors_over_time_get_an_axis_of_their_own_only_when_there_are_errors():
         _draw_throughput(fig.add_subplot(), timeline, "run r, e, C=8")
         assert len(fig.axes) == axes
         assert fig.axes[0].get_title() == f"Throughput ({len(timeline)} chunks)\nrun r, e, C=8"
+
+
+def test_throughput_over_time_is_written_from_the_series(tmp_path):
+    paths = save_plots(RunStats(), TIMELINE, tmp_path, "run r, e, C=2", SERIES, concurrency=2)
+    assert [p.name for p in paths] == ["latency_histogram.png", "throughput.png"]
+    throughput = paths[1].read_bytes()
+    assert throughput[:8] == b"\x89PNG\r\n\x1a\n" and len(throughput) > 5000
+    (tmp_path / "per_chunk").mkdir()
+    per_chunk = save_plots(RunStats(), TIMELINE, tmp_path / "per_chunk", "run r, e, C=2")[1].read_bytes()
+    assert per_chunk != throughput  # without a series: the per-chunk plot, as before
+
+
+def test_over_time_rows_per_s_above_in_flight_below_with_c_dashed_and_chunk_commits_marked():
+    from matplotlib.figure import Figure
+
+    from jobs.observe.plots import _draw_over_time
+
+    fig = Figure()
+    _draw_over_time(fig, SERIES, TIMELINE, 2, "run r, e, C=2")
+    rate, flight = fig.axes
+    assert rate.get_title() == "Throughput over time (3 chunks, 1 s buckets)\nrun r, e, C=2"
+    [c_line] = [line for line in flight.get_lines() if line.get_linestyle() == "--"]
+    assert tuple(c_line.get_ydata()) == (2, 2) and c_line.get_label() == "C = 2"
+    for ax in (rate, flight):  # two of the three chunks have a wall clock: two faint lines per panel
+        marks = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "-")
+        assert marks == pytest.approx([1.5, 3.6])
+    labels = [t.get_text() for t in rate.get_legend().get_texts()]
+    assert labels == ["rows answered / s", "error rows / s", "chunk committed"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from jobs.commit import output_schema
 from pyspark.sql import types as T
 
-from jobs.observe.stats import estimate_cost, run_stats
+from jobs.observe.stats import FlightSeries, bucket_us, estimate_cost, flight_series_of, run_stats
 from jobs.tables import ensure_schema
 from tests.conftest import job_config
 
@@ -51,3 +52,39 @@ def test_cost_is_tokens_times_the_configured_prices():
                              "price_per_1k_prompt_tokens": 0.5, "price_per_1k_completion_tokens": 1.5}).endpoint
     assert estimate_cost(e, 2000, 1000) == pytest.approx(2.5)
     assert estimate_cost(job_config().endpoint, 2000, 1000) is None  # no prices, no guess
+
+
+T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+
+def calls(spark, rows: list[tuple]):
+    """(request_hash, seconds after T0 sent, latency_ms, status) rows, as the output table has them."""
+    return spark.createDataFrame([(h, None if at is None else T0 + timedelta(seconds=at), ms, st)
+                                  for h, at, ms, st in rows],
+                                 "request_hash string, sent_at timestamp, latency_ms double, status string")
+
+
+def test_requests_in_flight_per_bucket_count_each_call_once_and_rows_each(spark):
+    got = flight_series_of(calls(spark, [
+        ("a", 0.0, 3000.0, "ok"),                          # in flight over [0, 3)
+        ("b", 1.0, 1000.0, "ok"), ("b", 1.0, 1000.0, "ok"),  # [1, 2): one call, two rows that asked it
+        ("c", 2.5, 2700.0, "error"),                       # [2.5, 5.2): the run's last answer
+        ("p", None, None, "error"),                        # a precheck stopped it: never sent, not on the plot
+    ]), most=6)  # 5.2 s in at most 6 buckets: 1 s each, the last one 0.2 s
+    assert (got.start, got.bucket_s, got.span_s, got.seconds) == (T0, 1.0, 5.2, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    assert got.in_flight == [1.0, 2.0, 1.5, 1.0, 1.0, 1.0]
+    # b's two rows end at 2.0 (bucket 2), a's at 3.0, c's at 5.2: one row in 0.2 s is 5 rows/s.
+    assert got.rows_per_s == [0.0, 0.0, 2.0, 1.0, 0.0, 5.0]
+    assert got.errors_per_s == [0.0, 0.0, 0.0, 0.0, 0.0, 5.0]  # exact: integer microseconds
+
+
+def test_buckets_are_1_2_or_5_times_a_power_of_ten_between_60_and_150_of_them():
+    assert bucket_us(5_000_000) == 50_000  # 5 s: 100 buckets of 50 ms
+    assert bucket_us(3_600_000_000) == 50_000_000  # an hour: 72 buckets of 50 s
+    assert bucket_us(10) == 1000  # 1 ms at least
+    for span in (7_777_777, 123_456_789_012):
+        assert 60 <= -(-span // bucket_us(span)) <= 150
+
+
+def test_a_run_that_sent_nothing_has_no_series(spark):
+    assert flight_series_of(calls(spark, [("p", None, None, "error")])) == FlightSeries()

@@ -109,7 +109,9 @@ class Caller:
         except Exception as exc:
             reason = self._clean(f"{reasons.TRANSFORM_INPUT_FAILED}: {type(exc).__name__}: {exc}")
             return [Outcome.failed(reason) for _ in prompts]
-        sent: list[float] = []  # when the first attempt left: queueing before it is not latency
+        # When the first attempt left (monotonic; queueing before it is not latency), the rate-limit
+        # pauses then, and the wall clock then (the row's `sent_at`).
+        sent: list[float] = []
         attempts = 0
         policy = self.spec.retry
         last: Failure | None = None
@@ -130,7 +132,7 @@ class Caller:
                     reason = self._clean(f"{reasons.ENDPOINT_UNAVAILABLE}: {stop}")
                 end = Outcome.handed_off if self.hand_off else Outcome.failed
                 return [end(reason, http_status=last.status if last else None, attempts=attempts,
-                                       latency_ms=latency) for _ in prompts]
+                            latency_ms=latency, sent_at=sent[2] if sent else None) for _ in prompts]
             except Failure as f:
                 last = f
                 elapsed = time.monotonic() - sent[0] if sent else 0.0
@@ -149,7 +151,8 @@ class Caller:
                 spent = elapsed - self._paused_since(sent)  # a rate-limit pause is not the row's time
                 if f.governed and f.retryable and self.hand_off:  # another endpoint takes the row now
                     return [Outcome.handed_off(self._clean(f.reason()), http_status=f.status, attempts=attempts,
-                                               latency_ms=round(elapsed * 1000, 3)) for _ in prompts]
+                                               latency_ms=round(elapsed * 1000, 3), sent_at=sent[2] if sent else None)
+                            for _ in prompts]
                 if f.governed and f.retryable and policy.max_attempts > 1 and spent < policy.row_budget_s:
                     continue  # the governor holds the next attempt back until the endpoint answers again
                 wait = backoff(attempts, f.retry_after, policy)
@@ -163,11 +166,11 @@ class Caller:
                 if f.status in AUTH_STATUSES and auth_retried:
                     text, gave_up = f"{reasons.CREDENTIAL_REFUSED}: {text}", "(refused again after a token refresh)"
                 reason = self._clean(text, gave_up)
-                return [Outcome.failed(reason, http_status=f.status, attempts=attempts, latency_ms=latency)
-                        for _ in prompts]
+                return [Outcome.failed(reason, http_status=f.status, attempts=attempts, latency_ms=latency,
+                                       sent_at=sent[2] if sent else None) for _ in prompts]
             latency = round((time.monotonic() - sent[0]) * 1000, 3)
             outcomes = [Outcome(response=p.text, embedding=p.embedding, http_status=200, attempts=attempts,
-                                latency_ms=latency, prompt_tokens=p.prompt_tokens,
+                                latency_ms=latency, sent_at=sent[2], prompt_tokens=p.prompt_tokens,
                                 completion_tokens=p.completion_tokens) for p in parsed]
             if self._checker is None:
                 return outcomes
@@ -196,7 +199,7 @@ class Caller:
             # A re-ask that failed otherwise (a timeout) keeps the first answer: it says more about the row.
             kept = new if new.status == "ok" or (new.error or "").startswith(reasons.INVALID_OUTPUT) else old
             # Every attempt was paid for: attempts and tokens add up, latency runs from the first send.
-            outcomes[i] = replace(kept, attempts=old.attempts + new.attempts, latency_ms=latency,
+            outcomes[i] = replace(kept, attempts=old.attempts + new.attempts, latency_ms=latency, sent_at=old.sent_at,
                                   prompt_tokens=_plus(old.prompt_tokens, new.prompt_tokens),
                                   completion_tokens=_plus(old.completion_tokens, new.completion_tokens))
         return outcomes
@@ -225,7 +228,7 @@ class Caller:
             auth, generation = await self._auth()
             t0 = time.monotonic()
             if not sent:
-                sent += [t0, self.governor.rate_paused_s()]
+                sent += [t0, self.governor.rate_paused_s(), time.time()]
             try:
                 usage = (0, 0)  # sent: a request that gets no answer still counts as one
                 status, headers, data = await self._transport.post(payload, auth)

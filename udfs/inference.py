@@ -27,6 +27,7 @@ _COMMON = [
     T.StructField("error", T.StringType()),
     T.StructField("http_status", T.IntegerType()),
     T.StructField("attempts", T.IntegerType()),
+    T.StructField("sent_at", T.TimestampType()),  # when the first attempt left (UTC); null if never sent
     T.StructField("latency_ms", T.DoubleType()),
     T.StructField("prompt_tokens", T.LongType()),
     # Who answered: the output table's `endpoint` column (placed with the run's stamps there).
@@ -56,6 +57,7 @@ def outcomes_frame(outcomes: Sequence[Outcome], embeddings: bool, structured: bo
         "error": pd.Series([o.error for o in outcomes], dtype=object),
         "http_status": pd.array([o.http_status for o in outcomes], dtype="Int32"),
         "attempts": pd.array([o.attempts for o in outcomes], dtype="Int32"),
+        "sent_at": pd.Series(pd.to_datetime([o.sent_at for o in outcomes], unit="s", utc=True).as_unit("us")),
         "latency_ms": pd.array([o.latency_ms for o in outcomes], dtype="Float64"),
         "prompt_tokens": pd.array([o.prompt_tokens for o in outcomes], dtype="Int64"),
         "endpoint": pd.Series([o.endpoint for o in outcomes], dtype=object),

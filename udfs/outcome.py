@@ -3,7 +3,7 @@ latency and tokens. The engine never raises for a row: every failure is an `Outc
 
 Example::
 
-    Outcome(response="A table format.", http_status=200, attempts=1, latency_ms=52.3)
+    Outcome(response="A table format.", http_status=200, attempts=1, latency_ms=52.3, sent_at=1735689600.25)
     Outcome.failed("http_503: busy (gave up after 6 attempts, 13.0s)", http_status=503, attempts=6)
 """
 
@@ -30,6 +30,8 @@ class Outcome:
     http_status: int | None = None
     attempts: int = 0
     latency_ms: float | None = None
+    # When the first attempt left (wall clock, epoch seconds; latency_ms runs from it). None: never sent.
+    sent_at: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     # Structured output: the valid answer as canonical JSON, for the job's `parsed` column.

@@ -176,8 +176,13 @@ class Router:
         out = list(outcomes)
         for i, new in zip(picked, again):
             old = outcomes[i]
-            out[i] = replace(new, attempts=old.attempts + new.attempts,
-                             latency_ms=_plus(old.latency_ms, new.latency_ms))
+            # The row's time runs from its first send, on whichever endpoint that was, to its last answer
+            # (the wait for the next endpoint's slot included).
+            latency = _plus(old.latency_ms, new.latency_ms)
+            if old.sent_at is not None and new.sent_at is not None and new.latency_ms is not None:
+                latency = round((new.sent_at - old.sent_at) * 1000 + new.latency_ms, 3)
+            out[i] = replace(new, attempts=old.attempts + new.attempts, sent_at=old.sent_at or new.sent_at,
+                             latency_ms=latency)
         return out
 
     async def _pick(self, lanes: list[Lane]) -> Lane:

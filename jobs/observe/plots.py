@@ -1,12 +1,19 @@
-"""The run's two plots: latency per request (a histogram on a log axis with p50/p95/p99) and throughput
-per chunk, each titled with the run, the endpoint and the concurrency.
+"""The run's two plots: latency per request (a histogram on a log axis with p50/p95/p99) and throughput,
+each titled with the run, the endpoint and the concurrency.
+
+Throughput is drawn over time from the rows' `sent_at` (`jobs.observe.stats.flight_series`): rows
+answered per second above, requests in flight below against the run's `C`, chunk commits as faint
+lines. A run without that series (no row sent, or a table written before `sent_at`) gets its rate per
+chunk instead, from the progress timeline.
 
 matplotlib's object API (no pyplot: no global figure state, no GUI backend); without matplotlib the
 plots are skipped with a warning.
 
 Example::
 
-    save_plots(stats, progress.timeline, Path("/tmp/plots"))   # [latency_histogram.png, throughput.png]
+    series = flight_series(spark, table, run_id)
+    save_plots(stats, progress.timeline, Path("/tmp/plots"), about, series, concurrency=16)
+    # [latency_histogram.png, throughput.png]
 """
 
 from __future__ import annotations
@@ -17,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from jobs.observe.progress import ChunkTiming, chunk_rates
-from jobs.observe.stats import RunStats
+from jobs.observe.stats import FlightSeries, RunStats
 
 log = logging.getLogger("batch_inference")
 
 
-def save_plots(stats: RunStats, timeline: list[ChunkTiming], folder: Path, about: str = "") -> list[Path]:
+def save_plots(stats: RunStats, timeline: list[ChunkTiming], folder: Path, about: str = "",
+               series: FlightSeries | None = None, concurrency: int | None = None) -> list[Path]:
     """`latency_histogram.png` and `throughput.png` in `folder`, their titles ending with `about` (the
-    run, endpoint and concurrency); none if matplotlib is missing."""
+    run, endpoint and concurrency); throughput over time with `series`, per chunk without it; none if
+    matplotlib is missing."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     except ImportError:
@@ -35,8 +44,12 @@ def save_plots(stats: RunStats, timeline: list[ChunkTiming], folder: Path, about
     _draw_latency(fig.add_subplot(), stats, about)
     fig.tight_layout()
     fig.savefig(latency)
-    fig = Figure(figsize=(6, 3.8), dpi=110)
-    _draw_throughput(fig.add_subplot(), timeline, about)
+    if series is not None and series.start is not None:
+        fig = Figure(figsize=(6.4, 5.2), dpi=110)
+        _draw_over_time(fig, series, timeline, concurrency, about)
+    else:
+        fig = Figure(figsize=(6, 3.8), dpi=110)
+        _draw_throughput(fig.add_subplot(), timeline, about)
     fig.tight_layout()
     fig.savefig(throughput)
     return [latency, throughput]
@@ -102,3 +115,36 @@ def _draw_throughput(ax: Any, timeline: list[ChunkTiming], about: str = "") -> N
     ax.set_title(f"Throughput ({len(timeline)} chunks)" + (f"\n{about}" if about else ""), fontsize=10)
     ax.set_xlabel("seconds since the first chunk started")
     ax.set_ylabel("rows / s")
+
+
+def _draw_over_time(fig: Any, series: FlightSeries, timeline: list[ChunkTiming], concurrency: int | None,
+                    about: str = "") -> None:
+    """Two panels over the run's time: rows answered per second (error rows shaded), and the mean
+    requests in flight per bucket with `C` dashed; chunk commits as faint vertical lines on both."""
+    rate, flight = fig.subplots(2, 1, sharex=True)
+    n = len(series.in_flight)
+    edges = [i * series.bucket_s for i in range(n)] + [max(series.span_s, (n - 1) * series.bucket_s + 1e-3)]
+    rate.stairs(series.rows_per_s, edges, baseline=None, color="#4c78a8", linewidth=1.5,
+                label="rows answered / s")
+    if any(series.errors_per_s):
+        rate.stairs(series.errors_per_s, edges, color="#e45756", fill=True, alpha=0.35, label="error rows / s")
+    flight.stairs(series.in_flight, edges, baseline=None, color="#f58518", linewidth=1.5,
+                  label="requests in flight")
+    if concurrency:
+        flight.axhline(concurrency, color="#54a24b", linestyle="--", linewidth=1.2, label=f"C = {concurrency}")
+    start = series.start.timestamp() if series.start is not None else 0.0
+    marks = [c.at - start for c in timeline if c.at is not None and 0 <= c.at - start <= edges[-1] * 1.05]
+    for i, x in enumerate(marks):  # when each chunk was committed: the plot's chunk boundaries
+        for ax in (rate, flight):
+            ax.axvline(x, color="#888888", alpha=0.35, linewidth=0.8,
+                       label="chunk committed" if i == 0 and ax is rate else None)
+    rate.set_ylim(bottom=0)
+    top = max([*series.in_flight, concurrency or 0, 1])
+    flight.set_ylim(0, top * 1.15)
+    rate.set_title(f"Throughput over time ({len(timeline)} chunks, {series.bucket_s:g} s buckets)"
+                   + (f"\n{about}" if about else ""), fontsize=10)
+    rate.set_ylabel("rows / s")
+    flight.set_ylabel("in flight (mean)")
+    flight.set_xlabel("seconds since the first request was sent")
+    rate.legend(loc="best", fontsize=8)
+    flight.legend(loc="best", fontsize=8)

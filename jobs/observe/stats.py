@@ -1,17 +1,23 @@
-"""A run's numbers from the rows it wrote: counts by status and reason, latency, tokens, cost.
+"""A run's numbers from the rows it wrote: counts by status and reason, latency, tokens, cost; and
+its throughput over time with the requests in flight.
 
 One aggregation over the output table's rows of one `run_id`, per request first (identical prompts
-are sent, and paid for, once), then rolled up.
+are sent, and paid for, once), then rolled up. `flight_series` cuts the run's time, from its first
+send (`sent_at`) to its last answer (`sent_at` + `latency_ms`), into buckets: rows answered per second
+and the mean number of requests in flight in each, for the throughput plot.
 
 Example::
 
     stats = run_stats(spark, "demo.completions", run_id, embeddings=False)
     stats.latency_p95_ms, stats.total_tokens
+    series = flight_series(spark, "demo.completions", run_id)
+    series.in_flight   # [15.2, 16.0, 16.0, ..., 3.1]: C = 16 kept in flight, then the last answers
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession, functions as F
@@ -162,6 +168,85 @@ def run_cost(stats: RunStats, primary: EndpointConfig, endpoints: list[EndpointC
     if stats.by_endpoint:
         return with_costs(stats, {e.name: e for e in endpoints})
     return estimate_cost(primary, stats.prompt_tokens, stats.completion_tokens)
+
+
+@dataclass
+class FlightSeries:
+    """A run over time, bucket by bucket from its first send: bucket `i` covers `start` + [i, i + 1)
+    x `bucket_s` (the last one only up to the last answer). Rows never sent (a precheck) are not on it."""
+
+    start: datetime | None = None  # the run's first send (UTC); None: no row of the run was sent
+    bucket_s: float = 0.0
+    span_s: float = 0.0  # from the first send to the last answer
+    rows_per_s: list[float] = field(default_factory=list)  # rows answered (ok or not) per second
+    errors_per_s: list[float] = field(default_factory=list)  # of which error rows
+    in_flight: list[float] = field(default_factory=list)  # mean requests in flight over the bucket
+
+    @property
+    def seconds(self) -> list[float]:
+        """Each bucket's start, in seconds since the first send."""
+        return [i * self.bucket_s for i in range(len(self.in_flight))]
+
+
+def bucket_us(span_us: int, most: int = 150) -> int:
+    """The bucket width for a run of `span_us` microseconds: the smallest 1, 2 or 5 x 10^k us that cuts
+    it into at most `most` buckets, hence more than `most` / 2.5 (60 of 150); 1 ms at least."""
+    want = max(1000, -(-span_us // most))
+    power = 10 ** (len(str(want)) - 1)
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= want)
+
+
+def flight_series(spark: SparkSession, table: str, run_id: str, most: int = 150) -> FlightSeries:
+    """`flight_series_of` this run's rows of the output table."""
+    return flight_series_of(spark.read.table(table).where(F.col("run_id") == run_id), most)
+
+
+def flight_series_of(rows: DataFrame, most: int = 150) -> FlightSeries:
+    """Rows answered per second and requests in flight over the time of `rows` (`bucket_us` wide buckets,
+    at most `most`); `rows` has the output table's `sent_at`, `latency_ms` and `status`.
+
+    A request is in flight over [`sent_at`, `sent_at` + `latency_ms`), retries and waits included; the
+    rows it answered finish at its end. Rows that share one call carry its `sent_at` and `latency_ms`
+    (identical requests, whose answer goes to every row that asked; the rows of a batched request),
+    so grouping by the two counts each call once, and its rows each. Each call is exploded over the
+    buckets it overlaps (one row per call, plus about C per bucket: the calls in flight across its
+    edges) and summed per bucket: two scans of the rows (their span, then the series), and only the
+    series, a few hundred numbers, reaches the driver. Integer microseconds: the sums are exact.
+    """
+    rows = rows.where(F.col("sent_at").isNotNull())
+    s = F.unix_micros("sent_at")
+    e = s + F.round(F.coalesce(F.col("latency_ms"), F.lit(0.0)) * 1000).cast("long")
+    t0, t1 = rows.agg(F.min(s), F.max(e)).first() or (None, None)
+    if t0 is None:
+        return FlightSeries()
+    width = bucket_us(t1 - t0, most)
+    n = max(1, -(-(t1 - t0) // width))
+
+    def bucket(t: Any) -> Any:  # the bucket holding instant t, the run's last instant in the last one
+        return F.least(F.floor((t - F.lit(t0)) / width).cast("long"), F.lit(n - 1))
+
+    calls = rows.groupBy(s.alias("s"), e.alias("e")).agg(
+        F.count("*").alias("rows"), F.count(F.when(F.col("status") != "ok", 1)).alias("errors"))
+    spans = calls.select("*", F.explode(F.sequence(bucket(F.col("s")), bucket(F.col("e")))).alias("b"))
+    b_start = F.lit(t0) + F.col("b") * width
+    overlap = F.greatest(F.least("e", b_start + width) - F.greatest("s", b_start), F.lit(0))
+    ends_here = F.col("b") == bucket(F.col("e"))
+    got = spans.groupBy("b").agg(
+        F.sum(overlap).alias("busy_us"),
+        F.sum(F.when(ends_here, F.col("rows")).otherwise(0)).alias("rows"),
+        F.sum(F.when(ends_here, F.col("errors")).otherwise(0)).alias("errors"),
+    ).collect()
+    busy, done, failed = [0] * n, [0] * n, [0] * n
+    for r in got:
+        busy[r["b"]], done[r["b"]], failed[r["b"]] = r["busy_us"], r["rows"], r["errors"]
+    # Each bucket's length within the run: `width`, the last one up to the last answer (1 us at least).
+    lengths = [max(1, min(width, t1 - (t0 + i * width))) for i in range(n)]
+    return FlightSeries(
+        start=datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=t0), bucket_s=width / 1e6,
+        span_s=(t1 - t0) / 1e6,
+        rows_per_s=[d * 1e6 / us for d, us in zip(done, lengths)],
+        errors_per_s=[f * 1e6 / us for f, us in zip(failed, lengths)],
+        in_flight=[b / us for b, us in zip(busy, lengths)])
 
 
 def estimate_cost(e: EndpointConfig, prompt_tokens: float, completion_tokens: float) -> float | None:

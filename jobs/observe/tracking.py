@@ -1,4 +1,5 @@
-"""MLflow tracking of a run: its parameters, its summary as metrics, and two plots as PNG artifacts.
+"""MLflow tracking of a run: its parameters, its summary as metrics, and two plots as PNG artifacts
+(throughput over time from the run's rows: `jobs.observe.stats.flight_series`).
 
 Locally the tracking store is SQLite under the working directory (`mlruns/mlflow.db`, artifacts in
 `mlruns/artifacts`); on Databricks, the workspace. MLflow is imported lazily: the wheel does not
@@ -23,10 +24,11 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 from jobs.config import JobConfig
+from jobs.errors import brief
 from jobs.observe.plots import save_plots
 from jobs.observe.progress import ChunkTiming, chunk_rates
 from jobs.observe.runs_table import JOB_KEYS
-from jobs.observe.stats import RunStats
+from jobs.observe.stats import FlightSeries, RunStats, flight_series
 from jobs.session import on_databricks
 
 log = logging.getLogger("batch_inference")
@@ -97,7 +99,7 @@ def log_to_mlflow(spark: SparkSession, cfg: JobConfig, record: dict[str, Any], s
                                   "batch_inference.noop": str(noop).lower()})
     mid = run.info.run_id
     try:
-        _log_run(client, mid, cfg, record, stats, timeline)
+        _log_run(spark, client, mid, cfg, record, stats, timeline)
     except BaseException:
         client.set_terminated(mid, "FAILED")  # not left RUNNING forever in the UI
         raise
@@ -106,8 +108,8 @@ def log_to_mlflow(spark: SparkSession, cfg: JobConfig, record: dict[str, Any], s
     return mid
 
 
-def _log_run(client: Any, mid: str, cfg: JobConfig, record: dict[str, Any], stats: RunStats,
-             timeline: list[ChunkTiming]) -> None:
+def _log_run(spark: SparkSession, client: Any, mid: str, cfg: JobConfig, record: dict[str, Any],
+             stats: RunStats, timeline: list[ChunkTiming]) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     now = int(datetime.now(timezone.utc).timestamp() * 1000)
@@ -124,11 +126,21 @@ def _log_run(client: Any, mid: str, cfg: JobConfig, record: dict[str, Any], stat
     with tempfile.TemporaryDirectory() as tmp:
         if record["pending_rows"]:  # a no-op rerun has nothing to plot: its run is tagged instead
             about = f"run {record['run_id'][:8]}, {cfg.endpoint.name}, C={cfg.limits.max_concurrency}"
-            for path in save_plots(stats, timeline, Path(tmp), about):
+            series = _series(spark, cfg, record["run_id"])
+            for path in save_plots(stats, timeline, Path(tmp), about, series, cfg.limits.max_concurrency):
                 client.log_artifact(mid, str(path))
         summary = Path(tmp) / "run_summary.json"
         summary.write_text(json.dumps(record, default=str, indent=2))
         client.log_artifact(mid, str(summary))
+
+
+def _series(spark: SparkSession, cfg: JobConfig, run_id: str) -> FlightSeries | None:
+    """The run's throughput over time; None if the query fails (the plot is then drawn per chunk)."""
+    try:
+        return flight_series(spark, cfg.output.table, run_id)
+    except Exception as exc:
+        log.warning("could not compute run %s's throughput over time: %s", run_id, brief(exc))
+        return None
 
 
 def _metric_values(record: dict[str, Any]) -> dict[str, float]:
