@@ -137,21 +137,40 @@ def with_dimension_check(expected: int | None, source: str = "endpoint.embedding
     return step
 
 
-def dimension_check(spark: SparkSession, table: str, run_id: str, pinned: int | None) -> Transform:
-    """`with_dimension_check` against the pinned dimension, else the one this run's earlier chunks wrote.
+class Dimension:
+    """The run's vector length, one object for both calling modes: pinned (`endpoint.embedding_dim`),
+    else learned from the run's first chunk with vectors (its most common length), and from then on
+    every chunk of the run lands vectors of that length (`with_dimension_check`; the driver's
+    `DriverChunk.landed` applies the same rule to Arrow rows).
 
-    Resolved when a chunk's plan is built, after the previous chunk committed, so every chunk of a
-    run lands vectors of one length.
+    Example::
+
+        dim = Dimension(cfg.endpoint.embedding_dim)
+        chunk_df.transform(dim.check(spark, table, run_id))   # executors: learns from the table
+        table = todo.landed(outcomes, *dim.learned(outcomes))   # driver: learns from the outcomes
     """
-    def step(df: DataFrame) -> DataFrame:
-        if pinned is not None:
-            return df.transform(with_dimension_check(pinned))
-        first = (spark.read.table(table).where((F.col("run_id") == run_id) & (F.col("status") == "ok"))
-                 .select("dim").limit(1).collect())
-        if first:
-            return df.transform(with_dimension_check(first[0]["dim"], "the length this run already wrote"))
-        return df.transform(with_dimension_check(None))
-    return step
+
+    def __init__(self, pinned: int | None = None) -> None:
+        self.value: int | None = pinned
+        self.why = "endpoint.embedding_dim"
+
+    def learned(self, outcomes: Sequence[Outcome]) -> tuple[int | None, str]:
+        """(length, why) for a chunk on the driver: the first chunk with vectors sets it."""
+        if self.value is None:
+            self.value = common_dim(outcomes)
+            self.why = "the most common length in the run's first chunk with vectors"
+        return self.value, self.why
+
+    def check(self, spark: SparkSession, table: str, run_id: str) -> Transform:
+        """`with_dimension_check` against the run's length; until known, the one this run's earlier
+        chunks wrote (read when the chunk's plan is built, after they committed), else the chunk's own
+        majority."""
+        if self.value is None:
+            first = (spark.read.table(table).where((F.col("run_id") == run_id) & (F.col("status") == "ok"))
+                     .select("dim").limit(1).collect())
+            if first:
+                self.value, self.why = first[0]["dim"], "the length this run already wrote"
+        return with_dimension_check(self.value, self.why) if self.value is not None else with_dimension_check(None)
 
 
 class DriverChunk:

@@ -13,7 +13,7 @@ import threading
 
 from pyspark.sql import DataFrame, SparkSession, types as T
 
-from jobs.call import LANE, REQUEST_COLUMNS
+from jobs.call import LANE, REQUEST_COLUMNS, Dimension
 from jobs.chunking import Chunk, ChunkPlanner, Pace
 from jobs.commit import with_run_columns
 from jobs.config import JobConfig
@@ -56,8 +56,7 @@ class ChunkRun:
         self.parsed_type = landing["parsed"].dataType if cfg.endpoint.response_format else None
         self.columns = pending_columns(cfg)
         self.embeddings = cfg.endpoint.is_embeddings
-        self.dim: int | None = cfg.endpoint.embedding_dim
-        self.dim_why = "endpoint.embedding_dim"
+        self.dim = Dimension(cfg.endpoint.embedding_dim)  # vectors only: the run's one length
         self.pace = Pace(cfg)
         self.health = EndpointHealth()  # executors: the breaker's report across chunks
         self._lock = threading.Lock()  # commits land from the committer or chunk threads

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import pyarrow.compute as pc
 
-from jobs.call import DriverChunk, common_dim, status_counts, with_parsed
+from jobs.call import DriverChunk, status_counts, with_parsed
 from jobs.chunk_run import ChunkRun
 from jobs.chunking import Chunk, latency_stats
 from jobs.commit import commit_chunk
@@ -105,10 +105,7 @@ class DriverRun(ChunkRun):
     def _driver_commit(self, chunk: Chunk, todo: DriverChunk,
                        outcomes: list) -> Callable[[], tuple[dict[str, int], int]]:
         def commit() -> tuple[dict[str, int], int]:
-            if self.embeddings and self.dim is None:
-                self.dim = common_dim(outcomes)
-                self.dim_why = "the most common length in the run's first chunk with vectors"
-            table = todo.landed(outcomes, self.dim, self.dim_why)
+            table = todo.landed(outcomes, *(self.dim.learned(outcomes) if self.embeddings else (None, "")))
             sent = pc.not_equal(table.column("status"), UNSENT)
             unsent = len(table) - pc.sum(sent).as_py() if len(table) else 0
             table = table.filter(sent)  # not sent (run.budget): never written, so still pending

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from pyspark.sql import DataFrame, Observation, functions as F
 
-from jobs.call import with_dimension_check, with_outcomes
+from jobs.call import with_outcomes
 from jobs.chunk_run import ChunkRun
 from jobs.chunking import Chunk
 from jobs.commit import commit_chunk
@@ -58,7 +58,7 @@ class ExecutorsRun(ChunkRun):
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="bi-chunk") as pool:
             try:
                 while self.summary.stopped is None and (chunk := self.next_chunk()) is not None:
-                    alone = chunk.exists or (self.embeddings and self.dim is None and self.summary.chunks == 0)
+                    alone = chunk.exists or (self.embeddings and self.dim.value is None and self.summary.chunks == 0)
                     while running and (alone or len(running) >= depth):
                         self._landed(*running.popleft())
                     t0 = time.monotonic()
@@ -84,7 +84,7 @@ class ExecutorsRun(ChunkRun):
         seen = Observation(re.sub(r"\W", "_", f"chunk_{self.run_id}_{chunk.index}"))
         # Observed before `finish` names the columns as the output table does (`prompt` may become `text`).
         landed = observed(chunk.of(self.staged).select(*self.columns).transform(outcomes)
-                          .transform(self._dims_step()), seen, self._prices()).transform(self.finish)
+                          .transform(self._dim_check()), seen, self._prices()).transform(self.finish)
         out = self.cfg.output.table
         if chunk.exists:
             (landed.withColumn("_chunk", F.lit(chunk.index))
@@ -113,16 +113,12 @@ class ExecutorsRun(ChunkRun):
         """Each endpoint's prices per input and output token, for what a chunk spent (`run.budget`)."""
         return {s.name: (s.budget.price_in, s.budget.price_out) for s in self.specs if s.budget is not None}
 
-    def _dims_step(self) -> Callable[[DataFrame], DataFrame]:
-        """The run's vector length: pinned, else what its first chunk landed (committed before the next)."""
+    def _dim_check(self) -> Callable[[DataFrame], DataFrame]:
+        """Vectors: the run's one length (`jobs.call.Dimension`), learned from the table once the first
+        chunk with vectors committed."""
         if not self.embeddings:
             return _unchanged
-        if self.dim is None and self.summary.chunks:
-            row = (self.spark.table(self.cfg.output.table)
-                   .where((F.col("run_id") == self.run_id) & (F.col("status") == "ok")).select("dim").limit(1).collect())
-            if row:
-                self.dim, self.dim_why = row[0]["dim"], "the length this run already wrote"
-        return with_dimension_check(self.dim, self.dim_why) if self.dim is not None else with_dimension_check(None)
+        return self.dim.check(self.spark, self.cfg.output.table, self.run_id)
 
 
 def observed(landed: DataFrame, seen: Observation, prices: dict[str, tuple[float, float]] | None = None) -> DataFrame:

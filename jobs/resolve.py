@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import fields
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -377,30 +378,22 @@ def route_spec(cfg: JobConfig, e: EndpointConfig, lim: LimitsConfig, role: str =
                  f"{lim.output_tokens_per_minute:.0f}" if lim.output_tokens_per_minute else "unlimited")
     rf = e.response_format
     return EngineSpec(
+        # The fields both sides name alike (name, task, system_prompt, the transforms; max_concurrency,
+        # the time-outs, adaptive, latency_cut_factor, http_client), then what config says otherwise.
+        **same_named(e, lim),
         url=url,
-        name=e.name,
         role=role,
-        task=e.task,
         endpoint_type=e.type,
         headers=headers,
         credentials=creds,
         model_kwargs=dict(e.model_kwargs),
         stop=tuple(e.stop),
-        system_prompt=e.system_prompt,
-        transform_input=e.transform_input,
-        transform_output=e.transform_output,
         rows_per_request=e.rows_per_request,
-        max_concurrency=lim.max_concurrency,
         requests_per_s=requests_per_s,
         tokens_per_s=tokens_per_s,
         input_tokens_per_s=lim.input_tokens_per_minute / 60 if lim.input_tokens_per_minute else None,
         output_tokens_per_s=lim.output_tokens_per_minute / 60 if lim.output_tokens_per_minute else None,
         start_requests_per_s=start,
-        connect_timeout_s=lim.connect_timeout_s,
-        read_timeout_s=lim.read_timeout_s,
-        adaptive=lim.adaptive,
-        latency_cut_factor=lim.latency_cut_factor,
-        http_client=lim.http_client,
         # RetryConfig and RetrySpec have the same fields (tests/test_config.py holds them equal).
         retry=RetrySpec(**{**r.model_dump(), "statuses": tuple(r.statuses)}),
         response_schema=None if rf is None else rf.json_schema,
@@ -409,6 +402,17 @@ def route_spec(cfg: JobConfig, e: EndpointConfig, lim: LimitsConfig, role: str =
         response_format_at=None if rf is None else rf.send_at,
         budget=budget_spec(cfg, e),
     )
+
+
+# EngineSpec fields the config sets under another name or shape (in `route_spec`), never copied as is.
+_NOT_COPIED = frozenset({"url", "role", "model_kwargs", "stop", "response_format", "batch_size"})
+
+
+def same_named(*models: Any) -> dict[str, Any]:
+    """The values of `models`' fields that `EngineSpec` has under the same name (plain values: no
+    nested model), so a field added to both is carried without a line here."""
+    wanted = {f.name for f in fields(EngineSpec)} - _NOT_COPIED
+    return {k: getattr(m, k) for m in models for k in type(m).model_fields if k in wanted}
 
 
 def budget_spec(cfg: JobConfig, e: EndpointConfig | None = None) -> BudgetSpec | None:

@@ -10,7 +10,7 @@ from chispa import assert_df_equality
 
 from jobs.config import ConfigError, parse_config
 from jobs.local.stand_in import LocalEndpoint, Request
-from jobs.call import dimension_check, with_dimension_check
+from jobs.call import Dimension, with_dimension_check
 from jobs.pipeline import run_job
 from tests.conftest import job_config
 from udfs.protocols import BadResponse, Parsed, make_protocol
@@ -109,7 +109,9 @@ def test_dimension_check_uses_pinned_then_run_then_chunk_majority(spark):
     written = f"written_{uuid.uuid4().hex[:8]}"  # the output table, as far as run_id, status and dim go
     spark.createDataFrame([(9, "ok", 3, "run-a"), (8, "ok", 2, "run-b")],
                           "id long, status string, dim int, run_id string").createOrReplaceTempView(written)
-    later = chunk.transform(dimension_check(spark, written, "run-a", pinned=None)).collect()
+    dim = Dimension(None)
+    later = chunk.transform(dim.check(spark, written, "run-a")).collect()
+    assert (dim.value, dim.why) == (3, "the length this run already wrote")  # kept for the run's next chunks
     assert sorted((r.id, r.status, r.error) for r in later)[:2] == [
         (1, "error", "dimension_mismatch: 2 values, expected 3 (the length this run already wrote)"),
         (2, "error", "dimension_mismatch: 2 values, expected 3 (the length this run already wrote)")]

@@ -267,3 +267,19 @@ def test_a_task_that_meets_an_untrusted_certificate_fails_fast_with_its_message(
         assert srv.requests == 0
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert lines == [f"endpoint: {reason} (chunks committed before it are kept; rerun to resume)"]
+
+
+def test_every_field_the_config_and_the_engine_spec_name_alike_reaches_the_spec():
+    from dataclasses import fields
+
+    cfg = job_config(endpoint={"name": "alike", "type": "serving", "task": "llm/v1/chat", "url": "http://127.0.0.1:3999/x",
+                               "system_prompt": "be brief", "transform_input": "tests.transforms:add_marker",
+                               "transform_output": "tests.transforms:shout", "auth": "none"},
+                     limits={"max_concurrency": 7, "connect_timeout_s": 3.5, "read_timeout_s": 44.0, "adaptive": False,
+                             "latency_cut_factor": 2.5, "http_client": "urllib3"})
+    spec = engine_spec(cfg)
+    alike = {f.name for f in fields(EngineSpec)} & (set(type(cfg.endpoint).model_fields) | set(type(cfg.limits).model_fields))
+    carried = {k: getattr(cfg.endpoint, k, None) if k in type(cfg.endpoint).model_fields else getattr(cfg.limits, k)
+               for k in alike - {"url", "role", "model_kwargs", "stop", "response_format", "batch_size"}}
+    assert carried and {k: getattr(spec, k) for k in carried} == carried
+    assert carried["max_concurrency"] == 7 and carried["http_client"] == "urllib3" and carried["task"] == "llm/v1/chat"
