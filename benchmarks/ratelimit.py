@@ -15,7 +15,7 @@ Two runs in the same process, alternating per `--rounds`:
 - `learned`: nothing told; the governor learns the window from its 429s (the default for an
   endpoint whose limits the job cannot read);
 - `told`: `limits.requests_per_minute` set to the true limit, as when the workspace's AI Gateway
-  definition is read (`jobs.endpoint_info`): the baseline a learned rate is measured against.
+  definition is read (`jobs.endpoint.info`): the baseline a learned rate is measured against.
 
 Last line: `summary: ratelimit_efficiency=<learned, worst round> ratelimit_429_share=<learned, worst
 round> told_efficiency=<x>`. Target: efficiency >= 0.85 with a 429 share <= 0.05.

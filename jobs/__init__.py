@@ -4,20 +4,23 @@ A map, in the order a run meets them (`pipeline.run_job` reads top to bottom in 
 
 - `cli/`: the console scripts (`run.py`: batch-inference; `serving_endpoint.py`); `config`: the typed
   config, every error naming its key; `secret_rules`: what counts as a secret in a file;
-  `session`: the one place a SparkSession is made;
-- input: `read` (requests, template, kept columns, `request_hash`, prechecks, pending rows),
+  `session`: the one place a SparkSession is made; `errors`: the job's own errors;
+- `pipeline`: `run_job`, the run top to bottom, through the stages below;
+- `input/`: `read` (requests, template, kept columns, `request_hash`, prechecks, pending rows),
   `stage` (the survey: one counting pass; the pending rows staged once);
-- the endpoint: `resolve` (URL and credentials -> `udfs.spec.EngineSpec`), `endpoint_info` (what the
-  workspace says of a serving endpoint), `endpoint_health` (the breaker across chunks), `token_relay`
-  (the driver's token for the tasks), `plan` (the job-wide limit split over tasks, one share of each
-  endpoint's), `routing` (a split: each row's endpoint from its id), `serving_endpoints` (create or
+- `endpoint/`: `resolve` (URL and credentials -> `udfs.spec.EngineSpec`), `info` (what the workspace
+  says of a serving endpoint), `token_relay` (the driver's token for the tasks), `health` (the breaker
+  across chunks), `routing` (a split: each row's endpoint from its id), `serving_endpoints` (create or
   update one);
-- the run: `chunking` (chunk sizes, the pace), `chunk_run` (what both modes share),
-  `driver_calls` / `executor_calls` (the two calling modes), `call` (the UDF step, a chunk's rows
-  on the driver), `structured` (the `parsed` column's type);
-- output: `commit` (the output table, each chunk's commit), `tables` (schemas, what a table may gain);
-- the end: `observe/` (progress, stats, runs table, MLflow, plots), `verdict` (the exit code),
-  `summary` / `errors` (what a run reports); `dryrun` and `forecast` (`--dry-run`);
+- `calls/`: `chunking` (chunk sizes, the pace), `plan` (the job-wide limit split over tasks, one share
+  of each endpoint's), `outcomes` (the UDF step, a chunk's rows on the driver), `chunk_run` (what both
+  modes share), `driver` / `executors` (the two calling modes);
+- `output/`: `commit` (the output table, each chunk's commit), `tables` (schemas, what a table may
+  gain), `structured` (the `parsed` column's type);
+- `observe/`: the end (progress, stats, runs table, MLflow, plots), `summary` (what a run reports),
+  `verdict` (the exit code);
+- `dryrun/`: `--dry-run`: `checks` (every check, one probe) and `forecast` (a few rows for real, the
+  rest extrapolated);
 - `local/`: laptop and CI only, not in the wheel (demo, the stand-in endpoint, the Delta jars).
 
 `udfs` never imports `jobs`.

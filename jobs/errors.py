@@ -16,9 +16,9 @@ class InputError(ValueError):
 
 
 class JobFailed(RuntimeError):
-    """The run finished, every row written, but must exit non-zero (`jobs.verdict`): a row failed under
+    """The run finished, every row written, but must exit non-zero (`jobs.observe.verdict`): a row failed under
     `run.fail_on_error`, or more than `run.max_error_share` of the rows sent failed. A dry run whose
-    checks fail raises its subclass `jobs.dryrun.DryRunFailed`."""
+    checks fail raises its subclass `jobs.dryrun.checks.DryRunFailed`."""
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

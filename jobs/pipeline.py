@@ -1,11 +1,11 @@
 """The batch job, top to bottom: read, survey, stage, call, commit, observe.
 
-`run_job` reads the requests, counts and checks them in one pass (`jobs.stage.survey`), writes the
-pending rows once to a scratch table when the run takes more than one chunk (`jobs.chunking`), then
-calls the endpoint chunk by chunk and commits each chunk's outcomes to Delta (`jobs.commit`),
-from the driver (`jobs.driver_calls`) or the executors (`jobs.executor_calls`), reporting progress
-and, at the end, the run's summary (`jobs.observe`) and verdict (`jobs.verdict`). `run.dry_run` goes
-to `jobs.dryrun` instead (then `jobs.forecast`'s sample, for real).
+`run_job` reads the requests, counts and checks them in one pass (`jobs.input.stage.survey`), writes the
+pending rows once to a scratch table when the run takes more than one chunk (`jobs.calls.chunking`), then
+calls the endpoint chunk by chunk and commits each chunk's outcomes to Delta (`jobs.output.commit`),
+from the driver (`jobs.calls.driver`) or the executors (`jobs.calls.executors`), reporting progress
+and, at the end, the run's summary (`jobs.observe`) and verdict (`jobs.observe.verdict`). `run.dry_run` goes
+to `jobs.dryrun.checks` instead (then `jobs.dryrun.forecast`'s sample, for real).
 
 Calls come from the executors (the pandas UDF) or from the driver (`run.calls_from`; `auto` picks
 the driver on Spark Connect, where UDFs cannot reach the internet). What overlaps:
@@ -37,24 +37,24 @@ from typing import Iterator
 
 from pyspark.sql import DataFrame, SparkSession, types as T
 
-from jobs.chunking import plan_chunks
-from jobs.commit import ensure_output_table, table_schema
+from jobs.calls.chunking import plan_chunks
+from jobs.calls.driver import DriverRun
+from jobs.calls.executors import ExecutorsRun
 from jobs.config import JobConfig
-from jobs.driver_calls import DriverRun
-from jobs.dryrun import dry_run
+from jobs.dryrun.checks import dry_run
+from jobs.dryrun.forecast import forecast_from, forecast_lines, sample_config
+from jobs.endpoint.resolve import engine_specs, preflight
+from jobs.endpoint.token_relay import relay_for
 from jobs.errors import InputError
-from jobs.executor_calls import ExecutorsRun
-from jobs.forecast import forecast_from, forecast_lines, sample_config
+from jobs.input.read import check_ids, read_requests
+from jobs.input.stage import Survey, drop_stale_scratch, pending_rows, scratch_table, survey
 from jobs.observe.finish import finish_run
 from jobs.observe.progress import Progress
+from jobs.observe.summary import RunSummary
+from jobs.observe.verdict import judge
 from jobs.observe.waiting import Waiting
-from jobs.read import check_ids, read_requests
-from jobs.resolve import engine_specs, preflight
+from jobs.output.commit import ensure_output_table, table_schema
 from jobs.session import is_connect
-from jobs.stage import Survey, drop_stale_scratch, pending_rows, scratch_table, survey
-from jobs.summary import RunSummary
-from jobs.token_relay import relay_for
-from jobs.verdict import judge
 
 log = logging.getLogger("batch_inference")
 
@@ -146,7 +146,7 @@ def scratch_tables(spark: SparkSession, output: str, run_id: str) -> Iterator[tu
 
 def forecast_run(spark: SparkSession, cfg: JobConfig, run_id: str) -> RunSummary:
     """The dry run's checks; then, if they pass, `run.forecast_rows` pending rows for real, and the
-    forecast for the rest from them (`jobs.forecast`)."""
+    forecast for the rest from them (`jobs.dryrun.forecast`)."""
     summary = dry_run(spark, cfg, run_id=run_id)
     if cfg.run.forecast_rows and summary.pending_rows and not cfg.run.dry_run_all:
         sample = run_job(spark, sample_config(cfg, summary.pending_rows), run_id=run_id)

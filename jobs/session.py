@@ -28,7 +28,7 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from jobs.tables import ensure_schema
+from jobs.output.tables import ensure_schema
 
 log = logging.getLogger("batch_inference")
 

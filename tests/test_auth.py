@@ -182,9 +182,9 @@ def driver_credentials(header: Callable[[], str]) -> SdkCredentials:
 
 
 def test_the_driver_s_relay_hands_its_current_token_to_tasks_that_hold_its_key_only():
-    """`jobs.token_relay`: tasks (a pickled `SdkCredentials` becomes a `DriverRelay`) ask the driver for
+    """`jobs.endpoint.token_relay`: tasks (a pickled `SdkCredentials` becomes a `DriverRelay`) ask the driver for
     its current token; a request without the run's key is refused; no secret in any repr."""
-    from jobs.token_relay import relay_for
+    from jobs.endpoint.token_relay import relay_for
 
     minted = iter(range(1, 100))
     creds = driver_credentials(lambda: f"Bearer job-token-{next(minted)}-Zq7wkx9R")
@@ -219,7 +219,7 @@ def test_a_task_refreshes_a_token_within_the_margin_before_sending_not_one_outsi
     """A task's `DriverRelay` holds the driver's token 1; the driver says it expires in `expires_in_s`.
     Within the minute's margin the task asks the relay first and sends token 2; outside it, it sends
     token 1 and asks nothing."""
-    from jobs.token_relay import relay_for
+    from jobs.endpoint.token_relay import relay_for
 
     with Workspace() as ws:
         creds = driver_credentials(lambda: f"Bearer {ws.issue()['access_token']}")  # each a token of `ws`
@@ -237,7 +237,7 @@ def test_a_task_refreshes_a_token_within_the_margin_before_sending_not_one_outsi
 def test_tasks_refused_at_once_make_the_driver_refresh_its_token_once():
     """`REFRESH_AT_MOST_EVERY_S`: five tasks asking the relay within a second get one new token, not five
     (the driver's token source is not asked once per task)."""
-    from jobs.token_relay import relay_for
+    from jobs.endpoint.token_relay import relay_for
 
     minted = iter(range(1, 100))
     creds = driver_credentials(lambda: f"Bearer job-token-{next(minted)}-Zq7wkx9R")

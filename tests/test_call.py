@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 import pyarrow as pa
 from chispa import assert_df_equality
 
-from jobs.call import DriverChunk, common_dim, with_outcomes
-from jobs.plan import plan_tasks
+from jobs.calls.outcomes import DriverChunk, common_dim, with_outcomes
+from jobs.calls.plan import plan_tasks
 from udfs.outcome import Outcome
 from udfs.spec import EngineSpec
 

@@ -8,8 +8,8 @@ import re
 import pytest
 from chispa import assert_df_equality
 
-from jobs.config import load_config
 from jobs.cli.run import ArgumentsError, effective_config_text, execute, main, parse_args
+from jobs.config import load_config
 from tests.bundle import ROOT, SERVERLESS, jobs, load_bundle, resolved, task_argv
 
 DEMO = str(ROOT / "conf" / "demo.yml")
@@ -230,7 +230,7 @@ def test_the_full_effective_config_is_printed_only_with_verbose(monkeypatch, cap
 
 def test_the_readme_driver_proxy_parameters_reach_the_driver_proxy_url():
     """README's way to point a task at a driver-proxy app on an interactive cluster."""
-    from jobs.resolve import endpoint_url
+    from jobs.endpoint.resolve import endpoint_url
 
     job, task = dev_task("completions")
     readme = ["--endpoint.type=driver_proxy", "--endpoint.task=custom", "--endpoint.port=7777",

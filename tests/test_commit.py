@@ -6,8 +6,8 @@ import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F, types as T
 
-from jobs.commit import commit_chunk, ensure_output_table, output_schema, with_run_columns
 from jobs.errors import InputError
+from jobs.output.commit import commit_chunk, ensure_output_table, output_schema, with_run_columns
 
 SCHEMA = output_schema(T.LongType(), embeddings=False)
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from pyspark.sql import types as T
 
-from jobs.commit import output_schema
 from jobs.config import RESERVED_COLUMNS, ConfigError, load_config, parse_config, parse_overrides
+from jobs.output.commit import output_schema
 from tests.conftest import job_config
 from udfs.spec import EngineSpec, RetrySpec
 

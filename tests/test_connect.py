@@ -19,9 +19,9 @@ import pytest
 import yaml
 from chispa import assert_df_equality
 
+from jobs.calls.plan import task_slots
 from jobs.local.stand_in import LocalEndpoint
 from jobs.pipeline import run_job
-from jobs.plan import task_slots
 from jobs.session import is_connect
 from tests.conftest import ROOT, job_config
 from tests.faults import FaultPlan

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.dryrun import DryRunFailed
+from jobs.cli.run import execute
+from jobs.dryrun.checks import DryRunFailed
 from jobs.observe.lines import money
 from jobs.pipeline import run_job
-from jobs.cli.run import execute
 from tests.conftest import job_config
 
 

@@ -8,9 +8,9 @@ import uuid
 import pytest
 from chispa import assert_df_equality
 
+from jobs.calls.outcomes import Dimension, with_dimension_check
 from jobs.config import ConfigError, parse_config
 from jobs.local.stand_in import LocalEndpoint, Request
-from jobs.call import Dimension, with_dimension_check
 from jobs.pipeline import run_job
 from tests.conftest import job_config
 from udfs.protocols import BadResponse, Parsed, make_protocol

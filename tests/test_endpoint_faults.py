@@ -206,13 +206,13 @@ def test_the_job_s_own_token_is_refreshed_in_the_executors_for_a_chunk_longer_th
     theirs is refused, instead of failing the rest of the chunk with 401."""
     from databricks.sdk.config import Config
 
-    import jobs.resolve
+    import jobs.endpoint.resolve
 
     caplog.set_level(logging.INFO, logger="batch_inference")
     with Workspace(token_life_s=2.0) as ws:
         ws.definition = {"name": "llm", "state": {"ready": "READY"}}
         strategy = _JobsOwnToken(ws)
-        monkeypatch.setattr(jobs.resolve, "_sdk_config",
+        monkeypatch.setattr(jobs.endpoint.resolve, "_sdk_config",
                             lambda host=None: Config(host=ws.url, credentials_strategy=strategy))
         run_job(spark, job_config(
             input={"table": prompts(spark, 60)}, output={"table": table_name},

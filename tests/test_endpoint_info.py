@@ -10,8 +10,8 @@ import os
 import pytest
 
 from jobs.config import ConfigError
-from jobs.endpoint_info import parse_endpoint
-from jobs.resolve import engine_spec
+from jobs.endpoint.info import parse_endpoint
+from jobs.endpoint.resolve import engine_spec
 from tests.conftest import job_config
 from tests.workspace import AUTH_DETAILS, CLIENT_ID, CLIENT_SECRET, RO_PREFIX, Workspace
 from udfs.auth import DataPlaneToken, OAuthM2M
@@ -238,12 +238,12 @@ class _RuntimeLike:
 def test_the_job_s_own_runtime_token_is_refused_for_a_route_optimized_endpoint_before_any_row(monkeypatch):
     from databricks.sdk.config import Config
 
-    import jobs.resolve
+    import jobs.endpoint.resolve
 
     with Workspace() as ws:
         ws.tokens["job-runtime-token-Zq7wkx9R"] = (0, float("inf"))  # the workspace takes it
         ws.definition = route_optimized(ws, f"{ws.url}{RO_PREFIX}/serving-endpoints/llm/invocations")
-        monkeypatch.setattr(jobs.resolve, "_sdk_config",
+        monkeypatch.setattr(jobs.endpoint.resolve, "_sdk_config",
                             lambda host=None: Config(host=ws.url, credentials_strategy=_RuntimeLike()))
         with pytest.raises(ConfigError) as err:
             engine_spec(job_config(endpoint=serving(ws, auth="databricks")))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.errors import brief, first_line
-from jobs.summary import RunSummary
+from jobs.observe.summary import RunSummary
 
 
 def test_first_line_and_brief_keep_one_cut_line():

@@ -27,7 +27,7 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F, types as T
 
 from jobs.local.stand_in import LocalEndpoint
-from jobs.commit import commit_chunk, ensure_output_table, output_schema
+from jobs.output.commit import commit_chunk, ensure_output_table, output_schema
 from jobs.pipeline import run_job
 from jobs.session import register_local_tables
 from tests.conftest import ROOT, job_config

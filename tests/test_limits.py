@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from jobs.plan import plan_tasks
+from jobs.calls.plan import plan_tasks
 from udfs.limits import (LEARNED_TTL_S, OVERLOAD, TRANSIENT, UNAVAILABLE, AdaptiveLimiter, EndpointUnavailable,
                          Governor, Learned, OutOfTime, RateLimiter, recall, remember)
 from udfs.spec import EngineSpec

@@ -6,7 +6,7 @@ import pytest
 
 from jobs.observe.lines import closing_line, duration, money, start_line
 from jobs.observe.stats import RunStats
-from jobs.summary import RunSummary
+from jobs.observe.summary import RunSummary
 from tests.conftest import job_config
 
 

@@ -11,8 +11,8 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from jobs.config import ConfigError
-from jobs.local.stand_in import LocalEndpoint, llm_latency
 from jobs.errors import InputError, JobFailed
+from jobs.local.stand_in import LocalEndpoint, llm_latency
 from jobs.pipeline import run_job
 from tests.conftest import job_config
 from tests.faults import chat_answer
@@ -278,7 +278,7 @@ def test_the_next_chunk_calls_while_the_last_one_commits_and_the_limit_holds(spa
     (Executors mode commits inside each chunk's own calling job: nothing separate to overlap.)"""
     import time
 
-    import jobs.driver_calls as driver_calls
+    import jobs.calls.driver as driver_calls
 
     commits: list[tuple[float, float]] = []
     real = driver_calls.commit_chunk

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
+from jobs.calls.plan import plan_tasks, split_limit, task_slots
 from jobs.pipeline import run_job
-from jobs.plan import plan_tasks, split_limit, task_slots
 from tests.conftest import job_config
 
 

@@ -6,7 +6,7 @@ import sys
 
 from chispa import assert_df_equality
 
-from jobs.read import with_precheck
+from jobs.input.read import with_precheck
 from udfs.prompts import is_blank
 
 # Every character Python calls whitespace, from the Unicode tables, not from our own list.

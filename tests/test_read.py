@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 
 from jobs.config import InputConfig
 from jobs.errors import InputError
-from jobs.read import check_ids, read_input, with_limit, with_precheck, with_request_hash, without_final
+from jobs.input.read import check_ids, read_input, with_limit, with_precheck, with_request_hash, without_final
 
 
 def test_null_ids_stop_the_run_and_say_how_many(spark):

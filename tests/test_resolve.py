@@ -22,8 +22,8 @@ import yaml
 
 from jobs.cli.run import execute
 from jobs.config import ConfigError, EndpointConfig
+from jobs.endpoint.resolve import auth_headers, engine_spec, fatal_in, preflight
 from jobs.pipeline import run_job
-from jobs.resolve import auth_headers, engine_spec, fatal_in, preflight
 from tests.conftest import job_config
 from tests.http_servers import PROXY_HOST, AioServer, ForwardProxy, throwaway_ca
 from tests.workspace import JsonHandler

@@ -7,7 +7,7 @@ import pytest
 from jobs.config import ConfigError, parse_config
 from jobs.secret_rules import (LITERAL_CREDENTIAL, PLAINTEXT_FIELD, TOKEN_SHAPED, URL_CREDENTIAL, find_secrets,
                                redact_url)
-from jobs.serving_endpoints import SpecError, check_spec
+from jobs.endpoint.serving_endpoints import SpecError, check_spec
 
 PAT = "dapi0123456789abcdef0123456789abcdef"
 

@@ -18,12 +18,12 @@ import pytest
 import yaml
 from pyspark.sql import functions as F
 
+from jobs.calls.outcomes import with_outcomes
+from jobs.calls.plan import plan_tasks
 from jobs.config import parse_config
-from jobs.resolve import auth_headers, engine_spec
+from jobs.endpoint.resolve import auth_headers, engine_spec
+from jobs.input.read import read_input, with_precheck, with_request_hash
 from jobs.local.stand_in import LocalEndpoint
-from jobs.call import with_outcomes
-from jobs.read import read_input, with_precheck, with_request_hash
-from jobs.plan import plan_tasks
 from tests.conftest import job_config
 from tests.faults import FaultPlan, FromRequest, json_error
 from udfs.auth import Secret, bearer

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from jobs.cli.serving_endpoint import main
-from jobs.serving_endpoints import SpecError, check_spec, differences, load_spec
+from jobs.endpoint.serving_endpoints import SpecError, check_spec, differences, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "dummy-test-token"

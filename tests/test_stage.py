@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from jobs.read import with_request_hash
-from jobs.chunking import ChunkPlanner
-from jobs.stage import BUCKETS, drop_stale_scratch, scratch_table, survey
+from jobs.calls.chunking import ChunkPlanner
+from jobs.input.read import with_request_hash
+from jobs.input.stage import BUCKETS, drop_stale_scratch, scratch_table, survey
 
 
 def requests(spark, rows: list[tuple]):

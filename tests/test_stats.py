@@ -7,11 +7,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from jobs.commit import output_schema
+from jobs.output.commit import output_schema
 from pyspark.sql import types as T
 
 from jobs.observe.stats import FlightSeries, bucket_us, estimate_cost, flight_series_of, run_stats
-from jobs.tables import ensure_schema
+from jobs.output.tables import ensure_schema
 from tests.conftest import job_config
 
 COLS = ["id", "prompt", "response", "status", "error", "attempts", "latency_ms", "prompt_tokens",

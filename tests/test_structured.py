@@ -1,4 +1,4 @@
-"""Structured output's schemas: JSON Schema -> Spark type (jobs/structured.py), what is refused, and
+"""Structured output's schemas: JSON Schema -> Spark type (jobs/output/structured.py), what is refused, and
 answers checked against a schema (udfs/structured.py). Pure: no Spark job, no HTTP."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 from pyspark.sql import types as T
 
-from jobs.structured import response_type
+from jobs.output.structured import response_type
 from udfs.structured import AnswerChecker, InvalidOutput, UnsupportedSchema, check_schema, wire_format
 
 S, L, D, B = T.StringType(), T.LongType(), T.DoubleType(), T.BooleanType()

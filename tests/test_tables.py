@@ -6,7 +6,7 @@ import uuid
 
 from pyspark.sql import types as T
 
-from jobs.tables import ddl, ensure_schema, schema_changes, schema_problems
+from jobs.output.tables import ddl, ensure_schema, schema_changes, schema_problems
 
 S, L, B = T.StringType(), T.LongType(), T.BooleanType()
 

@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from jobs.errors import JobFailed
-from jobs.summary import RunSummary
-from jobs.verdict import judge
+from jobs.observe.summary import RunSummary
+from jobs.observe.verdict import judge
 from tests.conftest import job_config
 
 ROWS = [  # id, status, error

@@ -297,7 +297,7 @@ class SdkCredentials(_KnownExpiry):
     """databricks-sdk's unified auth on the driver (a notebook's or job's own token, a CLI profile, Azure
     identities...): the SDK refreshes what it can each time it is asked. Its tasks get a `Snapshot`
     taken when their chunk starts (`for_tasks`); pickled, it is that snapshot. With a relay on the
-    driver (`relay`: its URL and key, `jobs.token_relay`) they get a `DriverRelay` instead, which asks
+    driver (`relay`: its URL and key, `jobs.endpoint.token_relay`) they get a `DriverRelay` instead, which asks
     the driver for its current token when theirs is refused or due."""
 
     relay: tuple[str, Secret] | None = None
@@ -346,7 +346,7 @@ def _same(value: Any) -> Any:
 class DriverRelay(_KnownExpiry):
     """A task's view of credentials only the driver can refresh (a job's or notebook's own token, other
     unified auth): the header as the chunk started, and, when it is refused (401/403) or due, the
-    driver's current one, fetched from the relay the job runs on the driver (`jobs.token_relay`:
+    driver's current one, fetched from the relay the job runs on the driver (`jobs.endpoint.token_relay`:
     `GET <url>` with the run's relay key). So a chunk that outlives a token goes on with the next."""
 
     def __init__(self, url: str, key: Secret, *, header: Secret | None, expires_at: float | None,

@@ -296,7 +296,7 @@ class Caller:
                 # The token held may still be good: the endpoint says if not (401), and that retries.
         value = creds.header()
         if value is not None and creds.generation != self._checked_generation:
-            # A token minted during the run was never seen by the driver's check (`jobs.resolve`): one
+            # A token minted during the run was never seen by the driver's check (`jobs.endpoint.resolve`): one
             # with a line break would inject headers, and fails every request alike, so it is fatal
             # here, whichever client would send it.
             problem = header_problem("Authorization", value.reveal())

@@ -40,7 +40,7 @@ EMBEDDING_SCHEMA = T.StructType(
     [T.StructField("embedding", T.ArrayType(T.FloatType())), T.StructField("dim", T.IntegerType())] + _COMMON
 )
 # Structured output: a valid answer's canonical JSON, which the job turns into the typed `parsed`
-# column with `from_json` (`jobs.structured`) and then drops. The UDF keeps returning flat types.
+# column with `from_json` (`jobs.output.structured`) and then drops. The UDF keeps returning flat types.
 PARSED_JSON = "_parsed_json"
 
 

@@ -2,7 +2,7 @@
 in-flight limit, and request/token rate limits.
 
 All live in the engine's event loop (one thread, so no locks) and take an injected clock. The job
-gives each task its share of the job-wide limits (see `jobs.plan`), so the sum over the tasks running
+gives each task its share of the job-wide limits (see `jobs.calls.plan`), so the sum over the tasks running
 at once never exceeds what the config allows.
 
 Example::

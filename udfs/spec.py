@@ -1,6 +1,6 @@
 """What a task needs to call the endpoint: `EngineSpec`, with its retry policy's numbers in `RetrySpec`.
 
-Plain, picklable data: built once on the driver (`jobs.resolve`), shipped to every task, and its repr
+Plain, picklable data: built once on the driver (`jobs.endpoint.resolve`), shipped to every task, and its repr
 shows no secret (credentials travel inside `udfs.auth.Secret`).
 
 Example::

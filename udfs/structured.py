@@ -1,7 +1,7 @@
 """Structured output: a JSON Schema the answers must match, what it sends, and how an answer is checked.
 
 Pure code (no Spark, no HTTP). `compile_schema` reads a JSON Schema into a `Node` tree, the shape the
-job can land as a typed column (`jobs.structured` maps it to a Spark type); it refuses, naming the
+job can land as a typed column (`jobs.output.structured` maps it to a Spark type); it refuses, naming the
 schema location, what has no single column type (`oneOf`, a union of types, an untyped property).
 `AnswerChecker` checks one answer: JSON, then the schema (the `jsonschema` package; the most relevant
 error and its path are reported), then a canonical JSON of it whose numbers fit the column types

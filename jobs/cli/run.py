@@ -260,7 +260,7 @@ def execute(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     except Exception as exc:
-        from jobs.resolve import fatal_in
+        from jobs.endpoint.resolve import fatal_in
 
         reason = fatal_in(exc)  # a task met an untrusted certificate the driver's pre-flight did not
         if reason is None:

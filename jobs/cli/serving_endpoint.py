@@ -1,7 +1,7 @@
 """`batch-inference-endpoint`: create or update a Databricks serving endpoint from a YAML spec.
 
 `main()` parses the arguments, checks the spec (before any request) and calls
-`jobs.serving_endpoints.ensure_endpoint` through MLflow's deployment client. It prints one JSON line:
+`jobs.endpoint.serving_endpoints.ensure_endpoint` through MLflow's deployment client. It prints one JSON line:
 `{"endpoint", "action", "differences", "state", "seconds"}`; exit 2 for a bad spec, 1 when the
 endpoint fails or times out.
 
@@ -18,8 +18,8 @@ import logging
 import sys
 
 from jobs.cli.run import setup_logging
+from jobs.endpoint.serving_endpoints import EndpointFailed, SpecError, ensure_endpoint, load_spec
 from jobs.errors import first_line
-from jobs.serving_endpoints import EndpointFailed, SpecError, ensure_endpoint, load_spec
 
 log = logging.getLogger("batch_inference.serving")
 

@@ -15,11 +15,11 @@ import socket
 import sys
 from pathlib import Path
 
-from jobs.config import JobConfig, load_config
 from jobs.cli.run import setup_logging
+from jobs.config import JobConfig, load_config
 from jobs.local.stand_in import LocalEndpoint, llm_latency
 from jobs.observe.lines import duration, start_line
-from jobs.tables import ensure_schema
+from jobs.output.tables import ensure_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_LATENCY_S = 0.3  # the stand-in's median answer time

@@ -18,12 +18,12 @@ from pyspark.sql import SparkSession
 
 from jobs.config import JobConfig
 from jobs.errors import brief
-from jobs.observe.progress import ChunkTiming
 from jobs.observe.lines import closing_line, money
+from jobs.observe.progress import ChunkTiming
 from jobs.observe.runs_table import append_run, databricks_ids, run_record
 from jobs.observe.stats import RunStats, run_cost, run_stats
+from jobs.observe.summary import RunSummary
 from jobs.observe.tracking import log_to_mlflow
-from jobs.summary import RunSummary
 from udfs.prompts import CHARS_PER_TOKEN
 
 log = logging.getLogger("batch_inference")

@@ -24,7 +24,7 @@ from jobs.secret_rules import redact_url
 if TYPE_CHECKING:
     from jobs.config import EndpointConfig, JobConfig
     from jobs.observe.stats import RunStats
-    from jobs.summary import RunSummary
+    from jobs.observe.summary import RunSummary
 
 
 def where(e: EndpointConfig) -> str:

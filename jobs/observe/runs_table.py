@@ -17,12 +17,12 @@ from typing import Any
 
 from pyspark.sql import SparkSession, types as T
 
-from jobs.tables import ensure_schema
 from jobs.config import JobConfig
 from jobs.errors import brief
 from jobs.observe.stats import RunStats, run_cost
+from jobs.observe.summary import RunSummary
+from jobs.output.tables import ensure_schema
 from jobs.session import conf_get
-from jobs.summary import RunSummary
 
 log = logging.getLogger("batch_inference")
 

@@ -134,7 +134,7 @@ def read_requests(spark: SparkSession, cfg: JobConfig, *, check: bool = True) ->
     """The input, checked, and every row as a request: hashed and prechecked (no `run.limit` yet).
 
     `check=False` leaves the id check to the caller: the run folds it into its one counting pass
-    (`jobs.stage.survey`) and calls `check_ids` only to name the culprits.
+    (`jobs.input.stage.survey`) and calls `check_ids` only to name the culprits.
     """
     inputs = read_input(spark, cfg.input)
     if check:

@@ -20,7 +20,7 @@ from pyspark.sql import SparkSession, functions as F
 from jobs.config import JobConfig
 from jobs.errors import JobFailed
 from jobs.observe.stats import reason_code
-from jobs.summary import RunSummary
+from jobs.observe.summary import RunSummary
 from udfs import reasons
 
 log = logging.getLogger("batch_inference")

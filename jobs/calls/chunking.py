@@ -1,6 +1,6 @@
 """Chunking, in one place: how a run's pending rows are cut into chunks, and the pace they follow.
 
-- `plan_chunks`: the rows chunks read (staged once to a scratch table by `jobs.stage`, unless one
+- `plan_chunks`: the rows chunks read (staged once to a scratch table by `jobs.input.stage`, unless one
   chunk takes them all: the one-chunk shortcut) and the `ChunkPlanner` over them.
 - `ChunkPlanner`: chunks are runs of consecutive hash buckets (identical requests share a bucket, so
   each is sent once per run). With `run.chunk_rows` set, chunks hold about that many rows; unset, the
@@ -32,7 +32,7 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession, functions as F
 
 from jobs.config import JobConfig
-from jobs.stage import BUCKETS, Survey, histogram, stage_pending
+from jobs.input.stage import BUCKETS, Survey, histogram, stage_pending
 
 log = logging.getLogger("batch_inference")
 

@@ -18,12 +18,12 @@ from typing import Any, Callable
 
 from pyspark.sql import DataFrame, Observation, functions as F
 
-from jobs.call import with_outcomes
-from jobs.chunk_run import ChunkRun
-from jobs.chunking import Chunk
-from jobs.commit import commit_chunk
+from jobs.calls.chunk_run import ChunkRun
+from jobs.calls.chunking import Chunk
+from jobs.calls.outcomes import with_outcomes
+from jobs.calls.plan import TaskPlan, plan_tasks, task_slots
 from jobs.observe.stats import tokens_of_chars
-from jobs.plan import TaskPlan, plan_tasks, task_slots
+from jobs.output.commit import commit_chunk
 from udfs.budget import Spend
 from udfs.outcome import UNSENT
 
@@ -114,7 +114,7 @@ class ExecutorsRun(ChunkRun):
         return {s.name: (s.budget.price_in, s.budget.price_out) for s in self.specs if s.budget is not None}
 
     def _dim_check(self) -> Callable[[DataFrame], DataFrame]:
-        """Vectors: the run's one length (`jobs.call.Dimension`), learned from the table once the first
+        """Vectors: the run's one length (`jobs.calls.outcomes.Dimension`), learned from the table once the first
         chunk with vectors committed."""
         if not self.embeddings:
             return _unchanged

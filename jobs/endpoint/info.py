@@ -8,7 +8,7 @@ everyone; under it a custom limit naming this user or service principal override
 higher or lower, and any group's; else its group's limit (shared by all members); else the default.
 Who the caller is and its groups come from SCIM `Me`, read only when a limit names a principal. When
 calls and tokens are both limited both are applied: the stricter binds. The job starts under the
-result (`jobs.resolve`), and the log says which limit applies and why. Nothing here is fatal unless
+result (`jobs.endpoint.resolve`), and the log says which limit applies and why. Nothing here is fatal unless
 `endpoint.read_definition: true`: a workspace that cannot be read is logged and the run goes on with
 its configured limits.
 

@@ -1,6 +1,6 @@
 """What a run reports back: `RunSummary` for every run, `DryRunReport` for a dry run's checks.
 
-Plain data that holds no Spark object: `jobs.pipeline` and `jobs.dryrun` fill them, the entry point
+Plain data that holds no Spark object: `jobs.pipeline` and `jobs.dryrun.checks` fill them, the entry point
 prints them, and `jobs.observe` reads them for the runs table and MLflow. (Importing it imports pyspark
 all the same: `RunStats` lives in `jobs.observe.stats`, beside the query that computes it.)
 
@@ -65,7 +65,7 @@ class DryRunReport:
     completion_tokens: int | None = None
     token_basis: str = ""
     cost: float | None = None
-    # run.forecast_rows sent for real, then the rest extrapolated (jobs.forecast.Forecast).
+    # run.forecast_rows sent for real, then the rest extrapolated (jobs.dryrun.forecast.Forecast).
     forecast: Any = None
 
     @property

@@ -27,9 +27,9 @@ from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 
 from jobs.config import JobConfig
 from jobs.errors import InputError
-from jobs.read import Transform, column
-from jobs.structured import response_type
-from jobs.tables import columns_ddl, ensure_schema, schema_changes
+from jobs.input.read import Transform, column
+from jobs.output.structured import response_type
+from jobs.output.tables import columns_ddl, ensure_schema, schema_changes
 from udfs.inference import outcome_schema
 
 
@@ -113,7 +113,7 @@ def ensure_output_table(spark: SparkSession, name: str, schema: T.StructType) ->
 
 def spark_status_counts(outcomes: DataFrame) -> list[tuple[str, bool, int]]:
     """(status, _exists, rows) of a chunk's outcomes: one small aggregation, a Spark job. (The driver
-    counts an Arrow chunk it holds without one: `jobs.call.status_counts`.)"""
+    counts an Arrow chunk it holds without one: `jobs.calls.outcomes.status_counts`.)"""
     return [(r["status"], bool(r["_exists"]), r["count"])
             for r in outcomes.groupBy("status", "_exists").count().collect()]
 

@@ -21,10 +21,10 @@ from typing import Any, Callable, Iterator
 
 import pyarrow.compute as pc
 
-from jobs.call import DriverChunk, status_counts, with_parsed
-from jobs.chunk_run import ChunkRun
-from jobs.chunking import Chunk, latency_stats
-from jobs.commit import commit_chunk
+from jobs.calls.chunk_run import ChunkRun
+from jobs.calls.chunking import Chunk, latency_stats
+from jobs.calls.outcomes import DriverChunk, status_counts, with_parsed
+from jobs.output.commit import commit_chunk
 from udfs.engine import Engine
 from udfs.outcome import UNSENT
 

@@ -8,7 +8,7 @@ auth becomes `SdkCredentials`, whose tasks get the driver's current token at eac
 (`token_env`, `token_secret`, a PAT) are plain headers, as they always were.
 
 For a serving endpoint reached through the workspace, its definition is read first
-(`jobs.endpoint_info`): the job starts under its AI Gateway rate limits, and a route-optimized
+(`jobs.endpoint.info`): the job starts under its AI Gateway rate limits, and a route-optimized
 endpoint is called at its own URL, with an OAuth token scoped to it (exchanged from the workspace's).
 What no retry could fix is refused here, before any row is sent: a header value with a line break, a
 personal access token or the job's own runtime token for a route-optimized endpoint, and
@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from jobs.config import ConfigError, EndpointConfig, JobConfig, LimitsConfig
-from jobs.endpoint_info import DefinitionUnavailable, EndpointInfo, read_endpoint
+from jobs.endpoint.info import DefinitionUnavailable, EndpointInfo, read_endpoint
 from jobs.session import conf_get, on_databricks
 from udfs.auth import CredentialError, Credentials, DataPlaneToken, OAuthM2M, SdkCredentials, Secret, Snapshot, bearer
 from udfs.budget import BudgetSpec

@@ -26,10 +26,10 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 from pyspark.sql.window import Window
 
-from jobs.endpoint_health import EndpointHealth
-from jobs.plan import TaskPlan
-from jobs.read import Transform, column
-from jobs.structured import parsed_column, response_type
+from jobs.calls.plan import TaskPlan
+from jobs.endpoint.health import EndpointHealth
+from jobs.input.read import Transform, column
+from jobs.output.structured import parsed_column, response_type
 from udfs import reasons
 from udfs.inference import PARSED_JSON, inference_udf, outcome_schema
 from udfs.outcome import Outcome
@@ -37,9 +37,9 @@ from udfs.protocols import is_embeddings_task
 from udfs.spec import EngineSpec
 
 
-# The request columns `jobs.read` makes; any other input column is a kept one, carried to the output.
+# The request columns `jobs.input.read` makes; any other input column is a kept one, carried to the output.
 REQUEST_COLUMNS = ("id", "prompt", "request_hash", "precheck", "_exists")
-# With a split: each row's endpoint, an index into the run's endpoints (`jobs.routing.with_lane`).
+# With a split: each row's endpoint, an index into the run's endpoints (`jobs.endpoint.routing.with_lane`).
 LANE = "_lane"
 
 
@@ -64,7 +64,7 @@ def with_outcomes(spec: EngineSpec | Sequence[EngineSpec], plan: TaskPlan, parse
         ["parsed"] if structured else []) + ["endpoint"]
 
     def step(df: DataFrame) -> DataFrame:
-        routed = LANE in df.columns  # a split chose each row's endpoint (`jobs.routing`)
+        routed = LANE in df.columns  # a split chose each row's endpoint (`jobs.endpoint.routing`)
         for_chunk = [plan.per_task_spec(health.for_chunk(s) if len(specs) == 1 else health.credentials_for(s))
                      for s in specs]
         udf = (inference_udf(for_chunk[0], plan.per_task) if len(specs) == 1

@@ -13,16 +13,16 @@ import threading
 
 from pyspark.sql import DataFrame, SparkSession, types as T
 
-from jobs.call import LANE, REQUEST_COLUMNS, Dimension
-from jobs.chunking import Chunk, ChunkPlanner, Pace
-from jobs.commit import with_run_columns
+from jobs.calls.chunking import Chunk, ChunkPlanner, Pace
+from jobs.calls.outcomes import LANE, REQUEST_COLUMNS, Dimension
 from jobs.config import JobConfig
-from jobs.endpoint_health import EndpointHealth
+from jobs.endpoint.health import EndpointHealth
+from jobs.endpoint.routing import split_lanes
+from jobs.input.read import column
 from jobs.observe.lines import spend_text
 from jobs.observe.progress import Progress
-from jobs.read import column
-from jobs.routing import split_lanes
-from jobs.summary import RunSummary
+from jobs.observe.summary import RunSummary
+from jobs.output.commit import with_run_columns
 from udfs.budget import Spend
 from udfs.spec import EngineSpec
 
@@ -30,7 +30,7 @@ log = logging.getLogger("batch_inference")
 
 def pending_columns(cfg: JobConfig) -> list:
     """What each chunk reads of the pending rows: the request columns and the kept input columns, and
-    with a split each row's endpoint (`jobs.routing`)."""
+    with a split each row's endpoint (`jobs.endpoint.routing`)."""
     lane = split_lanes(cfg)
     return [column(c) for c in (*REQUEST_COLUMNS, *cfg.input.keep_columns)] + (
         [lane.alias(LANE)] if lane is not None else [])
@@ -39,7 +39,7 @@ def pending_columns(cfg: JobConfig) -> list:
 class ChunkRun:
     """What both calling modes share: the chunks, their pace, the summary and progress, the vectors' length.
 
-    `DriverRun` (`jobs.driver_calls`) and `ExecutorsRun` (`jobs.executor_calls`) each add `call()`.
+    `DriverRun` (`jobs.calls.driver`) and `ExecutorsRun` (`jobs.calls.executors`) each add `call()`.
     `committed` may run on a committer or chunk thread: it holds a lock.
     """
 

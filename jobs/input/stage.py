@@ -10,7 +10,7 @@
   alike, and it survives a lost executor (a `localCheckpoint` does neither: serverless restricts it,
   and on a classic cluster it dies with its executor). Scratch tables are dropped at the end of the
   run, and a crashed run's are dropped by the next run on the same output table.
-- chunks (`jobs.chunking`) are runs of consecutive buckets: identical requests share a bucket (the
+- chunks (`jobs.calls.chunking`) are runs of consecutive buckets: identical requests share a bucket (the
   bucket is a hash of `request_hash`), so each is sent once per run.
 
 Example::
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pyspark.sql import DataFrame, SparkSession, functions as F
 from pyspark.sql.window import Window
 
-from jobs.read import with_limit, with_pending
+from jobs.input.read import with_limit, with_pending
 
 log = logging.getLogger("batch_inference")
 

@@ -24,18 +24,18 @@ from dataclasses import replace
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, functions as F
 
-from jobs.chunking import estimate_chunks
-from jobs.commit import growable_columns, table_schema
+from jobs.calls.chunking import estimate_chunks
 from jobs.config import ConfigError, JobConfig
+from jobs.endpoint.resolve import engine_specs
 from jobs.errors import InputError, JobFailed, first_line
+from jobs.input.read import read_requests, with_limit, without_final
 from jobs.observe.lines import money
 from jobs.observe.stats import estimate_cost
+from jobs.observe.summary import DryRunReport, RunSummary
 from jobs.observe.tracking import tracking_uri
-from jobs.read import read_requests, with_limit, without_final
-from jobs.resolve import engine_specs
+from jobs.output.commit import growable_columns, table_schema
+from jobs.output.tables import schema_changes
 from jobs.secret_rules import redact_url
-from jobs.summary import DryRunReport, RunSummary
-from jobs.tables import schema_changes
 from udfs.engine import Engine
 from udfs.prompts import CHARS_PER_TOKEN
 from udfs.spec import EngineSpec
