@@ -99,9 +99,10 @@ def test_requests_in_flight_per_bucket_count_each_call_once_and_rows_each(spark)
     ]), most=6)  # 5.2 s in at most 6 buckets: 1 s each, the last one 0.2 s
     assert (got.start, got.bucket_s, got.span_s, got.seconds) == (T0, 1.0, 5.2, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     assert got.in_flight == [1.0, 2.0, 1.5, 1.0, 1.0, 1.0]
-    # b's two rows end at 2.0 (bucket 2), a's at 3.0, c's at 5.2: one row in 0.2 s is 5 rows/s.
-    assert got.rows_per_s == [0.0, 0.0, 2.0, 1.0, 0.0, 5.0]
-    assert got.errors_per_s == [0.0, 0.0, 0.0, 0.0, 0.0, 5.0]  # exact: integer microseconds
+    # b's two rows end at 2.0 (bucket 2), a's at 3.0, c's at 5.2: rates over the bucket's whole second
+    # (not the last bucket's 0.2 s, which would read one answer as 5 rows/s).
+    assert got.rows_per_s == [0.0, 0.0, 2.0, 1.0, 0.0, 1.0]
+    assert got.errors_per_s == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # exact: integer microseconds
 
 
 def test_buckets_are_1_2_or_5_times_a_power_of_ten_between_60_and_150_of_them():
