@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python benchmarks/llm_latency.py
 	$(BIN)/python benchmarks/embeddings.py
 	$(BIN)/python benchmarks/ratelimit.py
+	$(BIN)/python benchmarks/endpoints.py
 
 clean:
 	rm -rf spark-warehouse mlruns .pytest_cache

@@ -96,3 +96,11 @@ def test_over_time_rows_per_s_above_in_flight_below_with_c_dashed_and_chunk_comm
         assert marks == pytest.approx([1.5, 3.6])
     labels = [t.get_text() for t in rate.get_legend().get_texts()]
     assert labels == ["rows answered / s", "error rows / s", "chunk committed"]
+
+
+def test_rows_per_s_is_a_rolling_mean_that_keeps_the_total():
+    from jobs.observe.plots import rolling_mean
+
+    assert rolling_mean([0, 0, 6, 0, 0, 3], 3) == [0, 0, 2, 2, 2, 1]
+    assert rolling_mean([4, 2], 1) == [4, 2]
+    assert rolling_mean([4, 2], 5) == [4, 3]  # fewer than k values at the start: their own mean

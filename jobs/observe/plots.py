@@ -117,6 +117,19 @@ def _draw_throughput(ax: Any, timeline: list[ChunkTiming], about: str = "") -> N
     ax.set_ylabel("rows / s")
 
 
+# The rows/s panel averages over about 1/SMOOTH_BUCKETS of the run.
+SMOOTH_BUCKETS = 15
+
+
+def rolling_mean(values: list[float], k: int) -> list[float]:
+    """Each value replaced by the mean of the `k` values ending at it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - k] if i >= k else 0.0)
+        out.append(total / min(i + 1, k))
+    return out
+
+
 def _draw_over_time(fig: Any, series: FlightSeries, timeline: list[ChunkTiming], concurrency: int | None,
                     about: str = "") -> None:
     """Two panels over the run's time: rows answered per second (error rows shaded), and the mean
@@ -124,10 +137,13 @@ def _draw_over_time(fig: Any, series: FlightSeries, timeline: list[ChunkTiming],
     rate, flight = fig.subplots(2, 1, sharex=True)
     n = len(series.in_flight)
     edges = [i * series.bucket_s for i in range(n)] + [max(series.span_s, (n - 1) * series.bucket_s + 1e-3)]
-    rate.stairs(series.rows_per_s, edges, baseline=None, color="#4c78a8", linewidth=1.5,
-                label="rows answered / s")
+    k = max(1, n // SMOOTH_BUCKETS)  # rows arrive one by one: a mean over k buckets reads as a rate
+    rolling = f" (mean over {k * series.bucket_s:.2g} s)" if k > 1 else ""
+    rate.stairs(rolling_mean(series.rows_per_s, k), edges, baseline=None, color="#4c78a8", linewidth=1.5,
+                label="rows answered / s" + rolling)
     if any(series.errors_per_s):
-        rate.stairs(series.errors_per_s, edges, color="#e45756", fill=True, alpha=0.35, label="error rows / s")
+        rate.stairs(rolling_mean(series.errors_per_s, k), edges, color="#e45756", fill=True, alpha=0.35,
+                    label="error rows / s")
     flight.stairs(series.in_flight, edges, baseline=None, color="#f58518", linewidth=1.5,
                   label="requests in flight")
     if concurrency:
@@ -141,7 +157,8 @@ def _draw_over_time(fig: Any, series: FlightSeries, timeline: list[ChunkTiming],
     rate.set_ylim(bottom=0)
     top = max([*series.in_flight, concurrency or 0, 1])
     flight.set_ylim(0, top * 1.15)
-    rate.set_title(f"Throughput over time ({len(timeline)} chunks, {series.bucket_s:g} s buckets)"
+    chunks = f"{len(timeline)} chunk{'s' if len(timeline) != 1 else ''}"
+    rate.set_title(f"Throughput over time ({chunks}, {series.bucket_s:g} s buckets)"
                    + (f"\n{about}" if about else ""), fontsize=10)
     rate.set_ylabel("rows / s")
     flight.set_ylabel("in flight (mean)")
