@@ -9,10 +9,22 @@ settings but `limits.max_concurrency`) for each C and calling mode. For each run
   endpoint kept at C in flight from the job's first instant to its last;
 - calls: the same over the calls phase only (first request to last answer, as the server saw it);
 - mean in flight / C over the calls phase (time-weighted, the server's count), and the peak (<= C);
+- before / after: seconds from the job's start to the server's first request, and from its last
+  answer to the job's end (Spark's own time: the survey, staging, the first fetch; the last commit
+  and the run's statistics);
 - FIFO bound: the efficiency of a perfect scheduler with no overhead at all, C slots, sending the
-  same requests in the same order: the last requests' answers take what they take, so with few
-  rounds of C the tail alone keeps this below 1 (N = 5,000 at C = 256 is under 20 rounds);
+  same requests in the order the server received them: the last requests' answers take what they
+  take, so with few rounds of C the tail alone keeps this below 1 (N = 5,000 at C = 256 is under
+  20 rounds). No scheduler that does not know each answer's length before it is sent does better
+  on average, since any order of the prompts is as good as another;
+- LPT bound: the same with the longest answers sent first, which needs that foreknowledge: what the
+  workload allows at all;
 - job / bound: efficiency over the FIFO bound: what the job loses that a scheduler could save.
+
+Before the measured runs, a warm-up run of 500 prompts in each mode pays the JVM's first queries
+(class loading and code generation of the survey, staging and Delta commits: about 7 s on this
+machine) and starts the Python workers, so that the first configuration measured does not carry
+them and the others do not; it is printed, not counted.
 
 Then the overload case: `llm/v1/chat` with usage, a server whose time per output token doubles past
 K = 16 requests in flight, at C = 64, `limits.adaptive` true against false: the limiter must back
@@ -44,12 +56,18 @@ from throughput import Server  # noqa: E402
 
 
 def fifo_bound(served: list[float], c: int) -> float:
-    """Efficiency of list scheduling on `c` slots with no overhead: requests in arrival order, each to
-    the first free slot. The tail it leaves is the workload's own, not the job's."""
+    """Efficiency of list scheduling on `c` slots with no overhead: requests in arrival order (the
+    server's `served` is in that order), each to the first free slot. The tail it leaves is the
+    workload's own, not the job's."""
     slots = [0.0] * c
     for x in served:
         heapq.heappush(slots, heapq.heappop(slots) + x)
     return sum(served) / c / max(slots)
+
+
+def lpt_bound(served: list[float], c: int) -> float:
+    """`fifo_bound` with the longest answers first: only a scheduler told every answer's length does this."""
+    return fifo_bound(sorted(served, reverse=True), c)
 
 
 def run_one(spark, server: Server, table: str, c: int, mode: str, *, task: str = "proxy",
@@ -65,9 +83,9 @@ def run_one(spark, server: Server, table: str, c: int, mode: str, *, task: str =
                         "limits": {"max_concurrency": c, "adaptive": adaptive},
                         "run": {"calls_from": mode}})
     server.reset()
-    t0 = time.monotonic()
+    t0, start = time.monotonic(), time.time()
     summary = run_job(spark, cfg)
-    wall = time.monotonic() - t0
+    wall, end = time.monotonic() - t0, time.time()
     s = server.stats()
     served = s["served"]
     span = s["last"] - s["first"]
@@ -75,7 +93,8 @@ def run_one(spark, server: Server, table: str, c: int, mode: str, *, task: str =
     return {"mode": mode, "c": c, "rows": len(served), "wall": wall, "span": span, "chunks": summary.chunks,
             "ok": summary.by_status.get("ok", 0), "efficiency": work / wall, "calls": work / span,
             "mean_inflight": s["inflight_area"] / span / c, "peak": s["peak_inflight"],
-            "bound": fifo_bound(served, c), "ideal": work,
+            "before": s["first"] - start, "after": end - s["last"],
+            "bound": fifo_bound(served, c), "lpt": lpt_bound(served, c), "ideal": work,
             "per_token_ms": 1000 * s["token_s"] / s["tokens"] if s["tokens"] else None,
             "tokens_per_s": s["tokens"] / span if s["tokens"] else None}
 
@@ -101,6 +120,12 @@ def main() -> None:
     results, overload = [], []
     server = Server(50, 0.2, "--latency", args.latency)
     try:
+        warm = "bench.llm_warmup"
+        spark.table(table).where("id < 500").write.format("delta").mode("overwrite").saveAsTable(warm)
+        for mode in args.modes.split(","):
+            r = run_one(spark, server, warm, 64, mode, tag="_warmup")
+            print(f"warm-up (not counted): 500 prompts, {mode} C=64, {r['wall']:.1f}s, "
+                  f"{r['before']:.1f}s before the first call", flush=True)
         for c in [int(x) for x in args.concurrency.split(",")]:
             for mode in args.modes.split(","):
                 r = run_one(spark, server, table, c, mode)
@@ -125,12 +150,14 @@ def main() -> None:
     print(f"\nmachine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end; "
           f"Spark {args.master}; server: aiohttp, latency {args.latency} per prompt; N = {args.rows}; "
           "default settings (driver-proxy endpoint)")
-    print(f"{'calls from':<10} {'C':>4} {'chunks':>6} {'ideal s':>8} {'wall s':>7} {'efficiency':>10} "
-          f"{'calls':>6} {'in flight/C':>11} {'FIFO bound':>10} {'job/bound':>9} {'peak':>5} {'ok':>6}")
+    print(f"{'calls from':<10} {'C':>4} {'chunks':>6} {'ideal s':>8} {'wall s':>7} {'before':>6} {'after':>5} "
+          f"{'efficiency':>10} {'calls':>6} {'in flight/C':>11} {'FIFO bound':>10} {'job/bound':>9} "
+          f"{'LPT bound':>9} {'peak':>5} {'ok':>6}")
     for r in results:
         print(f"{r['mode']:<10} {r['c']:>4} {r['chunks']:>6} {r['ideal']:>8.1f} {r['wall']:>7.1f} "
-              f"{r['efficiency']:>10.2f} {r['calls']:>6.2f} {r['mean_inflight']:>11.2f} {r['bound']:>10.2f} "
-              f"{r['efficiency'] / r['bound']:>9.2f} {r['peak']:>5} {r['ok']:>6}")
+              f"{r['before']:>6.1f} {r['after']:>5.1f} {r['efficiency']:>10.2f} {r['calls']:>6.2f} "
+              f"{r['mean_inflight']:>11.2f} {r['bound']:>10.2f} {r['efficiency'] / r['bound']:>9.2f} "
+              f"{r['lpt']:>9.2f} {r['peak']:>5} {r['ok']:>6}")
     fields = [f"llm_job_efficiency_{r['mode']}_c{r['c']}={r['efficiency']:.3f}" for r in results]
     if overload:
         print(f"\noverload: llm/v1/chat, time per output token x2 past 16 in flight, C = 64, "

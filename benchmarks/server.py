@@ -84,7 +84,7 @@ class Stats:
         self.first: float | None = None
         self.last: float | None = None
         self.done: list[float] = []  # answer times, for the throughput-over-time series
-        self.served: list[float] = []  # each answered request's latency, in order of arrival
+        self.served: list[float] = []  # each request's latency, in order of arrival (not of answer)
         self.tokens = 0  # output tokens answered (chat)
         self.token_s = 0.0  # time spent on answers that report tokens
         self.unavailable = 0  # 503s of an overloaded server
@@ -143,8 +143,8 @@ def make_app(latency_s: float, per_text_s: float = 0.0, window_limit: int = 0,
                                                 "finish_reason": "stop"}],
                                    "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": tokens,
                                              "total_tokens": len(prompt) // 4 + tokens}}).encode()
+            stats.served.append(delay_s)  # at arrival: the FIFO bound replays this order
             await asyncio.sleep(delay_s)
-            stats.served.append(delay_s)
             if tokens:
                 stats.tokens += tokens
                 stats.token_s += delay_s
