@@ -137,7 +137,9 @@ def test_an_endpoint_down_fails_fast_exits_non_zero_and_a_rerun_completes(spark,
     last = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][-1]
     assert "failed: 60 of the 60 rows it sent failed (100%, above run.max_error_share 0.5); main reason: " \
            "endpoint_unavailable (60 rows)" in last
-    assert any("later chunks probe once before sending" in r.getMessage() for r in caplog.records)
+    warned = [r.getMessage() for r in caplog.records if "failed fast as endpoint_unavailable" in r.getMessage()]
+    assert warned and all("the endpoint unavailable: 'down': " in m and "later chunks probe once before sending" in m
+                          for m in warned), warned
 
     with LocalEndpoint(port=port):
         assert execute(["--conf", str(conf)]) == 0

@@ -14,9 +14,12 @@ from typing import Any
 
 import pytest
 from chispa import assert_df_equality
+from pyspark.sql import functions as F
 
 from jobs.config import ConfigError, parse_config
+from jobs.dryrun.forecast import forecast_lines
 from jobs.local.stand_in import LocalEndpoint, Request
+from jobs.observe.stats import tokens_of_chars
 from jobs.pipeline import run_job
 from udfs.outcome import Outcome
 from udfs.router import for_fallback
@@ -262,6 +265,35 @@ def test_split_weights_are_honoured_and_uneven_ones_too(spark, two, table_name):
     run_job(spark, cfg)
     counts = dict(spark.table(table_name).groupBy("endpoint").count().collect())
     assert abs(counts["small"] - 250) <= 50 and abs(counts["large"] - 750) <= 50
+
+
+def test_the_dry_runs_forecast_prices_each_endpoints_share_at_its_own_prices(spark, two, table_name):
+    """A split 1:3 between a cheap and a dear endpoint: the forecast from 20 sampled rows prices the
+    rest by the split's shares, each at its endpoint's prices, within 10 % of what the whole run then
+    costs; it also gives the rest's cost were every row to go to each, and the rows in flight the
+    lanes allow (the slower lane to drain its share sets the pace: min(2 / 0.25, 6 / 0.75) = 8)."""
+    a, b = two
+    src = view(spark, [(i, f"prompt {i} " + "x" * (i % 50)) for i in range(400)])
+    endpoints = [proxy(a, "cheap", 2, price_per_1k_prompt_tokens=1.0, price_per_1k_completion_tokens=2.0),
+                 proxy(b, "dear", 6, price_per_1k_prompt_tokens=10.0, price_per_1k_completion_tokens=20.0)]
+    cfg = config(src, table_name, endpoints, split={"cheap": 1, "dear": 3}, run={"dry_run": True})
+    summary = run_job(spark, cfg)
+    f = summary.dry_run.forecast
+    assert (f.sampled, f.rest) == (20, 380)
+    run_job(spark, cfg.model_copy(update={"run": cfg.run.model_copy(update={"dry_run": False})}))
+
+    prices = {"cheap": (1.0, 2.0), "dear": (10.0, 20.0)}
+    tokens = (spark.table(table_name).groupBy("endpoint")
+              .agg(F.sum(tokens_of_chars(F.length("prompt"))).alias("i"),
+                   F.sum(tokens_of_chars(F.length("response"))).alias("o")).collect())
+    truth = sum((r["i"] * prices[r["endpoint"]][0] + r["o"] * prices[r["endpoint"]][1]) / 1000 for r in tokens)
+    assert {r["endpoint"] for r in tokens} == {"cheap", "dear"}
+    assert abs(f.cost["mean"] - truth) <= 0.1 * truth, (f.cost, truth)
+    assert set(f.cost_if_all) == {"cheap", "dear"}
+    assert f.cost_if_all["dear"] == pytest.approx(10 * f.cost_if_all["cheap"], rel=1e-3)
+    lines = forecast_lines(f, cfg)
+    assert any("8 rows in flight" in line for line in lines), lines
+    assert any("shared by split" in line for line in lines), lines
 
 
 def test_a_split_row_that_fails_for_its_endpoint_goes_to_the_fallback(spark, table_name):

@@ -58,7 +58,7 @@ class ChunkRun:
         self.embeddings = cfg.endpoint.is_embeddings
         self.dim = Dimension(cfg.endpoint.embedding_dim)  # vectors only: the run's one length
         self.pace = Pace(cfg)
-        self.health = EndpointHealth()  # executors: the breaker's report across chunks
+        self.health = EndpointHealth(endpoints=tuple(s.name for s in self.specs))  # executors: breakers across chunks
         self._lock = threading.Lock()  # commits land from the committer or chunk threads
         self.spent = Spend()  # executors: what committed chunks spent, against `spec.budget`
         if self.spec.budget is not None:

@@ -8,6 +8,13 @@ the rows still pending: tokens at the per-row p50, mean and p95 times the rows (
 forecast; p50 and p95 its range), cost at `endpoint.price_per_1k_*_tokens`, and wall time at `C`
 requests in flight, one mean latency apart, plus the p99 latency for the last answers.
 
+With several endpoints (`endpoints:`) the sample's rows cost at the prices of the endpoint that
+answered each, and the rest is shared as the run will share it: by the `split` weights, or all to
+the primary (overflow and fallback take rows only when it is full or failing, which a sample of 20
+cannot foresee, so `cost_if_all` gives the rest's cost were every row to go to each endpoint: the
+range a budget must allow). The wall time counts the endpoints that call at once: each split lane
+at its own limit, or the primary's limit plus its overflows'.
+
 Example::
 
     f = forecast_from(spark, cfg, sample_run_id, rest=10_000)
@@ -22,7 +29,7 @@ from dataclasses import dataclass, field
 
 from pyspark.sql import SparkSession, functions as F
 
-from jobs.config import JobConfig
+from jobs.config import EndpointConfig, JobConfig
 from jobs.observe.stats import estimate_cost, tokens_of_chars
 
 log = logging.getLogger("batch_inference")
@@ -35,6 +42,8 @@ class Forecast:
     input_tokens: dict[str, float] = field(default_factory=dict)  # p50/mean/p95 x rest + measured
     output_tokens: dict[str, float] = field(default_factory=dict)
     cost: dict[str, float | None] = field(default_factory=dict)
+    # Several endpoints: the mean cost of the rest were every row to go to each (name -> cost).
+    cost_if_all: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)  # per row, measured: p50/mean/p95/p99
     wall_s: float | None = None
     measured: dict[str, float] = field(default_factory=dict)  # the sample's own totals
@@ -61,7 +70,7 @@ def forecast_from(spark: SparkSession, cfg: JobConfig, run_id: str, rest: int) -
         F.coalesce(F.col("prompt_tokens"), tokens_of_chars(F.length("prompt"))).alias("i"),
         (F.coalesce(F.col("completion_tokens"), tokens_of_chars(F.coalesce(F.length("response"), F.lit(0))))
          if has_response else F.lit(0)).alias("o"),
-        F.col("latency_ms").alias("ms")).collect()
+        F.col("latency_ms").alias("ms"), F.col("endpoint")).collect()
     if not rows:
         return None
     f = Forecast(sampled=len(rows), rest=rest)
@@ -72,10 +81,49 @@ def forecast_from(spark: SparkSession, cfg: JobConfig, run_id: str, rest: int) -
     for k in ("p50", "mean", "p95"):
         f.input_tokens[k] = f.measured["input_tokens"] + tin[k] * rest
         f.output_tokens[k] = f.measured["output_tokens"] + tout[k] * rest
-        f.cost[k] = estimate_cost(cfg.endpoint, math.ceil(f.input_tokens[k]), math.ceil(f.output_tokens[k]))
-    c = cfg.limits.max_concurrency * cfg.endpoint.rows_per_request
-    f.wall_s = rest * f.latency_ms["mean"] / 1000 / c + f.latency_ms["p99"] / 1000 if rest else 0.0
+    if cfg.endpoints is None:
+        for k in ("p50", "mean", "p95"):
+            f.cost[k] = estimate_cost(cfg.endpoint, math.ceil(f.input_tokens[k]), math.ceil(f.output_tokens[k]))
+    else:
+        by_name = {e.name: e for e in cfg.endpoints}
+        sample = _priced(by_name, [(r["endpoint"], float(r["i"] or 0), float(r["o"] or 0)) for r in rows])
+        for k in ("p50", "mean", "p95"):
+            f.cost[k] = _add(sample, _priced(by_name, [(name, tin[k] * rest * share, tout[k] * rest * share)
+                                                        for name, share in shares(cfg).items()]))
+        f.cost_if_all = {name: cost for name, e in by_name.items()
+                         if (cost := estimate_cost(e, tin["mean"] * rest, tout["mean"] * rest)) is not None}
+    f.wall_s = rest * f.latency_ms["mean"] / 1000 / calling_slots(cfg) + f.latency_ms["p99"] / 1000 if rest else 0.0
     return f
+
+
+def shares(cfg: JobConfig) -> dict[str, float]:
+    """The share of the rows each endpoint is expected to answer: the split's weights, else the primary all."""
+    routes = cfg.routes()
+    if any(r.weight is not None for r in routes):
+        return {r.endpoint.name: r.weight for r in routes if r.weight}
+    return {next(r.endpoint.name for r in routes if r.role == "primary"): 1.0}
+
+
+def calling_slots(cfg: JobConfig) -> float:
+    """Rows in flight at once: a split's lanes each at its own limit (the slowest lane to drain its
+    share sets the pace), or the primary's limit plus its overflows'."""
+    routes = cfg.routes()
+    slots = {r.endpoint.name: r.limits.max_concurrency * r.endpoint.rows_per_request for r in routes}
+    weights = {r.endpoint.name: r.weight for r in routes if r.weight}
+    if weights:
+        return min(slots[name] / w for name, w in weights.items())
+    return sum(slots[r.endpoint.name] for r in routes if r.role in ("primary", "overflow"))
+
+
+def _priced(by_name: dict[str, EndpointConfig], tokens: list[tuple[str, float, float]]) -> float | None:
+    """(endpoint, input tokens, output tokens) at each endpoint's prices; None when none has a price."""
+    costs = [estimate_cost(by_name[name], i, o) for name, i, o in tokens if name in by_name]
+    priced = [c for c in costs if c is not None]
+    return round(sum(priced), 6) if priced else None
+
+
+def _add(a: float | None, b: float | None) -> float | None:
+    return None if a is None and b is None else round((a or 0.0) + (b or 0.0), 6)
 
 
 def forecast_lines(f: Forecast, cfg: JobConfig) -> list[str]:
@@ -89,11 +137,21 @@ def forecast_lines(f: Forecast, cfg: JobConfig) -> list[str]:
     tok = lambda d: f"{d['mean']:,.0f} (p50 {d['p50']:,.0f}, p95 {d['p95']:,.0f})"  # noqa: E731
     lines.append(f"extrapolated to all {f.sampled + f.rest:,} pending rows (per-row figures times the "
                  f"{f.rest:,} left): input tokens {tok(f.input_tokens)}, output tokens {tok(f.output_tokens)}")
+    several = cfg.endpoints is not None
     if f.cost.get("mean") is not None:
-        lines.append(f"cost {f.cost['mean']:,.4f} (p50 {f.cost['p50']:,.4f}, p95 {f.cost['p95']:,.4f}) at "
-                     "endpoint.price_per_1k_prompt_tokens / price_per_1k_completion_tokens")
+        at = ("each endpoint's price_per_1k_prompt_tokens / price_per_1k_completion_tokens, the rest "
+              + ("shared by split" if any(r.weight for r in cfg.routes()) else "all to the primary")
+              if several else "endpoint.price_per_1k_prompt_tokens / price_per_1k_completion_tokens")
+        lines.append(f"cost {f.cost['mean']:,.4f} (p50 {f.cost['p50']:,.4f}, p95 {f.cost['p95']:,.4f}) at {at}")
+        if len(f.cost_if_all) > 1:
+            lines.append("cost of the rest were every row to go to one endpoint (overflow and fallback "
+                         "take rows only when needed): " + ", ".join(f"{name} {cost:,.4f}"
+                                                                      for name, cost in f.cost_if_all.items()))
     else:
-        lines.append("cost: set endpoint.price_per_1k_prompt_tokens and price_per_1k_completion_tokens")
-    lines.append(f"wall time of the calls ~{f.wall_s:,.0f} s at {cfg.limits.max_concurrency} in flight "
+        lines.append("cost: set price_per_1k_prompt_tokens and price_per_1k_completion_tokens"
+                     + (" on each endpoint" if several else " on the endpoint"))
+    in_flight = (f"{calling_slots(cfg):,.0f} rows in flight" if several
+                 else f"{cfg.limits.max_concurrency} in flight")
+    lines.append(f"wall time of the calls ~{f.wall_s:,.0f} s at {in_flight} "
                  "(mean latency), plus Spark's own time per chunk")
     return lines

@@ -37,6 +37,8 @@ class EndpointHealth:
     down: str | None = None
     # Rows of this run that failed as `endpoint_unavailable`, so far.
     unavailable_rows: int = 0
+    # The run's endpoint names (several: each task's lanes carry their breakers, no half-open chunks).
+    endpoints: tuple[str, ...] = ()
 
     def for_chunk(self, spec: EngineSpec) -> EngineSpec:
         """The spec a chunk's tasks get: current credentials, and half-open if the endpoint is down."""
@@ -50,19 +52,25 @@ class EndpointHealth:
         return replace(spec, credentials=creds)
 
     def after_chunk(self, spark: SparkSession, table: str, run_id: str, chunk: int, counts: dict[str, int]) -> None:
+        """After a committed chunk: say which endpoint went unavailable in it, with how many rows and why."""
         if not counts.get("error"):
             self.down = None
             return
         prefix = f"{reasons.ENDPOINT_UNAVAILABLE}:"
-        row = (spark.read.table(table).where((F.col("run_id") == run_id) & F.col("error").startswith(prefix))
-               .agg(F.count(F.lit(1)).alias("n"), F.min("error").alias("example")).collect()[0])
-        new = row["n"] - self.unavailable_rows
-        self.unavailable_rows = row["n"]
+        rows = (spark.read.table(table).where((F.col("run_id") == run_id) & F.col("error").startswith(prefix))
+                .groupBy("endpoint").agg(F.count(F.lit(1)).alias("n"), F.min("error").alias("example"))
+                .orderBy("endpoint").collect())
+        total = sum(r["n"] for r in rows)
+        new = total - self.unavailable_rows
+        self.unavailable_rows = total
         if new > 0:
             if self.down is None:
-                self.down = row["example"][len(prefix):].strip()
-            log.warning("chunk %d: the endpoint is unavailable: %d row(s) failed fast as %s (%s); later chunks "
-                        "probe once before sending; rerun to send these rows again",
-                        chunk + 1, new, reasons.ENDPOINT_UNAVAILABLE, self.down)
+                self.down = rows[0]["example"][len(prefix):].strip()
+            named = "; ".join(f"{r['endpoint']!r}: {r['n']} row(s) so far ({r['example'][len(prefix):].strip()})"
+                              for r in rows)
+            later = ("later chunks probe once before sending" if len(self.endpoints) < 2 else
+                     "each task keeps an endpoint's breaker for the chunks it runs")
+            log.warning("chunk %d: %d row(s) failed fast as %s, the endpoint unavailable: %s; %s; rerun to send "
+                        "these rows again", chunk + 1, new, reasons.ENDPOINT_UNAVAILABLE, named, later)
         elif counts.get("ok"):
             self.down = None
