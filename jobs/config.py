@@ -337,6 +337,10 @@ class LimitsConfig(_Strict):
     # Cut the in-flight limit by a quarter when the latency per unit of work (per output token, per
     # embedded row) exceeds this multiple of the recent median, three windows in a row (udfs/limits.py).
     latency_cut_factor: float = Field(default=EngineSpec.latency_cut_factor, gt=1)
+    # Executors mode: the tasks on one host lend each other the in-flight share they do not use (a
+    # task waiting for its slowest answers), through file locks in the host's temp dir (udfs/hostpool.py);
+    # the job-wide limit holds either way. One setting for the run: with several endpoints, the primary's.
+    host_pool: bool = True
     # The engine's HTTP client (udfs/transport.py). `asyncio`, the name of a client of our own that
     # aiohttp replaced (benchmarks/README.md), still parses so that existing configs keep working.
     http_client: Literal["aiohttp", "urllib3", "requests", "asyncio"] = "aiohttp"

@@ -54,7 +54,7 @@ class Engine:
         self.spec, self.max_limit = first.spec, first.max_limit
         self.limiter, self.governor, self.caller = first.limiter, first.governor, first.caller
         self._transport = first.transport
-        self._workers = 2 * sum(lane.max_limit for lane in self.lanes)
+        self._workers = 2 * sum(lane.capacity for lane in self.lanes)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bi-engine", daemon=True)
         self._thread.start()
@@ -69,6 +69,7 @@ class Engine:
         self.router.remember()
         for lane in self.lanes:
             self._run(lane.transport.aclose())
+            lane.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()

@@ -38,7 +38,8 @@ from udfs import reasons
 from udfs.auth import Secret
 from udfs.budget import Budget
 from udfs.caller import Caller, governor_for
-from udfs.limits import (LEARNED_TTL_S, AdaptiveLimiter, RateLimiter, recall, recall_limit, remember,
+from udfs.hostpool import PooledLimiter, pooled_limiter
+from udfs.limits import (LEARNED_TTL_S, RateLimiter, recall, recall_limit, remember,
                          remember_limit)
 from udfs.outcome import HANDED_OFF, Outcome
 from udfs.protocols import is_embeddings_task
@@ -75,12 +76,14 @@ class Lane:
         self.max_limit = max_limit
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         headers.update({k: v.reveal() if isinstance(v, Secret) else v for k, v in spec.headers.items()})
-        self.transport = make_transport(spec.http_client, spec.url, headers, pool_size=max_limit,
-                                        connect_timeout=spec.connect_timeout_s, read_timeout=spec.read_timeout_s)
         # Latency says something about load only per unit of work: output tokens (LLM tasks, from
         # `usage`) or rows (embeddings). Such a limit starts slow, to measure the endpoint unloaded.
-        self.limiter = AdaptiveLimiter(max_limit, adaptive=spec.adaptive, latency_factor=spec.latency_cut_factor,
-                                       slow_start=measures_work(spec.task))
+        self.limiter = pooled_limiter(spec.host_pool, spec.name, max_limit, adaptive=spec.adaptive,
+                                      latency_factor=spec.latency_cut_factor, slow_start=measures_work(spec.task))
+        # In flight at most: the share, and with a host pool what it may borrow (`udfs.hostpool`).
+        self.capacity = self.limiter.capacity if isinstance(self.limiter, PooledLimiter) else max_limit
+        self.transport = make_transport(spec.http_client, spec.url, headers, pool_size=self.capacity,
+                                        connect_timeout=spec.connect_timeout_s, read_timeout=spec.read_timeout_s)
         # What an earlier task of this endpoint and share learned in this process (the last chunk):
         # the pace, the in-flight limit with its latency baseline, and whether its breaker opened.
         self.learned_key = (spec.url, max_limit, spec.requests_per_s)
@@ -108,6 +111,11 @@ class Lane:
         if not self.limiter.has_room():
             return None
         return self.governor.ready_in(now)
+
+    def close(self) -> None:
+        """The task is done: its permits and block in the host's pool are free (`udfs.hostpool`)."""
+        if isinstance(self.limiter, PooledLimiter):
+            self.limiter.close()
 
     def remember(self) -> None:
         """Hand what this task learned to the next task of the endpoint in this process."""

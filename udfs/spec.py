@@ -81,6 +81,9 @@ class EngineSpec:
     response_format_at: str | None = None
     # `run.budget`: this task's share of what the run may still spend (None: no cap).
     budget: BudgetSpec | None = None
+    # Executors mode: the run's key for pooling the in-flight shares of the tasks on one host
+    # (`udfs.hostpool`); None: each task keeps its own share.
+    host_pool: str | None = None
 
     def secrets(self) -> list[Secret]:
         held = [v for v in self.headers.values() if isinstance(v, Secret)]

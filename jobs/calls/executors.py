@@ -48,8 +48,8 @@ class ExecutorsRun(ChunkRun):
                           task_slots(self.spark, self.cfg.run.task_slots))
         # With run.budget, one chunk at a time: each chunk's tasks share what the committed ones left.
         depth = 2 if overlap_chunks(plan) and self.spec.budget is None else 1
-        if depth > 1:
-            plan = plan.even()
+        if depth > 1:  # with an even share per task, tasks on one host may lend each other theirs
+            plan = replace(plan.even(), pool=self.run_id if self.cfg.limits.host_pool else None)
         log.info("executors: %d task(s) x %s in flight%s", plan.partitions,
                  " + ".join("/".join(map(str, sorted(set(lane)))) for lane in plan.per_lane),
                  ", chunks overlapping" if depth > 1 else "")

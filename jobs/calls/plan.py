@@ -41,6 +41,9 @@ class TaskPlan:
     # With several endpoints: each endpoint's `per_task`, in the order of their limits (the first is
     # `per_task`). Every task has a share of each endpoint (`P` is at most the smallest limit).
     lanes: tuple[tuple[int, ...], ...] = ()
+    # The run's key for pooling the in-flight shares of the tasks on each host (`udfs.hostpool`):
+    # only for an even plan of one task per slot (`jobs.calls.executors.overlap_chunks`); None: none.
+    pool: str | None = None
 
     def even(self) -> TaskPlan:
         """Every task the same share, `C // P`: when tasks of two chunks may run together, any `P` of
@@ -62,6 +65,7 @@ class TaskPlan:
             input_tokens_per_s=spec.input_tokens_per_s / p if spec.input_tokens_per_s else None,
             output_tokens_per_s=spec.output_tokens_per_s / p if spec.output_tokens_per_s else None,
             start_requests_per_s=spec.start_requests_per_s / p if spec.start_requests_per_s else None,
+            host_pool=self.pool,
         )
 
 

@@ -1,0 +1,225 @@
+"""The host pool (`udfs.hostpool`): tasks on one host lend each other the in-flight share they do not use,
+through file locks, and the host never holds more permits than its tasks' shares.
+
+Two `HostPool`s in one process behave as two processes do: each opens its own descriptors, and
+`flock` locks belong to the open file, so they exclude each other."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from jobs.pipeline import run_job
+from tests.conftest import job_config
+from udfs.hostpool import HostPool, PooledLimiter, pooled_limiter
+from udfs.limits import AdaptiveLimiter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def key() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def take(pool: HostPool, n: int, how: str = "own") -> int:
+    got = 0
+    for _ in range(n):
+        got += bool(pool.take_own() if how == "own" else pool.borrow())
+    return got
+
+
+def test_each_task_claims_its_own_block_and_a_freed_block_is_claimed_again_not_a_new_one(tmp_path, key):
+    a, b = HostPool(key, 3, tmp_path), HostPool(key, 3, tmp_path)
+    assert (a.block, b.block) == (0, 1)
+    assert take(a, 5) == 3 and take(b, 5) == 3  # each its share, no more of its own
+    a.close()
+    c = HostPool(key, 3, tmp_path)
+    assert c.block == 0  # the ended task's block: the host still has two blocks, as it had two tasks
+    assert sorted(p.name for p in (tmp_path / "batch-inference-pool" / key).glob("block-*")) == ["block-0", "block-1"]
+    b.close()
+    c.close()
+
+
+def test_a_task_borrows_only_what_others_leave_free_and_never_more_than_the_host_holds(tmp_path, key):
+    a, b = HostPool(key, 3, tmp_path), HostPool(key, 3, tmp_path)
+    assert take(a, 3) == 3 and take(b, 1) == 1
+    assert take(a, 10, "borrow") == 2  # b's two idle permits, and no more
+    assert a.held + b.held == 6  # the host's two shares, all of them
+    b.give_back()  # b's own request ends: a may borrow that permit too
+    assert take(a, 10, "borrow") == 1 and a.held == 6 and b.held == 0
+    for _ in range(a.held):
+        a.give_back()
+    assert take(b, 3) == 3  # all free again
+    a.close()
+    b.close()
+
+
+def test_an_owner_waiting_for_its_own_permits_stops_new_borrowing_from_its_block(tmp_path, key):
+    a, b = HostPool(key, 2, tmp_path), HostPool(key, 2, tmp_path)
+    assert take(a, 1, "borrow") == 1  # b idle: a borrows one of b's
+    b.want(True)  # b now waits for a permit of its own
+    assert take(a, 5, "borrow") == 0  # the other one stays b's
+    assert take(b, 2) == 1  # b gets its free one; the borrowed one comes back when a's request ends
+    a.give_back()
+    assert take(b, 1) == 1
+    b.want(False)
+    a.close()
+    b.close()
+
+
+def test_a_killed_task_frees_its_permits_and_its_block(tmp_path, key):
+    """`kill -9` mid-request: the OS drops the process's locks, so no permit is lost to the host."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from udfs.hostpool import HostPool
+        pool = HostPool({key!r}, 2, {str(tmp_path)!r})
+        assert pool.take_own() and pool.take_own()
+        print(pool.block, flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "0"
+        survivor = HostPool(key, 2, tmp_path)
+        assert survivor.block == 1 and take(survivor, 5, "borrow") == 0  # held by the live process
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert take(survivor, 5, "borrow") == 2  # its permits are free
+        survivor.close()
+        again = HostPool(key, 2, tmp_path)
+        assert again.block == 0  # and its block
+        again.close()
+    finally:
+        proc.kill()
+
+
+def run(coro):
+    return asyncio.new_event_loop().run_until_complete(coro)
+
+
+def test_a_task_at_its_limit_borrows_the_idle_share_of_the_task_beside_it_and_gives_it_back(tmp_path, key):
+    """Two tasks of share 2 on one host. While B has nothing to send, A keeps 4 in flight (its 2 and
+    B's 2); the host never has more than 4. When B has work again, it gets its share back as A's
+    borrowed requests end, and A is back to 2."""
+    a = PooledLimiter(2, HostPool(key, 2, tmp_path))
+    b = PooledLimiter(2, HostPool(key, 2, tmp_path))
+    flight = {"a": 0, "b": 0, "host_peak": 0}
+
+    async def request(lim: PooledLimiter, who: str, seconds: float) -> None:
+        await lim.acquire()
+        flight[who] += 1
+        flight["host_peak"] = max(flight["host_peak"], flight["a"] + flight["b"])
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            flight[who] -= 1
+            lim.release(latency=seconds)
+
+    async def scenario() -> tuple[int, int, int]:
+        first = [asyncio.create_task(request(a, "a", 0.2)) for _ in range(8)]
+        await asyncio.sleep(0.05)
+        alone = flight["a"]  # B idle: A has borrowed B's share
+        later = [asyncio.create_task(request(b, "b", 0.2)) for _ in range(4)]
+        await asyncio.sleep(0.3)  # A's first round ended: B's permits came back to it
+        both = (flight["a"], flight["b"])
+        await asyncio.gather(*first, *later)
+        return alone, *both
+
+    alone, a_then, b_then = run(scenario())
+    assert alone == 4 and a.borrowed_peak == 2
+    assert (a_then, b_then) == (2, 2)
+    assert flight["host_peak"] == 4  # never more than the two shares
+    a.close()
+    b.close()
+
+
+def test_a_cut_limit_does_not_borrow(tmp_path, key):
+    """After a 429 halves A's limit, A keeps to it: borrowing is for a task at its full limit only."""
+    a = PooledLimiter(4, HostPool(key, 4, tmp_path))
+    b = PooledLimiter(4, HostPool(key, 4, tmp_path))
+
+    async def scenario() -> int:
+        await a.acquire()
+        a.release(overloaded=True)  # a 429: the limit halves to 2
+        assert a.limit == 2 and not a.may_borrow()
+        held = []
+        for _ in range(2):
+            await a.acquire()
+            held.append(1)
+        waiting = asyncio.create_task(a.acquire())
+        await asyncio.sleep(0.05)  # B's 4 permits are free, yet A waits for its own slot
+        assert not waiting.done()
+        a.release(latency=0.1)
+        await waiting
+        return a.inflight + a.borrowed
+
+    assert run(scenario()) == 2
+    a.close()
+    b.close()
+
+
+def test_no_pool_key_or_a_temp_dir_that_refuses_the_files_leaves_each_task_its_own_share(tmp_path, key):
+    assert type(pooled_limiter(None, "main", 4)) is AdaptiveLimiter
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "batch-inference-pool").write_text("a file where the pool's directory would be")
+    limiter = pooled_limiter(key, "main", 4)
+    assert isinstance(limiter, PooledLimiter)
+    limiter.close()
+    os.environ["TMPDIR"] = str(tmp_path / "ro")
+    try:
+        import tempfile
+        tempfile.tempdir = None  # read TMPDIR again
+        assert type(pooled_limiter(key, "main", 4)) is AdaptiveLimiter
+    finally:
+        del os.environ["TMPDIR"]
+        tempfile.tempdir = None
+
+
+def prompts_by_task(spark, cfg, candidates: list[str], tasks: int) -> dict[int, list[str]]:
+    """Which of the executors' tasks each prompt goes to: the UDF's input is repartitioned by
+    `request_hash` into `tasks` partitions (`jobs.calls.outcomes.with_outcomes`), Spark's hash
+    partitioning (Murmur3, `F.hash`)."""
+    from pyspark.sql import functions as F
+
+    from jobs.input.read import read_requests
+
+    name = f"candidates_{uuid.uuid4().hex[:8]}"
+    spark.createDataFrame(list(enumerate(candidates)), "id long, prompt string").createOrReplaceTempView(name)
+    _, requests = read_requests(spark, cfg.model_copy(update={"input": cfg.input.model_copy(update={"table": name})}))
+    rows = requests.select("prompt", F.pmod(F.hash("request_hash"), F.lit(tasks)).alias("task")).collect()
+    out: dict[int, list[str]] = {}
+    for r in rows:
+        out.setdefault(r["task"], []).append(r["prompt"])
+    return out
+
+
+@pytest.mark.parametrize("host_pool", [True, False])
+def test_in_a_real_job_a_task_borrows_the_share_its_draining_neighbour_does_not_use(spark, fresh_endpoint,
+                                                                                    table_name, host_pool):
+    """Executors mode, two tasks of 4 on one host (local[2], C = 8). One task has a single row, whose
+    answer takes 3 s; the other has 40 rows of 0.3 s. Pooled, the second task borrows the 3 slots the
+    first leaves idle, and the endpoint sees 8 in flight, never more; with `limits.host_pool: false`
+    it sees 1 + 4."""
+    cfg = job_config(output={"table": table_name},
+                     endpoint={"name": "local", "type": "driver_proxy", "url": f"{fresh_endpoint.url}/"},
+                     limits={"max_concurrency": 8, "host_pool": host_pool}, run={"calls_from": "executors"})
+    tasks = prompts_by_task(spark, cfg, [f"question {i}" for i in range(200)], 2)
+    slow, quick = tasks[0][0], tasks[1][:40]
+    fresh_endpoint.latency_of = lambda raw: 3.0 if json.loads(raw)["prompt"] == slow else 0.3
+    src = f"pool_{uuid.uuid4().hex[:8]}"
+    spark.createDataFrame(list(enumerate([slow, *quick])), "id long, prompt string").createOrReplaceTempView(src)
+    summary = run_job(spark, cfg.model_copy(update={"input": cfg.input.model_copy(update={"table": src})}))
+
+    assert summary.by_status == {"ok": 41} and summary.chunks == 1
+    assert fresh_endpoint.peak_inflight == (8 if host_pool else 5)
