@@ -14,12 +14,12 @@ the driver on Spark Connect, where UDFs cannot reach the internet). What overlap
   are fetched ahead), and chunk k is committed on the committer thread while chunk k+1 calls;
   the commit holds no request and no task slot the calls need;
 - executors: one Spark job per chunk calls and appends (the write of its rows and Delta's log
-  commit are the end of the same job), and two chunk jobs are in flight, so the next chunk's tasks
-  take each slot the last one's slowest answers free. Chunks that need a MERGE stage their outcomes
-  and merge alone.
+  commit are the end of the same job), and three chunk jobs are in flight, so the next chunks' tasks
+  take each slot the last one's slowest answers free, and tasks on one host lend each other their
+  idle share (`udfs.hostpool`). Chunks that need a MERGE stage their outcomes and merge alone.
 
 Each chunk is committed once; a crash loses at most the chunks in flight (driver: one calling, one
-committing, one waiting; executors: the two calling).
+committing, one waiting; executors: the three in flight).
 
 Example::
 

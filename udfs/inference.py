@@ -3,6 +3,10 @@
 The iterator form does its set-up once per task, on the executor: one engine (connection pool, thread
 pool, limiters) sized to this task's share of the job-wide concurrency, picked by partition id.
 
+Rows that ask the same (the same prompt for the same endpoint) are sent once when they come one after
+another: the job sorts each task's rows by `request_hash` (`jobs.calls.outcomes.with_outcomes`), so all
+of a task's identical requests are adjacent, and each gets the one outcome (`fold_repeats`).
+
 Example::
 
     infer = inference_udf(spec, per_task_limits=[4, 4])
@@ -11,7 +15,8 @@ Example::
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence, Tuple
+from collections import deque
+from typing import Any, Iterator, Sequence, Tuple
 
 import pandas as pd
 from pyspark.sql import types as T
@@ -87,6 +92,41 @@ def _lanes(s: pd.Series) -> list[int | None]:
     return [None if pd.isna(v) else int(v) for v in s.tolist()]
 
 
+_NO_KEY = object()
+
+
+def fold_repeats(batches: Iterator, shapes: deque) -> Iterator:
+    """Each batch without the rows that repeat the row before them (the same prompt and endpoint, across
+    batch boundaries too); for each batch, `shapes` gets where each of its rows' outcome is: an index
+    into the folded batch, or -1 for the previous batch's last outcome."""
+    last: Any = _NO_KEY
+    for batch in batches:
+        prompts, lanes = batch if isinstance(batch, tuple) else (batch, None)
+        kept: list[str | None] = []
+        kept_lanes: list[int | None] = []
+        index: list[int] = []
+        for i, p in enumerate(prompts):
+            key = (p, lanes[i] if lanes is not None else None)
+            if key != last:
+                kept.append(p)
+                kept_lanes.append(key[1])
+                last = key
+            index.append(len(kept) - 1)
+        shapes.append(index)
+        yield (kept, kept_lanes) if lanes is not None else kept
+
+
+def unfold(outcomes: Iterator[list[Outcome]], shapes: deque) -> Iterator[list[Outcome]]:
+    """Each folded batch's outcomes, one per row of the batch as it came (`fold_repeats`)."""
+    previous: Outcome | None = None
+    for folded in outcomes:
+        index = shapes.popleft()
+        rows = [folded[j] if j >= 0 else previous for j in index]
+        if folded:
+            previous = folded[-1]
+        yield rows  # type: ignore[misc]
+
+
 def inference_udf(spec: EngineSpec | Sequence[EngineSpec], per_task_limits: Sequence[int] | Sequence[Sequence[int]],
                   *, routed: bool = False):
     """A pandas UDF calling the endpoint; task `i` keeps at most `per_task_limits[i]` requests in flight.
@@ -105,8 +145,9 @@ def inference_udf(spec: EngineSpec | Sequence[EngineSpec], per_task_limits: Sequ
         ctx = TaskContext.get()
         pid = ctx.partitionId() if ctx is not None else 0
         engine = Engine(specs, max_limit=[lane[pid % len(lane)] for lane in per_lane])
+        shapes: deque = deque()
         try:
-            for outcomes in engine.map_batches(inputs):
+            for outcomes in unfold(engine.map_batches(fold_repeats(inputs, shapes)), shapes):
                 yield outcomes_frame(outcomes, embeddings, structured)
         finally:
             engine.close()

@@ -1,5 +1,5 @@
 """Calls from the executors: the pandas UDF in Spark's tasks, one Spark job per chunk that calls and
-appends, two chunk jobs in flight (classic clusters).
+appends, three chunk jobs in flight (classic clusters).
 
 Example::
 
@@ -29,15 +29,24 @@ from udfs.outcome import UNSENT
 
 log = logging.getLogger("batch_inference")
 
+# Chunk jobs in flight at once (when they may overlap: `overlap_chunks`). Three, not two: a chunk's
+# job ends with a stage after its calls (the join and the Delta append), whose tasks Spark submits
+# only once the last calling task ends, by which time the next chunk's calling tasks may have taken
+# every slot: that chunk then lands only after the next one's calls, and with two in flight the
+# one after that would be submitted only then, leaving the endpoint idle in between. A third
+# chunk's tasks are queued by then and take each slot as it frees.
+CHUNKS_IN_FLIGHT = 3
+
 
 class ExecutorsRun(ChunkRun):
     def call(self, outcomes_table: str) -> None:
         """Per chunk ONE Spark job: the UDF calls, and the same job appends the outcomes to Delta.
 
-        No separate commit job, so none waits for slots held by calling tasks. Two chunk jobs are
-        in flight at once (`overlap_chunks`): while chunk k's last tasks wait for their slowest
-        answers, chunk k+1's tasks take each task slot as it frees, so a chunk's tail does not leave
-        the endpoint idle. The job-wide limit holds all the same: every task keeps `C // S` in
+        No separate commit job, so none waits for slots held by calling tasks. `CHUNKS_IN_FLIGHT`
+        chunk jobs are in flight at once (`overlap_chunks`): while chunk k's last tasks wait for their
+        slowest answers, the next chunks' tasks take each task slot as it frees, so a chunk's tail
+        does not leave the endpoint idle, and the tasks on one host lend each other their idle
+        share (`udfs.hostpool`, `TaskPlan.pool`). The job-wide limit holds all the same: every task keeps `C // S` in
         flight and the cluster runs at most `S` tasks at once, whichever chunk they belong to.
         Counts by status come from an `Observation` of each job. A chunk holding ids the table
         already has needs a MERGE, whose source must be stable: its outcomes are written once to a
@@ -47,7 +56,7 @@ class ExecutorsRun(ChunkRun):
         plan = plan_tasks([r.limits.max_concurrency for r in self.cfg.routes()],
                           task_slots(self.spark, self.cfg.run.task_slots))
         # With run.budget, one chunk at a time: each chunk's tasks share what the committed ones left.
-        depth = 2 if overlap_chunks(plan) and self.spec.budget is None else 1
+        depth = CHUNKS_IN_FLIGHT if overlap_chunks(plan) and self.spec.budget is None else 1
         if depth > 1:  # with an even share per task, tasks on one host may lend each other theirs
             plan = replace(plan.even(), pool=self.run_id if self.cfg.limits.host_pool else None)
         log.info("executors: %d task(s) x %s in flight%s", plan.partitions,
@@ -173,7 +182,7 @@ def _observed(seen: Observation) -> dict[str, Any]:
 
 
 def overlap_chunks(plan: TaskPlan) -> bool:
-    """Whether two chunk jobs may be in flight at once without passing the job-wide limit: only when
+    """Whether chunk jobs may be in flight together without passing the job-wide limit: only when
     there is one task per slot (the cluster then runs at most `partitions` tasks at once, of any
     chunk). With unknown slots, or fewer partitions than slots (C < S), a second chunk's tasks
     would run beside the first's."""

@@ -70,14 +70,14 @@ def with_outcomes(spec: EngineSpec | Sequence[EngineSpec], plan: TaskPlan, parse
         udf = (inference_udf(for_chunk[0], plan.per_task) if len(specs) == 1
                else inference_udf(for_chunk, plan.per_lane, routed=routed))
         key = ["request_hash", LANE] if routed else ["request_hash"]
-        to_call = df.where(F.col("precheck").isNull())
-        answered = (
-            to_call.select(*key, "prompt")
-            .repartition(plan.partitions, "request_hash")
-            .dropDuplicates(key)
-            .select(*key, udf("prompt", *key[1:]).alias("o"))
-        )
-        called = to_call.join(answered, on=key, how="inner").select("*", "o.*").drop("o")
+        # Identical requests go to one task, one after another: the UDF sends each once and gives every
+        # row its outcome (`udfs.inference.fold_repeats`). No join after the calls, so the append runs
+        # in the calling tasks' own stage: a stage after the calls would be submitted (by adaptive
+        # execution, as a job of its own) only once the last calling task ended, and would wait
+        # behind the next chunks' calling tasks, landing this chunk only after their calls.
+        called = (df.where(F.col("precheck").isNull())
+                  .repartition(plan.partitions, "request_hash").sortWithinPartitions(*key)
+                  .select("*", udf("prompt", *key[1:]).alias("o")).select("*", "o.*").drop("o"))
         skipped = df.where(F.col("precheck").isNotNull()).select(
             "*", *[_not_sent(f, specs, routed) for f in outcome_fields])
         out = called.unionByName(skipped.select(*called.columns)).drop("precheck")

@@ -252,6 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = raw.decode("utf-8", "replace")
         req = Request("POST", self.path, dict(self.headers.items()), body)
         ep._enter(req)
+        left = False
         try:
             delay = ep.latency_s + (ep.latency_of(raw) if ep.latency_of else 0.0)
             if delay:
@@ -267,9 +268,14 @@ class _Handler(BaseHTTPRequestHandler):
                     # As an LLM's: the answer's length is its time (50 tokens a second).
                     value["usage"]["completion_tokens"] = max(1, round(delay / SECONDS_PER_TOKEN))
                 reply = (status, {}, json.dumps(value).encode())
+            # Answered: counted out before the bytes go, since the client may send its next request
+            # the moment they arrive (counted after, that request could be counted beside this one).
+            ep._leave()
+            left = True
             self._send(*reply)
         finally:
-            ep._leave()
+            if not left:
+                ep._leave()
 
     def _send(self, status: int, headers: dict[str, str], data: bytes) -> None:
         self.send_response(status)
