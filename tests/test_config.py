@@ -50,7 +50,8 @@ def test_the_config_s_defaults_are_the_engine_s_own():
         k: engine[k] for k in ("max_concurrency", "connect_timeout_s", "read_timeout_s", "adaptive",
                                "latency_cut_factor", "http_client")}
     assert set(cfg.limits.model_dump()) - set(engine) == {"requests_per_minute", "tokens_per_minute",
-                                                          "input_tokens_per_minute", "output_tokens_per_minute"}
+                                                          "input_tokens_per_minute", "output_tokens_per_minute",
+                                                          "host_pool"}
 
 
 @pytest.mark.parametrize("data, message", [

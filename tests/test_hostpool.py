@@ -109,8 +109,9 @@ def run(coro):
 
 
 def test_a_task_at_its_limit_borrows_the_idle_share_of_the_task_beside_it_and_gives_it_back(tmp_path, key):
-    """Two tasks of share 2 on one host. While B has nothing to send, A keeps 4 in flight (its 2 and
-    B's 2); the host never has more than 4. When B has work again, it gets its share back as A's
+    """Two tasks of share 2 on one host. Until the endpoint has answered, A keeps to its 2 (an endpoint
+    scaling from zero must not draw a wave of borrowed requests). Then, while B has nothing to send,
+    A keeps 4 in flight (its 2 and B's 2); the host never has more than 4. When B has work again, it gets its share back as A's
     borrowed requests end, and A is back to 2."""
     a = PooledLimiter(2, HostPool(key, 2, tmp_path))
     b = PooledLimiter(2, HostPool(key, 2, tmp_path))
@@ -127,6 +128,11 @@ def test_a_task_at_its_limit_borrows_the_idle_share_of_the_task_beside_it_and_gi
             lim.release(latency=seconds)
 
     async def scenario() -> tuple[int, int, int]:
+        early = [asyncio.create_task(request(a, "a", 0.05)) for _ in range(8)]
+        await asyncio.sleep(0.02)
+        before_answer = (flight["a"], a.borrowed)  # nothing answered yet: A keeps to its own share
+        await asyncio.gather(*early)
+        assert before_answer == (2, 0)
         first = [asyncio.create_task(request(a, "a", 0.2)) for _ in range(8)]
         await asyncio.sleep(0.05)
         alone = flight["a"]  # B idle: A has borrowed B's share

@@ -188,8 +188,8 @@ _BORROWED = "borrowed"
 
 class PooledLimiter(AdaptiveLimiter):
     """`AdaptiveLimiter` whose every request in flight holds a permit of the host's `HostPool`, and
-    which, at its full limit (no cut, slow start over), borrows the idle permits of the tasks beside
-    it. Its own slots follow AIMD as ever; a borrowed slot is extra, and a 429/503 that cuts the
+    which, at its full limit (no cut, slow start over, the endpoint has answered), borrows the idle
+    permits of the tasks beside it. Its own slots follow AIMD as ever; a borrowed slot is extra, and a 429/503 that cuts the
     limit ends the borrowing."""
 
     def __init__(self, max_limit: int, pool: HostPool, **kwargs: Any) -> None:
@@ -197,6 +197,9 @@ class PooledLimiter(AdaptiveLimiter):
         self.pool = pool
         self.borrowed = 0
         self.borrowed_peak = 0
+        # Borrowing waits for the endpoint's first answer: an endpoint scaling from zero (503s) or
+        # down must not draw a wave of borrowed requests before the limit could react.
+        self.answered = False
         self._poller: asyncio.Task[None] | None = None
         self._own_waiting = 0
 
@@ -206,7 +209,8 @@ class PooledLimiter(AdaptiveLimiter):
         return self.max_limit * (1 + BORROW_SHARES)
 
     def may_borrow(self) -> bool:
-        return not self.slow_start and self.limit >= self.max_limit and self.borrowed < self.max_limit * BORROW_SHARES
+        return (self.answered and not self.slow_start and self.limit >= self.max_limit
+                and self.borrowed < self.max_limit * BORROW_SHARES)
 
     async def acquire(self) -> None:
         if self.has_room():
@@ -238,6 +242,8 @@ class PooledLimiter(AdaptiveLimiter):
     def release(self, *, overloaded: bool = False, latency: float | None = None, work: float | None = None,
                 sent_at: float | None = None) -> None:
         self.pool.give_back()
+        if latency is not None and not overloaded:
+            self.answered = True
         if not self.borrowed:
             super().release(overloaded=overloaded, latency=latency, work=work, sent_at=sent_at)
             return

@@ -78,7 +78,7 @@ class Lane:
         headers.update({k: v.reveal() if isinstance(v, Secret) else v for k, v in spec.headers.items()})
         # Latency says something about load only per unit of work: output tokens (LLM tasks, from
         # `usage`) or rows (embeddings). Such a limit starts slow, to measure the endpoint unloaded.
-        self.limiter = pooled_limiter(spec.host_pool, spec.name, max_limit, adaptive=spec.adaptive,
+        self.limiter = pooled_limiter(spec.pool_key, spec.name, max_limit, adaptive=spec.adaptive,
                                       latency_factor=spec.latency_cut_factor, slow_start=measures_work(spec.task))
         # In flight at most: the share, and with a host pool what it may borrow (`udfs.hostpool`).
         self.capacity = self.limiter.capacity if isinstance(self.limiter, PooledLimiter) else max_limit

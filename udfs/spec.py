@@ -83,7 +83,7 @@ class EngineSpec:
     budget: BudgetSpec | None = None
     # Executors mode: the run's key for pooling the in-flight shares of the tasks on one host
     # (`udfs.hostpool`); None: each task keeps its own share.
-    host_pool: str | None = None
+    pool_key: str | None = None
 
     def secrets(self) -> list[Secret]:
         held = [v for v in self.headers.values() if isinstance(v, Secret)]

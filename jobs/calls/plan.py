@@ -65,7 +65,7 @@ class TaskPlan:
             input_tokens_per_s=spec.input_tokens_per_s / p if spec.input_tokens_per_s else None,
             output_tokens_per_s=spec.output_tokens_per_s / p if spec.output_tokens_per_s else None,
             start_requests_per_s=spec.start_requests_per_s / p if spec.start_requests_per_s else None,
-            host_pool=self.pool,
+            pool_key=self.pool,
         )
 
 
