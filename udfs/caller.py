@@ -220,6 +220,8 @@ class Caller:
         overloaded, latency, work, t0 = False, None, None, None
         held, usage = None, None  # the budget's reservation; (prompt, completion) tokens once answered
         try:
+            if self.fatal is not None:  # the task failed while this request waited for a slot: send nothing
+                raise Failure(self.fatal.kind, self.fatal.detail)
             if self.budget is not None:
                 held = await self.budget.reserve(estimate_tokens(sum(len(p) for p in prompts)),
                                                  0 if self.protocol.embeddings else (self._max_tokens or None),
