@@ -300,9 +300,12 @@ def start_job(argv: list[str], warehouse: Path, log: Path) -> subprocess.Popen:
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_for_commit(proc: subprocess.Popen, delta_log: Path, version: int, log: Path, timeout_s: float = 600) -> None:
+def wait_for_commit(proc: subprocess.Popen, delta_log: Path, version: int, log: Path, timeout_s: float = 600,
+                    line: str | None = None) -> None:
+    """Until the table has `version` (and the job's log has `line`, if given)."""
     deadline = time.monotonic() + timeout_s
-    while not (delta_log / f"{version:020d}.json").exists():
+    while not ((delta_log / f"{version:020d}.json").exists()
+               and (line is None or line in log.read_text(errors="replace"))):
         if proc.poll() is not None:
             pytest.fail(f"the job exited ({proc.returncode}) before commit {version}:\n"
                         + log.read_text(errors="replace")[-3000:])
@@ -352,9 +355,10 @@ def killed_then_rerun(spark, warehouse, tmp_path_factory):
         argv = ["--conf", str(conf), "--set", f"run.chunk_rows={RESUME_CHUNK_ROWS}", "--verbose"]
         delta_log = warehouse / "test.db" / table.split(".")[1] / "_delta_log"
         first = start_job(argv, warehouse, tmp / "killed.log")
-        # Version 0 creates the table; each chunk's append is one more version. Two chunks are in flight
-        # at once, and the third is sent only once the first has landed and its progress line is out.
-        wait_for_commit(first, delta_log, 3, tmp / "killed.log")
+        # Version 0 creates the table; each chunk's append is one more version. Three chunks are in
+        # flight at once and may land in any order; the fourth is sent only once the first has landed
+        # and its progress line is out: killed then, chunks have landed and at least one has not.
+        wait_for_commit(first, delta_log, 3, tmp / "killed.log", line="chunk 1/5")
         os.killpg(first.pid, signal.SIGKILL)  # the driver, its JVM and Python workers, with no goodbye
         first.wait()
         register_local_tables(spark)  # the table the killed process created, unknown to this session
