@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import logging
 import os
 import sys
 import tempfile
@@ -70,8 +71,39 @@ def lpt_bound(served: list[float], c: int) -> float:
     return fifo_bound(sorted(served, reverse=True), c)
 
 
+class Events(logging.Handler):
+    """The job's log lines (its debug ones too) with their times, for `--timeline`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[float, str]] = []
+        self.log = logging.getLogger("batch_inference")
+        self.level_was = self.log.level
+        self.log.setLevel(logging.DEBUG)
+        self.log.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.created, record.getMessage()[:110]))
+
+    def close(self) -> None:
+        self.log.removeHandler(self)
+        self.log.setLevel(self.level_was)
+        super().close()
+
+
+def print_timeline(title: str, start: float, end: float, by_s: list, lines: list, c: int) -> None:
+    """Per second of the run: the server's mean in flight (a bar of C), and the job's log lines."""
+    area = {int(k): v for k, v in by_s}
+    print(f"timeline of {title}: second, mean in flight, bar of C = {c}, the job's log lines")
+    for sec in range(int(start), int(end) + 1):
+        got = [m for t, m in lines if int(t) == sec]
+        n = area.get(sec, 0.0)
+        bar = "#" * round(20 * n / c)
+        print(f"{sec - int(start):>5} {n:>6.1f} {bar:<20} {' | '.join(got)[:160]}")
+
+
 def run_one(spark, server: Server, table: str, c: int, mode: str, *, task: str = "proxy",
-            adaptive: bool = True, tag: str = "") -> dict:
+            adaptive: bool = True, tag: str = "", timeline: bool = False) -> dict:
     from jobs.config import parse_config
     from jobs.pipeline import run_job
 
@@ -83,10 +115,17 @@ def run_one(spark, server: Server, table: str, c: int, mode: str, *, task: str =
                         "limits": {"max_concurrency": c, "adaptive": adaptive},
                         "run": {"calls_from": mode}})
     server.reset()
+    events = Events() if timeline else None
     t0, start = time.monotonic(), time.time()
-    summary = run_job(spark, cfg)
+    try:
+        summary = run_job(spark, cfg)
+    finally:
+        if events:
+            events.close()
     wall, end = time.monotonic() - t0, time.time()
     s = server.stats()
+    if events:
+        print_timeline(f"{mode} C={c}", start, end, s["inflight_by_s"], events.lines, c)
     served = s["served"]
     span = s["last"] - s["first"]
     work = sum(served) / c
@@ -108,6 +147,7 @@ def main() -> None:
     p.add_argument("--overload-rows", type=int, default=1500)
     p.add_argument("--no-overload", action="store_true")
     p.add_argument("--master", default="local[2]")
+    p.add_argument("--timeline", action="store_true", help="print each run's in flight per second and log lines")
     args = p.parse_args()
     os.environ.setdefault("BI_JARS_DIR", str(ROOT / ".cache" / "jars"))
     from jobs.session import get_spark
@@ -128,7 +168,7 @@ def main() -> None:
                   f"{r['before']:.1f}s before the first call", flush=True)
         for c in [int(x) for x in args.concurrency.split(",")]:
             for mode in args.modes.split(","):
-                r = run_one(spark, server, table, c, mode)
+                r = run_one(spark, server, table, c, mode, timeline=args.timeline)
                 print(f"{mode} C={c}: efficiency {r['efficiency']:.2f} in {r['wall']:.0f}s", flush=True)
                 results.append(r)
     finally:

@@ -90,6 +90,7 @@ class Stats:
         self.unavailable = 0  # 503s of an overloaded server
         self.area = 0.0  # the integral of requests in flight over time
         self.stamp: float | None = None
+        self.area_by_s: dict[int, float] = {}  # that integral per wall-clock second (epoch), for timelines
 
 
 def make_app(latency_s: float, per_text_s: float = 0.0, window_limit: int = 0,
@@ -103,6 +104,11 @@ def make_app(latency_s: float, per_text_s: float = 0.0, window_limit: int = 0,
         now = time.time()
         if stats.stamp is not None:
             stats.area += stats.inflight * (now - stats.stamp)
+            t = stats.stamp
+            while t < now:  # split at whole seconds
+                edge = min(now, float(int(t) + 1))
+                stats.area_by_s[int(t)] = stats.area_by_s.get(int(t), 0.0) + stats.inflight * (edge - t)
+                t = edge
         stats.stamp = now
         stats.inflight += delta
 
@@ -182,7 +188,8 @@ def make_app(latency_s: float, per_text_s: float = 0.0, window_limit: int = 0,
                                   "peak_inflight": stats.peak,
                                   "first": stats.first, "last": stats.last, "series": series,
                                   "served": stats.served, "tokens": stats.tokens, "token_s": stats.token_s,
-                                  "unavailable": stats.unavailable, "inflight_area": stats.area})
+                                  "unavailable": stats.unavailable, "inflight_area": stats.area,
+                                  "inflight_by_s": sorted(stats.area_by_s.items())})
 
     async def reset(request: web.Request) -> web.Response:
         stats.reset()

@@ -229,3 +229,43 @@ def test_in_a_real_job_a_task_borrows_the_share_its_draining_neighbour_does_not_
 
     assert summary.by_status == {"ok": 41} and summary.chunks == 1
     assert fresh_endpoint.peak_inflight == (8 if host_pool else 5)
+
+
+def test_chunks_run_side_by_side_so_a_chunk_s_drain_does_not_idle_the_endpoint(spark, fresh_endpoint, table_name):
+    """Executors mode, C = 8 on local[2]: two chunks, the first of 256 rows (0.05 s each) ending with
+    a 2.5 s answer in each half of its rows (each of the two tasks it would have on every slot).
+    With a chunk on every slot, both its tasks would wait for those answers holding both slots, with
+    2 of 8 in flight and the second chunk unable to start. Side by side, each chunk runs on one slot
+    and the second borrows what the first's drain leaves idle: while the job still has requests to
+    send, the endpoint sees close to 8 in flight, never more."""
+    from pyspark.sql import functions as F
+
+    from jobs.calls.chunking import FIRST_CHUNK_REQUESTS_PER_SLOT, ChunkPlanner
+    from jobs.input.read import read_requests
+    from jobs.input.stage import bucket_of
+
+    cfg = job_config(output={"table": table_name},
+                     endpoint={"name": "local", "type": "driver_proxy", "url": f"{fresh_endpoint.url}/"},
+                     limits={"max_concurrency": 8}, run={"calls_from": "executors", "chunk_rows": None})
+    src = f"side_{uuid.uuid4().hex[:8]}"
+    spark.createDataFrame([(i, f"question {i}") for i in range(656)], "id long, prompt string") \
+        .createOrReplaceTempView(src)
+    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"table": src})})
+    _, requests = read_requests(spark, cfg)
+    rows = requests.select("prompt", "request_hash", bucket_of().alias("bucket"),
+                           F.pmod(F.hash("request_hash"), F.lit(2)).alias("half")).collect()
+    histogram: dict[int, int] = {}
+    for r in rows:
+        histogram[r["bucket"]] = histogram.get(r["bucket"], 0) + 1
+    first = ChunkPlanner(histogram, fixed_rows=None, first_rows=FIRST_CHUNK_REQUESTS_PER_SLOT * 8).next()
+    in_first = [r for r in rows if first.lo <= r["bucket"] <= first.hi]
+    # The last request of each half of the first chunk (a task sends its rows in request_hash order).
+    slow = {max((r for r in in_first if r["half"] == h), key=lambda r: r["request_hash"])["prompt"] for h in (0, 1)}
+    assert len(slow) == 2 and first.rows < len(rows)
+    fresh_endpoint.latency_of = lambda raw: 2.5 if json.loads(raw)["prompt"] in slow else 0.05
+
+    summary = run_job(spark, cfg)
+
+    assert summary.by_status == {"ok": 656} and summary.chunks == 2
+    assert fresh_endpoint.peak_inflight == 8
+    assert fresh_endpoint.mean_inflight_while_sending() >= 0.85 * 8, fresh_endpoint.mean_inflight_while_sending()

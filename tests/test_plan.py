@@ -23,6 +23,23 @@ def test_plan_never_runs_more_tasks_than_slots_or_requests():
     assert (plan_tasks(5, None).partitions, plan_tasks(5, None).per_task) == (5, (1,) * 5)
 
 
+def test_chunks_side_by_side_take_half_the_slots_each_and_keep_each_task_s_share_of_c_and_of_rates():
+    """Two chunks run side by side (`jobs.calls.executors`): each on half the slots, every task still
+    `C // S`, so any `S` tasks of either chunk stay within `C`; rates split over all `S` tasks."""
+    from udfs.spec import EngineSpec
+
+    plan = plan_tasks(64, 8).even().halved()
+    assert (plan.partitions, plan.per_task, plan.tasks_at_once) == (4, (8,) * 4, 8)
+    assert sum(plan.per_task) * 2 == 64
+    spec = plan.per_task_spec(EngineSpec(url="http://x/", requests_per_s=80.0, tokens_per_s=800.0))
+    assert (spec.requests_per_s, spec.tokens_per_s) == (10.0, 100.0)
+    # One slot: nothing to halve.
+    assert plan_tasks(64, 1).even().halved().partitions == 1
+    # Several endpoints: every lane halved alike.
+    two = plan_tasks([64, 16], 8).even().halved()
+    assert two.per_lane == ((8,) * 4, (2,) * 4)
+
+
 def test_task_slots_read_from_the_session_conf(spark):
     assert task_slots(spark) == 2  # the suite's session is local[2]
     assert task_slots(spark, configured=16) == 16

@@ -49,6 +49,16 @@ def test_chunks_by_rate_start_small_grow_at_most_eightfold_and_stop_at_the_cap()
     assert planner.estimate(1000.0) == 5 + -(-(409_600 - 90_000) // 8000)
 
 
+def test_chunks_planned_before_any_latency_is_known_double():
+    """Executors mode plans the next chunks while the first is out: they double (so chunks side by side
+    start and end at different times), and the measured rate takes over once known."""
+    planner = ChunkPlanner({b: 100 for b in range(BUCKETS)}, fixed_rows=None, first_rows=1000,
+                           max_rows=50_000, seconds=30)
+    sizes = [planner.next(rate).rows for rate in (None, None, None, 100.0)]
+    assert sizes == [1000, 2000, 4000, 3000]
+    assert planner.left == 409_600 - 10_000
+
+
 def test_scratch_tables_sit_beside_the_output_and_a_crashed_runs_are_dropped(spark):
     name = f"test.out_{uuid.uuid4().hex[:8]}"
     assert scratch_table(name, "0123456789abcdef", "pending") == f"test.`{name[5:]}__bi_pending_0123456789ab`"

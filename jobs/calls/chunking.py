@@ -5,7 +5,9 @@
 - `ChunkPlanner`: chunks are runs of consecutive hash buckets (identical requests share a bucket, so
   each is sent once per run). With `run.chunk_rows` set, chunks hold about that many rows; unset, the
   first chunk is small (`FIRST_CHUNK_REQUESTS_PER_SLOT` requests per slot of the limit: it measures
-  the endpoint), and each next one holds `run.chunk_seconds` of calls, and at least
+  the endpoint); chunks planned before any latency is known (executors mode plans the next ones
+  while the first is out) double, so that chunks side by side start and end at different times;
+  each next one holds `run.chunk_seconds` of calls, and at least
   `TAIL_CHUNK_FACTOR` times the p99 latency (a chunk ends waiting for its slowest answers), at the
   measured rate, at most 8 times the previous one and at most `run.max_chunk_rows`; a remainder under
   a quarter of that joins the chunk before it.
@@ -136,8 +138,10 @@ class ChunkPlanner:
     def target(self, rate: float | None, tail_s: float | None = None) -> int:
         if self.fixed:
             return self.fixed
-        if rate is None or self.last_target is None:
+        if self.last_target is None:
             return max(1, min(self.first, self.max_rows))
+        if rate is None:  # planned before the first answers: twice the one before
+            return max(1, min(2 * self.last_target, self.max_rows))
         wanted = rate * self.seconds_for(tail_s)
         return max(1, int(min(self.max_rows, 8 * self.last_target, max(self.first, wanted))))
 
@@ -161,6 +165,11 @@ class ChunkPlanner:
         self.index += 1
         self.planned += rows
         return chunk
+
+    @property
+    def left(self) -> int:
+        """Rows no chunk has taken yet."""
+        return self.total - self.planned
 
     def estimate(self, rate: float | None = None, tail_s: float | None = None) -> int:
         """Chunks in all: exact with `run.chunk_rows`; with sizing by rate, the count so far plus the rest

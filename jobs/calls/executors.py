@@ -1,5 +1,5 @@
 """Calls from the executors: the pandas UDF in Spark's tasks, one Spark job per chunk that calls and
-appends, three chunk jobs in flight (classic clusters).
+appends, two chunk jobs side by side on half the slots each and a third queued (classic clusters).
 
 Example::
 
@@ -29,12 +29,8 @@ from udfs.outcome import UNSENT
 
 log = logging.getLogger("batch_inference")
 
-# Chunk jobs in flight at once (when they may overlap: `overlap_chunks`). Three, not two: a chunk's
-# job ends with a stage after its calls (the join and the Delta append), whose tasks Spark submits
-# only once the last calling task ends, by which time the next chunk's calling tasks may have taken
-# every slot: that chunk then lands only after the next one's calls, and with two in flight the
-# one after that would be submitted only then, leaving the endpoint idle in between. A third
-# chunk's tasks are queued by then and take each slot as it frees.
+# Chunk jobs in flight at once (when they may overlap: `overlap_chunks`): two running side by side,
+# each on half the task slots, and a third queued, whose tasks take the slots of whichever ends first.
 CHUNKS_IN_FLIGHT = 3
 
 
@@ -42,12 +38,16 @@ class ExecutorsRun(ChunkRun):
     def call(self, outcomes_table: str) -> None:
         """Per chunk ONE Spark job: the UDF calls, and the same job appends the outcomes to Delta.
 
-        No separate commit job, so none waits for slots held by calling tasks. `CHUNKS_IN_FLIGHT`
-        chunk jobs are in flight at once (`overlap_chunks`): while chunk k's last tasks wait for their
-        slowest answers, the next chunks' tasks take each task slot as it frees, so a chunk's tail
-        does not leave the endpoint idle, and the tasks on one host lend each other their idle
-        share (`udfs.hostpool`, `TaskPlan.pool`). The job-wide limit holds all the same: every task keeps `C // S` in
-        flight and the cluster runs at most `S` tasks at once, whichever chunk they belong to.
+        No separate commit job, so none waits for slots held by calling tasks. When chunks may
+        overlap (`overlap_chunks`), `CHUNKS_IN_FLIGHT` chunk jobs are in flight and two run side by
+        side, each on half the slots (`TaskPlan.halved`), started at different times (the chunks grow
+        until the latency is known): a chunk's tasks end waiting for their slowest answers, and
+        meanwhile the other chunk's tasks, with rows still to send, borrow the share they leave
+        idle (`udfs.hostpool`, same host); when they end, the queued chunk takes their slots. With all
+        the slots per chunk, every task of a chunk would drain at once, and the endpoint would sit
+        nearly idle until the last answer freed a slot. The job-wide limit holds all the same: every
+        task keeps `C // S` of its own and the cluster runs at most `S` tasks at once, whichever
+        chunk they belong to; a borrowed permit is one a task on the same host does not use.
         Counts by status come from an `Observation` of each job. A chunk holding ids the table
         already has needs a MERGE, whose source must be stable: its outcomes are written once to a
         scratch table and merged from there, with no other chunk in flight (MERGE reads the table
@@ -59,10 +59,16 @@ class ExecutorsRun(ChunkRun):
         depth = CHUNKS_IN_FLIGHT if overlap_chunks(plan) and self.spec.budget is None else 1
         if depth > 1:  # with an even share per task, tasks on one host may lend each other theirs
             plan = replace(plan.even(), pool=self.run_id if self.cfg.limits.host_pool else None)
-        log.info("executors: %d task(s) x %s in flight%s", plan.partitions,
-                 " + ".join("/".join(map(str, sorted(set(lane)))) for lane in plan.per_lane),
-                 ", chunks overlapping" if depth > 1 else "")
-        self.plan = plan
+        # Overlapping chunks run side by side, each on half the slots (`TaskPlan.halved`); a chunk
+        # that runs alone (a MERGE, the first of vectors, a run's only chunk) takes them all.
+        self.plan, self.side = plan, plan.halved() if depth > 1 else plan
+        lanes = " + ".join("/".join(map(str, sorted(set(lane)))) for lane in plan.per_lane)
+        if depth > 1:
+            log.info("executors: chunks side by side, %d task(s) each of %d slots, %s in flight per task%s",
+                     self.side.partitions, plan.partitions, lanes,
+                     ", shares pooled per host" if plan.pool else "")
+        else:
+            log.info("executors: %d task(s) x %s in flight", plan.partitions, lanes)
         running: deque[tuple[Chunk, float, Future]] = deque()
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="bi-chunk") as pool:
             try:
@@ -71,7 +77,9 @@ class ExecutorsRun(ChunkRun):
                     while running and (alone or len(running) >= depth):
                         self._landed(*running.popleft())
                     t0 = time.monotonic()
-                    call = pool.submit(self._call_chunk, chunk, outcomes_table, depth)
+                    only = not running and self.planner.left == 0  # nothing to run beside it
+                    call = pool.submit(self._call_chunk, chunk, outcomes_table, depth,
+                                       self.plan if alone or only else self.side)
                     if alone or self.spec.budget is not None:  # a MERGE, the first chunk of vectors (it
                         self._landed(chunk, t0, call)           # fixes their length), or a budget to settle
                     else:
@@ -83,13 +91,15 @@ class ExecutorsRun(ChunkRun):
                     f.cancel()
                 wait([f for _, _, f in running])
 
-    def _call_chunk(self, chunk: Chunk, outcomes_table: str, depth: int) -> tuple[dict[str, int], dict[str, Any]]:
-        """One chunk's Spark job (two with a MERGE): counts by status, and what `observed` saw."""
+    def _call_chunk(self, chunk: Chunk, outcomes_table: str, depth: int,
+                    plan: TaskPlan) -> tuple[dict[str, int], dict[str, Any]]:
+        """One chunk's Spark job (two with a MERGE) on `plan`'s tasks: counts by status, and what
+        `observed` saw."""
         specs = self.specs
         if self.spec.budget is not None:  # each task's share of what the committed chunks left
-            specs = [replace(s, budget=s.budget.less(self.spent).share(self.plan.partitions)) if s.budget else s
+            specs = [replace(s, budget=s.budget.less(self.spent).share(plan.partitions)) if s.budget else s
                      for s in specs]
-        outcomes = with_outcomes(specs, self.plan, self.parsed_type, self.health)
+        outcomes = with_outcomes(specs, plan, self.parsed_type, self.health)
         seen = Observation(re.sub(r"\W", "_", f"chunk_{self.run_id}_{chunk.index}"))
         # Observed before `finish` names the columns as the output table does (`prompt` may become `text`).
         landed = observed(chunk.of(self.staged).select(*self.columns).transform(outcomes)

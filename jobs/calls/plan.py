@@ -12,6 +12,10 @@ request each: never above the limit, if slower than it could be.
 Several endpoints (`endpoints:`): each has its own limit `C_e`, and `P = min(S, min C_e)`, so that
 every task holds at least one slot of each endpoint and the sum over tasks is exactly `C_e`.
 
+Chunks that overlap (one task per slot, every share even: `jobs.calls.executors`) run side by side
+on half the slots each (`TaskPlan.halved`): each task still keeps `C // S`, and at most `S` tasks
+run at once, so the sum stays within `C`; rate limits split over the `S` tasks, not a chunk's.
+
 Driver mode (`run.calls_from: driver`) needs no plan: one engine in the driver holds all `C`.
 
 Example::
@@ -44,6 +48,19 @@ class TaskPlan:
     # The run's key for pooling the in-flight shares of the tasks on each host (`udfs.hostpool`):
     # only for an even plan of one task per slot (`jobs.calls.executors.overlap_chunks`); None: none.
     pool: str | None = None
+    # Tasks that may run at once, of this chunk and others (`halved`); None: `partitions`.
+    at_once: int | None = None
+
+    @property
+    def tasks_at_once(self) -> int:
+        return self.at_once or self.partitions
+
+    def halved(self) -> TaskPlan:
+        """This even plan over half its tasks, each keeping its `C // S`: two chunks run side by side
+        (`jobs.calls.executors`), and rate limits still split over every task that may run at once."""
+        p = max(1, self.partitions // 2)
+        return replace(self, partitions=p, per_task=self.per_task[:p], lanes=tuple(lane[:p] for lane in self.lanes),
+                       at_once=self.tasks_at_once)
 
     def even(self) -> TaskPlan:
         """Every task the same share, `C // P`: when tasks of two chunks may run together, any `P` of
@@ -57,7 +74,7 @@ class TaskPlan:
 
     def per_task_spec(self, spec: EngineSpec) -> EngineSpec:
         """Split the job-wide rate limits evenly over the tasks."""
-        p = self.partitions
+        p = self.tasks_at_once
         return replace(
             spec,
             requests_per_s=spec.requests_per_s / p if spec.requests_per_s else None,
