@@ -36,6 +36,7 @@ llm_job_efficiency_executors_c256=<x> overload_cut_ok=<true|false>`
 
     python benchmarks/llm_latency.py [--rows 5000] [--concurrency 64,256] [--modes driver,executors]
                                      [--latency heavy|bimodal] [--overload-rows 1500] [--no-overload]
+                                     [--timeline]   # per run: in flight per second, the job's log lines
 """
 
 from __future__ import annotations

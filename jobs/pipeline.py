@@ -14,9 +14,10 @@ the driver on Spark Connect, where UDFs cannot reach the internet). What overlap
   are fetched ahead), and chunk k is committed on the committer thread while chunk k+1 calls;
   the commit holds no request and no task slot the calls need;
 - executors: one Spark job per chunk calls and appends (the write of its rows and Delta's log
-  commit are the end of the same job), and three chunk jobs are in flight, so the next chunks' tasks
-  take each slot the last one's slowest answers free, and tasks on one host lend each other their
-  idle share (`udfs.hostpool`). Chunks that need a MERGE stage their outcomes and merge alone.
+  commit are the end of the same job); two chunk jobs run side by side on half the slots each and a
+  third waits, so while one chunk's tasks wait for their slowest answers the other's borrow the
+  share they leave idle (`udfs.hostpool`, tasks on one host), and the third takes each slot they
+  free. Chunks that need a MERGE stage their outcomes and merge alone.
 
 Each chunk is committed once; a crash loses at most the chunks in flight (driver: one calling, one
 committing, one waiting; executors: the three in flight).

@@ -210,7 +210,16 @@ class Caller:
         deadline = sent[0] + self.spec.retry.row_budget_s + self._paused_since(sent) if sent else None
         reserve = sum(len(p) for p in prompts) // CHARS_PER_TOKEN + self._max_tokens
         while True:
-            probe = await self.governor.acquire(deadline)
+            # Held by a pause or pacing, rows wait for the governor, not for a slot: the limiter must
+            # know, or a pooled one would lend its idle share to a neighbour meanwhile.
+            held = self.governor.ready_in() != 0
+            if held:
+                self.limiter.held_back(1)
+            try:
+                probe = await self.governor.acquire(deadline)
+            finally:
+                if held:
+                    self.limiter.held_back(-1)
             await self.limiter.acquire()
             if probe or not (self.governor.paused or self.governor.open_reason):
                 break

@@ -131,7 +131,10 @@ class HostPool:
             return
         fd = self._fd(f"want-{self.block}")
         if wanting:
-            self._wanting = _try(fd, fcntl.LOCK_EX)  # a borrower testing it this instant: again next time
+            # Blocking: a borrower holds it shared only for the instant of its test (`_lendable`). A
+            # try that failed then would leave the block lendable until the next change of state.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._wanting = True
         else:
             fcntl.flock(fd, fcntl.LOCK_UN)
             self._wanting = False
@@ -202,6 +205,7 @@ class PooledLimiter(AdaptiveLimiter):
         self.answered = False
         self._poller: asyncio.Task[None] | None = None
         self._own_waiting = 0
+        self._held_back = 0  # requests the governor holds (a pause, pacing): work waiting all the same
 
     @property
     def capacity(self) -> int:
@@ -273,9 +277,17 @@ class PooledLimiter(AdaptiveLimiter):
             self._own_waiting -= 1
             self._update_want()
 
+    def held_back(self, n: int) -> None:
+        """Requests held by the governor count as waiting: a task waiting out a rate-limit pause, or
+        paced, lends nothing. A neighbour borrowing its share then would take the window's requests
+        it waits for, and draw the 429s it avoids."""
+        self._held_back += n
+        self._update_want()
+
     def _update_want(self) -> None:
-        """This block is wanted while any of this task's requests waits: for a slot or for a permit."""
-        self.pool.want(bool(self._own_waiting or any(not w.done() for w in self._waiters)))
+        """This block is wanted while any of this task's requests waits: for a slot, for a permit, or
+        held by the governor."""
+        self.pool.want(bool(self._own_waiting or self._held_back or any(not w.done() for w in self._waiters)))
 
     def _borrowed_one(self) -> None:
         self.borrowed += 1

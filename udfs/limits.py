@@ -540,6 +540,10 @@ class AdaptiveLimiter:
         if self.on_release is not None:
             self.on_release()
 
+    def held_back(self, n: int) -> None:
+        """`n` more (or fewer) requests wait before this limiter, held by the governor (a pause, pacing):
+        nothing to do here; a pooled limiter lends none of its share meanwhile (`udfs.hostpool`)."""
+
     def has_room(self) -> bool:
         """Whether `acquire` would take a slot now, without waiting."""
         return self.inflight < max(1, int(self.limit)) and not self._waiters
