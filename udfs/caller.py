@@ -210,16 +210,7 @@ class Caller:
         deadline = sent[0] + self.spec.retry.row_budget_s + self._paused_since(sent) if sent else None
         reserve = sum(len(p) for p in prompts) // CHARS_PER_TOKEN + self._max_tokens
         while True:
-            # Held by a pause or pacing, rows wait for the governor, not for a slot: the limiter must
-            # know, or a pooled one would lend its idle share to a neighbour meanwhile.
-            held = self.governor.ready_in() != 0
-            if held:
-                self.limiter.held_back(1)
-            try:
-                probe = await self.governor.acquire(deadline)
-            finally:
-                if held:
-                    self.limiter.held_back(-1)
+            probe = await self._governed(deadline)
             await self.limiter.acquire()
             if probe or not (self.governor.paused or self.governor.open_reason):
                 break
@@ -292,6 +283,19 @@ class Caller:
     def _paused_since(self, sent: list[float]) -> float:
         """Seconds of rate-limit pauses since the row was first sent (`sent`: when, and the pauses then)."""
         return self.governor.rate_paused_s() - sent[1] if len(sent) > 1 else 0.0
+
+    async def _governed(self, deadline: float | None) -> bool:
+        """`governor.acquire`, telling the limiter while the governor holds the request (a pause, pacing):
+        it waits for the governor, not for a slot, and a pooled limiter must not lend its idle share
+        to a neighbour meanwhile (`udfs.hostpool`)."""
+        held = self.governor.ready_in() != 0
+        if held:
+            self.limiter.held_back(1)
+        try:
+            return await self.governor.acquire(deadline)
+        finally:
+            if held:
+                self.limiter.held_back(-1)
 
     async def _auth(self) -> tuple[dict[str, str] | None, int | None]:
         """The Authorization header for this request, refreshed first if it is due."""

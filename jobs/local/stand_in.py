@@ -305,10 +305,6 @@ class LocalEndpoint:
         self.received: list[Request] = []
         self.inflight = 0
         self.peak_inflight = 0
-        # Requests in flight integrated over time, from the first request to the last answer.
-        self.inflight_area = 0.0
-        self.first_at: float | None = None
-        self.last_at: float | None = None
         self.flows: list[tuple[float, int]] = []  # (time, requests in flight from then on)
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
@@ -334,38 +330,46 @@ class LocalEndpoint:
             self._flow(-1)
 
     def _flow(self, delta: int) -> None:
-        now = time.monotonic()
-        if self.last_at is not None:
-            self.inflight_area += self.inflight * (now - self.last_at)
-        self.first_at = self.first_at if self.first_at is not None else now
-        self.last_at = now
         self.inflight += delta
-        self.flows.append((now, self.inflight))
+        self.flows.append((time.monotonic(), self.inflight))
+
+    def _area(self, end: float | None = None) -> tuple[float, float]:
+        """Requests in flight integrated over time from the first request to `end` (None: the last
+        answer), and that span."""
+        with self._lock:
+            flows = list(self.flows)
+        if not flows:
+            return 0.0, 0.0
+        end = flows[-1][0] if end is None else end
+        area = sum(n * (min(t1, end) - t0) for (t0, n), (t1, _) in zip(flows, flows[1:]) if t0 < end)
+        return area, max(0.0, end - flows[0][0])
+
+    @property
+    def inflight_area(self) -> float:
+        """Requests in flight integrated over time, from the first request to the last answer."""
+        return self._area()[0]
 
     def mean_inflight(self) -> float:
         """Requests in flight on average (weighted by time) from the first request to the last answer."""
-        with self._lock:
-            span = (self.last_at or 0.0) - (self.first_at or 0.0)
-            return self.inflight_area / span if span > 0 else 0.0
+        area, span = self._area()
+        return area / span if span > 0 else 0.0
 
     def mean_inflight_while_sending(self) -> float:
         """Requests in flight on average from the first request to the last one's arrival: the job had
         requests still to send all along, so anything under the limit there is the job's, not the
         tail's (the last answers arrive as they will)."""
         with self._lock:
-            flows = list(self.flows)
             end = self.received[-1].arrived if self.received else None
-        if not flows or end is None or end <= flows[0][0]:
+        if end is None:
             return 0.0
-        area = sum(n * (min(t1, end) - t0) for (t0, n), (t1, _) in zip(flows, flows[1:]) if t0 < end)
-        return area / (end - flows[0][0])
+        area, span = self._area(end)
+        return area / span if span > 0 else 0.0
 
     def reset(self) -> None:
         with self._lock:
             self.received.clear()
             self.flows.clear()
             self.peak_inflight = self.inflight
-            self.inflight_area, self.first_at, self.last_at = 0.0, None, None
         self.fault = None
 
     def start(self) -> LocalEndpoint:
