@@ -189,7 +189,8 @@ def make_app(latency_s: float, per_text_s: float = 0.0, window_limit: int = 0,
                                   "first": stats.first, "last": stats.last, "series": series,
                                   "served": stats.served, "tokens": stats.tokens, "token_s": stats.token_s,
                                   "unavailable": stats.unavailable, "inflight_area": stats.area,
-                                  "inflight_by_s": sorted(stats.area_by_s.items())})
+                                  "inflight_by_s": sorted(stats.area_by_s.items()),
+                                  "windows": sorted(stats.windows.items())})
 
     async def reset(request: web.Request) -> web.Response:
         stats.reset()

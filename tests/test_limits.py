@@ -525,6 +525,31 @@ def test_above_the_settled_rate_the_increase_doubles_per_quiet_window_up_to_eigh
     assert per_window == [[1.0, 2.0], [2.0, 4.0], [4.0, 8.0], [8.0], [8.0], [8.0]]
 
 
+def test_a_pause_voids_every_paced_slot_reserved_before_it():
+    """Requests asleep on slots reserved before a pause re-reserve after it: the resumed task hands out
+    new slots from its resume, so if the old ones still went the task would send at twice its pace, and
+    the more requests wait (a task that may borrow slots has more), the longer it would."""
+    clock = VirtualTime()
+    gov = governor(clock, rate=10.0, learn=False)
+    sent: list[float] = []
+
+    async def sender() -> None:
+        while clock.now < 4.0:
+            probe = await gov.acquire()
+            sent.append(clock.now)
+            if len(sent) == 3:  # the third request, at 0.2 s, is refused: a pause of 0.5 s, then a probe
+                gov.failed(OVERLOAD, probe, None, "http_429: window full")
+            else:
+                gov.answered(probe)
+
+    async def go() -> None:
+        await asyncio.gather(*(sender() for _ in range(20)))
+    clock.run(go())
+    assert gov.pauses == 1 and 0.7 in sent
+    busiest = max(sum(t <= s < t + 1.0 for s in sent) for t in sent)
+    assert busiest <= 10 + 1  # never more than the pace in any second, the pause's sides included
+
+
 def test_a_first_probe_that_gets_through_halves_the_next_pause_s_first_wait_down_to_50_ms():
     """A limit that reopens at once (on requests in flight) costs less each time; one refused probe puts
     the first wait back at `probe_first_s`."""

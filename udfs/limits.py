@@ -226,9 +226,12 @@ class Governor:
                 slot = max(self._next, now)
                 self._next = slot + 1.0 / self.rate
                 if slot > now:
+                    pauses = self.pauses
                     await self._sleep(slot - now)
-                    if self.paused or self.open_reason is not None:
-                        continue  # a pause began meanwhile: the slot is void
+                    if self.paused or self.open_reason is not None or self.pauses != pauses:
+                        # A pause began meanwhile (and may have ended: the resume hands out slots
+                        # afresh): the slot is void.
+                        continue
             return False
 
     def answered(self, probe: bool = False) -> None:
