@@ -550,6 +550,56 @@ def test_a_pause_voids_every_paced_slot_reserved_before_it():
     assert busiest <= 10 + 1  # never more than the pace in any second, the pause's sides included
 
 
+def shared_window(seed: int, rows: tuple[int, int], limit: int = 40, window_s: float = 2.0) -> dict:
+    """Two tasks of 8 workers, each with its own governor and its `rows`, against one fixed window of
+    `limit` per `window_s` (no Retry-After), answers in 40 to 75 ms. Requests per window, requests,
+    429s, and when each task had its last answer."""
+    clock = VirtualTime()
+    rng = random.Random(seed)
+    govs = [governor(clock), governor(clock)]
+    left = list(rows)
+    served: dict[int, int] = {}
+    got = {"requests": 0, "refused": 0, "done": [0.0, 0.0]}
+
+    async def worker(i: int) -> None:
+        while left[i] > 0:
+            left[i] -= 1
+            while True:
+                probe = await govs[i].acquire()
+                w = int(clock.now // window_s)
+                served[w] = served.get(w, 0) + 1
+                ok = served[w] <= limit
+                got["requests"] += 1
+                await clock.sleep(0.05 * rng.uniform(0.8, 1.5))
+                if ok:
+                    govs[i].answered(probe)
+                    got["done"][i] = clock.now
+                    break
+                got["refused"] += 1
+                govs[i].failed(OVERLOAD, probe, None, "http_429: REQUEST_LIMIT_EXCEEDED")
+
+    async def go() -> None:
+        await asyncio.gather(*(worker(i) for i in (0, 1) for _ in range(8)))
+    clock.run(go())
+    got["windows"] = [served.get(w, 0) for w in range(max(served) + 1)]
+    return got
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_share_a_finished_task_left_is_taken_back(seed):
+    """Each task learns its part of a shared window and paces under it. When one task finishes, the
+    other must take the whole window back: its increase steps once per window, and the window it
+    learned is the limit's own even when its closed windows (a 429 that lasts until the window turns)
+    are many windows apart: the time between two is a whole number of windows, not one. Learned
+    from that time the window was tens of seconds, and the task stayed near two thirds of the limit
+    for the rest of the run."""
+    got = shared_window(seed, rows=(300, 900))
+    alone = got["windows"][int(got["done"][0] // 2.0) + 1:-1]  # whole windows after the first task ended
+    assert len(alone) >= 8
+    assert sum(alone) / len(alone) >= 0.75 * 40
+    assert got["refused"] / got["requests"] <= 0.05
+
+
 def test_a_first_probe_that_gets_through_halves_the_next_pause_s_first_wait_down_to_50_ms():
     """A limit that reopens at once (on requests in flight) costs less each time; one refused probe puts
     the first wait back at `probe_first_s`."""

@@ -159,7 +159,10 @@ class Governor:
         self._recent: deque[float] = deque()  # answer times over the last window (`_cycle_len`)
         self._measured: float | None = None
         self._base = self.rate  # the rate set at the last decrease
-        self._cycle_len = 60.0  # the last cycle's length; AI Gateway's windows are a minute until measured
+        self._cycle_len = 60.0  # the limit's window; AI Gateway's windows are a minute until measured
+        self._first_window: float | None = None  # the first closed cycle's length
+        self._last_turn = 0.0  # when a closed window last reopened
+        self._turn_gap: float | None = None  # the window, refined by the time between two reopenings
         self._last_increase = now
         self._next = -math.inf
         self._waiters: list[asyncio.Future[None]] = []
@@ -325,18 +328,19 @@ class Governor:
             measured: float | None = None
             reopened = (self._refused_at + now) / 2
             closed = self._probes_refused and reopened - self._cycle_start >= 1.0
+            if closed:
+                self._cycle_len = self._window(reopened)
             if closed and self._cycle_answers >= 5:
                 # A window that stayed closed: it reopened between the last refused probe and this
                 # answer (take the middle), and what it let through over the cycle is its rate. (A
                 # shorter cycle is a limit on requests in flight seen twice.)
-                self._cycle_len = reopened - self._cycle_start
-                measured = self._cycle_answers / self._cycle_len
+                measured = self._cycle_answers / (reopened - self._cycle_start)
             elif closed and not self.rate:
                 # A window that stayed closed, but other tasks had it: too few answers to measure. The
                 # task stays unpaced; the next window it takes its part and measures it. (A guessed
                 # slow pace would starve it for windows on end; already paced, the task keeps its pace
                 # and cuts it as below: at most by half.)
-                self._cycle_len = reopened - self._cycle_start
+                pass
             elif self.rate:
                 # Refused, then open again at the first probe (or a closed window gave this task too few
                 # answers to measure): the pace met the limit as a window turned.
@@ -361,6 +365,20 @@ class Governor:
         self._last_increase = now
         self._next = now + (1.0 / self.rate if self.rate else 0.0)  # the probe took this slot
         self._wake()
+
+    def _window(self, reopened: float) -> float:
+        """The limit's window, from a closed window's reopening. The first closed cycle's length
+        estimates it; a fixed window turns every `W` seconds, so the time between two reopenings is a
+        whole number of windows (a paced task may go many windows between closed ones), and each such
+        gap, divided by the whole number nearest to it in first estimates, refines it."""
+        if self._first_window is None:
+            self._first_window = reopened - self._cycle_start
+        else:
+            gap = reopened - self._last_turn
+            est = gap / max(1, round(gap / self._first_window))
+            self._turn_gap = est if self._turn_gap is None else min(self._turn_gap, est)
+        self._last_turn = reopened
+        return self._turn_gap if self._turn_gap is not None else self._first_window
 
     def _add(self, now: float) -> None:
         """Increase, in the time of the limit's own window (the last cycle's length): back to `settle`
