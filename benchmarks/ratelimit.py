@@ -61,7 +61,8 @@ def run(spark, server: Server, table: str, rows: int, c: int, told_rpm: float | 
     got = spark.sql(f"SELECT count_if(status = 'ok') AS ok, count_if(error LIKE 'http_429%') AS e429 "
                     f"FROM {out}").first()
     return {"ok": got["ok"], "e429": got["e429"], "requests": s["requests"], "refused": s["refused"],
-            "calls_rps": got["ok"] / (s["last"] - s["first"]), "job_rps": got["ok"] / wall}
+            "calls_rps": got["ok"] / (s["last"] - s["first"]), "job_rps": got["ok"] / wall,
+            "windows": [n for _, n in s["windows"]]}
 
 
 def main() -> None:
@@ -95,8 +96,8 @@ def main() -> None:
                         limit_rps * 60 if kind == "told" else None)
                 r.update(round=rnd, kind=kind, efficiency=r["calls_rps"] / limit_rps,
                          share=r["refused"] / max(1, r["requests"]))
-                print(f"round {rnd} {kind}: efficiency {r['efficiency']:.2f}, 429 share {r['share']:.3f}",
-                      flush=True)
+                print(f"round {rnd} {kind}: efficiency {r['efficiency']:.2f}, 429 share {r['share']:.3f}; "
+                      f"requests per window: {' '.join(map(str, r['windows']))}", flush=True)
                 results.append(r)
     finally:
         server.stop()
