@@ -600,6 +600,27 @@ def test_a_share_a_finished_task_left_is_taken_back(seed):
     assert got["refused"] / got["requests"] <= 0.05
 
 
+def test_a_window_handed_on_is_kept_when_the_next_closed_one_comes_windows_later():
+    """A task started from what the last one learned (a 2 s window) is paced, so its first closed
+    window may come many windows in: the time since its start is not the window, and what it hands on
+    is still 2 s."""
+    clock = FakeClock()
+    gov = governor(clock)
+    gov.start_from(Learned(rate=10.0, measured=10.5, window_s=2.0, at=0.0))
+
+    async def go() -> None:
+        while clock.now < 8.0:  # four windows of answers at the pace
+            gov.answered(await gov.acquire())
+        await gov.acquire()
+        gov.failed(OVERLOAD, False, None, "http_429")  # the window is full
+        assert await gov.acquire() is True
+        gov.failed(OVERLOAD, True, None, "http_429")  # still closed: a closed window
+        gov.answered(await gov.acquire())
+    run(go())
+    learned = gov.learned()
+    assert gov.decreases == 1 and learned is not None and learned.window_s == 2.0
+
+
 def test_a_first_probe_that_gets_through_halves_the_next_pause_s_first_wait_down_to_50_ms():
     """A limit that reopens at once (on requests in flight) costs less each time; one refused probe puts
     the first wait back at `probe_first_s`."""

@@ -160,8 +160,8 @@ class Governor:
         self._measured: float | None = None
         self._base = self.rate  # the rate set at the last decrease
         self._cycle_len = 60.0  # the limit's window; AI Gateway's windows are a minute until measured
-        self._first_window: float | None = None  # the first closed cycle's length
-        self._last_turn = 0.0  # when a closed window last reopened
+        self._first_window: float | None = None  # the first closed cycle's length, or the window handed on
+        self._last_turn: float | None = None  # when a closed window last reopened
         self._turn_gap: float | None = None  # the window, refined by the time between two reopenings
         self._last_increase = now
         self._next = -math.inf
@@ -181,6 +181,7 @@ class Governor:
         """Start at the pace an earlier governor of the same endpoint and share settled at."""
         self.rate = self._base = min(learned.rate, self.ceiling) if self.ceiling else learned.rate
         self._measured, self._cycle_len = learned.measured, learned.window_s
+        self._first_window = learned.window_s
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -329,18 +330,16 @@ class Governor:
             reopened = (self._refused_at + now) / 2
             closed = self._probes_refused and reopened - self._cycle_start >= 1.0
             if closed:
+                # A window that stayed closed: it reopened between the last refused probe and this
+                # answer (take the middle). With too few answers to measure (other tasks had the
+                # window), an unpaced task stays unpaced: the next window it takes its part and
+                # measures it (a guessed slow pace would starve it for windows on end); a paced one
+                # keeps its pace and cuts it as below, at most by half.
                 self._cycle_len = self._window(reopened)
             if closed and self._cycle_answers >= 5:
-                # A window that stayed closed: it reopened between the last refused probe and this
-                # answer (take the middle), and what it let through over the cycle is its rate. (A
-                # shorter cycle is a limit on requests in flight seen twice.)
+                # What the window let through over the cycle is its rate. (A shorter cycle is a limit
+                # on requests in flight seen twice.)
                 measured = self._cycle_answers / (reopened - self._cycle_start)
-            elif closed and not self.rate:
-                # A window that stayed closed, but other tasks had it: too few answers to measure. The
-                # task stays unpaced; the next window it takes its part and measures it. (A guessed
-                # slow pace would starve it for windows on end; already paced, the task keeps its pace
-                # and cuts it as below: at most by half.)
-                pass
             elif self.rate:
                 # Refused, then open again at the first probe (or a closed window gave this task too few
                 # answers to measure): the pace met the limit as a window turned.
@@ -373,7 +372,7 @@ class Governor:
         gap, divided by the whole number nearest to it in first estimates, refines it."""
         if self._first_window is None:
             self._first_window = reopened - self._cycle_start
-        else:
+        elif self._last_turn is not None:
             gap = reopened - self._last_turn
             est = gap / max(1, round(gap / self._first_window))
             self._turn_gap = est if self._turn_gap is None else min(self._turn_gap, est)
