@@ -87,8 +87,10 @@ class Governor:
       paced, the paced rate met the limit as a window turned, and what the last window let through
       is the limit's rate. The task resumes paced at `decrease` (0.9) times that rate, never less than
       half the rate it had, climbs back to `settle` (0.95) of it within a quarter of a window, then
-      adds `increase` (2%) of it per window: the window is the limit's own (measured when one stayed
-      closed), so the step is as gentle for a minute's window as for a second's. Under a fixed window the task
+      adds `increase` (2%) of it per window: the window is the limit's own (the first closed cycle,
+      refined by the time between reopenings, a whole number of windows), so the step is as gentle
+      for a minute's window as for a second's. A pause voids every paced slot reserved before it.
+      Under a fixed window the task
       settles just under the window's rate instead of bursting into it every window. Until the first
       such 429 the task is unpaced, unless a starting `rate` is known (the endpoint's AI Gateway limits,
       `limits.requests_per_minute`); `ceiling` (requests/s) is never exceeded. A 429 whose first probe
@@ -380,7 +382,7 @@ class Governor:
         return self._turn_gap if self._turn_gap is not None else self._first_window
 
     def _add(self, now: float) -> None:
-        """Increase, in the time of the limit's own window (the last cycle's length): back to `settle`
+        """Increase, in the time of the limit's own window (`_window`): back to `settle`
         of the measured rate within a quarter of a window, then `increase` of it more per window,
         doubling for each window without a 429."""
         assert self.rate
