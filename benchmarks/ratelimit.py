@@ -22,6 +22,7 @@ round> told_efficiency=<x>`. Target: efficiency >= 0.85 with a 429 share <= 0.05
 
     python benchmarks/ratelimit.py [--window-limit 40] [--window-s 2] [--rows 1200]
                                    [--concurrency 8] [--latency-ms 50] [--rounds 1]
+                                   [--chunk-rows N]
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.throughput import Server  # noqa: E402
 
 
-def run(spark, server: Server, table: str, rows: int, c: int, told_rpm: float | None) -> dict:
+def run(spark, server: Server, table: str, rows: int, c: int, told_rpm: float | None,
+        chunk_rows: int | None = None) -> dict:
     from jobs.config import parse_config
     from jobs.pipeline import run_job
 
@@ -51,7 +53,7 @@ def run(spark, server: Server, table: str, rows: int, c: int, told_rpm: float | 
     cfg = parse_config({
         "input": {"table": table}, "output": {"table": out},
         "endpoint": {"name": "rate-limited", "type": "driver_proxy", "url": server.url + "/"},
-        "limits": limits, "run": {"chunk_rows": rows},
+        "limits": limits, "run": {"chunk_rows": chunk_rows or rows},
     })
     server.reset()
     t0 = time.monotonic()
@@ -73,6 +75,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--latency-ms", type=float, default=50.0)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="rows per chunk (default: all in one chunk; fewer: chunks side by side)")
     p.add_argument("--master", default="local[2]")
     args = p.parse_args()
     os.environ.setdefault("BI_JARS_DIR", str(ROOT / ".cache" / "jars"))
@@ -93,7 +97,7 @@ def main() -> None:
             order = ["learned", "told"] if rnd % 2 else ["told", "learned"]
             for kind in order:
                 r = run(spark, server, table, args.rows, args.concurrency,
-                        limit_rps * 60 if kind == "told" else None)
+                        limit_rps * 60 if kind == "told" else None, args.chunk_rows)
                 r.update(round=rnd, kind=kind, efficiency=r["calls_rps"] / limit_rps,
                          share=r["refused"] / max(1, r["requests"]))
                 print(f"round {rnd} {kind}: efficiency {r['efficiency']:.2f}, 429 share {r['share']:.3f}; "
@@ -106,7 +110,8 @@ def main() -> None:
     print(f"\nmachine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end; "
           f"Spark {args.master}; limit W = {args.window_limit} per {args.window_s:g} s window "
           f"({limit_rps:g} requests/s), no Retry-After; L = {args.latency_ms:.0f} ms; "
-          f"C = {args.concurrency}; N = {args.rows} rows; default retry settings")
+          f"C = {args.concurrency}; N = {args.rows} rows in chunks of {args.chunk_rows or args.rows}; "
+          f"default retry settings")
     print(f"{'round':>5} {'run':>8} {'limit/s':>8} {'calls rows/s':>13} {'efficiency':>11} {'requests':>9} "
           f"{'429s':>6} {'429 share':>10} {'ok':>6} {'http_429':>9} {'job rows/s':>11}")
     for r in results:
