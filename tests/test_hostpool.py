@@ -178,8 +178,7 @@ def test_a_cut_limit_does_not_borrow(tmp_path, key):
 def test_a_task_whose_requests_the_governor_holds_lends_nothing(tmp_path, key):
     """A task waiting out a rate-limit pause (or paced) has work waiting, if not for a slot: its idle
     share is not lendable meanwhile. Lent, a neighbour that saw no 429 would take the window's
-    requests it waits for (benchmarks/ratelimit.py: 0.07 to 0.085 of requests drew a 429 with
-    it, 0.04 without a pool)."""
+    requests it waits for, and draw the 429s it avoids."""
     a = PooledLimiter(2, HostPool(key, 2, tmp_path))
     b = PooledLimiter(2, HostPool(key, 2, tmp_path))
     a.answered = True
