@@ -204,27 +204,29 @@ class _JobsOwnToken:
 def test_the_job_s_own_token_is_refreshed_in_the_executors_for_a_chunk_longer_than_its_life(
         spark, table_name, monkeypatch, caplog):
     """Executors mode with credentials only the driver can refresh (the job's own runtime token): tokens
-    live 2 s, one chunk calls for 6 s. The tasks get the driver's current token from its relay when
-    theirs is refused, instead of failing the rest of the chunk with 401."""
+    live 4 s, one chunk calls for 12 s. The tasks get the driver's current token from its relay when
+    theirs is refused, instead of failing the rest of the chunk with 401. (The relay's token may be
+    up to half a life plus `REFRESH_AT_MOST_EVERY_S` old: with 2 s tokens it could lapse on the way
+    back on a loaded machine, which real tokens of an hour never do.)"""
     from databricks.sdk.config import Config
 
     import jobs.endpoint.resolve
 
     caplog.set_level(logging.INFO, logger="batch_inference")
-    with Workspace(token_life_s=2.0) as ws:
+    with Workspace(token_life_s=4.0) as ws:
         ws.definition = {"name": "llm", "state": {"ready": "READY"}}
         strategy = _JobsOwnToken(ws)
         monkeypatch.setattr(jobs.endpoint.resolve, "_sdk_config",
                             lambda host=None: Config(host=ws.url, credentials_strategy=strategy))
         run_job(spark, job_config(
-            input={"table": prompts(spark, 60)}, output={"table": table_name},
+            input={"table": prompts(spark, 120)}, output={"table": table_name},
             endpoint={"name": "llm", "type": "serving", "task": "llm/v1/chat", "host": ws.url, "auth": "databricks"},
             limits={"max_concurrency": 2, "requests_per_minute": 600},
-            run={"calls_from": "executors", "chunk_rows": 60}, retry=DEFAULT_RETRY))
+            run={"calls_from": "executors", "chunk_rows": 120}, retry=DEFAULT_RETRY))
         calls, refused = ws.invocations(), ws.refused
     tokens = {n for _, n in calls}
-    print(f"\njob's own token, 2 s: {len(calls)} calls with {len(tokens)} tokens, {refused} refused")
-    assert statuses(spark, table_name) == {"ok": 60}
+    print(f"\njob's own token, 4 s: {len(calls)} calls with {len(tokens)} tokens, {refused} refused")
+    assert statuses(spark, table_name) == {"ok": 120}
     assert len(tokens) >= 3 and refused >= 1  # tokens lapsed mid-chunk, and the tasks got new ones
     assert "the tasks get the driver's current token from" in caplog.text
     assert "oauth-" not in caplog.text
