@@ -158,10 +158,9 @@ class Governor:
         # The cycle the rate is measured over, and pacing.
         self._cycle_start: float | None = None
         self._cycle_answers = 0
-        self._recent: deque[float] = deque()  # answer times over the last window (`_cycle_len`)
+        self._recent: deque[float] = deque()  # answer times over the last window (`_window_s`)
         self._measured: float | None = None
         self._base = self.rate  # the rate set at the last decrease
-        self._cycle_len = 60.0  # the limit's window; AI Gateway's windows are a minute until measured
         self._first_window: float | None = None  # the first closed cycle's length, or the window handed on
         self._last_turn: float | None = None  # when a closed window last reopened
         self._turn_gap: float | None = None  # the window, refined by the time between two reopenings
@@ -177,13 +176,12 @@ class Governor:
         """The learned pace, if this governor learned one (a 429 cycle measured it)."""
         if not (self.learn and self.rate and self._measured):
             return None
-        return Learned(self.rate, self._measured, self._cycle_len, time.monotonic())
+        return Learned(self.rate, self._measured, self._window_s, time.monotonic())
 
     def start_from(self, learned: Learned) -> None:
         """Start at the pace an earlier governor of the same endpoint and share settled at."""
         self.rate = self._base = min(learned.rate, self.ceiling) if self.ceiling else learned.rate
-        self._measured, self._cycle_len = learned.measured, learned.window_s
-        self._first_window = learned.window_s
+        self._measured, self._first_window = learned.measured, learned.window_s
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -250,7 +248,7 @@ class Governor:
             self._resume(now)
         self._cycle_answers += 1
         self._recent.append(now)
-        while self._recent and self._recent[0] < now - self._cycle_len:
+        while self._recent and self._recent[0] < now - self._window_s:
             self._recent.popleft()
         if self.learn and self.rate and not self.paused:
             self._add(now)
@@ -337,7 +335,7 @@ class Governor:
                 # window), an unpaced task stays unpaced: the next window it takes its part and
                 # measures it (a guessed slow pace would starve it for windows on end); a paced one
                 # keeps its pace and cuts it as below, at most by half.
-                self._cycle_len = self._window(reopened)
+                self._learn_window(reopened)
             if closed and self._cycle_answers >= 5:
                 # What the window let through over the cycle is its rate. (A shorter cycle is a limit
                 # on requests in flight seen twice.)
@@ -348,9 +346,9 @@ class Governor:
                 # What the last window let through is the limit's rate (the pace, unless the task sent
                 # less than it allowed); the cycle, many windows long, says nothing of the window's
                 # length. (Unpaced, such a 429 is about concurrency, which `AdaptiveLimiter` halves.)
-                start = self._paused_at - self._cycle_len
+                start = self._paused_at - self._window_s
                 recent = sum(1 for t in self._recent if start <= t <= self._paused_at)
-                span = min(self._cycle_len, self._paused_at - self._cycle_start)
+                span = min(self._window_s, self._paused_at - self._cycle_start)
                 measured = min(self.rate, recent / span) if span >= 1.0 else self.rate
             if measured is not None:
                 new = measured * self.decrease
@@ -367,8 +365,15 @@ class Governor:
         self._next = now + (1.0 / self.rate if self.rate else 0.0)  # the probe took this slot
         self._wake()
 
-    def _window(self, reopened: float) -> float:
-        """The limit's window, from a closed window's reopening. The first closed cycle's length
+    @property
+    def _window_s(self) -> float:
+        """The limit's window as learned (`_learn_window`); AI Gateway's windows are a minute until measured."""
+        if self._turn_gap is not None:
+            return self._turn_gap
+        return self._first_window if self._first_window is not None else 60.0
+
+    def _learn_window(self, reopened: float) -> None:
+        """Learn the limit's window from a closed window's reopening. The first closed cycle's length
         estimates it; a fixed window turns every `W` seconds, so the time between two reopenings is a
         whole number of windows (a paced task may go many windows between closed ones), and each such
         gap, divided by the whole number nearest to it in first estimates, refines it."""
@@ -379,10 +384,9 @@ class Governor:
             est = gap / max(1, round(gap / self._first_window))
             self._turn_gap = est if self._turn_gap is None else min(self._turn_gap, est)
         self._last_turn = reopened
-        return self._turn_gap if self._turn_gap is not None else self._first_window
 
     def _add(self, now: float) -> None:
-        """Increase, in the time of the limit's own window (`_window`): back to `settle`
+        """Increase, in the time of the limit's own window (`_window_s`): back to `settle`
         of the measured rate within a quarter of a window, then `increase` of it more per window,
         doubling for each window without a 429."""
         assert self.rate
@@ -390,17 +394,17 @@ class Governor:
         self._last_increase = now
         measured = self._measured or self.rate
         target = self.settle * measured
-        dt = min(dt, self._cycle_len)  # a task that sent nothing for a while learned nothing meanwhile
+        dt = min(dt, self._window_s)  # a task that sent nothing for a while learned nothing meanwhile
         if self.rate < target:
-            step = (target - (self._base or self.rate)) * dt / (self._cycle_len / 4)
+            step = (target - (self._base or self.rate)) * dt / (self._window_s / 4)
             self.rate = min(target, self.rate + max(step, 0.0))
         else:
             # Twice the step for each whole window without a 429 (at most 8 times): near the limit
             # the steps stay small, and a share another task left (its rows done) is taken back in
             # a few windows, not dozens.
-            windows = (now - self._cycle_start) / self._cycle_len if self._cycle_start is not None else 0.0
+            windows = (now - self._cycle_start) / self._window_s if self._cycle_start is not None else 0.0
             growth = 2.0 ** min(3, int(windows))
-            self.rate = self.rate + growth * self.increase * max(measured, self.rate) * dt / self._cycle_len
+            self.rate = self.rate + growth * self.increase * max(measured, self.rate) * dt / self._window_s
         if self.ceiling:
             self.rate = min(self.rate, self.ceiling)
 
