@@ -316,3 +316,50 @@ def test_chunks_run_side_by_side_so_a_chunk_s_drain_does_not_idle_the_endpoint(s
     assert summary.by_status == {"ok": 656} and summary.chunks == 2
     assert fresh_endpoint.peak_inflight == 8
     assert fresh_endpoint.mean_inflight_while_sending() >= 0.85 * 8, fresh_endpoint.mean_inflight_while_sending()
+
+
+def test_the_chunk_that_ends_first_lands_first_and_the_next_starts_beside_a_slow_older_one(spark, fresh_endpoint,
+                                                                                           table_name):
+    """Executors mode, chunks side by side on local[2] (C = 8), chunks of about 12 rows. The first
+    chunk's first request takes 6 s, every other one 0.05 s. Spark starts the chunk jobs in the order
+    they were planned, not submitted, so the first chunk may even be the last of three to start: the
+    chunks that end meanwhile land, and later chunks run beside it. A request of the fourth chunk or a
+    later one arrives while the slow answer is still out; landing chunks oldest first, none could
+    start before the first chunk had landed. All rows land, once each: chunks that land out of order
+    commit in lanes of their own (Delta skips a lane's chunk older than one it committed)."""
+    from pyspark.sql import functions as F
+
+    from jobs.calls.chunking import ChunkPlanner
+    from jobs.input.read import read_requests
+    from jobs.input.stage import bucket_of
+
+    cfg = job_config(output={"table": table_name},
+                     endpoint={"name": "local", "type": "driver_proxy", "url": f"{fresh_endpoint.url}/"},
+                     limits={"max_concurrency": 8}, run={"calls_from": "executors", "chunk_rows": 12})
+    src = f"lanes_{uuid.uuid4().hex[:8]}"
+    spark.createDataFrame([(i, f"question {i}") for i in range(96)], "id long, prompt string") \
+        .createOrReplaceTempView(src)
+    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"table": src})})
+    _, requests = read_requests(spark, cfg)
+    rows = requests.select("id", "prompt", "request_hash", bucket_of().alias("bucket")).collect()
+    histogram: dict[int, int] = {}
+    for r in rows:
+        histogram[r["bucket"]] = histogram.get(r["bucket"], 0) + 1
+    planner, chunks = ChunkPlanner(histogram, fixed_rows=12, first_rows=12), []
+    while (c := planner.next()) is not None:
+        chunks.append(c)
+    chunk_of = {r["prompt"]: next(c.index for c in chunks if c.lo <= r["bucket"] <= c.hi) for r in rows}
+    # The first chunk's first request (a task sends its rows in request_hash order).
+    slow = min((r for r in rows if chunk_of[r["prompt"]] == 0), key=lambda r: r["request_hash"])["prompt"]
+    fresh_endpoint.latency_of = lambda raw: 6.0 if json.loads(raw)["prompt"] == slow else 0.05
+
+    summary = run_job(spark, cfg)
+
+    assert len(chunks) >= 6 and summary.chunks == len(chunks)
+    assert summary.by_status == {"ok": 96}
+    got = spark.table(table_name).groupBy("id").count()
+    assert got.count() == 96 and got.where("count > 1").count() == 0
+    received = {r.body["prompt"]: r.arrived for r in fresh_endpoint.received}
+    start = received[slow]
+    beside = sorted(chunk_of[p] for p, t in received.items() if start < t < start + 6.0)
+    assert beside and max(beside) >= 3, beside

@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -43,7 +42,8 @@ class ExecutorsRun(ChunkRun):
         side, each on half the slots (`TaskPlan.halved`), started at different times (the chunks grow
         until the latency is known): a chunk's tasks end waiting for their slowest answers, and
         meanwhile the other chunk's tasks, with rows still to send, borrow the share they leave
-        idle (`udfs.hostpool`, same host); when they end, the queued chunk takes their slots. With all
+        idle (`udfs.hostpool`, same host); when they end, the queued chunk takes their slots, and the
+        chunk that ended lands and the next is queued, whichever chunk is oldest. With all
         the slots per chunk, every task of a chunk would drain at once, and the endpoint would sit
         nearly idle until the last answer freed a slot. The job-wide limit holds all the same: every
         task keeps `C // S` of its own and the cluster runs at most `S` tasks at once, whichever
@@ -69,32 +69,34 @@ class ExecutorsRun(ChunkRun):
                      ", shares pooled per host" if plan.pool else "")
         else:
             log.info("executors: %d task(s) x %s in flight", plan.partitions, lanes)
-        running: deque[tuple[Chunk, float, Future]] = deque()
+        # Chunks in flight, and the lanes free for the next: a lane's chunks commit in order (`append_once`).
+        running: dict[Future, tuple[Chunk, float, int]] = {}
+        lanes = list(range(depth))
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="bi-chunk") as pool:
             try:
                 while self.summary.stopped is None and (chunk := self.next_chunk()) is not None:
                     alone = chunk.exists or (self.embeddings and self.dim.value is None and self.summary.chunks == 0)
                     while running and (alone or len(running) >= depth):
-                        self._landed(*running.popleft())
+                        self._land_next(running, lanes)
                     t0 = time.monotonic()
                     only = not running and self.planner.left == 0  # nothing to run beside it
-                    call = pool.submit(self._call_chunk, chunk, outcomes_table, depth,
+                    lane = lanes.pop(0)
+                    call = pool.submit(self._call_chunk, chunk, outcomes_table, lane,
                                        self.plan if alone or only else self.side)
+                    running[call] = (chunk, t0, lane)
                     if alone or self.spec.budget is not None:  # a MERGE, the first chunk of vectors (it
-                        self._landed(chunk, t0, call)           # fixes their length), or a budget to settle
-                    else:
-                        running.append((chunk, t0, call))
+                        self._land_next(running, lanes)         # fixes their length), or a budget to settle
                 while running:
-                    self._landed(*running.popleft())
+                    self._land_next(running, lanes)
             finally:
-                for _, _, f in running:  # a failed chunk: let the others finish, then raise
+                for f in running:  # a failed chunk: let the others finish, then raise
                     f.cancel()
-                wait([f for _, _, f in running])
+                wait(list(running))
 
-    def _call_chunk(self, chunk: Chunk, outcomes_table: str, depth: int,
+    def _call_chunk(self, chunk: Chunk, outcomes_table: str, lane: int,
                     plan: TaskPlan) -> tuple[dict[str, int], dict[str, Any]]:
-        """One chunk's Spark job (two with a MERGE) on `plan`'s tasks: counts by status, and what
-        `observed` saw."""
+        """One chunk's Spark job (two with a MERGE) on `plan`'s tasks, committed in `lane`: counts by
+        status, and what `observed` saw."""
         specs = self.specs
         if self.spec.budget is not None:  # each task's share of what the committed chunks left
             specs = [replace(s, budget=s.budget.less(self.spent).share(plan.partitions)) if s.budget else s
@@ -110,9 +112,22 @@ class ExecutorsRun(ChunkRun):
              .write.format("delta").mode("append").saveAsTable(outcomes_table))  # the calls
             stable = self.spark.table(outcomes_table).where(F.col("_chunk") == chunk.index).drop("_chunk")
             return commit_chunk(self.spark, out, stable, self.run_id, chunk.index), _observed(seen)
-        # One txnAppId per lane of chunks in flight: a lane's chunks commit in order, lanes in any order.
-        return append_once(landed.drop("_exists"), out, f"{self.run_id}.{chunk.index % depth}", chunk.index,
-                           seen)
+        # One txnAppId per lane: a lane takes its next chunk only once its last one landed, so a lane's
+        # chunks commit in the order of their indexes (Delta's txnVersion), lanes in any order.
+        return append_once(landed.drop("_exists"), out, f"{self.run_id}.{lane}", chunk.index, seen)
+
+    def _land_next(self, running: dict[Future, tuple[Chunk, float, int]], lanes: list[int]) -> None:
+        """Land the chunk in flight that ends first (of two at once, the older), and free its lane.
+
+        Not the oldest: Spark starts the chunk jobs in the order they were planned, which is not the
+        order they were submitted, so the oldest chunk may be the last to start. Waiting for it, the
+        next chunk would not start either, and the chunks that ended would leave their slots idle.
+        """
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        call = min(done, key=lambda f: running[f][0].index)
+        chunk, t0, lane = running.pop(call)
+        lanes.append(lane)
+        self._landed(chunk, t0, call)
 
     def _landed(self, chunk: Chunk, t0: float, future: Future) -> None:
         counts, got = future.result()
@@ -173,7 +188,7 @@ def append_once(landed: DataFrame, name: str, app_id: str, chunk: int,
     (`app_id`, chunk); counts by status, and what `seen` saw.
 
     Delta skips a write whose `txnVersion` is not above the last one committed for its `txnAppId`, so
-    chunks that may commit out of order must use different app ids (`from_executors`: one per lane).
+    chunks that may commit out of order must use different app ids (`ExecutorsRun`: one per lane).
     `writeTo(...).append()`: its plan keeps the `Observation` (on classic Spark `saveAsTable` runs
     Delta's write in a nested query, and the observed counts never arrive).
     """
