@@ -327,8 +327,6 @@ def test_the_chunk_that_ends_first_lands_first_and_the_next_starts_beside_a_slow
     later one arrives while the slow answer is still out; landing chunks oldest first, none could
     start before the first chunk had landed. All rows land, once each: chunks that land out of order
     commit in lanes of their own (Delta skips a lane's chunk older than one it committed)."""
-    from pyspark.sql import functions as F
-
     from jobs.calls.chunking import ChunkPlanner
     from jobs.input.read import read_requests
     from jobs.input.stage import bucket_of
