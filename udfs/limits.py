@@ -1,5 +1,5 @@
-"""Flow control for one task: the governor (pauses, probes, a learned rate, the breaker), an adaptive
-in-flight limit, and request/token rate limits.
+"""Flow control for one task: the governor (pauses, probes, the breaker; its learned rate is
+`udfs.pace`), an adaptive in-flight limit, and request/token rate limits.
 
 All live in the engine's event loop (one thread, so no locks) and take an injected clock. The job
 gives each task its share of the job-wide limits (see `jobs.calls.plan`), so the sum over the tasks running
@@ -23,19 +23,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Hashable
 
+from udfs.pace import Learned, RatePace
+
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 log = logging.getLogger("batch_inference")
-
-
-@dataclass(frozen=True)
-class Learned:
-    """What a governor learned of a rate limit: the pace, the rate measured, the window's length."""
-    rate: float
-    measured: float | None
-    window_s: float
-    at: float  # time.monotonic() when it was learned
 
 
 # What the last task of each endpoint (and share of the limit) in this process learned. In executors
@@ -80,19 +73,10 @@ class Governor:
       the task. After the pause (the server's `Retry-After`, else `probe_first_s`; after a refused
       probe, half the time paused so far, up to `probe_max_s`) exactly one request goes as a probe;
       the task resumes when it is answered. Requests already in flight finish; their answers do not end the pause.
-    - **A learned rate (AIMD on the rate).** A pause caused by a 429 ends a *cycle*. If the window
-      stayed closed (a probe was refused), the requests answered since the cycle began, over the time
-      until it reopened (the middle of the last refused probe and the answered one), is the rate the
-      endpoint sustains, its window's pause included; if the first probe got through and the task was
-      paced, the paced rate met the limit as a window turned, and what the last window let through
-      is the limit's rate. The task resumes paced at `decrease` (0.9) times that rate, never less than
-      half the rate it had, climbs back to `settle` (0.95) of it within a quarter of a window, then
-      adds `increase` (2%) of it per window: the window is the limit's own (the first closed cycle,
-      refined by the time between reopenings, a whole number of windows), so the step is as gentle
-      for a minute's window as for a second's. A pause voids every paced slot reserved before it.
-      Under a fixed window the task
-      settles just under the window's rate instead of bursting into it every window. Until the first
-      such 429 the task is unpaced, unless a starting `rate` is known (the endpoint's AI Gateway limits,
+    - **A learned rate** (`udfs.pace.RatePace`). A pause caused by a 429 ends a *cycle*, and the pace
+      learns from it what the endpoint's window lets through; the task resumes paced at that. A
+      pause voids every paced slot reserved before it. Until the first such 429 the task is unpaced,
+      unless a starting `rate` is known (the endpoint's AI Gateway limits,
       `limits.requests_per_minute`); `ceiling` (requests/s) is never exceeded. A 429 whose first probe
       gets through while unpaced is about requests in flight (`AdaptiveLimiter` halves those) and
       teaches no rate; nor do 503s and lost connections: an endpoint scaling from zero says nothing
@@ -124,9 +108,9 @@ class Governor:
                  clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
                  jitter: Callable[[float, float], float] = random.uniform) -> None:
         self._clock, self._sleep, self._jitter = clock, sleep, jitter
-        self.ceiling = ceiling
-        self.rate = min(rate, ceiling) if rate and ceiling else (rate or None)
-        self.learn = learn
+        now = clock()
+        self.pace = RatePace(rate=rate, ceiling=ceiling, learn=learn, decrease=decrease, settle=settle,
+                             increase=increase, now=now)
         self.breaker_s = breaker_s
         self.max_pause_s = max_pause_s
         # Every failure since the last answer a 429; seconds spent in such pauses before this one;
@@ -135,8 +119,6 @@ class Governor:
         self._rate_paused_before = 0.0
         self._announced = False
         self.probe_first_s, self.probe_max_s = probe_first_s, probe_max_s
-        self.decrease, self.settle, self.increase = decrease, settle, increase
-        now = clock()
         # The breaker: when the endpoint last answered, and what failed since.
         self._last_alive = now - breaker_s if half_open else now
         self._failures = 0
@@ -155,33 +137,31 @@ class Governor:
         # at once, as a concurrency limit does), back to probe_first_s when one is refused.
         self._first_probe = probe_first_s
         self._rate_pause = False
-        # The cycle the rate is measured over, and pacing.
-        self._cycle_start: float | None = None
-        self._cycle_answers = 0
-        self._recent: deque[float] = deque()  # answer times over the last window (`_window_s`)
-        self._measured: float | None = None
-        self._base = self.rate  # the rate set at the last decrease
-        self._first_window: float | None = None  # the first closed cycle's length, or the window handed on
-        self._last_turn: float | None = None  # when a closed window last reopened
-        self._turn_gap: float | None = None  # the window, refined by the time between two reopenings
-        self._last_increase = now
+        # Pacing: the next free slot.
         self._next = -math.inf
         self._waiters: list[asyncio.Future[None]] = []
-        self.pauses = self.probes = self.decreases = 0
+        self.pauses = self.probes = 0
         self.answered_once = False  # any answer in this governor's life: the endpoint was up
 
     # -- what is learned, to hand on ---------------------------------------------------------------
 
+    @property
+    def rate(self) -> float | None:
+        """The pace (requests/s), None while unpaced."""
+        return self.pace.rate
+
+    @property
+    def decreases(self) -> int:
+        """How many times a 429 cycle cut the pace."""
+        return self.pace.decreases
+
     def learned(self) -> Learned | None:
         """The learned pace, if this governor learned one (a 429 cycle measured it)."""
-        if not (self.learn and self.rate and self._measured):
-            return None
-        return Learned(self.rate, self._measured, self._window_s, time.monotonic())
+        return self.pace.learned()
 
     def start_from(self, learned: Learned) -> None:
         """Start at the pace an earlier governor of the same endpoint and share settled at."""
-        self.rate = self._base = min(learned.rate, self.ceiling) if self.ceiling else learned.rate
-        self._measured, self._first_window = learned.measured, learned.window_s
+        self.pace.start_from(learned)
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -206,8 +186,7 @@ class Governor:
             if self.open_reason is not None:
                 raise EndpointUnavailable(self.open_reason)
             now = self._clock()
-            if self._cycle_start is None:
-                self._cycle_start = self._last_increase = now
+            self.pace.begin(now)
             if self.paused:
                 self._check_breaker(now)
                 if self.open_reason is not None:
@@ -246,12 +225,7 @@ class Governor:
         self._only_429 = True
         if probe and self.paused:
             self._resume(now)
-        self._cycle_answers += 1
-        self._recent.append(now)
-        while self._recent and self._recent[0] < now - self._window_s:
-            self._recent.popleft()
-        if self.learn and self.rate and not self.paused:
-            self._add(now)
+        self.pace.answered(now, paused=self.paused)
 
     def failed(self, kind: str, probe: bool = False, retry_after: float | None = None, reason: str = "") -> None:
         """A request failed: `OVERLOAD` or `UNAVAILABLE` pause the task, `TRANSIENT` only counts."""
@@ -325,88 +299,13 @@ class Governor:
         if self._announced:
             log.warning("resumed after a rate-limit pause of %.0fs", now - self._paused_at)
             self._announced = False
-        if self.learn and self._rate_pause and self._cycle_start is not None:
-            measured: float | None = None
-            reopened = (self._refused_at + now) / 2
-            closed = self._probes_refused and reopened - self._cycle_start >= 1.0
-            if closed:
-                # A window that stayed closed: it reopened between the last refused probe and this
-                # answer (take the middle). With too few answers to measure (other tasks had the
-                # window), an unpaced task stays unpaced: the next window it takes its part and
-                # measures it (a guessed slow pace would starve it for windows on end); a paced one
-                # keeps its pace and cuts it as below, at most by half.
-                self._learn_window(reopened)
-            if closed and self._cycle_answers >= 5:
-                # What the window let through over the cycle is its rate. (A shorter cycle is a limit
-                # on requests in flight seen twice.)
-                measured = self._cycle_answers / (reopened - self._cycle_start)
-            elif self.rate:
-                # Refused, then open again at the first probe (or a closed window gave this task too few
-                # answers to measure): the pace met the limit as a window turned.
-                # What the last window let through is the limit's rate (the pace, unless the task sent
-                # less than it allowed); the cycle, many windows long, says nothing of the window's
-                # length. (Unpaced, such a 429 is about concurrency, which `AdaptiveLimiter` halves.)
-                start = self._paused_at - self._window_s
-                recent = sum(1 for t in self._recent if start <= t <= self._paused_at)
-                span = min(self._window_s, self._paused_at - self._cycle_start)
-                measured = min(self.rate, recent / span) if span >= 1.0 else self.rate
-            if measured is not None:
-                new = measured * self.decrease
-                if self.rate:
-                    new = max(new, self.rate * 0.5)  # at most a halving per pause
-                self.rate = self._base = min(new, self.ceiling) if self.ceiling else new
-                self._measured = max(measured, self.rate)
-                self.decreases += 1
+        self.pace.resumed(now, measure=self._rate_pause, paused_at=self._paused_at, refused_at=self._refused_at,
+                          probes_refused=self._probes_refused)
         self._first_probe = (max(0.05, self._first_probe / 2) if self._probes_refused == 0
                              else self.probe_first_s)
         self.paused = self._probing = self._rate_pause = False
-        self._cycle_start, self._cycle_answers = now, 0
-        self._last_increase = now
         self._next = now + (1.0 / self.rate if self.rate else 0.0)  # the probe took this slot
         self._wake()
-
-    @property
-    def _window_s(self) -> float:
-        """The limit's window as learned (`_learn_window`); AI Gateway's windows are a minute until measured."""
-        if self._turn_gap is not None:
-            return self._turn_gap
-        return self._first_window if self._first_window is not None else 60.0
-
-    def _learn_window(self, reopened: float) -> None:
-        """Learn the limit's window from a closed window's reopening. The first closed cycle's length
-        estimates it; a fixed window turns every `W` seconds, so the time between two reopenings is a
-        whole number of windows (a paced task may go many windows between closed ones), and each such
-        gap, divided by the whole number nearest to it in first estimates, refines it."""
-        if self._first_window is None:
-            self._first_window = reopened - self._cycle_start
-        elif self._last_turn is not None:
-            gap = reopened - self._last_turn
-            est = gap / max(1, round(gap / self._first_window))
-            self._turn_gap = est if self._turn_gap is None else min(self._turn_gap, est)
-        self._last_turn = reopened
-
-    def _add(self, now: float) -> None:
-        """Increase, in the time of the limit's own window (`_window_s`): back to `settle`
-        of the measured rate within a quarter of a window, then `increase` of it more per window,
-        doubling for each window without a 429."""
-        assert self.rate
-        dt = now - self._last_increase
-        self._last_increase = now
-        measured = self._measured or self.rate
-        target = self.settle * measured
-        dt = min(dt, self._window_s)  # a task that sent nothing for a while learned nothing meanwhile
-        if self.rate < target:
-            step = (target - (self._base or self.rate)) * dt / (self._window_s / 4)
-            self.rate = min(target, self.rate + max(step, 0.0))
-        else:
-            # Twice the step for each whole window without a 429 (at most 8 times): near the limit
-            # the steps stay small, and a share another task left (its rows done) is taken back in
-            # a few windows, not dozens.
-            windows = (now - self._cycle_start) / self._window_s if self._cycle_start is not None else 0.0
-            growth = 2.0 ** min(3, int(windows))
-            self.rate = self.rate + growth * self.increase * max(measured, self.rate) * dt / self._window_s
-        if self.ceiling:
-            self.rate = min(self.rate, self.ceiling)
 
     def _check_breaker(self, now: float) -> None:
         if self.open_reason is None and self._failures and self._rate_limited(now):
