@@ -19,6 +19,7 @@ import pytest
 from jobs.calls.plan import plan_tasks
 from udfs.limits import (LEARNED_TTL_S, OVERLOAD, TRANSIENT, UNAVAILABLE, AdaptiveLimiter, EndpointUnavailable,
                          Governor, Learned, OutOfTime, RateLimiter, recall, remember)
+from udfs.pace import RatePace
 from udfs.spec import EngineSpec
 
 
@@ -438,7 +439,7 @@ def test_what_was_learned_is_recalled_per_endpoint_and_share_for_a_while():
     remember(("http://e/", 4, None), first)
     now = time.monotonic()
     got = recall(("http://e/", 4, None), now)
-    assert got is not None and (got.rate, got.measured) == (first.rate, first._measured)
+    assert got is not None and (got.rate, got.measured) == (first.rate, first.pace.measured)
     assert recall(("http://e/", 2, None), now) is None  # another share of the limit
     assert recall(("http://e/", 4, None), now + LEARNED_TTL_S + 1) is None  # stale
     assert governor(FakeClock(), learn=True).learned() is None  # nothing learned, nothing to hand on
@@ -619,6 +620,28 @@ def test_a_window_handed_on_is_kept_when_the_next_closed_one_comes_windows_later
     run(go())
     learned = gov.learned()
     assert gov.decreases == 1 and learned is not None and learned.window_s == 2.0
+
+
+def test_the_window_is_the_first_closed_cycle_refined_by_the_gaps_between_reopenings():
+    """The first closed cycle runs from the task's first request to the window's reopening, which is
+    found between a refused probe and an answered one: here it measures 2.6 s of a 2 s window. A fixed
+    window reopens every window, so two reopenings are a whole number of windows apart, and each gap
+    between them, over that number, is a new estimate; the lowest stands. Windows that reopen at 6 s
+    and 8 s teach 2 s, and the pace's increase steps in 2 s from then on."""
+    pace = RatePace(rate=None, ceiling=None, learn=True, decrease=0.9, settle=0.95, increase=0.02, now=0.0)
+    pace.begin(0.0)
+
+    def reopens(at: float, found_within: float) -> None:  # a closed window: refused, then answered
+        pace.resumed(at + found_within / 2, measure=True, paused_at=at - 1.0, refused_at=at - found_within / 2,
+                     probes_refused=2)
+
+    reopens(2.6, 0.8)
+    assert pace.window_s == pytest.approx(2.6)
+    reopens(6.0, 0.1)
+    reopens(8.0, 0.1)
+    assert pace.window_s == pytest.approx(2.0)
+    reopens(14.1, 0.2)  # three windows on, found a little late: 6.1 s over round(6.1 / 2.6) = 2 is 3.05 s
+    assert pace.window_s == pytest.approx(2.0)
 
 
 def test_a_first_probe_that_gets_through_halves_the_next_pause_s_first_wait_down_to_50_ms():
