@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from udfs import reasons
@@ -53,6 +53,27 @@ def governor_for(spec: EngineSpec) -> Governor:
 
 # A refused token: these statuses get one retry with a fresh token when the credentials can refresh.
 AUTH_STATUSES = (401, 403)
+
+
+@dataclass
+class _Tries:
+    """One request's attempts so far. `sent` is filled by the first attempt that leaves
+    (`Caller._attempt`): when (monotonic; queueing before it is not latency), the rate-limit pauses
+    then, and the wall clock then (the rows' `sent_at`)."""
+    attempts: int = 0
+    sent: list[float] = field(default_factory=list)
+    last: Failure | None = None  # the last failure
+    auth_retried: bool = False  # a refused token was refreshed once
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.sent[0] if self.sent else 0.0
+
+    def latency_ms(self) -> float:
+        return round(self.elapsed() * 1000, 3)
+
+    @property
+    def sent_at(self) -> float | None:
+        return self.sent[2] if self.sent else None
 
 
 class Caller:
@@ -101,80 +122,97 @@ class Caller:
             return [Outcome.failed(reason) for _ in prompts]
 
     async def _call(self, prompts: Sequence[str], reasks: int) -> list[Outcome]:
+        payload = self._payload(prompts)
+        if not isinstance(payload, bytes):  # the body could not be built: the rows fail, nothing is sent
+            return payload
+        tries = _Tries()
+        while True:
+            tries.attempts += 1
+            try:
+                parsed = await self._attempt(payload, prompts, tries.sent)
+            except BudgetSpent:  # not sent: the rows stay pending for the next run
+                return [Outcome.unsent(tries.attempts - 1) for _ in prompts]
+            except (EndpointUnavailable, OutOfTime) as stop:  # this attempt was never sent
+                tries.attempts -= 1
+                return self._stopped(stop, prompts, tries)
+            except Failure as f:
+                ended = await self._failed(f, prompts, reasks, tries)
+                if ended is None:
+                    continue
+                return ended
+            latency = tries.latency_ms()
+            outcomes = [Outcome(response=p.text, embedding=p.embedding, http_status=200,
+                                attempts=tries.attempts, latency_ms=latency, sent_at=tries.sent_at,
+                                prompt_tokens=p.prompt_tokens, completion_tokens=p.completion_tokens)
+                        for p in parsed]
+            if self._checker is None:
+                return outcomes
+            return await self._checked(prompts, outcomes, reasks, tries.sent[0])
+
+    def _payload(self, prompts: Sequence[str]) -> bytes | list[Outcome]:
+        """The request's body, through the input transform; if that fails, the rows' outcomes."""
         try:
             body = self.protocol.build(prompts)
             if self._transform_in is not None:
                 body = self._transform_in(body)
-            payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            return json.dumps(body, ensure_ascii=False).encode("utf-8")
         except Exception as exc:
             reason = self._clean(f"{reasons.TRANSFORM_INPUT_FAILED}: {type(exc).__name__}: {exc}")
             return [Outcome.failed(reason) for _ in prompts]
-        # When the first attempt left (monotonic; queueing before it is not latency), the rate-limit
-        # pauses then, and the wall clock then (the row's `sent_at`).
-        sent: list[float] = []
-        attempts = 0
-        policy = self.spec.retry
-        last: Failure | None = None
-        auth_retried = False
-        while True:
-            attempts += 1
+
+    def _stopped(self, stop: EndpointUnavailable | OutOfTime, prompts: Sequence[str],
+                 tries: _Tries) -> list[Outcome]:
+        """The rows' outcomes when the governor sends no more: the breaker opened, or the rows' time ran
+        out while the task was paused (then the last failure is the reason)."""
+        last = tries.last
+        if isinstance(stop, OutOfTime) and last is not None:
+            gave_up = f"(gave up after {tries.attempts} attempts, {tries.elapsed():.1f}s)"
+            reason = self._clean(last.reason(), gave_up)
+        else:
+            reason = self._clean(f"{reasons.ENDPOINT_UNAVAILABLE}: {stop}")
+        end = Outcome.handed_off if self.hand_off else Outcome.failed
+        latency = tries.latency_ms() if tries.sent else None
+        return [end(reason, http_status=last.status if last else None, attempts=tries.attempts,
+                    latency_ms=latency, sent_at=tries.sent_at) for _ in prompts]
+
+    async def _failed(self, f: Failure, prompts: Sequence[str], reasks: int,
+                      tries: _Tries) -> list[Outcome] | None:
+        """After a failed attempt: the rows' outcomes (split in two, handed off, failed), or None to send
+        again (after a new token, a pause the governor holds, or a backoff)."""
+        tries.last = f
+        elapsed = tries.elapsed()
+        if f.split and len(prompts) > 1:
+            half = len(prompts) // 2
+            return await self._call(prompts[:half], reasks) + await self._call(prompts[half:], reasks)
+        creds = self._credentials
+        if (f.status in AUTH_STATUSES and not tries.auth_retried and creds is not None and creds.refreshable
+                and f.auth_generation is not None):
+            tries.auth_retried = True  # one new token, one more try: a refused token is not load
             try:
-                parsed = await self._attempt(payload, prompts, sent)
-            except BudgetSpent:  # not sent: the rows stay pending for the next run
-                return [Outcome.unsent(attempts - 1) for _ in prompts]
-            except (EndpointUnavailable, OutOfTime) as stop:  # this attempt was never sent
-                attempts -= 1
-                elapsed = time.monotonic() - sent[0] if sent else 0.0
-                latency = round(elapsed * 1000, 3) if sent else None
-                if isinstance(stop, OutOfTime) and last is not None:
-                    reason = self._clean(last.reason(), f"(gave up after {attempts} attempts, {elapsed:.1f}s)")
-                else:
-                    reason = self._clean(f"{reasons.ENDPOINT_UNAVAILABLE}: {stop}")
-                end = Outcome.handed_off if self.hand_off else Outcome.failed
-                return [end(reason, http_status=last.status if last else None, attempts=attempts,
-                            latency_ms=latency, sent_at=sent[2] if sent else None) for _ in prompts]
-            except Failure as f:
-                last = f
-                elapsed = time.monotonic() - sent[0] if sent else 0.0
-                if f.split and len(prompts) > 1:
-                    half = len(prompts) // 2
-                    return await self._call(prompts[:half], reasks) + await self._call(prompts[half:], reasks)
-                creds = self._credentials
-                if (f.status in AUTH_STATUSES and not auth_retried and creds is not None and creds.refreshable
-                        and f.auth_generation is not None):
-                    auth_retried = True  # one new token, one more try: a refused token is not load
-                    try:
-                        await self._refresh(f.auth_generation)
-                        continue
-                    except CredentialError as exc:
-                        f = last = Failure(reasons.CREDENTIAL_REFUSED, f"{f.reason()}; {exc}", status=f.status)
-                spent = elapsed - self._paused_since(sent)  # a rate-limit pause is not the row's time
-                if f.governed and f.retryable and self.hand_off:  # another endpoint takes the row now
-                    return [Outcome.handed_off(self._clean(f.reason()), http_status=f.status, attempts=attempts,
-                                               latency_ms=round(elapsed * 1000, 3), sent_at=sent[2] if sent else None)
-                            for _ in prompts]
-                if f.governed and f.retryable and policy.max_attempts > 1 and spent < policy.row_budget_s:
-                    continue  # the governor holds the next attempt back until the endpoint answers again
-                wait = backoff(attempts, f.retry_after, policy)
-                if (not f.governed and f.retryable and attempts < policy.max_attempts
-                        and spent + wait <= policy.row_budget_s):
-                    await asyncio.sleep(wait)  # holds no slot: other rows go meanwhile
-                    continue
-                gave_up = f"(gave up after {attempts} attempts, {elapsed:.1f}s)" if f.retryable and attempts > 1 else ""
-                latency = round(elapsed * 1000, 3)
-                text = f.reason()
-                if f.status in AUTH_STATUSES and auth_retried:
-                    text, gave_up = f"{reasons.CREDENTIAL_REFUSED}: {text}", "(refused again after a token refresh)"
-                reason = self._clean(text, gave_up)
-                return [Outcome.failed(reason, http_status=f.status, attempts=attempts, latency_ms=latency,
-                                       sent_at=sent[2] if sent else None) for _ in prompts]
-            latency = round((time.monotonic() - sent[0]) * 1000, 3)
-            outcomes = [Outcome(response=p.text, embedding=p.embedding, http_status=200, attempts=attempts,
-                                latency_ms=latency, sent_at=sent[2], prompt_tokens=p.prompt_tokens,
-                                completion_tokens=p.completion_tokens) for p in parsed]
-            if self._checker is None:
-                return outcomes
-            return await self._checked(prompts, outcomes, reasks, sent[0])
+                await self._refresh(f.auth_generation)
+                return None
+            except CredentialError as exc:
+                f = tries.last = Failure(reasons.CREDENTIAL_REFUSED, f"{f.reason()}; {exc}", status=f.status)
+        policy = self.spec.retry
+        spent = elapsed - self._paused_since(tries.sent)  # a rate-limit pause is not the row's time
+        latency = round(elapsed * 1000, 3)
+        if f.governed and f.retryable and self.hand_off:  # another endpoint takes the row now
+            return [Outcome.handed_off(self._clean(f.reason()), http_status=f.status, attempts=tries.attempts,
+                                       latency_ms=latency, sent_at=tries.sent_at) for _ in prompts]
+        if f.governed and f.retryable and policy.max_attempts > 1 and spent < policy.row_budget_s:
+            return None  # the governor holds the next attempt back until the endpoint answers again
+        wait = backoff(tries.attempts, f.retry_after, policy)
+        if (not f.governed and f.retryable and tries.attempts < policy.max_attempts
+                and spent + wait <= policy.row_budget_s):
+            await asyncio.sleep(wait)  # holds no slot: other rows go meanwhile
+            return None
+        gave_up = (f"(gave up after {tries.attempts} attempts, {elapsed:.1f}s)"
+                   if f.retryable and tries.attempts > 1 else "")
+        text = f.reason()
+        if f.status in AUTH_STATUSES and tries.auth_retried:
+            text, gave_up = f"{reasons.CREDENTIAL_REFUSED}: {text}", "(refused again after a token refresh)"
+        return [Outcome.failed(self._clean(text, gave_up), http_status=f.status, attempts=tries.attempts,
+                               latency_ms=latency, sent_at=tries.sent_at) for _ in prompts]
 
     async def _checked(self, prompts: Sequence[str], outcomes: list[Outcome], reasks: int,
                        first_sent: float) -> list[Outcome]:
