@@ -27,7 +27,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from udfs import reasons
 from udfs.auth import CredentialError, Secret, scrub
@@ -247,13 +247,7 @@ class Caller:
             raise Failure(self.fatal.kind, self.fatal.detail)
         deadline = sent[0] + self.spec.retry.row_budget_s + self._paused_since(sent) if sent else None
         reserve = sum(len(p) for p in prompts) // CHARS_PER_TOKEN + self._max_tokens
-        while True:
-            probe = await self._governed(deadline)
-            await self.limiter.acquire()
-            if probe or not (self.governor.paused or self.governor.open_reason):
-                break
-            # Let through before a pause began, then queued for a slot: the pause holds it too.
-            self.limiter.release()
+        probe = await self._slot(deadline)
         reported = False
         overloaded, latency, work, t0 = False, None, None, None
         held, usage = None, None  # the budget's reservation; (prompt, completion) tokens once answered
@@ -290,14 +284,8 @@ class Caller:
                 work = self._work(parsed)
                 usage = _usage(parsed)
                 return parsed
-            f = http_failure(status, headers, self._text(data), rows=len(prompts), spec=self.spec.retry)
+            f = self._refused(status, headers, data, len(prompts), probe)
             f.auth_generation = generation
-            kind = ((OVERLOAD if status == RATE_LIMITED else UNAVAILABLE) if f.governed
-                    else TRANSIENT if status >= 500 else None)
-            if kind is None:
-                self.governor.answered(probe)  # it answered, if with a refusal of this request: it is up
-            else:
-                self.governor.failed(kind, probe, f.retry_after, self._clean(f.reason())[:200])
             reported = True
             overloaded = f.governed  # a 429 or a 503 (`GOVERNED_STATUSES`): AIMD halves the in-flight limit
             self.rate.refund(reserve, self._max_tokens)
@@ -310,6 +298,18 @@ class Caller:
             self.limiter.release(overloaded=overloaded, latency=None if overloaded else latency, work=work,
                                  sent_at=t0)
 
+    def _refused(self, status: int, headers: Mapping[str, str], data: bytes, rows: int, probe: bool) -> Failure:
+        """A non-2xx answer as a `Failure`, told to the governor: a 429 or a 503 pauses the task, another
+        5xx counts against its breaker, and a refusal of this request (a 4xx) says the endpoint is up."""
+        f = http_failure(status, headers, self._text(data), rows=rows, spec=self.spec.retry)
+        kind = ((OVERLOAD if status == RATE_LIMITED else UNAVAILABLE) if f.governed
+                else TRANSIENT if status >= 500 else None)
+        if kind is None:
+            self.governor.answered(probe)  # it answered, if with a refusal of this request: it is up
+        else:
+            self.governor.failed(kind, probe, f.retry_after, self._clean(f.reason())[:200])
+        return f
+
     def _work(self, parsed: list[Parsed]) -> float | None:
         """How much an answer was, for the limiter's latency per unit: the rows of an embeddings request,
         the output tokens of a completion (from `usage`); None when the answer does not say."""
@@ -321,6 +321,17 @@ class Caller:
     def _paused_since(self, sent: list[float]) -> float:
         """Seconds of rate-limit pauses since the row was first sent (`sent`: when, and the pauses then)."""
         return self.governor.rate_paused_s() - sent[1] if len(sent) > 1 else 0.0
+
+    async def _slot(self, deadline: float | None) -> bool:
+        """Wait for the governor, then for a slot of the in-flight limit; True if the request goes as the
+        probe of a pause."""
+        while True:
+            probe = await self._governed(deadline)
+            await self.limiter.acquire()
+            if probe or not (self.governor.paused or self.governor.open_reason):
+                return probe
+            # Let through before a pause began, then queued for a slot: the pause holds it too.
+            self.limiter.release()
 
     async def _governed(self, deadline: float | None) -> bool:
         """`governor.acquire`, telling the limiter while the governor holds the request (a pause, pacing):
