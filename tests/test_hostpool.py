@@ -322,11 +322,12 @@ def test_the_chunk_that_ends_first_lands_first_and_the_next_starts_beside_a_slow
                                                                                            table_name):
     """Executors mode, chunks side by side on local[2] (C = 8), chunks of about 12 rows. The first
     chunk's first request takes 6 s, every other one 0.05 s. Spark starts the chunk jobs in the order
-    they were planned, not submitted, so the first chunk may even be the last of three to start: the
-    chunks that end meanwhile land, and later chunks run beside it. A request of the fourth chunk or a
-    later one arrives while the slow answer is still out; landing chunks oldest first, none could
-    start before the first chunk had landed. All rows land, once each: chunks that land out of order
-    commit in lanes of their own (Delta skips a lane's chunk older than one it committed)."""
+    their queries reach it, not the order the chunks were submitted, so the first chunk may even be
+    the last of three to start: the chunks that end meanwhile land, and later chunks run beside it.
+    A request of the fourth chunk or a later one arrives while the slow answer is still out; landing
+    chunks oldest first, none could start before the first chunk had landed. All rows land, once
+    each: chunks that land out of order commit in lanes of their own (Delta skips a lane's chunk
+    older than one it committed)."""
     from jobs.calls.chunking import ChunkPlanner
     from jobs.input.read import read_requests
     from jobs.input.stage import bucket_of

@@ -43,7 +43,7 @@ class ExecutorsRun(ChunkRun):
         until the latency is known): a chunk's tasks end waiting for their slowest answers, and
         meanwhile the other chunk's tasks, with rows still to send, borrow the share they leave
         idle (`udfs.hostpool`, same host); when they end, the queued chunk takes their slots, and the
-        chunk that ended lands and the next is queued, whichever chunk is oldest. With all
+        chunk that ended lands and the next is queued at once, however old the chunks still calling. With all
         the slots per chunk, every task of a chunk would drain at once, and the endpoint would sit
         nearly idle until the last answer freed a slot. The job-wide limit holds all the same: every
         task keeps `C // S` of its own and the cluster runs at most `S` tasks at once, whichever
@@ -119,9 +119,9 @@ class ExecutorsRun(ChunkRun):
     def _land_next(self, running: dict[Future, tuple[Chunk, float, int]], lanes: list[int]) -> None:
         """Land the chunk in flight that ends first (of two at once, the older), and free its lane.
 
-        Not the oldest: Spark starts the chunk jobs in the order they were planned, which is not the
-        order they were submitted, so the oldest chunk may be the last to start. Waiting for it, the
-        next chunk would not start either, and the chunks that ended would leave their slots idle.
+        Not the oldest: Spark starts the chunk jobs in the order their queries reach its scheduler, not
+        the order the chunks were submitted, so the oldest chunk may be the last to start. Waiting for
+        it, the next chunk would not start either, and the chunks that ended would leave their slots idle.
         """
         done, _ = wait(running, return_when=FIRST_COMPLETED)
         call = min(done, key=lambda f: running[f][0].index)
