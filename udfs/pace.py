@@ -46,8 +46,8 @@ class RatePace:
     `learn` the pace stays what it was given.
     """
 
-    def __init__(self, *, rate: float | None, ceiling: float | None, learn: bool, decrease: float,
-                 settle: float, increase: float, now: float) -> None:
+    def __init__(self, *, rate: float | None, ceiling: float | None, learn: bool, now: float,
+                 decrease: float = 0.9, settle: float = 0.95, increase: float = 0.02) -> None:
         self.ceiling, self.learn = ceiling, learn
         self.rate = min(rate, ceiling) if rate and ceiling else (rate or None)
         self.decrease, self.settle, self.increase = decrease, settle, increase
