@@ -103,14 +103,12 @@ class Governor:
 
     def __init__(self, *, rate: float | None = None, ceiling: float | None = None, learn: bool = True,
                  breaker_s: float = 480.0, max_pause_s: float = 3600.0, half_open: str | None = None,
-                 probe_first_s: float = 0.5,
-                 probe_max_s: float = 10.0, decrease: float = 0.9, settle: float = 0.95, increase: float = 0.02,
+                 probe_first_s: float = 0.5, probe_max_s: float = 10.0,
                  clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
                  jitter: Callable[[float, float], float] = random.uniform) -> None:
         self._clock, self._sleep, self._jitter = clock, sleep, jitter
         now = clock()
-        self.pace = RatePace(rate=rate, ceiling=ceiling, learn=learn, decrease=decrease, settle=settle,
-                             increase=increase, now=now)
+        self.pace = RatePace(rate=rate, ceiling=ceiling, learn=learn, now=now)  # its step sizes: `udfs.pace`
         self.breaker_s = breaker_s
         self.max_pause_s = max_pause_s
         # Every failure since the last answer a 429; seconds spent in such pauses before this one;
